@@ -1,0 +1,39 @@
+# Two set-up commands: `make serve` and `make test`. Each creates .venv, installs everything,
+# prepares the embedded model, then serves / tests. `make bench` runs the benchmark.
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MODEL ?= embedded
+VENV := .venv
+PY := $(VENV)/bin/python
+export ALIGNSERVE_HOME ?= $(HOME)/.cache/alignserve
+MODEL_DIR := $(ALIGNSERVE_HOME)/models/SmolLM2-135M-Instruct
+
+.PHONY: install model serve test test-unit test-integration bench clean
+
+$(VENV)/.installed: pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+
+install: $(VENV)/.installed
+
+$(MODEL_DIR)/config.json: | $(VENV)/.installed
+	$(VENV)/bin/alignserve prepare-model
+
+model: $(MODEL_DIR)/config.json
+
+serve: install model
+	$(VENV)/bin/alignserve serve --host $(HOST) --port $(PORT) --model $(MODEL)
+
+test: install model
+	$(PY) -m pytest -q tests
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+test-integration: install model
+	$(PY) -m pytest -q tests/integration
+
+bench: install model
+	$(PY) bench/bench_bon.py --out bench/results
+
+clean:
+	rm -rf $(VENV) .pytest_cache

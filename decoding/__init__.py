@@ -1,0 +1,6 @@
+"""decoding: the alignment algorithms, pure and engine-agnostic.
+
+Owns the `Engine` and `Scorer` protocols, the strategy registry (none, best_of_n, soft_best_of_n)
+and KL accounting. Imports neither fastapi nor vllm: every algorithm here runs against fakes in
+unit tests and against the vLLM engine wrapper in `server/engine.py` in production.
+"""

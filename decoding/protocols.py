@@ -1,0 +1,184 @@
+"""The two narrow interfaces every strategy talks to, and the data that crosses them.
+
+Engine: samples continuations of a token prompt (with the per-token log-probabilities of the
+sampled tokens under the distribution actually sampled from) and aborts on cancellation.
+Scorer: scores a batch of responses to one prompt; synchronous (CPU/GPU bound), so strategies
+run it in a worker thread through `DecodeContext.score`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Per-request sampling settings (OpenAI semantics)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Sample:
+    """One sampled continuation.
+
+    `logprobs[i]` is log p(token_ids[i] | prefix) under the processed distribution (after
+    temperature and top-p), which is what the best-of-n KL estimator needs.
+    `finish_reason` is "stop" (EOS or stop string), "length", or None while unfinished.
+    """
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str | None
+
+    @property
+    def logprob(self) -> float:
+        return math.fsum(self.logprobs)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class SampleDelta:
+    """An increment of sample `index` while streaming (new tokens and text since the last delta)."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str | None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Samples from the policy. Cancelling a call aborts its engine requests (no leaks)."""
+
+    async def generate(self, prompt_ids: Sequence[int], n: int, sampling: Sampling) -> list[Sample]:
+        """n i.i.d. continuations of `prompt_ids` (a prefix of already accepted ids may be
+        appended by the caller: the engine's prefix cache reuses their KV blocks)."""
+        ...
+
+    def stream(
+        self, prompt_ids: Sequence[int], n: int, sampling: Sampling
+    ) -> AsyncIterator[SampleDelta]:
+        """Like `generate`, but yields deltas as tokens are produced."""
+        ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Batched scorer: one float per response (rewards: higher is better; costs: higher is worse)."""
+
+    name: str
+
+    def score(self, prompt: str, responses: Sequence[str]) -> list[float]: ...
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Selection score = reward − cost_weight · cost."""
+
+    reward: Scorer
+    cost: Scorer | None = None
+    cost_weight: float = 1.0
+
+
+@dataclass
+class Scored:
+    """A sample with its scores; `score` is the selection objective."""
+
+    sample: Sample
+    reward: float
+    cost: float | None
+    score: float
+
+
+@dataclass
+class Timer:
+    """Accumulates wall time spent generating and scoring (the `latency` breakdown)."""
+
+    generate_s: float = 0.0
+    score_s: float = 0.0
+
+    def add(self, other: Timer) -> None:
+        self.generate_s += other.generate_s
+        self.score_s += other.score_s
+
+
+@dataclass
+class DecodeContext:
+    """What a strategy may use: the engine, and an executor that keeps scorers off the event loop."""
+
+    engine: Engine
+    executor: Executor | None = None
+
+    async def score(self, scorer: Scorer, prompt: str, responses: Sequence[str]) -> list[float]:
+        loop = asyncio.get_running_loop()
+        values = await loop.run_in_executor(self.executor, scorer.score, prompt, list(responses))
+        if len(values) != len(responses):
+            raise RuntimeError(f"scorer {scorer.name} returned {len(values)} scores for {len(responses)}")
+        return [float(v) for v in values]
+
+    async def score_samples(
+        self, objective: Objective, prompt: str, samples: Sequence[Sample], timer: Timer
+    ) -> list[Scored]:
+        """Reward and cost of every sample (both scorers run concurrently)."""
+        t0 = time.perf_counter()
+        texts = [s.text for s in samples]
+        jobs = [self.score(objective.reward, prompt, texts)]
+        if objective.cost is not None:
+            jobs.append(self.score(objective.cost, prompt, texts))
+        results = await asyncio.gather(*jobs)
+        timer.score_s += time.perf_counter() - t0
+        rewards = results[0]
+        costs = results[1] if objective.cost is not None else [None] * len(samples)
+        return [
+            Scored(s, r, c, r - objective.cost_weight * c if c is not None else r)
+            for s, r, c in zip(samples, rewards, costs)
+        ]
+
+
+@dataclass
+class DecodeRequest:
+    """One aligned answer to produce (one OpenAI choice)."""
+
+    prompt_ids: list[int]
+    prompt_text: str  # what scorers see as the prompt (the last user message, or the raw prompt)
+    sampling: Sampling
+    n: int = 1
+    objective: Objective | None = None
+    temperature: float = 1.0  # soft best-of-n λ
+    return_candidates: bool = False
+    seed: int | None = None  # for the strategy's own randomness (soft best-of-n's draw)
+
+
+@dataclass
+class DecodeResult:
+    """The chosen sample and the accounting the API reports under `alignment`."""
+
+    strategy: str
+    n: int
+    sample: Sample
+    reward: float | None = None
+    cost: float | None = None
+    kl_bound: float = 0.0
+    kl_estimate: float | None = 0.0
+    win_rate_bound: float | None = None
+    generated_tokens: int = 0
+    scored_candidates: int = 0
+    timer: Timer = field(default_factory=Timer)
+    candidates: list[Scored] | None = None
+    extra: dict = field(default_factory=dict)  # strategy-specific fields (rounds, blocks, ...)

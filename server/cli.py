@@ -1,0 +1,68 @@
+"""`alignserve` command line: serve, prepare-model. Flags derive from `Settings`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import typing
+
+from .settings import Settings
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(Settings)
+    for name, info in Settings.model_fields.items():
+        kind = hints[name]
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+                            type=base if base in (int, float) else str,
+                            help=f"{info.description} (env ALIGNSERVE_{name.upper()}, "
+                                 f"default {info.default})")
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    given = {k: v for k, v in vars(ns).items() if k in Settings.model_fields and v is not None}
+    return Settings(**given)
+
+
+async def _serve(settings: Settings) -> None:
+    import uvicorn
+
+    from .app import build_app
+    from .runtime import build_runtime
+
+    runtime = build_runtime(settings)  # inside the loop: AsyncLLM binds to the running loop
+    app = build_app(settings, runtime)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)
+    try:
+        await uvicorn.Server(config).serve()
+    finally:
+        runtime.engine.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alignserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="Serve the OpenAI-compatible API.")
+    _add_settings_flags(serve)
+    prep = sub.add_parser("prepare-model", help="Convert the embedded SmolLM2 GGUF to safetensors.")
+    prep.add_argument("--home", default=None, help="Cache folder (default ALIGNSERVE_HOME).")
+    prep.add_argument("--force", action="store_true", help="Convert again even if present.")
+    ns = parser.parse_args(argv)
+    settings = settings_from_args(ns)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if ns.command == "prepare-model":
+        from .model_prep import prepare_embedded_model
+
+        print(prepare_embedded_model(settings.home, force=ns.force))
+        return 0
+    asyncio.run(_serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""OpenAI-shaped errors, mapped in one handler table.
+
+Every failure leaves as `{"error": {"message", "type", "param", "code"}}`. Client mistakes are
+4xx with a message that says what to change; anything unexpected is a 500 with a generic message
+(the exception is logged, never echoed).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .protocol import ErrorBody, ErrorResponse
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers
+
+
+def error_json(err: APIError) -> dict:
+    body = ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code)
+    return ErrorResponse(error=body).model_dump()
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(error_json(err), status_code=err.status, headers=err.headers)
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"Invalid JSON body: {first.get('msg')}", code="invalid_json")
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    return APIError(
+        400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value"
+    )
+
+
+_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def _http_error(exc: StarletteHTTPException) -> APIError:
+    kind = _STATUS_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500
+                             else "server_error")
+    return APIError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers)
+
+
+def _unexpected(exc: Exception) -> APIError:
+    log.exception("unhandled error", exc_info=exc)
+    return APIError(500, "internal server error", type="server_error", code="internal_error")
+
+
+# The one table: exception type -> APIError. Order matters only through isinstance lookups.
+ERROR_TABLE = {
+    APIError: lambda e: e,
+    RequestValidationError: _validation_error,
+    StarletteHTTPException: _http_error,
+    Exception: _unexpected,
+}
+
+
+def install_error_handlers(app: FastAPI, on_error=None) -> None:
+    """Register the table; `on_error(api_error)` lets metrics count errors by type."""
+
+    def make(convert):
+        async def handler(request: Request, exc: Exception) -> JSONResponse:
+            err = convert(exc)
+            if on_error is not None:
+                on_error(err)
+            return error_response(err)
+
+        return handler
+
+    for exc_type, convert in ERROR_TABLE.items():
+        app.add_exception_handler(exc_type, make(convert))

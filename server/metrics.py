@@ -1,0 +1,64 @@
+"""Prometheus metrics, named `alignserve:*` in vLLM's style and labelled by strategy.
+
+Metrics live on a registry passed in (the process-wide default in production, so vLLM's own
+`vllm:*` metrics are served from the same /metrics; a fresh one per app in unit tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+_KL_BUCKETS = (0.0, 0.1, 0.25, 0.5, 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        s = ("strategy",)
+        self.requests = Counter("alignserve:requests", "Requests served.", s + ("endpoint",),
+                                registry=registry)
+        self.errors = Counter("alignserve:errors", "Error responses by type.",
+                              ("type", "status"), registry=registry)
+        self.latency = Histogram("alignserve:request_latency_seconds", "Total request latency.",
+                                 s, buckets=_LATENCY_BUCKETS, registry=registry)
+        self.generate_latency = Histogram(
+            "alignserve:generate_latency_seconds", "Time spent generating, per answer.", s,
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        self.score_latency = Histogram(
+            "alignserve:score_latency_seconds", "Time spent scoring, per answer.", s,
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        self.generated_tokens = Counter("alignserve:generated_tokens", "Tokens the engine "
+                                        "generated (all candidates).", s, registry=registry)
+        self.candidates = Counter("alignserve:candidates", "Candidates scored.", s,
+                                  registry=registry)
+        self.chosen_reward = Histogram(
+            "alignserve:chosen_reward", "Reward of the returned answer.", s,
+            buckets=(-2, -1, -0.5, -0.25, 0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1, 2, 5),
+            registry=registry)
+        self.kl_bound = Histogram("alignserve:kl_bound", "KL upper bound per answer.", s,
+                                  buckets=_KL_BUCKETS, registry=registry)
+        self.kl_estimate = Histogram("alignserve:kl_estimate", "KL estimate per answer.", s,
+                                     buckets=_KL_BUCKETS, registry=registry)
+        self.in_flight = Gauge("alignserve:requests_in_flight", "Requests being served.",
+                               registry=registry)
+        self.engine_requests = Gauge("alignserve:engine_requests_unfinished",
+                                     "Engine requests not yet finished (vLLM's count).",
+                                     registry=registry)
+
+    def watch_engine(self, count: Callable[[], int]) -> None:
+        self.engine_requests.set_function(count)
+
+    def observe_answer(self, strategy: str, result) -> None:
+        """Record one `decoding.DecodeResult`."""
+        self.generate_latency.labels(strategy).observe(result.timer.generate_s)
+        if result.scored_candidates:
+            self.score_latency.labels(strategy).observe(result.timer.score_s)
+        self.generated_tokens.labels(strategy).inc(result.generated_tokens)
+        self.candidates.labels(strategy).inc(result.scored_candidates)
+        if result.reward is not None:
+            self.chosen_reward.labels(strategy).observe(result.reward)
+        self.kl_bound.labels(strategy).observe(result.kl_bound)
+        if result.kl_estimate is not None:
+            self.kl_estimate.labels(strategy).observe(result.kl_estimate)

@@ -1,0 +1,213 @@
+"""The HTTP schema: OpenAI's chat/completions fields in OpenAI's order, then our `alignment` block.
+
+Unknown OpenAI fields (tools, logit_bias, ...) are ignored, as OpenAI-compatible servers do;
+the `alignment` block itself is strict so that typos in it are reported, not silently ignored.
+Limits that depend on settings (max n, max_tokens, prompt length) are checked in `serving.py`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# --------------------------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by both endpoints, in OpenAI's order."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, description="New tokens per answer.")
+    n: int = Field(1, ge=1, description="Choices to return; each is its own aligned answer.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+    # ---- alignserve extension ---------------------------------------------------------------
+    alignment: Alignment | None = Field(
+        None, description="Inference-time alignment; absent or strategy 'none' = plain sampling."
+    )
+
+
+class Alignment(BaseModel):
+    """The `alignment` extension of a request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: str = Field("none", description="A name from the strategy registry.")
+    n: int = Field(4, ge=1, description="Candidates sampled per answer.")
+    reward: str | None = Field(None, description="Reward scorer (default: the server's).")
+    cost: str | None = Field(None, description="Optional cost scorer.")
+    cost_weight: float = Field(1.0, ge=0.0, description="λ in score = reward − λ·cost.")
+    temperature: float = Field(1.0, gt=0.0, description="Soft best-of-n λ: softmax(score/λ).")
+    return_candidates: bool = False
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v):
+        if v == "" or v == [] or (isinstance(v, list) and any(p in ("", []) for p in v)):
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# Responses
+# --------------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Latency(BaseModel):
+    generate_s: float
+    score_s: float
+    total_s: float
+
+
+class Candidate(BaseModel):
+    text: str
+    reward: float | None
+    cost: float | None
+    tokens: int
+    logprob: float  # Σ log p(token) under the distribution sampled from (the KL estimator's log ε)
+    finish_reason: str | None
+
+
+class AlignmentInfo(BaseModel):
+    """Accounting of one aligned answer (see README: KL accounting)."""
+
+    model_config = ConfigDict(extra="allow")  # strategy-specific fields (rounds, blocks, ...)
+
+    strategy: str
+    n: int
+    reward: float | None = None
+    cost: float | None = None
+    kl_bound: float
+    kl_estimate: float | None
+    win_rate_bound: float | None = None
+    generated_tokens: int
+    scored_candidates: int
+    latency: Latency
+    candidates: list[Candidate] | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: None = None
+    finish_reason: str | None
+    alignment: AlignmentInfo | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    alignment: AlignmentInfo | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+    alignment: AlignmentInfo | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    alignment: AlignmentInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "alignserve"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+_SamplingFields.model_rebuild()
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()

@@ -1,0 +1,45 @@
+"""Builds the process's `Runtime`: resolves the model, starts the vLLM engine, loads scorers."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from decoding.protocols import DecodeContext
+
+from .model_prep import EMBEDDED_MODEL_NAME, prepare_embedded_model
+from .scorers import ScorerRegistry, default_factories
+from .serving import Runtime
+from .settings import DEFAULT_MODEL, Settings
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model(settings: Settings) -> tuple[str, str]:
+    """(path or HF id for the engine, name served on /v1/models)."""
+    if settings.model == DEFAULT_MODEL:
+        path = prepare_embedded_model(settings.home)
+        return str(path), settings.served_model_name or EMBEDDED_MODEL_NAME
+    local = Path(settings.model).expanduser()
+    name = settings.served_model_name or (local.name if local.exists() else settings.model)
+    return (str(local) if local.exists() else settings.model), name
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    from .engine import VllmEngine  # the only vllm import, kept out of unit-test paths
+
+    model, name = resolve_model(settings)
+    log.info("starting engine for %s (%s)", name, model)
+    engine = VllmEngine(
+        model, dtype=settings.dtype, max_model_len=settings.max_model_len,
+        kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=settings.gpu_memory_utilization,
+        seed=settings.engine_seed, served_model_name=name,
+    )
+    executor = ThreadPoolExecutor(settings.scorer_threads, thread_name_prefix="scorer")
+    scorers = ScorerRegistry(default_factories(settings.length_target), executor)
+    # Load the default reward and cost now, so the first request does not pay for it.
+    for warm in (settings.default_reward, "profanity"):
+        scorers.load_now(warm)
+    return Runtime(engine=engine, scorers=scorers, ctx=DecodeContext(engine, executor),
+                   model_name=name)

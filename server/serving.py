@@ -1,0 +1,375 @@
+"""Serving object for /v1/chat/completions and /v1/completions.
+
+Data flow: validated pydantic request → `Prepared` (token prompts, sampling, strategy and
+objective resolved against the registries; every limit checked here, at the edge) → one
+`DecodeRequest` per (prompt, choice), run concurrently by the chosen strategy → OpenAI response
+(or SSE chunks) with the `alignment` accounting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from decoding.protocols import DecodeContext, DecodeRequest, DecodeResult, Objective, Sampling
+from decoding.strategies import STRATEGIES, Strategy
+
+from .errors import APIError, error_json
+from .metrics import Metrics
+from .protocol import (
+    Alignment, AlignmentInfo, Candidate, ChatChoice, ChatCompletionRequest,
+    ChatCompletionResponse, ChatMessageOut, CompletionChoice, CompletionRequest,
+    CompletionResponse, Latency, Usage,
+)
+from .scorers import ScorerRegistry, UnknownScorer
+from .settings import Settings
+
+Kind = Literal["chat", "text"]
+
+
+@dataclass
+class Runtime:
+    """Everything a serving object needs; built once per process by `server.runtime`."""
+
+    engine: Any  # decoding.Engine (+ tokenizer, max_model_len, num_unfinished_requests)
+    scorers: ScorerRegistry
+    ctx: DecodeContext
+    model_name: str
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str  # what scorers see
+
+
+@dataclass
+class Prepared:
+    kind: Kind
+    prompts: list[Prompt]
+    sampling: Sampling
+    choices: int
+    strategy: Strategy
+    alignment: Alignment | None
+    objective: Objective | None
+    stream: bool
+    include_usage: bool
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def strategy_name(self) -> str:
+        return self.strategy.name
+
+
+@dataclass
+class Answer:
+    index: int  # OpenAI choice index: prompt_index * choices + choice
+    prompt: Prompt
+    result: DecodeResult
+
+
+class Admission:
+    """Bounded concurrency: over the limit, answer 429 at once instead of queueing without end."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.active = limit, 0
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.active >= self.limit:
+            raise APIError(429, f"server busy: {self.limit} requests in flight; retry shortly",
+                           type="rate_limit_error", code="too_many_requests",
+                           headers={"Retry-After": "1"})
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
+class CompletionService:
+    def __init__(self, settings: Settings, runtime: Runtime, metrics: Metrics) -> None:
+        self.settings, self.rt, self.metrics = settings, runtime, metrics
+        self.admission = Admission(settings.max_concurrent_requests)
+
+    # ---------------------------------------------------------------- validation at the edge
+
+    async def prepare(self, req: ChatCompletionRequest | CompletionRequest, kind: Kind) -> Prepared:
+        s = self.settings
+        if req.model is not None and req.model != self.rt.model_name:
+            raise APIError(404, f"The model {req.model!r} does not exist; this server serves "
+                           f"{self.rt.model_name!r}", type="not_found_error", param="model",
+                           code="model_not_found")
+        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        max_tokens = max_tokens or s.default_max_tokens
+        if max_tokens > s.max_tokens_limit:
+            raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit "
+                           f"{s.max_tokens_limit}", param="max_tokens", code="invalid_value")
+        if req.n > s.max_choices:
+            raise APIError(400, f"n {req.n} exceeds this server's limit {s.max_choices}",
+                           param="n", code="invalid_value")
+        prompts = self._chat_prompt(req) if kind == "chat" else self._text_prompts(req)
+        for p in prompts:
+            self._check_length(p, max_tokens)
+        strategy, objective = await self._alignment(req.alignment)
+        return Prepared(
+            kind=kind, prompts=prompts,
+            sampling=Sampling(max_tokens=max_tokens, temperature=req.temperature,
+                              top_p=req.top_p, stop=tuple(req.stop or ()), seed=req.seed),
+            choices=req.n, strategy=strategy, alignment=req.alignment, objective=objective,
+            stream=req.stream,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        )
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> list[Prompt]:
+        tok = self.rt.engine.tokenizer
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the template itself may reject role orders (jinja raise)
+            raise APIError(400, f"messages rejected by the chat template: {exc}",
+                           param="messages", code="invalid_messages") from exc
+        users = [m.text() for m in req.messages if m.role == "user"]
+        scorer_text = users[-1] if users else req.messages[-1].text()
+        return [Prompt(tok.encode(text, add_special_tokens=False), scorer_text)]
+
+    def _text_prompts(self, req: CompletionRequest) -> list[Prompt]:
+        tok, p = self.rt.engine.tokenizer, req.prompt
+        batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
+        vocab = len(tok)
+        out = []
+        for item in batch:
+            if isinstance(item, str):
+                out.append(Prompt(tok.encode(item, add_special_tokens=True), item))
+            else:
+                if any(t < 0 or t >= vocab for t in item):
+                    raise APIError(400, f"prompt token ids must lie in [0, {vocab})",
+                                   param="prompt", code="invalid_value")
+                out.append(Prompt(list(item), tok.decode(item)))
+        return out
+
+    def _check_length(self, prompt: Prompt, max_tokens: int) -> None:
+        n, limit = len(prompt.ids), self.settings.max_prompt_tokens
+        if n > limit:
+            raise APIError(400, f"prompt has {n} tokens; this server accepts at most {limit}",
+                           param="messages", code="context_length_exceeded")
+        if n + max_tokens > self.rt.engine.max_model_len:
+            raise APIError(400, f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the "
+                           f"model's context length {self.rt.engine.max_model_len}",
+                           param="max_tokens", code="context_length_exceeded")
+
+    async def _alignment(self, a: Alignment | None) -> tuple[Strategy, Objective | None]:
+        if a is None:
+            return STRATEGIES["none"], None
+        strategy = STRATEGIES.get(a.strategy)
+        if strategy is None:
+            raise APIError(400, f"unknown alignment strategy {a.strategy!r}; available: "
+                           f"{', '.join(sorted(STRATEGIES))}", param="alignment.strategy",
+                           code="unknown_strategy")
+        if a.n > self.settings.max_n:
+            raise APIError(400, f"alignment.n {a.n} exceeds this server's limit "
+                           f"{self.settings.max_n}", param="alignment.n", code="invalid_value")
+        reward_name = a.reward or (self.settings.default_reward if strategy.needs_objective
+                                   else None)
+        if reward_name is None:
+            return strategy, None
+        reward = await self._scorer(reward_name, "alignment.reward")
+        cost = await self._scorer(a.cost, "alignment.cost") if a.cost else None
+        return strategy, Objective(reward=reward, cost=cost, cost_weight=a.cost_weight)
+
+    async def _scorer(self, name: str, param: str):
+        try:
+            return await self.rt.scorers.get(name)
+        except UnknownScorer as exc:
+            raise APIError(400, str(exc), param=param, code="unknown_scorer") from exc
+
+    # ---------------------------------------------------------------- running strategies
+
+    def _decode_requests(self, prep: Prepared) -> list[tuple[int, Prompt, DecodeRequest]]:
+        a = prep.alignment
+        out = []
+        for pi, prompt in enumerate(prep.prompts):
+            for c in range(prep.choices):
+                seed = None if prep.sampling.seed is None else prep.sampling.seed + c
+                sampling = Sampling(**{**prep.sampling.__dict__, "seed": seed})
+                out.append((pi * prep.choices + c, prompt, DecodeRequest(
+                    prompt_ids=prompt.ids, prompt_text=prompt.text, sampling=sampling,
+                    n=a.n if a and prep.strategy.name != "none" else 1,
+                    objective=prep.objective, temperature=a.temperature if a else 1.0,
+                    return_candidates=bool(a and a.return_candidates), seed=seed)))
+        return out
+
+    async def answers(self, prep: Prepared) -> list[Answer]:
+        """Run every (prompt, choice) concurrently; one failure cancels the rest (TaskGroup)."""
+        jobs = self._decode_requests(prep)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(prep.strategy.run(dr, self.rt.ctx)) for _, _, dr in jobs]
+        except ExceptionGroup as group:  # report the first cause, not the group wrapper
+            raise group.exceptions[0] from group
+        answers = [Answer(i, p, t.result()) for (i, p, _), t in zip(jobs, tasks)]
+        for a in answers:
+            self.metrics.observe_answer(prep.strategy_name, a.result)
+        return answers
+
+    # ---------------------------------------------------------------- responses
+
+    def response(self, prep: Prepared, answers: list[Answer], total_s: float):
+        infos = [self._info(prep, a.result, total_s) for a in answers]
+        usage = self._usage(prep, answers)
+        top = _aggregate(infos)
+        if prep.kind == "chat":
+            choices = [ChatChoice(index=a.index, message=ChatMessageOut(content=a.result.sample.text),
+                                  finish_reason=_finish(a), alignment=info)
+                       for a, info in zip(answers, infos)]
+            return ChatCompletionResponse(id=f"chatcmpl-{prep.request_id}",
+                                          model=self.rt.model_name, choices=choices,
+                                          usage=usage, alignment=top)
+        choices = [CompletionChoice(index=a.index, text=a.result.sample.text,
+                                    finish_reason=_finish(a), alignment=info)
+                   for a, info in zip(answers, infos)]
+        return CompletionResponse(id=f"cmpl-{prep.request_id}", model=self.rt.model_name,
+                                  choices=choices, usage=usage, alignment=top)
+
+    def _info(self, prep: Prepared, r: DecodeResult, total_s: float) -> AlignmentInfo | None:
+        if prep.alignment is None:
+            return None
+        candidates = None
+        if r.candidates is not None:
+            candidates = [Candidate(text=c.sample.text, reward=c.reward, cost=c.cost,
+                                    tokens=len(c.sample.token_ids), logprob=c.sample.logprob,
+                                    finish_reason=c.sample.finish_reason) for c in r.candidates]
+        return AlignmentInfo(
+            strategy=r.strategy, n=r.n, reward=r.reward, cost=r.cost, kl_bound=r.kl_bound,
+            kl_estimate=r.kl_estimate, win_rate_bound=r.win_rate_bound,
+            generated_tokens=r.generated_tokens, scored_candidates=r.scored_candidates,
+            latency=Latency(generate_s=r.timer.generate_s, score_s=r.timer.score_s,
+                            total_s=total_s),
+            candidates=candidates, **r.extra)
+
+    def _usage(self, prep: Prepared, answers: list[Answer]) -> Usage:
+        prompt = sum(len(p.ids) for p in prep.prompts)
+        completion = sum(len(a.result.sample.token_ids) for a in answers)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion)
+
+    # ---------------------------------------------------------------- streaming (SSE)
+
+    async def stream(self, prep: Prepared, t0: float) -> AsyncIterator[str]:
+        """SSE events. Plain sampling streams tokens as the engine makes them; aligned
+        strategies stream the chosen answer once selected, with `alignment` in the last chunk."""
+        chunk = _Chunker(prep, self.rt.model_name)
+        try:
+            if prep.kind == "chat":
+                for i in range(len(prep.prompts) * prep.choices):
+                    yield chunk.sse(i, {"role": "assistant", "content": ""})
+            if prep.strategy.name == "none" and prep.objective is None:
+                answers = []
+                async for event in self._stream_plain(prep, chunk, answers):
+                    yield event
+            else:
+                answers = await self.answers(prep)
+                for a in answers:
+                    yield chunk.sse(a.index, {"content": a.result.sample.text})
+            total_s = time.perf_counter() - t0
+            for a in answers:
+                info = self._info(prep, a.result, total_s)
+                yield chunk.sse(a.index, {}, finish_reason=_finish(a), alignment=info)
+            if prep.include_usage:
+                yield chunk.usage(self._usage(prep, answers))
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:  # headers are sent: report in-band, then end the stream
+            err = exc if isinstance(exc, APIError) else APIError(
+                500, "internal server error", type="server_error", code="internal_error")
+            self.metrics.errors.labels(err.type, str(err.status)).inc()
+            yield f"data: {_json(error_json(err))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def _stream_plain(self, prep: Prepared, chunk: _Chunker, answers: list[Answer]):
+        from decoding.protocols import Sample
+
+        for pi, prompt in enumerate(prep.prompts):
+            samples = [Sample([], "", [], None) for _ in range(prep.choices)]
+            t0 = time.perf_counter()
+            async for d in self.rt.engine.stream(prompt.ids, prep.choices, prep.sampling):
+                s = samples[d.index]
+                s.token_ids += d.token_ids
+                s.text += d.text
+                s.logprobs += d.logprobs
+                s.finish_reason = d.finish_reason
+                if d.text:
+                    yield chunk.sse(pi * prep.choices + d.index, {"content": d.text})
+            for c, s in enumerate(samples):
+                r = DecodeResult(strategy="none", n=1, sample=s, generated_tokens=len(s.token_ids),
+                                 win_rate_bound=0.5)
+                r.timer.generate_s = time.perf_counter() - t0
+                answers.append(Answer(pi * prep.choices + c, prompt, r))
+                self.metrics.observe_answer("none", r)
+
+
+def _finish(a: Answer) -> str:
+    return a.result.sample.finish_reason or "length"
+
+
+def _aggregate(infos: list[AlignmentInfo | None]) -> AlignmentInfo | None:
+    """Top-level `alignment`: the answer's own for one choice; with several, choice 0's fields
+    with generated_tokens, scored_candidates and latency totalled over all choices."""
+    if not infos or infos[0] is None:
+        return None
+    if len(infos) == 1:
+        return infos[0]
+    top = infos[0].model_copy(deep=True)
+    top.generated_tokens = sum(i.generated_tokens for i in infos)
+    top.scored_candidates = sum(i.scored_candidates for i in infos)
+    top.latency.generate_s = sum(i.latency.generate_s for i in infos)
+    top.latency.score_s = sum(i.latency.score_s for i in infos)
+    top.candidates = None
+    return top
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+class _Chunker:
+    """Formats OpenAI stream chunks for one request."""
+
+    def __init__(self, prep: Prepared, model: str) -> None:
+        self.prep, self.model, self.created = prep, model, int(time.time())
+        chat = prep.kind == "chat"
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{prep.request_id}"
+        self.object = "chat.completion.chunk" if chat else "text_completion"
+
+    def _envelope(self, choices: list[dict]) -> dict:
+        env = {"id": self.id, "object": self.object, "created": self.created,
+               "model": self.model, "choices": choices}
+        if self.prep.include_usage:
+            env["usage"] = None
+        return env
+
+    def sse(self, index: int, delta: dict, finish_reason: str | None = None,
+            alignment: AlignmentInfo | None = None) -> str:
+        if self.prep.kind == "chat":
+            choice: dict = {"index": index, "delta": delta, "logprobs": None,
+                            "finish_reason": finish_reason}
+        else:
+            choice = {"index": index, "text": delta.get("content", ""), "logprobs": None,
+                      "finish_reason": finish_reason}
+        env = self._envelope([choice])
+        if alignment is not None:
+            choice["alignment"] = alignment.model_dump()
+            env["alignment"] = choice["alignment"]
+        return f"data: {_json(env)}\n\n"
+
+    def usage(self, usage: Usage) -> str:
+        env = self._envelope([])
+        env["usage"] = usage.model_dump()
+        return f"data: {_json(env)}\n\n"

