@@ -50,26 +50,27 @@ async def run_or_cancel(request: Request, work: Awaitable[T]) -> T:
 
 
 async def iterate_or_cancel(request: Request, stream: AsyncIterator[T]) -> AsyncIterator[T]:
-    """Re-yield `stream`; stop it (cancelling the pending step) when the client disconnects."""
+    """Re-yield `stream`; stop it (cancelling the pending step) when the client disconnects or
+    when this iterator is itself cancelled (Starlette cancels the body iterator on disconnect)."""
     watcher = asyncio.ensure_future(_wait_disconnect(request))
+    step: asyncio.Future | None = None
     try:
         while True:
             step = asyncio.ensure_future(stream.__anext__())
             await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not step.done():
-                step.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await step
-                return
+                return  # client gone: `finally` cancels the step
             try:
                 item = step.result()
             except StopAsyncIteration:
                 return
             yield item
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in (step, watcher):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await task
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             with contextlib.suppress(RuntimeError):

@@ -1,0 +1,204 @@
+"""Best-of-n serving benchmark: alignserve vs raw vLLM vs Hugging Face generate, one run.
+
+On the dev prompts, n samples of `max_tokens` new tokens per prompt, the same reward scorer:
+  (a) alignserve best_of_n over HTTP, all prompts in flight at once (a separate server process);
+  (b) raw vLLM: `vllm.LLM.generate` of the same n samples per prompt (one batch) + the scorer;
+  (c) Hugging Face `generate(num_return_sequences=n)` per prompt + the scorer.
+Reports generated tokens, wall time, tokens/s and the ratios a/b, a/c; writes
+bench/results/bon.md and bon.json. Speed is measured here, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def load_prompts(path: Path, limit: int | None) -> list[str]:
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return [r["prompt"] for r in rows][:limit]
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+# ---------------------------------------------------------------- (a) alignserve over HTTP
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_alignserve(prompts, n, max_tokens, reward, log_dir: Path) -> dict:
+    import httpx
+
+    port = _free_port()
+    log = open(log_dir / "bench-server.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "alignserve"), "serve", "--port",
+                             str(port), "--max-model-len", "1024", "--kv-cache-gib", "2",
+                             "--max-concurrent-requests", "256"], stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(900):
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        else:
+            raise RuntimeError("server did not start; see bench-server.log")
+
+        async def run() -> list[dict]:
+            async with httpx.AsyncClient(base_url=base, timeout=1800) as c:
+                async def one(p):
+                    r = await c.post("/v1/chat/completions", json={
+                        "messages": [{"role": "user", "content": p}], "max_tokens": max_tokens,
+                        "temperature": 1.0, "alignment": {"strategy": "best_of_n", "n": n,
+                                                          "reward": reward}})
+                    r.raise_for_status()
+                    return r.json()["alignment"]
+                # warm-up request so that start-up effects are not measured
+                await one("Hello")
+                t0 = time.perf_counter()
+                out = await asyncio.gather(*(one(p) for p in prompts))
+                return out, time.perf_counter() - t0
+
+        answers, wall = asyncio.run(run())
+        return {"wall_s": wall, "generated_tokens": sum(a["generated_tokens"] for a in answers),
+                "mean_reward": sum(a["reward"] for a in answers) / len(answers)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+# ---------------------------------------------------------------- (b) raw vLLM
+
+def bench_vllm(model_dir: str, prompts, n, max_tokens, scorer) -> dict:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_dir, dtype="float32", max_model_len=1024, enable_prefix_caching=True,
+              seed=0)
+    tok = llm.get_tokenizer()
+    ids = [{"prompt_token_ids": chat_ids(tok, p)} for p in prompts]
+    params = SamplingParams(n=n, max_tokens=max_tokens, temperature=1.0, logprobs=0)
+    llm.generate([{"prompt_token_ids": chat_ids(tok, "Hello")}], params, use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(ids, params, use_tqdm=False)
+    rewards, tokens = [], 0
+    for p, o in zip(prompts, outs):
+        texts = [c.text for c in o.outputs]
+        tokens += sum(len(c.token_ids) for c in o.outputs)
+        rewards.append(max(scorer.score(p, texts)))
+    wall = time.perf_counter() - t0
+    del llm
+    return {"wall_s": wall, "generated_tokens": tokens, "mean_reward": sum(rewards) / len(rewards)}
+
+
+# ---------------------------------------------------------------- (c) Hugging Face generate
+
+def bench_hf(model_dir: str, prompts, n, max_tokens, scorer) -> dict:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    eos = tok.eos_token_id
+    rewards, tokens = [], 0
+    t0 = time.perf_counter()
+    for p in tqdm(prompts, desc="hf generate", file=sys.stderr):
+        inp = torch.tensor([chat_ids(tok, p)])
+        with torch.inference_mode():
+            out = model.generate(inp, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                 max_new_tokens=max_tokens, num_return_sequences=n,
+                                 pad_token_id=eos)
+        new = out[:, inp.shape[1]:]
+        texts = []
+        for row in new.tolist():
+            length = row.index(eos) + 1 if eos in row else len(row)  # count EOS like vLLM does
+            tokens += length
+            texts.append(tok.decode(row[:length], skip_special_tokens=True))
+        rewards.append(max(scorer.score(p, texts)))
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "generated_tokens": tokens, "mean_reward": sum(rewards) / len(rewards)}
+
+
+# ---------------------------------------------------------------- report
+
+def report(results: dict, args) -> str:
+    a = results["alignserve"]
+    lines = [
+        f"# best-of-n serving benchmark\n",
+        f"{len(load_prompts(args.prompts, args.limit))} prompts from {args.prompts.name}, "
+        f"n = {args.n}, max_tokens = {args.max_tokens}, temperature 1.0, reward `{args.reward}`; "
+        f"machine: {os.cpu_count()} CPU cores, no GPU; all three in one run.\n",
+        "| system | wall s | generated tokens | tokens/s | mean chosen reward | wall ratio a/x | tok/s ratio a/x |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, label in (("alignserve", "(a) alignserve best_of_n, HTTP, concurrent"),
+                       ("vllm", "(b) raw vLLM LLM.generate + scorer"),
+                       ("hf", "(c) HF generate(num_return_sequences) + scorer")):
+        r = results.get(key)
+        if r is None:
+            continue
+        tps = r["generated_tokens"] / r["wall_s"]
+        r["tokens_per_s"] = tps
+        wr = a["wall_s"] / r["wall_s"]
+        tr = (a["generated_tokens"] / a["wall_s"]) / tps
+        lines.append(f"| {label} | {r['wall_s']:.1f} | {r['generated_tokens']} | {tps:.1f} | "
+                     f"{r['mean_reward']:.3f} | {wr:.2f} | {tr:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--prompts", type=Path, default=ROOT / "bench" / "prompts-dev.jsonl")
+    ap.add_argument("--limit", type=int, default=None, help="Use only the first K prompts.")
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--reward", default="relevance")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--skip", default="", help="Comma list of systems to skip: vllm,hf")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from server.model_prep import prepare_embedded_model
+    from server.scorers import RelevanceScorer, default_factories
+    from server.settings import Settings
+
+    model_dir = str(prepare_embedded_model(Settings().home))
+    scorer = default_factories(64)[args.reward]() if args.reward != "relevance" else RelevanceScorer()
+    prompts = load_prompts(args.prompts, args.limit)
+    skip = set(filter(None, args.skip.split(",")))
+    results = {}
+    print(">> (a) alignserve", file=sys.stderr)
+    results["alignserve"] = bench_alignserve(prompts, args.n, args.max_tokens, args.reward, args.out)
+    if "vllm" not in skip:
+        print(">> (b) raw vLLM", file=sys.stderr)
+        results["vllm"] = bench_vllm(model_dir, prompts, args.n, args.max_tokens, scorer)
+    if "hf" not in skip:
+        print(">> (c) HF generate", file=sys.stderr)
+        results["hf"] = bench_hf(model_dir, prompts, args.n, args.max_tokens, scorer)
+    md = report(results, args)
+    (args.out / "bon.md").write_text(md)
+    (args.out / "bon.json").write_text(json.dumps(results, indent=2))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
