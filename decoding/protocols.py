@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,7 @@ class DecodeRequest:
     temperature: float = 1.0  # soft best-of-n λ
     return_candidates: bool = False
     seed: int | None = None  # for the strategy's own randomness (soft best-of-n's draw)
+    options: dict[str, Any] = field(default_factory=dict)  # strategy-specific, validated upstream
 
 
 @dataclass

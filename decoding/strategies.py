@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
 from typing import Protocol
 
 from .kl import bon_kl_bound, bon_kl_estimate, bon_win_rate_bound, selection_kl_bound
@@ -132,5 +131,3 @@ def soft_weights(scores: list[float], temperature: float) -> list[float]:
     total = math.fsum(w)
     return [x / total for x in w]
 
-
-StrategyFactory = Callable[[], Strategy]

@@ -66,7 +66,7 @@ def build_app(
 ) -> FastAPI:
     metrics = Metrics(registry)
     if hasattr(runtime.engine, "num_unfinished_requests"):
-        metrics.watch_engine(runtime.engine.num_unfinished_requests)
+        metrics.watch_engine(runtime.engine)
     app = FastAPI(title="alignserve", version="0.1.0",
                   description="OpenAI-compatible serving with inference-time alignment.")
     app.state.settings = settings

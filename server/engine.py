@@ -66,6 +66,7 @@ class VllmEngine:
         self._llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = self._llm.get_tokenizer()
         self.max_model_len = max_model_len
+        self.aborted = 0  # engine requests we aborted before they finished (a metric)
 
     # -- decoding.Engine -------------------------------------------------------------------
 
@@ -134,6 +135,7 @@ class VllmEngine:
         finally:
             if not finished:
                 # Cancelled (client gone, sibling failed, timeout) or closed early: free the slots.
+                self.aborted += 1
                 await asyncio.shield(self._llm.abort(request_id))
 
 

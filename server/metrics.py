@@ -6,9 +6,8 @@ Metrics live on a registry passed in (the process-wide default in production, so
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 _KL_BUCKETS = (0.0, 0.1, 0.25, 0.5, 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8)
@@ -43,12 +42,11 @@ class Metrics:
                                      buckets=_KL_BUCKETS, registry=registry)
         self.in_flight = Gauge("alignserve:requests_in_flight", "Requests being served.",
                                registry=registry)
-        self.engine_requests = Gauge("alignserve:engine_requests_unfinished",
-                                     "Engine requests not yet finished (vLLM's count).",
-                                     registry=registry)
+        self._registry = registry
 
-    def watch_engine(self, count: Callable[[], int]) -> None:
-        self.engine_requests.set_function(count)
+    def watch_engine(self, engine) -> None:
+        """Expose the engine's own counts (read at scrape time)."""
+        self._registry.register(_EngineCollector(engine))
 
     def observe_answer(self, strategy: str, result) -> None:
         """Record one `decoding.DecodeResult`."""
@@ -62,3 +60,18 @@ class Metrics:
         self.kl_bound.labels(strategy).observe(result.kl_bound)
         if result.kl_estimate is not None:
             self.kl_estimate.labels(strategy).observe(result.kl_estimate)
+
+
+class _EngineCollector:
+    """Scrape-time view of the engine: unfinished requests (vLLM's count) and aborts we issued."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+
+    def collect(self):
+        yield GaugeMetricFamily("alignserve:engine_requests_unfinished",
+                                "Engine requests not yet finished (vLLM's count).",
+                                value=self._engine.num_unfinished_requests())
+        yield CounterMetricFamily("alignserve:engine_aborts",
+                                  "Engine requests aborted before finishing (client gone, "
+                                  "sibling failed, rejected).", value=self._engine.aborted)

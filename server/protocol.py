@@ -80,6 +80,14 @@ class Alignment(BaseModel):
     cost_weight: float = Field(1.0, ge=0.0, description="λ in score = reward − λ·cost.")
     temperature: float = Field(1.0, gt=0.0, description="Soft best-of-n λ: softmax(score/λ).")
     return_candidates: bool = False
+    # speculative_rejection
+    alpha: float = Field(0.5, ge=0.0, lt=1.0, description="Share of the pool rejected per round.")
+    decision_tokens: int = Field(16, ge=1, description="Tokens before the first decision point.")
+    growth: float = Field(2.0, ge=1.0, le=16.0, description="Each later round's length multiplier.")
+
+    def options(self) -> dict:
+        """The strategy-specific fields, passed to the strategy untouched."""
+        return self.model_dump(include={"alpha", "decision_tokens", "growth"})
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -122,7 +130,8 @@ class Candidate(BaseModel):
     cost: float | None
     tokens: int
     logprob: float  # Σ log p(token) under the distribution sampled from (the KL estimator's log ε)
-    finish_reason: str | None
+    finish_reason: str | None  # null: stopped early by speculative rejection
+    token_ids: list[int]
 
 
 class AlignmentInfo(BaseModel):

@@ -16,7 +16,10 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from decoding.protocols import DecodeContext, DecodeRequest, DecodeResult, Objective, Sampling
+from decoding.concurrency import gather_all
+from decoding.protocols import (
+    DecodeContext, DecodeRequest, DecodeResult, Objective, Sample, Sampling,
+)
 from decoding.strategies import STRATEGIES, Strategy
 
 from .errors import APIError, error_json
@@ -201,18 +204,15 @@ class CompletionService:
                     prompt_ids=prompt.ids, prompt_text=prompt.text, sampling=sampling,
                     n=a.n if a and prep.strategy.name != "none" else 1,
                     objective=prep.objective, temperature=a.temperature if a else 1.0,
-                    return_candidates=bool(a and a.return_candidates), seed=seed)))
+                    return_candidates=bool(a and a.return_candidates), seed=seed,
+                    options=a.options() if a else {})))
         return out
 
     async def answers(self, prep: Prepared) -> list[Answer]:
-        """Run every (prompt, choice) concurrently; one failure cancels the rest (TaskGroup)."""
+        """Run every (prompt, choice) concurrently; one failure cancels the rest."""
         jobs = self._decode_requests(prep)
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(prep.strategy.run(dr, self.rt.ctx)) for _, _, dr in jobs]
-        except ExceptionGroup as group:  # report the first cause, not the group wrapper
-            raise group.exceptions[0] from group
-        answers = [Answer(i, p, t.result()) for (i, p, _), t in zip(jobs, tasks)]
+        results = await gather_all(prep.strategy.run(dr, self.rt.ctx) for _, _, dr in jobs)
+        answers = [Answer(i, p, r) for (i, p, _), r in zip(jobs, results)]
         for a in answers:
             self.metrics.observe_answer(prep.strategy_name, a.result)
         return answers
@@ -243,7 +243,8 @@ class CompletionService:
         if r.candidates is not None:
             candidates = [Candidate(text=c.sample.text, reward=c.reward, cost=c.cost,
                                     tokens=len(c.sample.token_ids), logprob=c.sample.logprob,
-                                    finish_reason=c.sample.finish_reason) for c in r.candidates]
+                                    finish_reason=c.sample.finish_reason,
+                                    token_ids=c.sample.token_ids) for c in r.candidates]
         return AlignmentInfo(
             strategy=r.strategy, n=r.n, reward=r.reward, cost=r.cost, kl_bound=r.kl_bound,
             kl_estimate=r.kl_estimate, win_rate_bound=r.win_rate_bound,
@@ -292,8 +293,6 @@ class CompletionService:
         yield "data: [DONE]\n\n"
 
     async def _stream_plain(self, prep: Prepared, chunk: _Chunker, answers: list[Answer]):
-        from decoding.protocols import Sample
-
         for pi, prompt in enumerate(prep.prompts):
             samples = [Sample([], "", [], None) for _ in range(prep.choices)]
             t0 = time.perf_counter()

@@ -44,7 +44,7 @@ class Settings(BaseSettings):
         64, ge=1, le=100_000, description="Target length in words of the `length` reward."
     )
 
-    max_n: int = Field(64, ge=1, le=4096, description="Largest candidates-per-answer (alignment.n).")
+    max_n: int = Field(128, ge=1, le=4096, description="Largest candidates-per-answer (alignment.n).")
     max_choices: int = Field(8, ge=1, le=128, description="Largest OpenAI `n` (choices per request).")
     max_tokens_limit: int = Field(1024, ge=1, le=1_048_576, description="Largest max_tokens.")
     default_max_tokens: int = Field(128, ge=1, le=1_048_576, description="max_tokens when omitted.")

@@ -24,9 +24,7 @@ def _wait(predicate, timeout: float) -> bool:
 
 
 def _abort_count(server) -> float:
-    text = httpx.get(f"{server.base_url}/metrics").text
-    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
-               if l.startswith("vllm:request_success_total") and 'finished_reason="abort"' in l)
+    return server.metric("alignserve:engine_aborts_total")
 
 
 def _unfinished(server) -> float:

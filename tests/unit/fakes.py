@@ -35,13 +35,14 @@ class FakeTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         inv = {i: w for w, i in self.vocab.items()}
-        return " ".join(inv.get(i, "?") for i in ids)
+        return "".join(" " + inv.get(i, "?") for i in ids)  # every token carries its space
 
 
 class FakeEngine:
     """Samples words uniformly (logprob log 1/8 each); `gate` can hold requests open."""
 
-    def __init__(self, seed: int = 0, max_model_len: int = 512) -> None:
+    def __init__(self, seed: int = 0, max_model_len: int = 512, full_length: bool = False) -> None:
+        self.full_length = full_length  # never stop early: every sample runs to max_tokens
         self.tokenizer = FakeTokenizer()
         self.max_model_len = max_model_len
         self.rng = random.Random(seed)
@@ -55,10 +56,14 @@ class FakeEngine:
     def num_unfinished_requests(self) -> int:
         return self.active
 
+    @property
+    def aborted(self) -> int:
+        return self.cancelled
+
     def _sample(self, max_tokens: int) -> Sample:
-        length = self.rng.randint(1, max_tokens)
+        length = max_tokens if self.full_length else self.rng.randint(1, max_tokens)
         ids = [self.rng.randrange(len(WORDS)) for _ in range(length)]
-        return Sample(ids, " ".join(WORDS[i] for i in ids), [math.log(1 / 8)] * length,
+        return Sample(ids, "".join(" " + WORDS[i] for i in ids), [math.log(1 / 8)] * length,
                       "stop" if length < max_tokens else "length")
 
     async def generate(self, prompt_ids, n: int, sampling: Sampling) -> list[Sample]:
@@ -82,7 +87,7 @@ class FakeEngine:
         for i, s in enumerate(await self.generate(prompt_ids, n, sampling)):
             for k, tok in enumerate(s.token_ids):
                 last = k == len(s.token_ids) - 1
-                yield SampleDelta(i, [tok], (" " if k else "") + WORDS[tok], [s.logprobs[k]],
+                yield SampleDelta(i, [tok], " " + WORDS[tok], [s.logprobs[k]],
                                   s.finish_reason if last else None)
 
 

@@ -107,6 +107,10 @@ BAD = [
      "unknown_scorer"),
     ("unknown cost", {**CHAT, "alignment": {"strategy": "best_of_n", "cost": "nope"}}, 400,
      "unknown_scorer"),
+    ("alpha of one", {**CHAT, "alignment": {"strategy": "speculative_rejection", "alpha": 1.0}},
+     400, None),
+    ("decision_tokens zero", {**CHAT, "alignment": {"strategy": "speculative_rejection",
+                                                   "decision_tokens": 0}}, 400, None),
     ("typo in alignment", {**CHAT, "alignment": {"strategy": "best_of_n", "nn": 2}}, 400, None),
     ("temperature out of range", {**CHAT, "temperature": 7}, 400, None),
     ("prompt too long", {**CHAT, "messages": [{"role": "user", "content": "word " * 100}]}, 400,
@@ -182,3 +186,19 @@ async def test_models_health_metrics(client):
     assert 'alignserve:kl_bound_count{strategy="best_of_n"} 1.0' in text
     assert 'alignserve:errors_total{status="400",type="invalid_request_error"} 1.0' in text
     assert "alignserve:requests_in_flight 0.0" in text
+    assert "alignserve:engine_requests_unfinished 0.0" in text
+    assert "alignserve:engine_aborts_total 0.0" in text
+
+
+async def test_speculative_rejection_over_http(client):
+    req = {**CHAT, "max_tokens": 32, "n": 2, "alignment": {
+        "strategy": "speculative_rejection", "n": 8, "alpha": 0.5, "decision_tokens": 4,
+        "return_candidates": True}}
+    body = (await client.post("/v1/chat/completions", json=req)).json()
+    for choice in body["choices"]:
+        a = choice["alignment"]
+        assert a["strategy"] == "speculative_rejection" and a["kl_estimate"] is None
+        assert a["kl_bound"] == pytest.approx(2.0794415, abs=1e-6)
+        assert a["rounds"] >= 1 and isinstance(a["rejected"], list)
+        assert len(a["candidates"]) == 8
+        assert choice["message"]["content"] in {c["text"] for c in a["candidates"]}
