@@ -58,6 +58,7 @@ def _extend(track: _Track, more: Sample, max_tokens: int) -> None:
 class SpeculativeRejection:
     name = "speculative_rejection"
     needs_objective = True
+    streams_tokens = False
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         alpha = float(req.options.get("alpha", 0.5))

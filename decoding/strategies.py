@@ -19,6 +19,7 @@ from .protocols import DecodeContext, DecodeRequest, DecodeResult, Scored, Timer
 class Strategy(Protocol):
     name: str
     needs_objective: bool  # the request must name a reward scorer
+    streams_tokens: bool  # the answer is one plain engine sample: the server may stream its tokens
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult: ...
 
@@ -64,6 +65,7 @@ class NoAlignment:
 
     name = "none"
     needs_objective = False
+    streams_tokens = True
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         timer = Timer()
@@ -86,6 +88,7 @@ class BestOfN:
 
     name = "best_of_n"
     needs_objective = True
+    streams_tokens = False
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         timer = Timer()
@@ -109,6 +112,7 @@ class SoftBestOfN:
 
     name = "soft_best_of_n"
     needs_objective = True
+    streams_tokens = False
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         timer = Timer()

@@ -202,7 +202,7 @@ class CompletionService:
                 sampling = Sampling(**{**prep.sampling.__dict__, "seed": seed})
                 out.append((pi * prep.choices + c, prompt, DecodeRequest(
                     prompt_ids=prompt.ids, prompt_text=prompt.text, sampling=sampling,
-                    n=a.n if a and prep.strategy.name != "none" else 1,
+                    n=a.n if a else 1,
                     objective=prep.objective, temperature=a.temperature if a else 1.0,
                     return_candidates=bool(a and a.return_candidates), seed=seed,
                     options=a.options() if a else {})))
@@ -269,7 +269,7 @@ class CompletionService:
             if prep.kind == "chat":
                 for i in range(len(prep.prompts) * prep.choices):
                     yield chunk.sse(i, {"role": "assistant", "content": ""})
-            if prep.strategy.name == "none" and prep.objective is None:
+            if prep.strategy.streams_tokens and prep.objective is None:
                 answers = []
                 async for event in self._stream_plain(prep, chunk, answers):
                     yield event
