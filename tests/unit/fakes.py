@@ -11,7 +11,9 @@ import math
 import random
 from collections.abc import Sequence
 
-from decoding.protocols import Sample, SampleDelta, Sampling
+from prometheus_client import CollectorRegistry
+
+from decoding.protocols import DecodeContext, Sample, SampleDelta, Sampling
 
 WORDS = ["good", "bad", "nice", "darn", "great", "ok", "fine", "meh"]
 
@@ -116,3 +118,20 @@ class Exploding:
 
     def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
         raise RuntimeError("scorer failed")
+
+
+def make_app(engine: FakeEngine | None = None, **overrides):
+    """The real app factory around the fakes, with tight limits to test them."""
+    from server.app import build_app
+    from server.scorers import ScorerRegistry
+    from server.serving import Runtime
+    from server.settings import Settings
+
+    engine = engine or FakeEngine()
+    scorers = ScorerRegistry({"good_count": WordReward, "bad_count": lambda: WordReward("bad", "bad_count"),
+                              "fixed": lambda: FixedScores([3, 1, 2, 0] * 16),
+                              "exploding": Exploding}, None)
+    settings = Settings(default_reward="good_count", max_n=16, max_choices=4,
+                        max_tokens_limit=64, max_prompt_tokens=40, **overrides)
+    runtime = Runtime(engine=engine, scorers=scorers, ctx=DecodeContext(engine), model_name="fake")
+    return build_app(settings, runtime, registry=CollectorRegistry())

@@ -5,8 +5,7 @@ import json
 
 import httpx
 import pytest
-from conftest import make_app
-from fakes import FakeEngine
+from fakes import FakeEngine, make_app
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "say something good"}],
         "max_tokens": 8}
