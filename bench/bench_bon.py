@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -50,7 +52,8 @@ def bench_alignserve(prompts, n, max_tokens, reward, log_dir: Path) -> dict:
     log = open(log_dir / "bench-server.log", "w")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "alignserve"), "serve", "--port",
                              str(port), "--max-model-len", "1024", "--kv-cache-gib", "2",
-                             "--max-concurrent-requests", "256"], stdout=log, stderr=log)
+                             "--max-concurrent-requests", "256"], stdout=log, stderr=log,
+                            start_new_session=True)  # its own process group: see `finally`
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(900):
@@ -81,8 +84,15 @@ def bench_alignserve(prompts, n, max_tokens, reward, log_dir: Path) -> dict:
         return {"wall_s": wall, "generated_tokens": sum(a["generated_tokens"] for a in answers),
                 "mean_reward": sum(a["reward"] for a in answers) / len(answers)}
     finally:
+        # The server stops its engine on SIGTERM; the group kill is a safety net so that no
+        # engine process outlives the benchmark whatever happened.
         proc.terminate()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- (b) raw vLLM
