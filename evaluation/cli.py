@@ -1,0 +1,159 @@
+"""`alignserve eval`: flags, then prompts → plan → runner → report.
+
+`add_arguments` fills the `eval` subparser of server/cli.py (which only delegates here);
+`main` is the same command standalone (`python -m evaluation`). Module level imports only the
+standard library and the plan: the engine, httpx, tqdm and matplotlib load when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .plan import DEFAULT_HARMLESS_THRESHOLDS, build_plan, load_prompts, parse_list
+
+log = logging.getLogger(__name__)
+
+# Engine flags of the in-process runner; they map onto server.settings.Settings fields.
+ENGINE_FLAGS = ("model", "dtype", "max_model_len", "kv_cache_gib", "engine_seed")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", type=Path, required=True,
+                   help='JSONL, one {"id", "prompt", "kind"} per line (kind: helpful, adversarial, ...).')
+    p.add_argument("--strategies", default="none,best_of_n,soft_best_of_n,speculative_rejection",
+                   help="Comma-separated names from the strategy registry ('none', the base "
+                        "policy of the win rates, is always run).")
+    p.add_argument("--n", default="8", help="Candidates per answer; a comma list (2,4,8,16) "
+                   "sweeps it for every strategy that uses n.")
+    p.add_argument("--max-tokens", type=int, default=64, help="New tokens per answer.")
+    p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
+    p.add_argument("--reward", default="relevance", help="Reward scorer (selection and win rate).")
+    p.add_argument("--cost", default=None, help="Cost scorer, e.g. profanity (selection score "
+                   "= reward − cost_weight·cost, and the harmless flag).")
+    p.add_argument("--cost-weight", type=float, default=1.0, help="λ in reward − λ·cost.")
+    p.add_argument("--harmless-threshold", type=float, default=None,
+                   help="Harmless = cost below this (default: "
+                        f"{DEFAULT_HARMLESS_THRESHOLDS} by cost name).")
+    p.add_argument("--soft-temperature", type=float, default=1.0,
+                   help="soft_best_of_n λ: draw candidate i with probability softmax(score/λ).")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="speculative_rejection: share of the pool rejected per decision point.")
+    p.add_argument("--decision-tokens", type=int, default=16,
+                   help="speculative_rejection: tokens before the first decision point.")
+    p.add_argument("--limit", type=int, default=None, help="Use only the first N prompts.")
+    p.add_argument("--concurrency", type=int, default=8, help="Prompts in flight per setting.")
+    p.add_argument("--out", type=Path, required=True, help="Folder for results.json, report.md, PNGs.")
+    p.add_argument("--server", default=None, help="Evaluate a running server (base URL, e.g. "
+                   "http://127.0.0.1:8000) instead of starting the engine in this process.")
+    p.add_argument("--api-key", default=None, help="Bearer token for --server.")
+    eng = p.add_argument_group("in-process engine (without --server)")
+    eng.add_argument("--model", default=None, help="'embedded' (default), a folder or HF id.")
+    eng.add_argument("--dtype", default=None, help="Policy dtype (default auto).")
+    eng.add_argument("--max-model-len", type=int, default=1024, help="Engine context length.")
+    eng.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU KV cache, GiB.")
+    eng.add_argument("--engine-seed", type=int, default=None, help="Engine sampling seed.")
+
+
+def _threshold(ns: argparse.Namespace) -> float | None:
+    if ns.harmless_threshold is not None:
+        return ns.harmless_threshold
+    return DEFAULT_HARMLESS_THRESHOLDS.get(ns.cost) if ns.cost else None
+
+
+def _validate(ns: argparse.Namespace):
+    """Everything checkable before the (slow) engine start."""
+    from .runners import RunConfig
+
+    if ns.max_tokens < 1 or ns.concurrency < 1 or ns.decision_tokens < 1:
+        raise ValueError("--max-tokens, --concurrency and --decision-tokens must be ≥ 1")
+    if not 0 <= ns.alpha < 1:
+        raise ValueError("--alpha must lie in [0, 1)")
+    if ns.cost_weight < 0 or ns.soft_temperature <= 0 or ns.temperature < 0:
+        raise ValueError("--cost-weight ≥ 0, --soft-temperature > 0, --temperature ≥ 0")
+    options = {"alpha": ns.alpha, "decision_tokens": ns.decision_tokens}
+    plan = build_plan(parse_list(ns.strategies), parse_list(ns.n, int), options)
+    prompts = load_prompts(ns.prompts, ns.limit)
+    cfg = RunConfig(max_tokens=ns.max_tokens, reward=ns.reward, cost=ns.cost,
+                    cost_weight=ns.cost_weight, soft_temperature=ns.soft_temperature,
+                    temperature=ns.temperature)
+    if ns.cost and _threshold(ns) is None:
+        log.warning("no harmless threshold for cost %r: pass --harmless-threshold", ns.cost)
+    return plan, prompts, cfg, options
+
+
+async def _start_runner(ns: argparse.Namespace, cfg):
+    from .runners import HttpRunner, start_in_process
+
+    if ns.server:
+        return await HttpRunner(ns.server, cfg, api_key=ns.api_key).start()
+    from server.settings import Settings
+
+    given = {k: getattr(ns, k) for k in ENGINE_FLAGS if getattr(ns, k) is not None}
+    return await start_in_process(Settings(**given), cfg)
+
+
+async def evaluate(ns: argparse.Namespace, runner=None) -> dict:
+    """Run the evaluation described by `ns` and write its report; returns the config written.
+    `runner` replaces the one the flags describe (tests pass fakes)."""
+    from tqdm import tqdm
+
+    from .harness import run_plan, summaries
+    from .report import write_report
+
+    plan, prompts, cfg, options = _validate(ns)
+    t_start = time.perf_counter()
+    runner = runner or await _start_runner(ns, cfg)
+    try:
+        # One discarded answer first, so that the first setting's wall time does not include
+        # the engine's warm-up (first batch, scorer first call).
+        await runner.answer(prompts[0], plan[0])
+        with tqdm(total=len(plan) * len(prompts), desc="eval", unit="answer",
+                  file=sys.stderr) as bar:
+            t0 = time.perf_counter()
+            runs = await run_plan(runner, prompts, plan, _threshold(ns), ns.concurrency, bar)
+            wall = time.perf_counter() - t0
+    finally:
+        await runner.aclose()
+    kinds = sorted({p.kind for p in prompts})
+    config = {
+        "mode": f"server {ns.server}" if ns.server else "in-process",
+        "model": runner.model_name, "prompts": str(ns.prompts), "prompt_count": len(prompts),
+        "kinds": kinds, "settings": [s.label for s in plan], "max_tokens": cfg.max_tokens,
+        "temperature": cfg.temperature, "reward": cfg.reward, "cost": cfg.cost,
+        "cost_weight": cfg.cost_weight, "harmless_threshold": _threshold(ns),
+        "soft_temperature": cfg.soft_temperature, "options": options,
+        "concurrency": ns.concurrency, "total_wall_s": wall,
+        "startup_s": t0 - t_start,
+    }
+    write_report(ns.out, config, summaries(runs))
+    return config
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Entry point of the `eval` subcommand (after parsing)."""
+    from .runners import EvalError
+
+    try:
+        config = asyncio.run(evaluate(ns))
+    except (ValueError, FileNotFoundError) as exc:  # bad flags, prompts or scorer names
+        print(f"alignserve eval: {exc}", file=sys.stderr)
+        return 2
+    except EvalError as exc:  # a request failed: no partial report
+        print(f"alignserve eval: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {ns.out}/results.json, report.md and plots "
+          f"({config['total_wall_s']:.1f} s evaluating, {config['startup_s']:.1f} s start-up)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alignserve eval", description=__doc__)
+    add_arguments(parser)
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(ns)

@@ -1,0 +1,158 @@
+"""Writes an evaluation's outputs: results.json, report.md and three PNG plots.
+
+- reward_vs_kl.png: one point per setting at (mean KL bound, mean reward), a line per strategy
+  across the n sweep. For best-of-n the x positions are the theory curve log n − (n−1)/n
+  (Beirami et al. 2024) and the rewards are measured; strategies with a KL estimator get a
+  dashed second line at their mean estimate.
+- harmless_ratio.png: harmless ratio per setting, one bar per prompt kind and one for all.
+- reward_vs_tokens.png: mean reward against generated tokens per prompt (compute), log x.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+PLOTS = ("reward_vs_kl.png", "harmless_ratio.png", "reward_vs_tokens.png")
+
+
+def write_report(out: Path, config: dict, entries: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"config": config, "strategies": entries}
+    (out / "results.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    (out / "report.md").write_text(markdown(config, entries))
+    plot_all(out, entries)
+
+
+# ------------------------------------------------------------------------------- markdown
+
+
+def _f(x, digits: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _table(entries: list[dict], kind: str | None) -> list[str]:
+    head = ["strategy", "n", "prompts", "harmless ratio", "mean reward", "mean cost", "KL bound",
+            "KL estimate", "tokens/prompt", "win rate vs none"]
+    if kind is None:
+        head.insert(-1, "wall s")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        s = e if kind is None else e["by_kind"].get(kind)
+        if s is None:
+            continue
+        cells = [e["strategy"], str(e["n"]), str(s["prompts"]), _f(s["harmless_ratio"]),
+                 _f(s["mean_reward"]), _f(s["mean_cost"]), _f(s["mean_kl_bound"]),
+                 _f(s["mean_kl_estimate"]), _f(s["tokens_per_prompt"], 1), _f(s["win_rate"])]
+        if kind is None:
+            cells.insert(-1, _f(e["wall_s"], 1))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(config: dict, entries: list[dict]) -> str:
+    c = config
+    kinds = list(dict.fromkeys(k for e in entries for k in e["by_kind"]))
+    threshold = c.get("harmless_threshold")
+    lines = [
+        "# alignserve eval\n",
+        f"Model `{c.get('model')}` ({c.get('mode')}), prompts `{c.get('prompts')}` "
+        f"({c.get('prompt_count')}), max_tokens {c.get('max_tokens')}, sampling temperature "
+        f"{c.get('temperature')}. Reward `{c.get('reward')}`, cost `{c.get('cost')}` "
+        f"(selection score = reward − {c.get('cost_weight')}·cost), soft best-of-n λ "
+        f"{c.get('soft_temperature')}, strategy options {json.dumps(c.get('options'))}. "
+        f"Total wall time {_f(c.get('total_wall_s'), 1)} s.\n",
+        "Harmless: cost < " + (f"{threshold}" if threshold is not None else
+                               "(no threshold: no cost scorer or none given)") +
+        ". Win rate: against `none` on the same prompts, judged by the reward scorer; ties count "
+        "½ (Beirami et al. 2024). KL: `none` 0; best_of_n bound log n − (n−1)/n and Beirami's "
+        "estimate; rules returning one of n draws bound log n, estimate – (none known). "
+        "Tokens: every token the engine generated per prompt, all candidates included. Wall s: "
+        "the setting's prompts, run concurrently.\n",
+        f"## All prompts\n", *_table(entries, None), "",
+    ]
+    for kind in kinds:
+        lines += [f"## {kind} prompts\n", *_table(entries, kind), ""]
+    lines += ["## Plots\n"] + [f"![{p[:-4]}]({p})" for p in PLOTS] + [""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- plots
+
+
+def _by_strategy(entries: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for e in entries:
+        groups.setdefault(e["strategy"], []).append(e)
+    return groups
+
+
+def plot_all(out: Path, entries: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; also safe in worker threads
+    import matplotlib.pyplot as plt
+
+    for name, draw in zip(PLOTS, (_reward_vs_kl, _harmless, _reward_vs_tokens)):
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        draw(ax, entries)
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
+
+def _points(ax, pts: list[tuple[float, float, int]], style: str, label: str, color: str) -> None:
+    pts = sorted(pts)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, color=color)
+    for x, y, n in pts:
+        ax.annotate(f"n={n}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+
+
+def _reward_vs_kl(ax, entries: list[dict]) -> None:
+    for i, (strategy, group) in enumerate(_by_strategy(entries).items()):
+        pts = [(e["mean_kl_bound"], e["mean_reward"], e["n"]) for e in group
+               if e["mean_kl_bound"] is not None and e["mean_reward"] is not None]
+        if pts:
+            _points(ax, pts, "o-", f"{strategy} (KL bound)", f"C{i}")
+        est = [(e["mean_kl_estimate"], e["mean_reward"], e["n"]) for e in group
+               if e["mean_kl_estimate"] is not None and e["mean_reward"] is not None]
+        if est and any(x > 0 for x, _, _ in est):  # `none` has estimate 0 = its bound
+            _points(ax, est, "x--", f"{strategy} (KL estimate)", f"C{i}")
+    ax.set_xlabel("KL(π‖p), nats  (best_of_n bound: log n − (n−1)/n)")
+    ax.set_ylabel("mean reward of the answer")
+    ax.set_title("Reward vs KL per strategy and n")
+    ax.legend(fontsize=8)
+
+
+def _harmless(ax, entries: list[dict]) -> None:
+    kinds = list(dict.fromkeys(k for e in entries for k in e["by_kind"]))
+    series = [("all", [e["harmless_ratio"] for e in entries])] + [
+        (k, [e["by_kind"].get(k, {}).get("harmless_ratio") for e in entries]) for k in kinds]
+    if all(v is None for _, vals in series for v in vals):
+        ax.text(0.5, 0.5, "no cost scorer: no harmless flags", ha="center", transform=ax.transAxes)
+        return
+    width = 0.8 / len(series)
+    for i, (name, vals) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(entries))]
+        ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=name)
+    ax.set_xticks(range(len(entries)), [e["label"] for e in entries], rotation=30, ha="right",
+                  fontsize=8)
+    ax.set_ylim(0, 1.2)  # headroom for the legend above full bars
+    ax.set_ylabel("harmless ratio (cost < threshold)")
+    ax.set_title("Harmless ratio per strategy")
+    ax.legend(fontsize=8, ncol=len(series), loc="upper center")
+
+
+def _reward_vs_tokens(ax, entries: list[dict]) -> None:
+    for i, (strategy, group) in enumerate(_by_strategy(entries).items()):
+        pts = [(e["tokens_per_prompt"], e["mean_reward"], e["n"]) for e in group
+               if e["mean_reward"] is not None and e["tokens_per_prompt"]]
+        if pts:
+            _points(ax, pts, "o-", strategy, f"C{i}")  # same colour per strategy in every plot
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per prompt (log)")
+    ax.set_ylabel("mean reward of the answer")
+    ax.set_title("Reward vs compute")
+    ax.legend(fontsize=8)

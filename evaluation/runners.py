@@ -1,0 +1,166 @@
+"""Two ways to get one answer per (prompt, setting), behind one small interface (`Runner`).
+
+- `InProcessRunner`: the strategies from the registry run in this process on a `Runtime`
+  (engine + scorer registry + DecodeContext), exactly as the server runs them but without HTTP.
+  `start_in_process` builds that runtime on the vLLM engine (`server.runtime.build_runtime`);
+  unit tests hand it fakes instead. vLLM spawns worker processes, so whatever calls it must sit
+  under an `if __name__ == "__main__":` guard (the `alignserve` script and `python -m evaluation` do).
+- `HttpRunner`: a running alignserve server, through `/v1/chat/completions` with the `alignment`
+  extension (see README); everything it reports comes from the response's `alignment` block.
+
+Both send the prompt as one user chat message; the scorers see the prompt text itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from decoding.protocols import DecodeRequest, Objective, Sampling
+from decoding.strategies import STRATEGIES
+
+from .plan import PromptItem, Setting
+
+
+class EvalError(RuntimeError):
+    """A request of the evaluation failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What every setting shares: sampling budget and the objective the strategies select by."""
+
+    max_tokens: int
+    reward: str
+    cost: str | None = None
+    cost_weight: float = 1.0
+    soft_temperature: float = 1.0  # soft best-of-n λ (DecodeRequest.temperature)
+    temperature: float = 1.0  # sampling temperature of the policy
+
+
+@dataclass
+class Answer:
+    text: str
+    reward: float | None
+    cost: float | None
+    kl_bound: float
+    kl_estimate: float | None
+    generated_tokens: int
+    wall_s: float
+
+
+class Runner(Protocol):
+    model_name: str
+
+    async def answer(self, item: PromptItem, setting: Setting) -> Answer: ...
+
+    async def aclose(self) -> None: ...
+
+
+class InProcessRunner:
+    """Strategies from the registry on a `server.serving.Runtime`-shaped object."""
+
+    def __init__(self, runtime: Any, cfg: RunConfig, owns_runtime: bool = False) -> None:
+        self.rt, self.cfg, self._owns = runtime, cfg, owns_runtime
+        self.model_name = runtime.model_name
+        self._objective: Objective | None = None
+
+    async def start(self) -> InProcessRunner:
+        """Load the scorers once (in a worker thread: model loading is slow)."""
+        reward = await self.rt.scorers.get(self.cfg.reward)
+        cost = await self.rt.scorers.get(self.cfg.cost) if self.cfg.cost else None
+        self._objective = Objective(reward=reward, cost=cost, cost_weight=self.cfg.cost_weight)
+        return self
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        # The server's chat path: the model's chat template, then no extra special tokens.
+        tok = self.rt.engine.tokenizer
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        return tok.encode(text, add_special_tokens=False)
+
+    async def answer(self, item: PromptItem, setting: Setting) -> Answer:
+        assert self._objective is not None, "call start() first"
+        req = DecodeRequest(
+            prompt_ids=self._prompt_ids(item.prompt), prompt_text=item.prompt,
+            sampling=Sampling(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature),
+            n=setting.n, objective=self._objective, temperature=self.cfg.soft_temperature,
+            options=dict(setting.options))
+        t0 = time.perf_counter()
+        r = await STRATEGIES[setting.strategy].run(req, self.rt.ctx)
+        return Answer(r.sample.text, r.reward, r.cost, r.kl_bound, r.kl_estimate,
+                      r.generated_tokens, time.perf_counter() - t0)
+
+    async def aclose(self) -> None:
+        if self._owns:
+            self.rt.engine.shutdown()
+            if self.rt.ctx.executor is not None:
+                self.rt.ctx.executor.shutdown(wait=False)
+
+
+async def start_in_process(settings: Any, cfg: RunConfig) -> InProcessRunner:
+    """Start the vLLM engine and scorers of `settings` (a server.settings.Settings).
+    Must run inside the event loop: AsyncLLM binds to the running loop."""
+    from server.runtime import build_runtime  # imports vllm: kept off the unit-test paths
+
+    runner = InProcessRunner(build_runtime(settings), cfg, owns_runtime=True)
+    try:
+        return await runner.start()
+    except BaseException:  # an unknown scorer, say: do not leave the engine running
+        await runner.aclose()
+        raise
+
+
+class HttpRunner:
+    """A running alignserve server. `client` (an httpx.AsyncClient) may be given for tests."""
+
+    def __init__(self, base_url: str, cfg: RunConfig, api_key: str | None = None,
+                 timeout_s: float = 600.0, client: Any = None) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.cfg = cfg
+        self._client = client or httpx.AsyncClient(base_url=base_url.rstrip("/"),
+                                                   timeout=timeout_s, headers=headers)
+        self.model_name = "?"
+
+    async def start(self) -> HttpRunner:
+        r = await self._client.get("/v1/models")
+        self._check(r, "GET /v1/models")
+        self.model_name = r.json()["data"][0]["id"]
+        return self
+
+    def _body(self, item: PromptItem, setting: Setting) -> dict:
+        alignment = {"strategy": setting.strategy, "n": setting.n, "reward": self.cfg.reward,
+                     "cost": self.cfg.cost, "cost_weight": self.cfg.cost_weight,
+                     "temperature": self.cfg.soft_temperature, **setting.options}
+        return {"model": self.model_name,
+                "messages": [{"role": "user", "content": item.prompt}],
+                "max_tokens": self.cfg.max_tokens, "temperature": self.cfg.temperature,
+                "alignment": alignment}
+
+    async def answer(self, item: PromptItem, setting: Setting) -> Answer:
+        t0 = time.perf_counter()
+        r = await self._client.post("/v1/chat/completions", json=self._body(item, setting))
+        wall = time.perf_counter() - t0
+        self._check(r, f"{setting.label} on prompt {item.id}")
+        body = r.json()
+        a = body["choices"][0].get("alignment") or body.get("alignment")
+        if a is None:
+            raise EvalError(f"{setting.label} on prompt {item.id}: no `alignment` in the response")
+        return Answer(body["choices"][0]["message"]["content"], a.get("reward"), a.get("cost"),
+                      a["kl_bound"], a.get("kl_estimate"), a["generated_tokens"], wall)
+
+    @staticmethod
+    def _check(r, what: str) -> None:
+        if r.status_code == 200:
+            return
+        try:
+            message = r.json()["error"]["message"]
+        except Exception:  # not OpenAI-shaped (a proxy's page, ...): show the start of it
+            message = r.text[:300]
+        raise EvalError(f"{what}: HTTP {r.status_code}: {message}")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,54 @@
+"""`alignserve eval` on the real engine: two dev prompts, small n and budget, over HTTP against
+the session's server (the in-process path is the same harness on the same strategies; its
+engine wiring is exercised by the full dev-prompt run, see README)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from evaluation.report import PLOTS
+from server.cli import main
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def two_prompts(tmp_path: Path) -> Path:
+    rows = [json.loads(line) for line in (ROOT / "bench" / "prompts-dev.jsonl").read_text().splitlines()]
+    pick = [next(r for r in rows if r["kind"] == k) for k in ("helpful", "adversarial")]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pick))
+    return path
+
+
+def test_eval_over_http(server, tmp_path):
+    out = tmp_path / "eval"
+    rc = main(["eval", "--server", server.base_url, "--prompts", str(two_prompts(tmp_path)),
+               "--strategies", "none,best_of_n,speculative_rejection", "--n", "2",
+               "--max-tokens", "16", "--decision-tokens", "4", "--reward", "relevance",
+               "--cost", "profanity", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["config"]["harmless_threshold"] == 0.5 and doc["config"]["prompt_count"] == 2
+    by = {e["strategy"]: e for e in doc["strategies"]}
+    assert list(by) == ["none", "best_of_n", "speculative_rejection"]
+    assert by["none"]["win_rate"] == 0.5 and by["none"]["mean_kl_bound"] == 0
+    assert by["best_of_n"]["mean_kl_bound"] == pytest.approx(math.log(2) - 0.5)
+    assert by["speculative_rejection"]["mean_kl_bound"] == pytest.approx(math.log(2))
+    assert by["speculative_rejection"]["mean_kl_estimate"] is None
+    for e in doc["strategies"]:
+        assert set(e["by_kind"]) == {"helpful", "adversarial"}
+        assert 0 <= e["win_rate"] <= 1 and 0 <= e["harmless_ratio"] <= 1
+        assert 1 <= e["tokens_per_prompt"] <= 16 * e["n"]
+        for a in e["answers"]:
+            assert a["answer"] and -1 <= a["reward"] <= 1 and 0 <= a["cost"] <= 1
+            assert a["harmless"] == (a["cost"] < 0.5)
+            assert a["wall_s"] > 0
+    md = (out / "report.md").read_text()
+    assert "## helpful prompts" in md and "## adversarial prompts" in md
+    assert all((out / p).stat().st_size > 5000 for p in PLOTS)
