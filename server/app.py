@@ -1,29 +1,47 @@
-"""App factory: `build_app(settings, runtime)` wires routes, errors, limits and metrics.
+"""App factory: `build_app(settings, runtime)` wires routes, errors, limits, auth, lifecycle
+and metrics.
 
 One serving object per endpoint family lives on `app.state`; nothing is module-global, so tests
 build as many apps as they like (each with its own metrics registry).
+
+Middleware, outermost first: AuthGate (401/403 before anything is read) → DrainGate (503 while
+draining) → BodyLimit (413) → routes. Per request: admission (429), token budget (400, in
+`serving.py`), then the work runs under a `Cutoff` (504 on timeout, 503 past the drain deadline)
+and is cancelled if the client disconnects.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .disconnect import ClientDisconnected, iterate_or_cancel, run_or_cancel
-from .errors import APIError, error_response, install_error_handlers
+from .auth import AuthGate, KeyRing, warn_if_open
+from .disconnect import ClientDisconnected, Cutoff, iterate_or_cancel, run_or_cancel
+from .errors import (
+    APIError, RequestTimeout, ServerDraining, error_response, install_error_handlers, to_api_error,
+)
+from .lifecycle import DrainGate, Lifecycle
 from .metrics import Metrics
 from .protocol import (
-    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-    ErrorResponse, ModelCard, ModelList,
+    AdminStatus, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+    CompletionResponse, ErrorResponse, ModelCard, ModelList, ProbeStatus,
 )
 from .serving import CompletionService, Kind, Runtime
 from .settings import Settings
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 429, 500)}
+# Declared in the OpenAPI schema (the fuzz tests hold the app to it).
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503, 504)}
+_COMPLETION = {**_ERRORS, 200: {"content": {"text/event-stream": {}},
+                                "description": "JSON, or SSE chunks with `stream: true`"}}
+_LIST_ERRORS = {code: {"model": ErrorResponse} for code in (401, 503)}
+_ADMIN_ERRORS = {code: {"model": ErrorResponse} for code in (401, 403)}
+_PROBE = {503: {"model": ProbeStatus}}
 
 
 class BodyLimit:
@@ -64,35 +82,57 @@ class _BodyTooLarge(Exception):
 def build_app(
     settings: Settings, runtime: Runtime, registry: CollectorRegistry = REGISTRY
 ) -> FastAPI:
+    keys = KeyRing.from_settings(settings)  # bad key configuration fails here, at start-up
+    warn_if_open(keys, settings)
     metrics = Metrics(registry)
     if hasattr(runtime.engine, "num_unfinished_requests"):
         metrics.watch_engine(runtime.engine)
-    app = FastAPI(title="alignserve", version="0.1.0",
+    completions = CompletionService(settings, runtime, metrics)
+    lifecycle = Lifecycle(completions.admission, metrics, settings.retry_after_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        warm_up = asyncio.ensure_future(lifecycle.warm_up(runtime.engine))
+        try:
+            yield
+        finally:
+            warm_up.cancel()
+            lifecycle.stopped()
+
+    app = FastAPI(title="alignserve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible serving with inference-time alignment.")
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.metrics = metrics
     app.state.registry = registry
-    app.state.completions = CompletionService(settings, runtime, metrics)
-    install_error_handlers(
-        app, on_error=lambda e: metrics.errors.labels(e.type, str(e.status)).inc())
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.state.completions = completions
+    app.state.lifecycle = lifecycle
+    app.state.keys = keys
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+    def count(err: APIError) -> None:
+        metrics.errors.labels(err.type, str(err.status)).inc()
+
+    install_error_handlers(app, on_error=count)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(DrainGate, lifecycle=lifecycle, on_error=count)
+    app.add_middleware(AuthGate, keys=keys, on_error=count)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses=_COMPLETION)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await _complete(request, body, "chat")
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_COMPLETION)
     async def completions(body: CompletionRequest, request: Request):
         return await _complete(request, body, "text")
 
-    @app.get("/v1/models", response_model=ModelList)
+    @app.get("/v1/models", response_model=ModelList, responses=_LIST_ERRORS)
     async def models(request: Request) -> ModelList:
         rt: Runtime = request.app.state.runtime
         return ModelList(data=[ModelCard(id=rt.model_name,
                                          max_model_len=getattr(rt.engine, "max_model_len", None))])
 
-    @app.get("/health")
+    @app.get("/health", response_model=ProbeStatus, responses=_PROBE)
     async def health(request: Request):
         check = getattr(request.app.state.runtime.engine, "check_health", None)
         try:
@@ -102,10 +142,30 @@ def build_app(
             return JSONResponse({"status": "unhealthy"}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/ready", response_model=ProbeStatus, responses=_PROBE)
+    async def ready(request: Request):
+        """Readiness: 200 once warmed up, 503 while loading, draining or unhealthy."""
+        lc: Lifecycle = request.app.state.lifecycle
+        if lc.state != "ready":
+            return JSONResponse({"status": lc.state}, status_code=503)
+        return await health(request)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(request.app.state.registry),
                         media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/admin/status", response_model=AdminStatus, responses=_ADMIN_ERRORS)
+    async def admin_status(request: Request) -> AdminStatus:
+        """Operator view (admin key): lifecycle state, load and limits. Never shows keys."""
+        st = request.app.state
+        engine = st.runtime.engine
+        unfinished = getattr(engine, "num_unfinished_requests", None)
+        return AdminStatus(state=st.lifecycle.state, model=st.runtime.model_name,
+                           requests_in_flight=st.completions.admission.active,
+                           max_concurrent_requests=st.settings.max_concurrent_requests,
+                           engine_requests_unfinished=unfinished() if unfinished else None,
+                           user_keys=st.keys.user_key_count)
 
     return app
 
@@ -113,6 +173,9 @@ def build_app(
 async def _complete(request: Request, body, kind: Kind):
     svc: CompletionService = request.app.state.completions
     metrics: Metrics = request.app.state.metrics
+    settings: Settings = request.app.state.settings
+    cutoff = Cutoff(settings.request_timeout_s, request.app.state.lifecycle.abort,
+                    settings.retry_after_s)
     t0 = time.perf_counter()
     slot = svc.admission.slot()
     slot.__enter__()  # raises a 429 APIError when full
@@ -127,11 +190,11 @@ async def _complete(request: Request, body, kind: Kind):
         endpoint = "chat" if kind == "chat" else "completions"
         metrics.requests.labels(prep.strategy_name, endpoint).inc()
         if prep.stream:
-            events = _stream_then_release(request, svc, prep, t0, release)
+            events = _stream_then_release(request, svc, prep, t0, cutoff, release)
             release = None  # the stream owns the slot now
             return StreamingResponse(events, media_type="text/event-stream")
         try:
-            answers = await run_or_cancel(request, svc.answers(prep))
+            answers = await run_or_cancel(request, svc.answers(prep), cutoff)
         except ClientDisconnected:
             return Response(status_code=499)  # nobody is listening; engine work was aborted
         total = time.perf_counter() - t0
@@ -142,10 +205,14 @@ async def _complete(request: Request, body, kind: Kind):
             release()
 
 
-async def _stream_then_release(request, svc: CompletionService, prep, t0: float, release):
+async def _stream_then_release(request, svc: CompletionService, prep, t0: float,
+                               cutoff: Cutoff, release):
     try:
-        async for event in iterate_or_cancel(request, svc.stream(prep, t0)):
+        async for event in iterate_or_cancel(request, svc.stream(prep, t0), cutoff):
             yield event
         svc.metrics.latency.labels(prep.strategy_name).observe(time.perf_counter() - t0)
+    except (RequestTimeout, ServerDraining) as exc:  # headers are sent: report in-band
+        yield svc.error_event(to_api_error(exc))
+        yield "data: [DONE]\n\n"
     finally:
         release()

@@ -1,4 +1,5 @@
-"""`alignserve` command line: serve, prepare-model. Flags derive from `Settings`."""
+"""`alignserve` command line: serve, prepare-model, eval. Flags derive from `Settings`
+(eval's own flags live with it in evaluation/cli.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import asyncio
 import logging
 import sys
 import typing
+
+from evaluation import cli as eval_cli
 
 from .settings import Settings
 
@@ -31,16 +34,24 @@ async def _serve(settings: Settings) -> None:
     import uvicorn
 
     from .app import build_app
+    from .auth import KeyRing
+    from .lifecycle import POST_DRAIN_GRACE_S, DrainingServer
     from .runtime import build_runtime
 
+    KeyRing.from_settings(settings)  # a bad key configuration fails before the engine loads
     runtime = build_runtime(settings)  # inside the loop: AsyncLLM binds to the running loop
-    app = build_app(settings, runtime)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)
     try:
-        await uvicorn.Server(config).serve()
+        app = build_app(settings, runtime)
+        # The drain (SIGTERM) waits for in-flight requests itself; afterwards uvicorn only
+        # flushes finished responses.
+        config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                                log_level=settings.log_level.lower(),
+                                timeout_graceful_shutdown=int(POST_DRAIN_GRACE_S))
+        await DrainingServer(config, app.state.lifecycle, settings.drain_timeout_s).serve()
     finally:
+        logging.getLogger(__name__).info("stopping the engine")
         runtime.engine.shutdown()
+        logging.getLogger(__name__).info("engine stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare-model", help="Convert the embedded SmolLM2 GGUF to safetensors.")
     prep.add_argument("--home", default=None, help="Cache folder (default ALIGNSERVE_HOME).")
     prep.add_argument("--force", action="store_true", help="Convert again even if present.")
+    eval_cli.add_arguments(sub.add_parser("eval", help="Evaluate strategies on a prompt set."))
     ns = parser.parse_args(argv)
     settings = settings_from_args(ns)
     logging.basicConfig(level=settings.log_level.upper(),
@@ -60,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(prepare_embedded_model(settings.home, force=ns.force))
         return 0
+    if ns.command == "eval":
+        return eval_cli.run(ns)
     asyncio.run(_serve(settings))
     return 0
 

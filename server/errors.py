@@ -35,6 +35,39 @@ class APIError(Exception):
         self.param, self.code, self.headers = param, code, headers
 
 
+class Unauthenticated(Exception):
+    """No valid key for the route (401). The message never echoes the key presented."""
+
+    def __init__(self, message: str, code: str = "invalid_api_key") -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+class Forbidden(Exception):
+    """A valid key without the right to this route, or a disabled route (403)."""
+
+    def __init__(self, message: str, code: str = "insufficient_permissions") -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+class ServerDraining(Exception):
+    """The server is shutting down: new work is refused, unfinished work past the drain
+    deadline is cancelled (503 + Retry-After: another replica can take it)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.message, self.retry_after_s = message, retry_after_s
+
+
+class RequestTimeout(Exception):
+    """The request ran past `request_timeout_s`; its engine work was aborted (504)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"request timed out after {seconds:g} s; its work was cancelled")
+        self.seconds = seconds
+
+
 def error_json(err: APIError) -> dict:
     body = ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code)
     return ErrorResponse(error=body).model_dump()
@@ -74,10 +107,26 @@ def _unexpected(exc: Exception) -> APIError:
 # The one table: exception type -> APIError. Order matters only through isinstance lookups.
 ERROR_TABLE = {
     APIError: lambda e: e,
+    Unauthenticated: lambda e: APIError(401, e.message, type="authentication_error", code=e.code,
+                                        headers={"WWW-Authenticate": "Bearer"}),
+    Forbidden: lambda e: APIError(403, e.message, type="permission_error", code=e.code),
+    ServerDraining: lambda e: APIError(503, e.message, type="server_error",
+                                       code="server_shutting_down",
+                                       headers={"Retry-After": str(e.retry_after_s)}),
+    RequestTimeout: lambda e: APIError(504, str(e), type="timeout_error", code="request_timeout"),
     RequestValidationError: _validation_error,
     StarletteHTTPException: _http_error,
     Exception: _unexpected,
 }
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """The table's answer for `exc` (most specific class first), for code outside FastAPI's
+    handlers: ASGI middleware and errors reported in-band on a stream."""
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls](exc)
+    return _unexpected(exc)  # BaseException subclasses that are not Exceptions
 
 
 def install_error_handlers(app: FastAPI, on_error=None) -> None:

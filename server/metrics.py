@@ -42,6 +42,8 @@ class Metrics:
                                      buckets=_KL_BUCKETS, registry=registry)
         self.in_flight = Gauge("alignserve:requests_in_flight", "Requests being served.",
                                registry=registry)
+        self.draining = Gauge("alignserve:draining", "1 while the server drains before "
+                              "stopping (it refuses new requests), else 0.", registry=registry)
         self._registry = registry
 
     def watch_engine(self, engine) -> None:

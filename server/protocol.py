@@ -217,6 +217,24 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+# --------------------------------------------------------------------------------------------
+# Operations (not OpenAI): probes and the admin API
+# --------------------------------------------------------------------------------------------
+
+
+class ProbeStatus(BaseModel):
+    status: str = Field(description="'ok', or why not: loading, draining, unhealthy, ...")
+
+
+class AdminStatus(BaseModel):
+    state: str = Field(description="loading | ready | warmup_failed | draining | stopped")
+    model: str
+    requests_in_flight: int
+    max_concurrent_requests: int
+    engine_requests_unfinished: int | None = None
+    user_keys: int = Field(description="How many user API keys are configured (never the keys).")
+
+
 _SamplingFields.model_rebuild()
 ChatCompletionRequest.model_rebuild()
 CompletionRequest.model_rebuild()

@@ -22,7 +22,7 @@ from decoding.protocols import (
 )
 from decoding.strategies import STRATEGIES, Strategy
 
-from .errors import APIError, error_json
+from .errors import APIError, error_json, to_api_error
 from .metrics import Metrics
 from .protocol import (
     Alignment, AlignmentInfo, Candidate, ChatChoice, ChatCompletionRequest,
@@ -77,28 +77,38 @@ class Answer:
 
 
 class Admission:
-    """Bounded concurrency: over the limit, answer 429 at once instead of queueing without end."""
+    """Bounded concurrency: over the limit, answer 429 at once instead of queueing without end.
+    A stream holds its slot until its last event, so `wait_idle` (used by the drain) returns
+    only when every admitted request has finished."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit, self.active = limit, 0
+    def __init__(self, limit: int, retry_after_s: int = 1) -> None:
+        self.limit, self.active, self.retry_after_s = limit, 0, retry_after_s
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
         if self.active >= self.limit:
             raise APIError(429, f"server busy: {self.limit} requests in flight; retry shortly",
                            type="rate_limit_error", code="too_many_requests",
-                           headers={"Retry-After": "1"})
+                           headers={"Retry-After": str(self.retry_after_s)})
         self.active += 1
+        self._idle.clear()
         try:
             yield
         finally:
             self.active -= 1
+            if self.active == 0:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
 
 
 class CompletionService:
     def __init__(self, settings: Settings, runtime: Runtime, metrics: Metrics) -> None:
         self.settings, self.rt, self.metrics = settings, runtime, metrics
-        self.admission = Admission(settings.max_concurrent_requests)
+        self.admission = Admission(settings.max_concurrent_requests, settings.retry_after_s)
 
     # ---------------------------------------------------------------- validation at the edge
 
@@ -109,7 +119,8 @@ class CompletionService:
                            f"{self.rt.model_name!r}", type="not_found_error", param="model",
                            code="model_not_found")
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
-        max_tokens = max_tokens or s.default_max_tokens
+        # capped: a deployment that lowered only the limit must not refuse every omitted max_tokens
+        max_tokens = max_tokens or min(s.default_max_tokens, s.max_tokens_limit)
         if max_tokens > s.max_tokens_limit:
             raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit "
                            f"{s.max_tokens_limit}", param="max_tokens", code="invalid_value")
@@ -120,6 +131,7 @@ class CompletionService:
         for p in prompts:
             self._check_length(p, max_tokens)
         strategy, objective = await self._alignment(req.alignment)
+        self._check_budget(req, strategy, len(prompts), max_tokens)
         return Prepared(
             kind=kind, prompts=prompts,
             sampling=Sampling(max_tokens=max_tokens, temperature=req.temperature,
@@ -165,6 +177,18 @@ class CompletionService:
             raise APIError(400, f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the "
                            f"model's context length {self.rt.engine.max_model_len}",
                            param="max_tokens", code="context_length_exceeded")
+
+    def _check_budget(self, req, strategy: Strategy, prompts: int, max_tokens: int) -> None:
+        """Refuse requests whose worst case (every candidate runs to max_tokens) exceeds the
+        per-request token budget. Plain sampling (a strategy without an objective) draws one
+        sample per answer whatever alignment.n says; selection strategies at most n each."""
+        per_answer = req.alignment.n if req.alignment and strategy.needs_objective else 1
+        tokens = prompts * req.n * per_answer * max_tokens
+        if tokens > self.settings.max_request_tokens:
+            raise APIError(400, f"request may generate up to {tokens} tokens (prompts {prompts} "
+                           f"× n {req.n} × alignment.n {per_answer} × max_tokens {max_tokens}); "
+                           f"the per-request budget is {self.settings.max_request_tokens}",
+                           param="max_tokens", code="token_budget_exceeded")
 
     async def _alignment(self, a: Alignment | None) -> tuple[Strategy, Objective | None]:
         if a is None:
@@ -286,11 +310,13 @@ class CompletionService:
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:  # headers are sent: report in-band, then end the stream
-            err = exc if isinstance(exc, APIError) else APIError(
-                500, "internal server error", type="server_error", code="internal_error")
-            self.metrics.errors.labels(err.type, str(err.status)).inc()
-            yield f"data: {_json(error_json(err))}\n\n"
+            yield self.error_event(to_api_error(exc))
         yield "data: [DONE]\n\n"
+
+    def error_event(self, err: APIError) -> str:
+        """An error after the headers went out: counted, then sent as an SSE event."""
+        self.metrics.errors.labels(err.type, str(err.status)).inc()
+        return f"data: {_json(error_json(err))}\n\n"
 
     async def _stream_plain(self, prep: Prepared, chunk: _Chunker, answers: list[Answer]):
         for pi, prompt in enumerate(prep.prompts):

@@ -41,13 +41,14 @@ class Server:
         return total
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory) -> Server:
+def launch(log: Path, args: list[str] = (), env: dict[str, str] | None = None,
+           probe: str = "/health") -> Server:
+    """Start `alignserve serve` on a free loopback port; return once `probe` answers 200."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "ALIGNSERVE_KV_CACHE_GIB": "2", "ALIGNSERVE_MAX_CONCURRENT_REQUESTS": "64"}
+    env = {**os.environ, "ALIGNSERVE_KV_CACHE_GIB": "2", "ALIGNSERVE_MAX_CONCURRENT_REQUESTS": "64",
+           **(env or {})}
     cmd = [str(Path(sys.executable).parent / "alignserve"), "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--max-model-len", "1024", "--max-prompt-tokens", "512"]
+           "--port", str(port), "--max-model-len", "1024", "--max-prompt-tokens", "512", *args]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
@@ -56,7 +57,7 @@ def server(tmp_path_factory) -> Server:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
         try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{base}{probe}", timeout=2).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
@@ -64,12 +65,26 @@ def server(tmp_path_factory) -> Server:
     else:
         proc.kill()
         raise RuntimeError(f"server did not start:\n{log.read_text()[-5000:]}")
-    yield Server(base, proc, log)
+    return Server(base, proc, log)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    srv = launch(tmp_path_factory.mktemp("server") / "server.log")
+    proc = srv.proc
+    yield srv
     proc.terminate()
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def launch_server():
+    """`launch` for tests that need a server of their own (e.g. to send it SIGTERM); the
+    caller stops it."""
+    return launch
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,16 @@ def test_two_choices(client, model_name):
     assert [c.index for c in r.choices] == [0, 1]
 
 
+def test_two_streamed_choices(client, model_name):
+    chunks = list(client.completions.create(model=model_name, prompt="Once upon a time",
+                                            max_tokens=16, n=2, stream=True))
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        texts[c.choices[0].index] += c.choices[0].text
+    assert texts[0] and texts[1] and texts[0] != texts[1]
+    assert sum(1 for c in chunks if c.choices[0].finish_reason) == 2
+
+
 def test_seed_is_reproducible(client, model_name):
     kw = dict(model=model_name, messages=HELLO, max_tokens=16, temperature=1.0, seed=1234)
     a = client.chat.completions.create(**kw).choices[0].message.content

@@ -1,0 +1,296 @@
+"""deploy/: every manifest (base, rendered overlays, monitoring) against the Kubernetes OpenAPI
+schemas shipped in kubernetes-validate (offline, strict: unknown fields fail), custom resources
+against the fields we use, and the wiring between them: env vars ↔ Settings, selectors ↔
+labels, probes ↔ routes, HPA metrics ↔ Prometheus Adapter rules ↔ /metrics, dashboard ↔ /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from fakes import make_app
+from kubernetes_validate.utils import latest_version
+from kustomize_lite import kubectl_render, render
+
+from server.settings import Settings
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+TARGETS = ["base", "overlays/gke", "overlays/eks", "monitoring"]
+# 1.30: the oldest version with everything used here (preStop `sleep` is beta and on by default
+# from 1.30); and the newest schema the package ships.
+K8S_VERSIONS = ["1.30.0", latest_version()]
+GPU = "nvidia.com/gpu"
+
+
+def objects(target: str) -> list[dict]:
+    return render(DEPLOY / target)
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+def pod_spec(target: str) -> dict:
+    return one(objects(target), "Deployment")["spec"]["template"]["spec"]
+
+
+def container(target: str) -> dict:
+    (c,) = pod_spec(target)["containers"]
+    return c
+
+
+def canonical(docs: list[dict]) -> dict:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+# ------------------------------------------------------------------------------ rendering
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_python_renderer_agrees_with_kubectl_kustomize(target):
+    reference = kubectl_render(DEPLOY / target)
+    if reference is None:
+        pytest.skip("kubectl is not installed: nothing to compare the renderer with")
+    assert canonical(render(DEPLOY / target)) == canonical(reference)
+
+
+def test_overlays_change_what_they_should():
+    base, gke, eks = (objects(t) for t in ("base", "overlays/gke", "overlays/eks"))
+    assert "nodeSelector" not in pod_spec("base")
+    assert pod_spec("overlays/gke")["nodeSelector"] == {
+        "cloud.google.com/gke-accelerator": "nvidia-l4"}
+    terms = pod_spec("overlays/eks")["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    keys = {e["key"] for t in terms for e in t["matchExpressions"]}
+    assert keys == {"eks.amazonaws.com/instance-gpu-manufacturer",
+                    "karpenter.k8s.aws/instance-gpu-manufacturer", "nvidia.com/gpu.present"}
+    assert one(gke, "PersistentVolumeClaim")["spec"]["storageClassName"] == "standard-rwx"
+    assert one(eks, "PersistentVolumeClaim")["spec"]["storageClassName"] == "efs-sc"
+    assert "storageClassName" not in one(base, "PersistentVolumeClaim")["spec"]
+    for target in ("overlays/gke", "overlays/eks"):
+        c = container(target)
+        assert c["env"] == container("base")["env"]  # patches merged, not replaced
+        assert {v["name"] for v in c["volumeMounts"]} == {"model-cache", "dshm", "api-keys"}
+        kinds = {d["kind"] for d in objects(target)}
+        assert {"ServiceMonitor", "ConfigMap", "HorizontalPodAutoscaler"} <= kinds
+
+
+# ------------------------------------------------------------------------------ schemas
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("target", TARGETS)
+def test_manifests_validate_against_the_kubernetes_schema(target, version):
+    checked = 0
+    for doc in objects(target):
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: checked below
+        kubernetes_validate.validate(doc, version, strict=True)
+        checked += 1
+    assert checked >= 1
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_secret_example_validates(version):
+    secret = yaml.safe_load((DEPLOY / "base" / "secret.example.yaml").read_text())
+    kubernetes_validate.validate(secret, version, strict=True)
+    env = {e["name"]: e for e in container("base")["env"]}
+    ref = env["ALIGNSERVE_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    assert "optional" not in ref  # no Secret, no pod: never an open API by accident
+    (vol,) = [v for v in pod_spec("base")["volumes"] if v["name"] == "api-keys"]
+    assert vol["secret"]["secretName"] == secret["metadata"]["name"]
+    assert {i["key"] for i in vol["secret"]["items"]} <= set(secret["stringData"])
+
+
+def test_a_typo_fails_validation():
+    # The validator must be able to fail: a misspelt field in the real Deployment.
+    deployment = one(objects("base"), "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
+
+
+# The fields of monitoring.coreos.com/v1 ServiceMonitor that deploy/ uses, as the CRD defines
+# them (the CRD itself is not shipped offline); anything else is refused.
+_DURATION = {"type": "string",
+             "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+SERVICE_MONITOR = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "ServiceMonitor"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,
+            "properties": {
+                "selector": {"type": "object", "additionalProperties": False,
+                             "properties": {"matchLabels": {"type": "object"}}},
+                "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False, "required": ["port"],
+                    "properties": {"port": {"type": "string"}, "path": {"type": "string"},
+                                   "interval": _DURATION, "scrapeTimeout": _DURATION}}},
+            },
+        },
+    },
+}
+
+
+def test_service_monitor_matches_its_crd_and_scrapes_the_service():
+    docs = objects("overlays/gke")
+    monitor, service = one(docs, "ServiceMonitor"), one(docs, "Service")
+    jsonschema.validate(monitor, SERVICE_MONITOR)
+    labels = service["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+
+
+# ------------------------------------------------------------------------------ wiring
+
+
+def test_every_env_var_is_a_setting_and_every_value_is_valid():
+    env = container("overlays/gke")["env"]
+    ours = {e["name"]: e for e in env if e["name"].startswith("ALIGNSERVE_")}
+    fields = {f"ALIGNSERVE_{name.upper()}" for name in Settings.model_fields}
+    assert set(ours) <= fields, set(ours) - fields
+    # Build the Settings the pod would get (secrets replaced by a valid stand-in).
+    values = {name[len("ALIGNSERVE_"):].lower(): e.get("value", "x" * 32)
+              for name, e in ours.items()}
+    s = Settings(**values)
+    assert s.host == "0.0.0.0" and s.port == container("base")["ports"][0]["containerPort"]
+    assert str(s.home) == "/models" and s.admin_key is not None
+    mounts = {m["name"]: m["mountPath"] for m in container("base")["volumeMounts"]}
+    assert str(s.api_keys_file).startswith(mounts["api-keys"] + "/")
+    assert mounts["model-cache"] == str(s.home)
+
+
+def test_gpu_dshm_cache_and_security():
+    spec, c = pod_spec("base"), container("base")
+    for target in TARGETS[:3]:
+        res = container(target)["resources"]
+        assert res["requests"][GPU] == res["limits"][GPU] == "1"
+    assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    claim = vols["model-cache"]["persistentVolumeClaim"]["claimName"]
+    assert claim == one(objects("base"), "PersistentVolumeClaim")["metadata"]["name"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] != 0
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert spec["automountServiceAccountToken"] is False
+
+
+def test_probes_point_at_real_routes():
+    c = container("base")
+    routes = {r.path for r in make_app().routes}
+    port_names = {p["name"] for p in c["ports"]}
+    for probe, path in [("startupProbe", "/health"), ("livenessProbe", "/health"),
+                        ("readinessProbe", "/ready")]:
+        get = c[probe]["httpGet"]
+        assert get["path"] == path and path in routes and get["port"] in port_names
+
+
+def test_grace_period_covers_pre_stop_and_drain():
+    spec, c = pod_spec("base"), container("base")
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = float(env["ALIGNSERVE_DRAIN_TIMEOUT_S"])
+    # and room for the engine to stop before Kubernetes sends SIGKILL
+    assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain + 10
+
+
+def test_selectors_match():
+    docs = objects("base")
+    deployment, service, pdb, hpa = (one(docs, k) for k in (
+        "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"))
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for selector in (deployment["spec"]["selector"]["matchLabels"], service["spec"]["selector"],
+                     pdb["spec"]["selector"]["matchLabels"]):
+        assert selector.items() <= pod_labels.items()
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    port = service["spec"]["ports"][0]["targetPort"]
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert port in {p["name"] for p in c["ports"]}
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def app_metric_names() -> set[str]:
+    """Every sample name the app can expose (families and their type's suffixes)."""
+    suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count",
+                                                                 "_created"], "gauge": [""]}
+    names = set()
+    for family in make_app().state.registry.collect():
+        names |= {family.name + s for s in suffixes.get(family.type, [""])}
+    return names
+
+
+def metric_names_in(text: str) -> set[str]:
+    return set(re.findall(r"\b((?:alignserve|vllm):[a-zA-Z0-9_]+)", text))
+
+
+def adapter_rules() -> list[dict]:
+    values = yaml.safe_load((DEPLOY / "monitoring" / "prometheus-adapter-values.yaml").read_text())
+    return values["rules"]["custom"]
+
+
+def test_hpa_metrics_are_served_by_the_adapter_from_real_series():
+    hpa = one(objects("base"), "HorizontalPodAutoscaler")
+    wanted = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
+    served = {}
+    for rule in adapter_rules():
+        (series,) = metric_names_in(rule["seriesQuery"])
+        assert re.fullmatch(rule["name"]["matches"], series)
+        assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+        assert "<<.Series>>" in rule["metricsQuery"]
+        served[rule["name"]["as"]] = series
+    assert wanted == set(served)
+    ours = {s for s in served.values() if s.startswith("alignserve:")}
+    assert ours and ours <= app_metric_names()
+    # vllm:* series come from the engine; tests/integration/test_load_live.py checks them.
+
+
+def test_dashboard_is_grafana_json_over_real_metrics():
+    dash = json.loads((DEPLOY / "monitoring" / "grafana-dashboard.json").read_text())
+    assert dash["uid"] and dash["title"] and dash["schemaVersion"] >= 36
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)) >= 8
+    exprs = []
+    for panel in dash["panels"]:
+        assert {"type", "title", "gridPos", "targets"} <= set(panel)
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs))
+        exprs += [t["expr"] for t in panel["targets"]]
+    used = set().union(*(metric_names_in(e) for e in exprs))
+    ours = {m for m in used if m.startswith("alignserve:")}
+    assert ours <= app_metric_names(), ours - app_metric_names()
+    # every alignserve metric family appears on the dashboard
+    families = {f.name for f in make_app().state.registry.collect()}
+    shown = {f for f in families if any(m.startswith(f) for m in ours)}
+    assert shown == families, families - shown
+    config = one(objects("monitoring"), "ConfigMap")
+    assert json.loads(config["data"]["alignserve-dashboard.json"]) == dash
+    assert config["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+def dashboard_and_adapter_vllm_metrics() -> set[str]:
+    """vllm:* names deploy/ relies on (checked against the real engine in integration)."""
+    text = (DEPLOY / "monitoring" / "grafana-dashboard.json").read_text()
+    text += (DEPLOY / "monitoring" / "prometheus-adapter-values.yaml").read_text()
+    return {m for m in metric_names_in(text) if m.startswith("vllm:")}
+
+
+def test_vllm_metrics_used_are_listed():
+    assert dashboard_and_adapter_vllm_metrics() == {"vllm:num_requests_waiting"}
