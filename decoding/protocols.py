@@ -125,6 +125,16 @@ class DecodeContext:
     engine: Engine
     executor: Executor | None = None
 
+    async def generate(
+        self, prompt_ids: Sequence[int], n: int, sampling: Sampling, timer: Timer
+    ) -> list[Sample]:
+        """An engine call whose wall time is added to `timer.generate_s`."""
+        t0 = time.perf_counter()
+        try:
+            return await self.engine.generate(prompt_ids, n, sampling)
+        finally:
+            timer.generate_s += time.perf_counter() - t0
+
     async def score(self, scorer: Scorer, prompt: str, responses: Sequence[str]) -> list[float]:
         loop = asyncio.get_running_loop()
         values = await loop.run_in_executor(self.executor, scorer.score, prompt, list(responses))

@@ -39,6 +39,10 @@ class _Track:
     fresh: bool = False  # text changed since it was last scored
 
 
+def _capped(sampling: Sampling, max_tokens: int) -> Sampling:
+    return Sampling(**{**sampling.__dict__, "max_tokens": max_tokens})
+
+
 def _is_done(sample: Sample, max_tokens: int) -> bool:
     # A round ends with "length" at its decision point; only the request's own budget finishes it.
     return sample.finish_reason == "stop" or len(sample.token_ids) >= max_tokens
@@ -69,7 +73,8 @@ class SpeculativeRejection:
         generated = 0
         rejected: list[int] = []
 
-        first = await self._generate(ctx, req, req.prompt_ids, req.n, min(round_len, budget), timer)
+        first = await ctx.generate(req.prompt_ids, req.n,
+                                   _capped(req.sampling, min(round_len, budget)), timer)
         pool = [_Track(s, _is_done(s, budget), fresh=True) for s in first]
         everyone = list(pool)
         generated += sum(len(s.token_ids) for s in first)
@@ -106,21 +111,15 @@ class SpeculativeRejection:
             extra={"rounds": rounds, "rejected": rejected},
         )
 
-    async def _generate(self, ctx, req, prompt_ids, n, max_tokens, timer) -> list[Sample]:
-        t0 = time.perf_counter()
-        sampling = Sampling(**{**req.sampling.__dict__, "max_tokens": max_tokens})
-        out = await ctx.engine.generate(prompt_ids, n, sampling)
-        timer.generate_s += time.perf_counter() - t0
-        return out
-
     async def _continue(self, ctx, req, live: list[_Track], step: int | None, timer):
         """Continue every live track from its exact ids, concurrently (continuous batching).
         A TaskGroup cancels the siblings if one fails, so nothing is left running."""
         budget = req.sampling.max_tokens
         t0 = time.perf_counter()
         out = await gather_all(
-            self._generate(ctx, req, req.prompt_ids + t.sample.token_ids, 1,
-                           min(step or budget, budget - len(t.sample.token_ids)), Timer())
+            ctx.generate(req.prompt_ids + t.sample.token_ids, 1,
+                         _capped(req.sampling, min(step or budget, budget - len(t.sample.token_ids))),
+                         Timer())  # concurrent calls: the round's wall time is what counts
             for t in live)
         timer.generate_s += time.perf_counter() - t0
         return [samples[0] for samples in out]

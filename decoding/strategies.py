@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from typing import Protocol
 
 from .kl import bon_kl_bound, bon_kl_estimate, bon_win_rate_bound, selection_kl_bound
@@ -37,9 +36,7 @@ async def sample_and_score(
 ) -> list[Scored]:
     """n i.i.d. samples from the policy, each scored by the request's objective."""
     assert req.objective is not None
-    t0 = time.perf_counter()
-    samples = await ctx.engine.generate(req.prompt_ids, req.n, req.sampling)
-    timer.generate_s += time.perf_counter() - t0
+    samples = await ctx.generate(req.prompt_ids, req.n, req.sampling, timer)
     return await ctx.score_samples(req.objective, req.prompt_text, samples, timer)
 
 
@@ -69,9 +66,7 @@ class NoAlignment:
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         timer = Timer()
-        t0 = time.perf_counter()
-        (sample,) = await ctx.engine.generate(req.prompt_ids, 1, req.sampling)
-        timer.generate_s += time.perf_counter() - t0
+        (sample,) = await ctx.generate(req.prompt_ids, 1, req.sampling, timer)
         result = DecodeResult(
             strategy=self.name, n=1, sample=sample, generated_tokens=len(sample.token_ids),
             timer=timer, win_rate_bound=0.5,

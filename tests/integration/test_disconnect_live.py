@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
+from live import wait_until
 
 pytestmark = pytest.mark.integration
 
 LONG = {"prompt": "Here is a very long story about dragons, told in great detail:",
         "max_tokens": 600, "temperature": 1.0,
         "alignment": {"strategy": "best_of_n", "n": 8}}
-
-
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _abort_count(server) -> float:
@@ -35,10 +25,10 @@ def test_streaming_disconnect_aborts_engine_work(server):
     before = _abort_count(server)
     with httpx.Client(timeout=60) as c:
         with c.stream("POST", f"{server.base_url}/v1/completions", json={**LONG, "stream": True}):
-            assert _wait(lambda: _unfinished(server) > 0, 30), "engine never started"
+            assert wait_until(lambda: _unfinished(server) > 0, 30), "engine never started"
         # leaving the block closes the connection mid-generation
-    assert _wait(lambda: _unfinished(server) == 0, 5), "engine request still running"
-    assert _wait(lambda: _abort_count(server) > before, 5)
+    assert wait_until(lambda: _unfinished(server) == 0, 5), "engine request still running"
+    assert wait_until(lambda: _abort_count(server) > before, 5)
 
 
 def test_non_streaming_disconnect_aborts_engine_work(server):
@@ -46,5 +36,5 @@ def test_non_streaming_disconnect_aborts_engine_work(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.base_url}/v1/completions", json=LONG, timeout=httpx.Timeout(
             3.0, connect=5.0))
-    assert _wait(lambda: _unfinished(server) == 0, 5), "engine request still running"
-    assert _wait(lambda: _abort_count(server) > before, 5)
+    assert wait_until(lambda: _unfinished(server) == 0, 5), "engine request still running"
+    assert wait_until(lambda: _abort_count(server) > before, 5)

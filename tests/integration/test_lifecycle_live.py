@@ -8,10 +8,10 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
-import time
 
 import httpx
 import pytest
+from live import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -20,15 +20,6 @@ ADMIN_KEY = "live-admin-key-0123456789abcdef"
 LONG = {"messages": [{"role": "user", "content": "Write a very long story about dragons, with "
                                                    "many chapters and details."}],
         "max_tokens": 256, "temperature": 1.0, "alignment": {"strategy": "best_of_n", "n": 8}}
-
-
-def until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +62,9 @@ def test_sigterm_drains_then_stops_the_engine(own_server):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         inflight = pool.submit(httpx.post, f"{base}/v1/chat/completions", json=LONG,
                                headers=auth(USER_KEY), timeout=300)
-        assert until(lambda: own_server.metric("alignserve:engine_requests_unfinished") > 0, 60)
+        assert wait_until(lambda: own_server.metric("alignserve:engine_requests_unfinished") > 0, 60)
         os.kill(proc.pid, signal.SIGTERM)
-        assert until(lambda: httpx.get(f"{base}/ready", timeout=5).status_code == 503, 10)
+        assert wait_until(lambda: httpx.get(f"{base}/ready", timeout=5).status_code == 503, 10)
         assert httpx.get(f"{base}/ready", timeout=5).json() == {"status": "draining"}
         refused = httpx.post(f"{base}/v1/chat/completions", json=LONG, headers=auth(USER_KEY),
                              timeout=10)
