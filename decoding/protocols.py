@@ -87,6 +87,27 @@ class Scorer(Protocol):
     def score(self, prompt: str, responses: Sequence[str]) -> list[float]: ...
 
 
+@runtime_checkable
+class TokenScorer(Scorer, Protocol):
+    """A scorer that reads token ids (a value head): it scores `prompt_ids + response_ids`
+    exactly as the policy produced them, since re-tokenising text does not always give the
+    sampled ids back. `DecodeContext.score` prefers this over `score` when a scorer has it."""
+
+    def score_ids(
+        self, prompt_ids: Sequence[int], responses: Sequence[Sequence[int]]
+    ) -> list[float]: ...
+
+
+@runtime_checkable
+class QScorer(TokenScorer, Protocol):
+    """A CD-Q head (Mudgal et al. 2024): V(x, yᵗ, z) for candidate next tokens z, all from one
+    forward pass over x + yᵗ."""
+
+    def q_values(
+        self, prompt_ids: Sequence[int], response_ids: Sequence[int], candidates: Sequence[int]
+    ) -> list[float]: ...
+
+
 @dataclass(frozen=True)
 class Objective:
     """Selection score = reward − cost_weight · cost."""
@@ -135,22 +156,28 @@ class DecodeContext:
         finally:
             timer.generate_s += time.perf_counter() - t0
 
-    async def score(self, scorer: Scorer, prompt: str, responses: Sequence[str]) -> list[float]:
+    async def score(
+        self, scorer: Scorer, req: DecodeRequest, samples: Sequence[Sample]
+    ) -> list[float]:
+        """One score per sample, in a worker thread: token ids for a TokenScorer, text otherwise."""
+        if hasattr(scorer, "score_ids"):
+            call, args = scorer.score_ids, (req.prompt_ids, [list(s.token_ids) for s in samples])
+        else:
+            call, args = scorer.score, (req.prompt_text, [s.text for s in samples])
         loop = asyncio.get_running_loop()
-        values = await loop.run_in_executor(self.executor, scorer.score, prompt, list(responses))
-        if len(values) != len(responses):
-            raise RuntimeError(f"scorer {scorer.name} returned {len(values)} scores for {len(responses)}")
+        values = await loop.run_in_executor(self.executor, call, *args)
+        if len(values) != len(samples):
+            raise RuntimeError(f"scorer {scorer.name} returned {len(values)} scores for {len(samples)}")
         return [float(v) for v in values]
 
     async def score_samples(
-        self, objective: Objective, prompt: str, samples: Sequence[Sample], timer: Timer
+        self, objective: Objective, req: DecodeRequest, samples: Sequence[Sample], timer: Timer
     ) -> list[Scored]:
         """Reward and cost of every sample (both scorers run concurrently)."""
         t0 = time.perf_counter()
-        texts = [s.text for s in samples]
-        jobs = [self.score(objective.reward, prompt, texts)]
+        jobs = [self.score(objective.reward, req, samples)]
         if objective.cost is not None:
-            jobs.append(self.score(objective.cost, prompt, texts))
+            jobs.append(self.score(objective.cost, req, samples))
         results = await asyncio.gather(*jobs)
         timer.score_s += time.perf_counter() - t0
         rewards = results[0]

@@ -129,7 +129,7 @@ class SpeculativeRejection:
         stale = [t for t in pool if t.fresh]
         if not stale:
             return
-        scored = await ctx.score_samples(req.objective, req.prompt_text,
+        scored = await ctx.score_samples(req.objective, req,
                                          [t.sample for t in stale], timer)
         for track, s in zip(stale, scored):
             track.scored, track.fresh = s, False

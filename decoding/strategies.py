@@ -37,7 +37,7 @@ async def sample_and_score(
     """n i.i.d. samples from the policy, each scored by the request's objective."""
     assert req.objective is not None
     samples = await ctx.generate(req.prompt_ids, req.n, req.sampling, timer)
-    return await ctx.score_samples(req.objective, req.prompt_text, samples, timer)
+    return await ctx.score_samples(req.objective, req, samples, timer)
 
 
 def _result(
@@ -72,7 +72,7 @@ class NoAlignment:
             timer=timer, win_rate_bound=0.5,
         )
         if req.objective is not None:
-            (scored,) = await ctx.score_samples(req.objective, req.prompt_text, [sample], timer)
+            (scored,) = await ctx.score_samples(req.objective, req, [sample], timer)
             result.reward, result.cost, result.scored_candidates = scored.reward, scored.cost, 1
         return result
 
