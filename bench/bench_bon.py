@@ -12,23 +12,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, alignserve_server, load_prompts
+
 sys.path.insert(0, str(ROOT))
-
-
-def load_prompts(path: Path, limit: int | None) -> list[str]:
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-    return [r["prompt"] for r in rows][:limit]
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
@@ -39,32 +31,10 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
 
 # ---------------------------------------------------------------- (a) alignserve over HTTP
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_alignserve(prompts, n, max_tokens, reward, log_dir: Path) -> dict:
     import httpx
 
-    port = _free_port()
-    log = open(log_dir / "bench-server.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "alignserve"), "serve", "--port",
-                             str(port), "--max-model-len", "1024", "--kv-cache-gib", "2",
-                             "--max-concurrent-requests", "256"], stdout=log, stderr=log,
-                            start_new_session=True)  # its own process group: see `finally`
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(900):
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        else:
-            raise RuntimeError("server did not start; see bench-server.log")
-
+    with alignserve_server(log_dir / "bench-server.log") as base:
         async def run() -> list[dict]:
             async with httpx.AsyncClient(base_url=base, timeout=1800) as c:
                 async def one(p):
@@ -81,18 +51,8 @@ def bench_alignserve(prompts, n, max_tokens, reward, log_dir: Path) -> dict:
                 return out, time.perf_counter() - t0
 
         answers, wall = asyncio.run(run())
-        return {"wall_s": wall, "generated_tokens": sum(a["generated_tokens"] for a in answers),
-                "mean_reward": sum(a["reward"] for a in answers) / len(answers)}
-    finally:
-        # The server stops its engine on SIGTERM; the group kill is a safety net so that no
-        # engine process outlives the benchmark whatever happened.
-        proc.terminate()
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    return {"wall_s": wall, "generated_tokens": sum(a["generated_tokens"] for a in answers),
+            "mean_reward": sum(a["reward"] for a in answers) / len(answers)}
 
 
 # ---------------------------------------------------------------- (b) raw vLLM

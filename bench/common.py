@@ -1,0 +1,66 @@
+"""What the benchmarks share: the prompt file, and an `alignserve serve` subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ALIGNSERVE = str(Path(sys.executable).parent / "alignserve")
+
+
+def load_prompts(path: Path, limit: int | None) -> list[str]:
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return [r["prompt"] for r in rows][:limit or None]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def alignserve_server(log_path: Path, *flags: str) -> Iterator[str]:
+    """A server on a free port (its base URL), ready to answer; always stopped afterwards."""
+    import httpx
+
+    port = free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen([ALIGNSERVE, "serve", "--port", str(port), "--max-model-len", "1024",
+                             "--kv-cache-gib", "2", "--max-concurrent-requests", "256", *flags],
+                            stdout=log, stderr=log,
+                            start_new_session=True)  # its own process group: see `finally`
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(900):
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            raise RuntimeError(f"server did not start; see {log_path}")
+        yield base
+    finally:
+        # The server stops its engine on SIGTERM; the group kill is a safety net so that no
+        # engine process outlives the benchmark whatever happened.
+        proc.terminate()
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
