@@ -1,8 +1,9 @@
 """decoding: the alignment algorithms, pure and engine-agnostic.
 
-Owns the `Engine` and `Scorer` protocols, the strategy registry (none, best_of_n, soft_best_of_n, speculative_rejection)
-and KL accounting. Imports neither fastapi nor vllm: every algorithm here runs against fakes in
+Owns the `Engine` and `Scorer` protocols, the strategy registry (none, best_of_n,
+soft_best_of_n, speculative_rejection, blockwise_cd, tokenwise_cd) and KL accounting. Imports neither fastapi nor vllm: every algorithm here runs against fakes in
 unit tests and against the vLLM engine wrapper in `server/engine.py` in production.
 """
 
-from . import speculative_rejection, strategies  # noqa: F401  (fill the STRATEGIES registry)
+# imported to fill the STRATEGIES registry
+from . import blockwise_cd, speculative_rejection, strategies, tokenwise_cd  # noqa: F401

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -26,6 +26,8 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    top_logprobs: int = 0  # also return the top-k next-token log-probs at each position
+    adapter: str | None = None  # a registered LoRA adapter (server/policies.py); None: the policy
 
 
 @dataclass
@@ -35,12 +37,15 @@ class Sample:
     `logprobs[i]` is log p(token_ids[i] | prefix) under the processed distribution (after
     temperature and top-p), which is what the best-of-n KL estimator needs.
     `finish_reason` is "stop" (EOS or stop string), "length", or None while unfinished.
+    `top_logprobs[i]` (only when `Sampling.top_logprobs` = k > 0) maps the k most likely tokens
+    at position i to their log-probabilities under the same processed distribution.
     """
 
     token_ids: list[int]
     text: str
     logprobs: list[float]
     finish_reason: str | None
+    top_logprobs: list[dict[int, float]] | None = None
 
     @property
     def logprob(self) -> float:
@@ -64,7 +69,15 @@ class SampleDelta:
 
 @runtime_checkable
 class Engine(Protocol):
-    """Samples from the policy. Cancelling a call aborts its engine requests (no leaks)."""
+    """Samples from the policy. Cancelling a call aborts its engine requests (no leaks).
+    Also detokenises: strategies that assemble an answer from several calls (controlled
+    decoding) decode the whole id list once, since per-piece text splits multi-byte characters."""
+
+    eos_token_ids: frozenset[int]  # any of them ends an answer ("stop")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids` as the engine reports a sample's text (special tokens skipped)."""
+        ...
 
     async def generate(self, prompt_ids: Sequence[int], n: int, sampling: Sampling) -> list[Sample]:
         """n i.i.d. continuations of `prompt_ids` (a prefix of already accepted ids may be
@@ -170,6 +183,23 @@ class DecodeContext:
             raise RuntimeError(f"scorer {scorer.name} returned {len(values)} scores for {len(samples)}")
         return [float(v) for v in values]
 
+    async def q_values(
+        self, scorer: QScorer, req: DecodeRequest, response_ids: Sequence[int],
+        candidates: Sequence[int], timer: Timer,
+    ) -> list[float]:
+        """V(x, yᵗ, z) for each candidate z (one forward pass), in a worker thread."""
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            values = await loop.run_in_executor(self.executor, scorer.q_values, req.prompt_ids,
+                                                list(response_ids), list(candidates))
+        finally:
+            timer.score_s += time.perf_counter() - t0
+        if len(values) != len(candidates):
+            raise RuntimeError(f"value head {scorer.name} returned {len(values)} values for "
+                               f"{len(candidates)} candidates")
+        return [float(v) for v in values]
+
     async def score_samples(
         self, objective: Objective, req: DecodeRequest, samples: Sequence[Sample], timer: Timer
     ) -> list[Scored]:
@@ -201,6 +231,10 @@ class DecodeRequest:
     return_candidates: bool = False
     seed: int | None = None  # for the strategy's own randomness (soft best-of-n's draw)
     options: dict[str, Any] = field(default_factory=dict)  # strategy-specific, validated upstream
+    value: Scorer | None = None  # controlled decoding's value function (checked upstream)
+    # Called with each committed piece of the answer's text, in order, by strategies that
+    # commit text before they finish (`streams_text`); the server streams the pieces.
+    emit: Callable[[str], None] | None = None
 
 
 @dataclass

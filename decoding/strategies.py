@@ -16,6 +16,14 @@ from .protocols import DecodeContext, DecodeRequest, DecodeResult, Scored, Timer
 
 
 class Strategy(Protocol):
+    """Optional attributes, read with their defaults by the server (`getattr`):
+    - `streams_text` (False): the strategy commits text before it finishes and calls
+      `req.emit(piece)` with each committed piece, which the server streams at once;
+    - `value_protocol` (None): the `Scorer` protocol that `alignment.value` must satisfy
+      (None: the strategy takes no value);
+    - `value_required` (False): `alignment.value` must be given.
+    """
+
     name: str
     needs_objective: bool  # the request must name a reward scorer
     streams_tokens: bool  # the answer is one plain engine sample: the server may stream its tokens

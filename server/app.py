@@ -28,6 +28,8 @@ from .errors import (
 )
 from .lifecycle import DrainGate, Lifecycle
 from .metrics import Metrics
+from .policies import PolicyManager
+from .policies import router as policy_router
 from .protocol import (
     AdminStatus, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
     CompletionResponse, ErrorResponse, ModelCard, ModelList, ProbeStatus,
@@ -42,6 +44,7 @@ _COMPLETION = {**_ERRORS, 200: {"content": {"text/event-stream": {}},
 _LIST_ERRORS = {code: {"model": ErrorResponse} for code in (401, 503)}
 _ADMIN_ERRORS = {code: {"model": ErrorResponse} for code in (401, 403)}
 _PROBE = {503: {"model": ProbeStatus}}
+POLICY_HEADER = "X-Alignserve-Policy"  # the policy that answered (server/policies.py)
 
 
 class BodyLimit:
@@ -89,6 +92,7 @@ def build_app(
         metrics.watch_engine(runtime.engine)
     completions = CompletionService(settings, runtime, metrics)
     lifecycle = Lifecycle(completions.admission, metrics, settings.retry_after_s)
+    policies = PolicyManager(runtime, settings, metrics)  # hot-swap, /admin/policies
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -108,29 +112,33 @@ def build_app(
     app.state.completions = completions
     app.state.lifecycle = lifecycle
     app.state.keys = keys
+    app.state.policies = policies
 
     def count(err: APIError) -> None:
         metrics.errors.labels(err.type, str(err.status)).inc()
 
     install_error_handlers(app, on_error=count)
+    app.include_router(policy_router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(DrainGate, lifecycle=lifecycle, on_error=count)
     app.add_middleware(AuthGate, keys=keys, on_error=count)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
               responses=_COMPLETION)
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await _complete(request, body, "chat")
+    async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response):
+        return await _complete(request, body, "chat", response)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_COMPLETION)
-    async def completions(body: CompletionRequest, request: Request):
-        return await _complete(request, body, "text")
+    async def completions(body: CompletionRequest, request: Request, response: Response):
+        return await _complete(request, body, "text", response)
 
     @app.get("/v1/models", response_model=ModelList, responses=_LIST_ERRORS)
     async def models(request: Request) -> ModelList:
         rt: Runtime = request.app.state.runtime
-        return ModelList(data=[ModelCard(id=rt.model_name,
-                                         max_model_len=getattr(rt.engine, "max_model_len", None))])
+        max_len = getattr(rt.engine, "max_model_len", None)
+        adapters = [ModelCard(id=name, max_model_len=max_len, parent=rt.model_name)
+                    for name in rt.adapters]  # LoRA adapters (server/policies.py)
+        return ModelList(data=[ModelCard(id=rt.model_name, max_model_len=max_len), *adapters])
 
     @app.get("/health", response_model=ProbeStatus, responses=_PROBE)
     async def health(request: Request):
@@ -165,12 +173,12 @@ def build_app(
                            requests_in_flight=st.completions.admission.active,
                            max_concurrent_requests=st.settings.max_concurrent_requests,
                            engine_requests_unfinished=unfinished() if unfinished else None,
-                           user_keys=st.keys.user_key_count)
+                           user_keys=st.keys.user_key_count, policy=st.policies.active)
 
     return app
 
 
-async def _complete(request: Request, body, kind: Kind):
+async def _complete(request: Request, body, kind: Kind, response: Response):
     svc: CompletionService = request.app.state.completions
     metrics: Metrics = request.app.state.metrics
     settings: Settings = request.app.state.settings
@@ -181,18 +189,25 @@ async def _complete(request: Request, body, kind: Kind):
     slot.__enter__()  # raises a 429 APIError when full
     metrics.in_flight.inc()
 
+    # Taken once the request is valid, held to its last byte (streams: last event): a policy
+    # swap waits for it, and during a swap it queues here (server/policies.py).
+    lease = request.app.state.policies.lease()
+
     def release() -> None:
         metrics.in_flight.dec()
+        lease.release()
         slot.__exit__(None, None, None)
 
     try:
         prep = await svc.prepare(body, kind)
+        policy = {POLICY_HEADER: await lease.acquire()}
+        response.headers.update(policy)
         endpoint = "chat" if kind == "chat" else "completions"
         metrics.requests.labels(prep.strategy_name, endpoint).inc()
         if prep.stream:
             events = _stream_then_release(request, svc, prep, t0, cutoff, release)
             release = None  # the stream owns the slot now
-            return StreamingResponse(events, media_type="text/event-stream")
+            return StreamingResponse(events, media_type="text/event-stream", headers=policy)
         try:
             answers = await run_or_cancel(request, svc.answers(prep), cutoff)
         except ClientDisconnected:

@@ -16,7 +16,15 @@ from .settings import Settings
 # name -> (module, help). The module is imported when the parser is built: keep its top light.
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("evaluation.cli", "Evaluate strategies on a prompt set."),
+    "rollouts": ("valuenet.rollouts",
+                 "Sample K responses per prompt from the reference policy and score them."),
+    "dual": ("finetune.dual_cli", "Solve CAN's dual for the optimal safety weight λ* from rollouts."),
+    "finetune": ("finetune.cli", "Fine-tune a policy with SafeDPO or MoCAN."),
+    "train-value": ("valuenet.cli", "Train a prefix value head (CD-FUDGE or CD-Q) on rollouts."),
 }
+
+# Settings fields whose flag is repeatable: flag name; the values are joined with commas.
+_REPEATABLE = {"value_heads": "--value-head"}
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +32,11 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in Settings.model_fields.items():
         kind = hints[name]
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        if name in _REPEATABLE:
+            parser.add_argument(_REPEATABLE[name], dest=name, action="append", default=None,
+                                metavar="NAME=PATH", help=f"{info.description} (env "
+                                f"ALIGNSERVE_{name.upper()}, comma-separated)")
+            continue
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
                             type=base if base in (int, float) else str,
                             help=f"{info.description} (env ALIGNSERVE_{name.upper()}, "
@@ -32,6 +45,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(ns: argparse.Namespace) -> Settings:
     given = {k: v for k, v in vars(ns).items() if k in Settings.model_fields and v is not None}
+    for name in _REPEATABLE.keys() & given.keys():
+        given[name] = ",".join(given[name])
     return Settings(**given)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -43,6 +44,9 @@ class VllmEngine:
         gpu_memory_utilization: float = 0.85,
         seed: int = 0,
         served_model_name: str | None = None,
+        enable_lora: bool = False,
+        max_lora_rank: int = 16,
+        max_loras: int = 4,
     ) -> None:
         cuda = has_cuda()
         if not cuda:
@@ -62,10 +66,16 @@ class VllmEngine:
             logprobs_mode="processed_logprobs",
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
+            **({"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras}
+               if enable_lora else {}),
         )
         self._llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = self._llm.get_tokenizer()
         self.max_model_len = max_model_len
+        self.eos_token_ids = _eos_ids(self.tokenizer, self._llm.model_config)
+        self.model_path = model  # the base policy: swapping back reloads from here (policies.py)
+        self.lora_enabled = enable_lora
+        self._adapters: dict = {}  # name -> vllm LoRARequest
         self.aborted = 0  # engine requests we aborted before they finished (a metric)
 
     # -- decoding.Engine -------------------------------------------------------------------
@@ -75,10 +85,11 @@ class VllmEngine:
 
         params = self._params(n, sampling, RequestOutputKind.FINAL_ONLY)
         final = None
-        async for out in self._run(prompt_ids, params):
+        async for out in self._run(prompt_ids, params, sampling.adapter):
             final = out
         assert final is not None
-        return [_sample(c) for c in sorted(final.outputs, key=lambda c: c.index)]
+        return [_sample(c, sampling.top_logprobs)
+                for c in sorted(final.outputs, key=lambda c: c.index)]
 
     async def stream(
         self, prompt_ids: Sequence[int], n: int, sampling: Sampling
@@ -86,7 +97,7 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         params = self._params(n, sampling, RequestOutputKind.DELTA)
-        async for out in self._run(prompt_ids, params):
+        async for out in self._run(prompt_ids, params, sampling.adapter):
             for c in out.outputs:
                 yield SampleDelta(
                     index=c.index,
@@ -96,6 +107,10 @@ class VllmEngine:
                     finish_reason=_finish(c),
                 )
 
+    def decode(self, ids: Sequence[int]) -> str:
+        # vLLM's own output text skips special tokens too, so both agree on an answer's text.
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
     # -- operations used by the server -------------------------------------------------------
 
     def num_unfinished_requests(self) -> int:
@@ -103,6 +118,32 @@ class VllmEngine:
 
     async def check_health(self) -> None:
         await self._llm.check_health()
+
+    async def reload_weights(self, path: str) -> None:
+        """Load a checkpoint of the same architecture in place (server.policies validated it).
+        The scheduler is paused first, waiting for any engine request still running (the server
+        drains its own first), so no step ever mixes old and new weights; requests added
+        meanwhile queue in the engine until it resumes."""
+        await self._llm.pause_generation(mode="wait", clear_cache=True)
+        try:
+            await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        finally:
+            await self._llm.resume_generation()
+
+    async def add_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter now (errors surface here, not on its first request); requests
+        then name it through `Sampling.adapter`."""
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(name, len(self._adapters) + 1, path)
+        if not await self._llm.add_lora(request):
+            raise RuntimeError(f"vLLM did not load the adapter {name!r}")
+        self._adapters[name] = request
+
+    async def reset_prefix_cache(self) -> None:
+        """Forget cached KV blocks: those computed by the previous weights are wrong now."""
+        if not await self._llm.reset_prefix_cache():
+            log.warning("prefix cache not reset: requests were running during the weight swap")
 
     def shutdown(self) -> None:
         self._llm.shutdown()
@@ -119,16 +160,19 @@ class VllmEngine:
             top_p=sampling.top_p,
             stop=list(sampling.stop) or None,
             seed=sampling.seed,
-            logprobs=0,  # log-prob of each sampled token only
+            # 0: the sampled token's log-prob only; k: the top k too (plus the sampled token)
+            logprobs=sampling.top_logprobs,
             output_kind=kind,
         )
 
-    async def _run(self, prompt_ids: Sequence[int], params) -> AsyncIterator:
+    async def _run(self, prompt_ids: Sequence[int], params, adapter: str | None = None
+                   ) -> AsyncIterator:
         request_id = f"as-{uuid.uuid4().hex}"
         finished = False
         try:
             async for out in self._llm.generate(
-                {"prompt_token_ids": list(prompt_ids)}, params, request_id
+                {"prompt_token_ids": list(prompt_ids)}, params, request_id,
+                lora_request=self._adapters[adapter] if adapter else None,
             ):
                 finished = out.finished
                 yield out
@@ -146,16 +190,35 @@ def _logprobs(c) -> list[float]:
     return [entry[tok].logprob for tok, entry in zip(c.token_ids, c.logprobs)]
 
 
+def _top(c, k: int) -> list[dict[int, float]] | None:
+    if k <= 0 or not c.logprobs:
+        return None
+    # Each position holds the top k (ranks 1..k) plus the sampled token at its own rank; keep
+    # the top k. Tokens that top-p cut off have −inf processed log-prob: impossible, dropped.
+    return [{tok: lp.logprob for tok, lp in entry.items()
+             if lp.rank is not None and lp.rank <= k and lp.logprob > -math.inf}
+            for entry in c.logprobs]
+
+
+def _eos_ids(tokenizer, model_config) -> frozenset[int]:
+    """The tokenizer's EOS plus the generation config's (vLLM stops on both)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    eos = model_config.try_get_generation_config().get("eos_token_id")
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return frozenset(ids)
+
+
 def _finish(c) -> str | None:
     if c.finish_reason is None:
         return None
     return "length" if c.finish_reason == "length" else "stop"
 
 
-def _sample(c) -> Sample:
+def _sample(c, top_k: int = 0) -> Sample:
     return Sample(
         token_ids=list(c.token_ids),
         text=c.text,
         logprobs=_logprobs(c),
         finish_reason=_finish(c),
+        top_logprobs=_top(c, top_k),
     )

@@ -44,6 +44,18 @@ class Metrics:
                                registry=registry)
         self.draining = Gauge("alignserve:draining", "1 while the server drains before "
                               "stopping (it refuses new requests), else 0.", registry=registry)
+        self.policy_active = Gauge("alignserve:policy_active", "1 for the policy serving "
+                                   "requests, 0 for other registered ones.", ("policy",),
+                                   registry=registry)
+        self.policy_swaps = Counter("alignserve:policy_swaps", "Policy swaps by outcome: ok, "
+                                    "rejected (invalid checkpoint), timeout (requests did not "
+                                    "finish), failed (reload error).", ("outcome",),
+                                    registry=registry)
+        self.policy_swapping = Gauge("alignserve:policy_swapping", "1 while a policy swap holds "
+                                     "new requests at the gate.", registry=registry)
+        self.policy_swap_seconds = Histogram("alignserve:policy_swap_seconds", "Duration of "
+                                             "successful swaps (drain + reload).",
+                                             buckets=_LATENCY_BUCKETS, registry=registry)
         self._registry = registry
 
     def watch_engine(self, engine) -> None:

@@ -8,7 +8,7 @@ Limits that depend on settings (max n, max_tokens, prompt length) are checked in
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -77,17 +77,28 @@ class Alignment(BaseModel):
     n: int = Field(4, ge=1, description="Candidates sampled per answer.")
     reward: str | None = Field(None, description="Reward scorer (default: the server's).")
     cost: str | None = Field(None, description="Optional cost scorer.")
-    cost_weight: float = Field(1.0, ge=0.0, description="λ in score = reward − λ·cost.")
+    cost_weight: Annotated[float, Field(ge=0.0)] | Literal["auto"] = Field(
+        1.0, description="λ in score = reward − λ·cost; 'auto': the server's CAN dual λ* "
+        "(setting `dual`, solved by `alignserve dual`).")
     temperature: float = Field(1.0, gt=0.0, description="Soft best-of-n λ: softmax(score/λ).")
     return_candidates: bool = False
     # speculative_rejection
     alpha: float = Field(0.5, ge=0.0, lt=1.0, description="Share of the pool rejected per round.")
     decision_tokens: int = Field(16, ge=1, description="Tokens before the first decision point.")
     growth: float = Field(2.0, ge=1.0, le=16.0, description="Each later round's length multiplier.")
+    # controlled decoding (blockwise_cd, tokenwise_cd)
+    value: str | None = Field(None, description="Value scorer guiding controlled decoding: a "
+                              "`value:NAME` head or any scorer (blockwise default: the reward).")
+    block_tokens: int = Field(16, ge=1, le=1024, description="blockwise_cd: tokens per block.")
+    # vLLM returns at most `max_logprobs` (20 by default) alternatives per position.
+    top_k: int = Field(10, ge=1, le=20, description="tokenwise_cd: next tokens considered.")
+    lambda_: float = Field(1.0, ge=0.0, le=1e4, allow_inf_nan=False, alias="lambda",
+                           description="tokenwise_cd: λ in p(z)·exp(λ·V(x, yᵗ, z)).")
 
     def options(self) -> dict:
         """The strategy-specific fields, passed to the strategy untouched."""
-        return self.model_dump(include={"alpha", "decision_tokens", "growth"})
+        return self.model_dump(include={"alpha", "decision_tokens", "growth", "block_tokens",
+                                        "top_k", "lambda_"}, by_alias=True)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -149,6 +160,7 @@ class AlignmentInfo(BaseModel):
     generated_tokens: int
     scored_candidates: int
     latency: Latency
+    cost_weight: float | None = None  # the weight used (λ* when the request said "auto")
     candidates: list[Candidate] | None = None
 
 
@@ -199,6 +211,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "alignserve"
     max_model_len: int | None = None
+    parent: str | None = None  # for a LoRA adapter: the served model it adapts
 
 
 class ModelList(BaseModel):
@@ -233,6 +246,54 @@ class AdminStatus(BaseModel):
     max_concurrent_requests: int
     engine_requests_unfinished: int | None = None
     user_keys: int = Field(description="How many user API keys are configured (never the keys).")
+    policy: str | None = Field(None, description="Active policy (see /admin/policies).")
+
+
+class PolicyCreate(BaseModel):
+    """POST /admin/policies: register a full checkpoint folder (and by default activate it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                      description="Policy name; 'base' is the model the server started with.")
+    path: str | None = Field(None, min_length=1, max_length=4096,
+                             description="Checkpoint folder on the server (config.json + "
+                             "*.safetensors); may be omitted for a registered name.")
+    activate: bool = Field(True, description="Swap it in now; false only validates and records.")
+
+
+class PolicyInfo(BaseModel):
+    name: str
+    path: str | None
+    kind: Literal["full", "lora"] = Field("full", description="full: a checkpoint swapped in "
+                                          "for all requests; lora: an adapter chosen per "
+                                          "request by `model`.")
+    active: bool
+    registered_at: int = Field(description="Unix time it was registered.")
+    loaded_at: int | None = Field(None, description="Unix time it last became active.")
+    activations: int = 0
+
+
+class PolicySwap(BaseModel):
+    previous: str
+    drained_requests: int = Field(description="Requests running when the swap began; each "
+                                  "finished on the previous policy.")
+    queued_requests: int = Field(description="Most requests queued at the gate during the swap; "
+                                 "they ran on the new policy.")
+    drain_s: float
+    reload_s: float
+    total_s: float
+
+
+class PolicyStatus(PolicyInfo):
+    swap: PolicySwap | None = Field(None, description="Set when this call swapped policies.")
+
+
+class PolicyList(BaseModel):
+    object: Literal["list"] = "list"
+    active: str
+    swapping: bool = Field(description="True while a swap holds new requests at the gate.")
+    swaps: int = Field(description="Successful swaps since start-up.")
+    data: list[PolicyInfo]
 
 
 _SamplingFields.model_rebuild()

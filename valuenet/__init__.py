@@ -1,5 +1,16 @@
-"""valuenet: prefix value heads V(x, yᵗ) for controlled decoding (CD-FUDGE, CD-Q).
+"""valuenet: prefix value heads V(x, yᵗ) for controlled decoding (Mudgal et al. 2024, arXiv
+2310.17022: CD-FUDGE, after FUDGE, Yang & Klein 2021; and CD-Q).
 
-Not built yet: the model, rollout data and offline trainer land with the valuenet issue. The
-server will expose trained heads as scorers `value:NAME`, usable by speculative rejection.
+- `data.py`      rollout folders (manifest.json + rollouts.jsonl), written by `rollouts.py`
+                 (`alignserve rollouts`: K samples per prompt from the reference policy, scored).
+- `model.py`     a causal-LM backbone + value head (scalar for CD-FUDGE, vocabulary-sized for
+                 CD-Q), checkpoint layout (config.json, head.safetensors, adapter/ for LoRA).
+- `losses.py`    CD-FUDGE regression and CD-Q Bellman targets on position-aligned tensors.
+- `train.py`     the offline trainer (dataclass config, explicit loop, frozen backbone with cached
+                 hidden states or LoRA), `report.py` its metrics (correlation of V with the
+                 reward by prefix length) and plots; `cli.py` is `alignserve train-value`.
+- `scorer.py`    trained heads as `decoding.protocols` TokenScorer / QScorer, which the server
+                 registers as scorers `value:NAME` (`--value-head NAME=PATH`).
+
+Imports torch, transformers and peft, never fastapi or vllm.
 """

@@ -97,3 +97,45 @@ def client(server):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+ROLLOUT_CMD = ["rollouts", "--prompts", "bench/prompts-dev.jsonl", "--limit", "2", "--n", "2",
+               "--max-tokens", "8", "--reward", "relevance", "--cost", "profanity",
+               "--kv-cache-gib", "1", "--max-model-len", "512"]
+
+
+@pytest.fixture(scope="session")
+def rollout_folder(tmp_path_factory) -> Path:
+    """`alignserve rollouts` once per session (its own engine): 2 dev prompts × 2 samples × 8
+    tokens, reward relevance, cost profanity. `cmd.json` holds the command, for reruns."""
+    import json
+
+    out = tmp_path_factory.mktemp("rollouts")
+    cmd = [*ROLLOUT_CMD, "--out", str(out)]
+    p = subprocess.run([str(Path(sys.executable).parent / "alignserve"), *cmd], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "tok/s" in p.stdout
+    out.joinpath("cmd.json").write_text(json.dumps(cmd))
+    return out
+
+
+# A few SafeDPO steps on the shipped synthetic pairs; small enough for ~1-2 minutes on 2 cores.
+SAFEDPO_ARGS = ["--limit", "16", "--held-out", "0.25", "--steps", "3", "--batch-size", "4",
+                "--max-length", "96", "--seed", "0"]
+
+
+@pytest.fixture(scope="session")
+def safedpo_checkpoint(tmp_path_factory) -> Path:
+    """A servable SafeDPO checkpoint of the embedded model (merged safetensors + tokenizer, plus
+    report.json / report.md / loss_curve.png), made once per session through the CLI. No engine
+    is started: training runs in plain torch."""
+    out = tmp_path_factory.mktemp("safedpo") / "checkpoint"
+    cmd = [str(Path(sys.executable).parent / "alignserve"), "finetune", "safedpo", "--data",
+           str(ROOT / "finetune" / "data" / "synthetic_safety.jsonl"), "--out", str(out),
+           *SAFEDPO_ARGS]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"finetune failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
+    return out

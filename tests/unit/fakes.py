@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from decoding.protocols import DecodeContext, Sample, SampleDelta, Sampling
 
 WORDS = ["good", "bad", "nice", "darn", "great", "ok", "fine", "meh"]
+EOS = 9_999  # the fake model's end-of-sequence id (never a word; decodes to nothing)
 
 
 class FakeTokenizer:
@@ -54,6 +55,19 @@ class FakeEngine:
         self.active = 0
         self.calls: list[tuple[list[int], int, Sampling]] = []
         self.gate: asyncio.Event | None = None  # when set-able, requests wait for it
+        self.eos_token_ids = frozenset({EOS})
+        # The policy's next-token log-probs at every position, reported as the top k when a
+        # call asks for top_logprobs (the sampled tokens stay uniform over WORDS).
+        self.next_logprobs: dict[int, float] = {i: math.log(1 / 8) for i in range(len(WORDS))}
+        # Policy hot-swap (server/policies.py): the "weights" are the path last loaded.
+        self.model_path: str | None = None
+        self.weights: str | None = None
+        self.reloads: list[str] = []
+        self.reload_gate: asyncio.Event | None = None  # holds reload_weights open
+        self.reload_error: Exception | None = None  # raised by the next reload
+        self.prefix_resets = 0
+        self.adapters: dict[str, str] = {}  # LoRA adapters loaded (name -> folder)
+        self.mixed_weights = 0  # generations that saw the weights change under them
 
     def num_unfinished_requests(self) -> int:
         return self.active
@@ -62,21 +76,47 @@ class FakeEngine:
     def aborted(self) -> int:
         return self.cancelled
 
-    def _sample(self, max_tokens: int) -> Sample:
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([i for i in ids if i not in self.eos_token_ids])
+
+    def _top(self, k: int) -> dict[int, float]:
+        return dict(sorted(self.next_logprobs.items(), key=lambda kv: -kv[1])[:k])
+
+    def _sample(self, max_tokens: int, top_logprobs: int = 0) -> Sample:
         length = max_tokens if self.full_length else self.rng.randint(1, max_tokens)
         ids = [self.rng.randrange(len(WORDS)) for _ in range(length)]
         return Sample(ids, "".join(" " + WORDS[i] for i in ids), [math.log(1 / 8)] * length,
-                      "stop" if length < max_tokens else "length")
+                      "stop" if length < max_tokens else "length",
+                      [self._top(top_logprobs) for _ in ids] if top_logprobs else None)
+
+    async def reload_weights(self, path: str) -> None:
+        if self.reload_gate is not None:
+            await self.reload_gate.wait()
+        if self.reload_error is not None:
+            err, self.reload_error = self.reload_error, None
+            raise err
+        self.weights = path
+        self.reloads.append(path)
+
+    async def reset_prefix_cache(self) -> None:
+        self.prefix_resets += 1
+
+    lora_enabled = False  # set True to accept LoRA adapters (add_adapter)
+
+    async def add_adapter(self, name: str, path: str) -> None:
+        self.adapters[name] = path
 
     async def generate(self, prompt_ids, n: int, sampling: Sampling) -> list[Sample]:
         self.calls.append((list(prompt_ids), n, sampling))
         self.started += 1
         self.active += 1
+        weights = self.weights
         try:
             if self.gate is not None:
                 await self.gate.wait()
             await asyncio.sleep(0)
-            out = [self._sample(sampling.max_tokens) for _ in range(n)]
+            out = [self._sample(sampling.max_tokens, sampling.top_logprobs) for _ in range(n)]
+            self.mixed_weights += weights != self.weights
             self.finished += 1
             return out
         except asyncio.CancelledError:
@@ -111,6 +151,40 @@ class FixedScores:
 
     def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
         return self.values[: len(responses)]
+
+
+class FakeQHead:
+    """A CD-Q value head with fixed values per token: V(x, yᵗ, z) = q[z] (0 if absent);
+    the prefix value V(x, yᵗ) is the mean of q over the response's tokens."""
+
+    def __init__(self, q: dict[int, float], name: str = "value:q") -> None:
+        self.q, self.name = dict(q), name
+        self.calls: list[tuple[list[int], list[int], list[int]]] = []
+
+    def q_values(self, prompt_ids, response_ids, candidates) -> list[float]:
+        self.calls.append((list(prompt_ids), list(response_ids), list(candidates)))
+        return [self.q.get(z, 0.0) for z in candidates]
+
+    def score_ids(self, prompt_ids, responses) -> list[float]:
+        return [sum(self.q.get(t, 0.0) for t in r) / max(1, len(r)) for r in responses]
+
+    def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
+        raise AssertionError("a value head is given token ids, never text")
+
+
+class FakeFudgeHead:
+    """A CD-FUDGE prefix value head: V(x, yᵗ) = count of token `tok` in yᵗ (ids, not text)."""
+
+    def __init__(self, tok: int = 0, name: str = "value:fudge") -> None:
+        self.tok, self.name = tok, name
+        self.seen: list[list[int]] = []
+
+    def score_ids(self, prompt_ids, responses) -> list[float]:
+        self.seen += [list(r) for r in responses]
+        return [float(list(r).count(self.tok)) for r in responses]
+
+    def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
+        raise AssertionError("a value head is given token ids, never text")
 
 
 class Exploding:

@@ -1,0 +1,239 @@
+"""CAN's λ*: predicted vs realised safety on the real engine (Huang et al., arXiv 2405.19544).
+
+1. Rollouts (held-in prompts): K reference samples per prompt, reward `relevance`, cost
+   `profanity` (valuenet.rollouts.collect, the code of `alignserve rollouts`; resumed if present).
+2. For every β and threshold b: λ* = argmin D̂(λ) (decoding.dual.solve_dual) and the predicted
+   safety E_{π_λ*}[g], g = −cost, on the rollouts. Thresholds are placed between the safety of the
+   unconstrained optimum π_0 ∝ p·exp(r/β) and the reachable limit mean_i max_k g_ik (quantile q),
+   so that every constraint is active and feasible.
+3. Fresh samples (held-in prompts again and held-out prompts): best_of_n with n=8 through the
+   strategy registry with score r − λ*·cost; per setting we report the realised safety of
+   - best_of_n (argmax of r + λ*·g: the β → 0 limit, not π_λ* itself; expect it above b),
+   - π_λ* on the fresh pool (self-normalised softmax((r + λ*·g)/β) expectation, i.e. what
+     soft_best_of_n at temperature β returns on average: the policy the prediction is about),
+   against the reference safety (mean over the pool) and reward-only best_of_n.
+Writes OUT/dual.md, dual.json and dual.png. `--quick` is a smoke run (4 prompts, 16 tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def split_prompts(path: Path, limit: int):
+    """Alternate helpful and adversarial prompts; even positions are held in, odd held out."""
+    from evaluation.plan import load_prompts
+
+    items = load_prompts(path)
+    helpful = [p for p in items if p.kind != "adversarial"]
+    adv = [p for p in items if p.kind == "adversarial"]
+    mixed = [p for pair in zip(helpful, adv) for p in pair][: limit or None]
+    return mixed[0::2], mixed[1::2]
+
+
+async def fresh_pools(rt, prompts, n: int, max_tokens: int, lam: float):
+    """best_of_n (score r − λ·cost) on every prompt at once; returns per prompt the
+    strategy's choice and its candidate pool (r, cost), for offline re-selection."""
+    from decoding.protocols import DecodeRequest, Objective, Sampling
+    from decoding.strategies import STRATEGIES
+    from valuenet.rollouts import chat_prompt_ids
+
+    objective = Objective(await rt.scorers.get("relevance"), await rt.scorers.get("profanity"),
+                          cost_weight=lam)
+    reqs = [DecodeRequest(prompt_ids=chat_prompt_ids(rt.engine.tokenizer, p.prompt),
+                          prompt_text=p.prompt, n=n, objective=objective, return_candidates=True,
+                          sampling=Sampling(max_tokens=max_tokens, temperature=1.0))
+            for p in prompts]
+    results = await asyncio.gather(*(STRATEGIES["best_of_n"].run(r, rt.ctx) for r in reqs))
+    return [{"chosen_cost": res.cost, "r": [c.reward for c in res.candidates],
+             "cost": [c.cost for c in res.candidates]} for res in results]
+
+
+def realised(pools, beta: float, lam: float) -> dict:
+    """Safety (g = −cost) and reward of the selection rules on fresh pools, mean over prompts."""
+    import numpy as np
+
+    from decoding.dual import predicted_safety
+
+    r = np.array([p["r"] for p in pools])
+    g = -np.array([p["cost"] for p in pools])
+    pick = np.argmax(r + lam * g, axis=1)  # best_of_n's rule (first of ties, as the strategy)
+    pick0 = np.argmax(r, axis=1)
+    rows = np.arange(len(pools))
+    z = (r + lam * g) / beta
+    w = np.exp(z - z.max(axis=1, keepdims=True))
+    w /= w.sum(axis=1, keepdims=True)
+    return {"bon_safety": float(g[rows, pick].mean()), "bon_reward": float(r[rows, pick].mean()),
+            "tilt_safety": float(predicted_safety(r, g, beta, lam)),
+            "tilt_reward": float((w * r).sum(axis=1).mean()),
+            "reward_only_bon_safety": float(g[rows, pick0].mean()),
+            "reference_safety": float(g.mean()), "reference_reward": float(r.mean())}
+
+
+async def main_async(args) -> dict:
+    import numpy as np
+    from tqdm import tqdm
+
+    from decoding.dual import achievable_safety, predicted_safety, solve_dual
+    from server.runtime import build_runtime
+    from server.settings import Settings
+    from valuenet.data import Manifest, read_manifest, read_rollouts
+    from valuenet.rollouts import RolloutConfig, collect, prepare_folder
+
+    held_in, held_out = split_prompts(args.prompts, args.limit)
+    t0 = time.perf_counter()
+    rt = build_runtime(Settings(max_model_len=1024, kv_cache_gib=2, default_reward="relevance"))
+    startup = time.perf_counter() - t0
+    try:
+        cfg = RolloutConfig(args.rollout_n, args.max_tokens, 1.0, "relevance", "profanity")
+        # Outside the repository (rows carry token ids and log-probs); resumed when rerun.
+        folder = args.rollouts or (Settings().home / "bench"
+                                   / f"dual-rollouts-k{args.rollout_n}-t{args.max_tokens}")
+        done = prepare_folder(folder, Manifest(model=rt.model_name, prompts=str(args.prompts),
+                                               **{k: getattr(cfg, k) for k in (
+                                                   "n", "max_tokens", "temperature", "reward",
+                                                   "cost")}))
+        todo = [p for p in held_in if p.id not in done]
+        m = read_manifest(folder)
+        m.count = len(read_rollouts(folder)[1])
+        with tqdm(total=len(todo), desc="rollouts", file=sys.stderr) as bar:
+            stats = await collect(rt, todo, cfg, folder, m, bar)
+        _, rows = read_rollouts(folder)
+        ids = [p.id for p in held_in]
+        by = {i: sorted((x for x in rows if x.prompt_id == i), key=lambda x: x.sample) for i in ids}
+        r = np.array([[x.reward for x in by[i]] for i in ids])
+        g = -np.array([[x.cost for x in by[i]] for i in ids])
+        settings = []
+        for beta in args.betas:
+            s0, reach = predicted_safety(r, g, beta, 0.0), achievable_safety(g)
+            thresholds = args.thresholds or [s0 + q * (reach - s0) for q in args.quantiles]
+            for b in thresholds:
+                lam = float(solve_dual(r, g, beta, b))
+                settings.append({"beta": beta, "threshold": b, "lambda": lam,
+                                 "predicted_safety": predicted_safety(r, g, beta, lam),
+                                 "unconstrained_safety": s0, "achievable_safety": reach})
+        t1 = time.perf_counter()
+        pools = {"held_in": await fresh_pools(rt, held_in, args.n, args.max_tokens,
+                                              settings[0]["lambda"]),
+                 "held_out": await fresh_pools(rt, held_out, args.n, args.max_tokens,
+                                               settings[0]["lambda"])}
+        fresh_s = time.perf_counter() - t1
+    finally:
+        rt.engine.shutdown()
+        rt.ctx.executor.shutdown(wait=False)
+    # the strategy's own choice must be the offline argmax (same rule, same scores)
+    for p in pools["held_in"] + pools["held_out"]:
+        k = int(np.argmax(np.array(p["r"]) - settings[0]["lambda"] * np.array(p["cost"])))
+        assert abs(p["cost"][k] - p["chosen_cost"]) < 1e-12
+    for s in settings:
+        for name, pool in pools.items():
+            s[name] = realised(pool, s["beta"], s["lambda"])
+    return {"config": {"prompts": str(args.prompts), "held_in": len(held_in),
+                       "held_out": len(held_out), "rollout_n": args.rollout_n, "n": args.n,
+                       "max_tokens": args.max_tokens, "reward": "relevance", "cost": "profanity",
+                       "rollouts": str(folder), "startup_s": startup,
+                       "rollout_tok_s": stats.tokens_per_s, "rollout_wall_s": stats.wall_s,
+                       "fresh_wall_s": fresh_s, "quick": args.quick},
+            "reference_safety_rollouts": float(g.mean()), "settings": settings}
+
+
+def report(res: dict) -> str:
+    c = res["config"]
+    lines = [
+        "# CAN dual: predicted vs realised safety\n",
+        f"Reward `relevance`, cost `profanity`, safety g = −cost. λ* from {c['held_in']} held-in "
+        f"prompts × {c['rollout_n']} reference samples ({c['max_tokens']} tokens, temperature 1); "
+        f"fresh pools of n = {c['n']} on the held-in prompts and on {c['held_out']} held-out "
+        f"prompts. Reference safety on the rollouts: {res['reference_safety_rollouts']:.4f}. "
+        "One run" + (" (**--quick smoke run: too small to read anything into**)" if c["quick"]
+                     else "") + ".\n",
+        "| β | b | λ* | predicted E_π_λ*[g] | set | π_λ* on fresh pool | best-of-8 (r − λ*·cost) "
+        "| best-of-8 (reward only) | reference | reward: π_λ* / best-of-8 / reference |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in res["settings"]:
+        for name in ("held_in", "held_out"):
+            x = s[name]
+            lines.append(
+                f"| {s['beta']:g} | {s['threshold']:.4f} | {s['lambda']:.4g} | "
+                f"{s['predicted_safety']:.4f} | {name.replace('_', '-')} | {x['tilt_safety']:.4f} "
+                f"| {x['bon_safety']:.4f} | {x['reward_only_bon_safety']:.4f} | "
+                f"{x['reference_safety']:.4f} | {x['tilt_reward']:.3f} / {x['bon_reward']:.3f} / "
+                f"{x['reference_reward']:.3f} |")
+    lines += ["", "π_λ* on a fresh pool is the self-normalised expectation under "
+              "softmax((r + λ*·g)/β) over the n fresh samples (what soft best-of-n at temperature "
+              "β draws from); best-of-8 takes the argmax of the same score (the β → 0 limit), so "
+              "its safety is not what the dual predicts. Thresholds b lie between the unconstrained "
+              "optimum's safety and the reachable limit mean_i max_k g_ik on the rollouts.",
+              f"\nStart-up {c['startup_s']:.0f} s; rollouts {c['rollout_wall_s']:.0f} s "
+              f"({c['rollout_tok_s']:.0f} tok/s); fresh pools {c['fresh_wall_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    s = res["settings"]
+    x = list(range(len(s)))
+    ax.plot(x, [t["threshold"] for t in s], "k_", ms=20, label="threshold b")
+    ax.plot(x, [t["predicted_safety"] for t in s], "o", label="predicted E_π_λ*[g] (rollouts)")
+    for name, mark in (("held_in", "s"), ("held_out", "^")):
+        ax.plot(x, [t[name]["tilt_safety"] for t in s], mark, mfc="none",
+                label=f"π_λ* on fresh pool ({name})")
+        ax.plot(x, [t[name]["bon_safety"] for t in s], mark, label=f"best-of-8 r − λ*·cost ({name})")
+    ax.axhline(res["reference_safety_rollouts"], color="gray", ls=":", label="reference E_p[g]")
+    ax.set_xticks(x, [f"β={t['beta']:g}\nλ*={t['lambda']:.2g}" for t in s], fontsize=7)
+    ax.set_ylabel("safety g = −profanity")
+    ax.set_title("CAN λ*: predicted vs realised safety")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--prompts", type=Path, default=ROOT / "bench" / "prompts-dev.jsonl")
+    ap.add_argument("--limit", type=int, default=0, help="Prompts used, half held in (0: all).")
+    ap.add_argument("--rollout-n", type=int, default=16, help="Reference samples per prompt.")
+    ap.add_argument("--n", type=int, default=8, help="Fresh best-of-n pool size.")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    ap.add_argument("--quantiles", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                    help="b = s0 + q·(reachable − s0), s0 = safety of π_0 ∝ p·exp(r/β).")
+    ap.add_argument("--thresholds", type=float, nargs="+", default=None,
+                    help="Absolute thresholds b instead of --quantiles.")
+    ap.add_argument("--rollouts", type=Path, default=None,
+                    help="Rollout folder (default ALIGNSERVE_HOME/bench/dual-rollouts-k…-t…).")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--quick", action="store_true", help="Smoke run: 4 prompts, 8 samples, "
+                    "16 tokens, one β and b; writes under /tmp unless --out is given.")
+    args = ap.parse_args()
+    if args.quick:
+        args.limit, args.rollout_n, args.max_tokens = 4, 8, 16
+        args.betas, args.quantiles = [0.1], [0.5]
+        if args.out == ROOT / "bench" / "results":
+            args.out = Path("/tmp/alignserve-bench-dual-quick")
+    args.out.mkdir(parents=True, exist_ok=True)
+    res = asyncio.run(main_async(args))
+    md = report(res)
+    (args.out / "dual.md").write_text(md)
+    (args.out / "dual.json").write_text(json.dumps(res, indent=2))
+    plot(res, args.out / "dual.png")
+    print(md)
+    print(f"wrote {args.out}/dual.md, dual.json, dual.png")
+
+
+if __name__ == "__main__":
+    main()

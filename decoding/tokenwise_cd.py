@@ -1,0 +1,96 @@
+"""Tokenwise controlled decoding with a CD-Q value head (Mudgal et al., ICML 2024, arXiv 2310.17022).
+
+The KL-regularised optimal next-token policy is π*(z | x, yᵗ) ∝ p(z | x, yᵗ)·exp(λ·V(x, yᵗ, z)).
+At each step: one engine call (max_tokens=1, top-k log-probs) gives the policy's k most likely
+next tokens; the Q head gives V(x, yᵗ, z) for all k in one forward pass (`QScorer.q_values`);
+the next token is drawn from softmax(log p + λ·V) over those k (FUDGE's top-k rescoring, Yang &
+Klein 2021, with Q values in place of a classifier's log-probabilities), seeded by the request
+seed when given. λ = 0 is top-k sampling from the policy.
+
+Accounting: `kl_estimate` = Σₜ KL(π̃ₜ ‖ p̃ₜ) along the decoded path, where p̃ₜ is the policy's
+top-k distribution renormalised and π̃ₜ its tilt. It does not cover the policy mass outside the
+top k, the temperature / top-p processing (p̃ is already processed), or an expectation over
+paths (it is one path's sum). The draw never leaves the top k, so against the processed policy
+itself the path's KL is kl_estimate + Σₜ −log(top-k mass), reported as `kl_outside_top_k`.
+`kl_bound` = Σₜ λ·(max V − min V) bounds each step's term of
+that same sum, since log π̃/p̃ = λ·V − log E_p̃ e^{λV} ≤ λ·(max V − min V).
+`scored_candidates` counts the Q values (k per step). `generated_tokens` counts one engine token per step: the engine samples a token we discard (a
+step costs one decode pass, like plain sampling's token).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from .committed import Committed, capped
+from .protocols import DecodeContext, DecodeRequest, DecodeResult, QScorer, Timer
+from .strategies import register
+
+
+def tilt(logps: list[float], values: list[float], lam: float) -> tuple[list[float], float]:
+    """(π̃, KL(π̃ ‖ p̃)) for π̃ ∝ p̃·exp(λ·V) and p̃ = softmax(logps) (the renormalised top-k)."""
+    base = _log_softmax(logps)
+    tilted = _log_softmax([lp + lam * v for lp, v in zip(base, values)])
+    probs = [math.exp(t) for t in tilted]
+    kl = math.fsum(p * (t - b) for p, t, b in zip(probs, tilted, base) if p > 0)
+    return probs, max(0.0, kl)
+
+
+def _log_softmax(xs: list[float]) -> list[float]:
+    top = max(xs)
+    log_z = top + math.log(math.fsum(math.exp(x - top) for x in xs))
+    return [x - log_z for x in xs]
+
+
+@register
+class TokenwiseCD:
+    name = "tokenwise_cd"
+    needs_objective = False  # guided by the Q head; the reward is reported when one is named
+    streams_tokens = False
+    streams_text = True  # each drawn token is final: `emit` streams it
+    value_protocol = QScorer  # needs V(x, yᵗ, z) for every candidate z at once
+    value_required = True
+
+    async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
+        q = req.value
+        if not isinstance(q, QScorer):  # the server checks this at the edge (a 400)
+            raise ValueError("tokenwise_cd needs a CD-Q value head (a QScorer)")
+        k, lam = int(req.options.get("top_k", 10)), float(req.options.get("lambda", 1.0))
+        rng = random.Random(req.seed)
+        # Stop strings are matched on the whole answer by `Committed`; the engine's own draw
+        # (seed) is discarded, so neither is passed on.
+        step_sampling = capped(req.sampling, max_tokens=1, stop=(), seed=None, top_logprobs=k)
+        answer = Committed(req, ctx.engine)
+        timer = Timer()
+        steps = scored = 0
+        kl_estimate = kl_bound = outside = 0.0
+        while not answer.done:
+            (s,) = await ctx.generate(req.prompt_ids + answer.ids, 1, step_sampling, timer)
+            top = s.top_logprobs[0] if s.top_logprobs else {}
+            if not top:  # no alternatives reported: the engine's own draw is all there is
+                top = {s.token_ids[0]: s.logprobs[0]}
+            tokens = sorted(top, key=top.__getitem__, reverse=True)
+            logps = [top[t] for t in tokens]
+            values = await ctx.q_values(q, req, answer.ids, tokens, timer)
+            scored += len(tokens)
+            probs, kl = tilt(logps, values, lam)
+            kl_estimate += kl
+            outside -= math.log(min(1.0, math.fsum(math.exp(lp) for lp in logps)))
+            kl_bound += lam * (max(values) - min(values))
+            z = rng.choices(range(len(tokens)), weights=probs)[0]
+            steps += 1
+            # the policy's (processed) log-prob of z, not the renormalised one: same meaning
+            # as every other Sample.logprobs
+            answer.append([tokens[z]], [logps[z]], None)
+
+        result = DecodeResult(
+            strategy=self.name, n=1, sample=answer.sample(), kl_bound=kl_bound,
+            kl_estimate=kl_estimate, generated_tokens=steps, scored_candidates=scored, timer=timer,
+            extra={"steps": steps, "top_k": k, "lambda": lam, "value": q.name,
+                   "kl_outside_top_k": outside},
+        )
+        if req.objective is not None:
+            (final,) = await ctx.score_samples(req.objective, req, [result.sample], timer)
+            result.reward, result.cost = final.reward, final.cost
+        return result

@@ -1,0 +1,261 @@
+"""`alignserve finetune safedpo | mocan`: preference pairs → (transform | relabel) → DPO → checkpoint.
+
+    alignserve finetune safedpo --data pairs.jsonl --out ckpt [--beta 0.1 --delta 10]
+    alignserve finetune mocan   --data pairs.jsonl --out ckpt (--lambda X | --dual dual.json |
+                                --rollouts DIR --dual-beta B --threshold b) [--reward relevance
+                                --cost profanity]
+
+Both write a servable folder (merged safetensors + tokenizer, or `--save-adapter` for a LoRA
+adapter) and report.json / report.md / loss_curve.png next to it. `add_arguments` fills the
+subparser of server/cli.py; the module imports only the standard library and the pure data
+modules, torch / TRL / PEFT load inside `run`. Exit status: 0 done, 2 bad flags or data (a
+message, no traceback), 1 the training or an infeasible dual failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .pairs import load_pairs, split_pairs
+
+log = logging.getLogger(__name__)
+PROG = "alignserve finetune"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    # server/cli.py feeds every parsed name that is also a `Settings` field to Settings, so no
+    # dest here may be one (hence base_model, model_home, dual_file, scorer_length_target).
+    p.add_argument("--data", required=True, help="Preference pairs, PKU-SafeRLHF schema: a "
+                   ".jsonl/.json file, a local dataset folder, or a `datasets` name.")
+    p.add_argument("--split", default="train", help="Split for folders / dataset names.")
+    p.add_argument("--limit", type=int, default=None, help="Use only the first N pairs.")
+    p.add_argument("--out", type=Path, required=True, help="Output folder (checkpoint + report).")
+    p.add_argument("--model", dest="base_model", default="embedded", help="Base policy: 'embedded' "
+                   "(SmolLM2-135M-Instruct under ALIGNSERVE_HOME), a local folder or an HF id.")
+    p.add_argument("--home", dest="model_home", type=Path, default=None, help="Cache folder of the embedded model "
+                   "(default ALIGNSERVE_HOME or ~/.cache/alignserve).")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--lora", dest="lora", action="store_true", default=True,
+                      help="Train a LoRA adapter (default); saved merged unless --save-adapter.")
+    mode.add_argument("--full", dest="lora", action="store_false", help="Full fine-tuning.")
+    p.add_argument("--save-adapter", action="store_true",
+                   help="Save the LoRA adapter folder instead of merged weights.")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank.")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha.")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO KL weight β.")
+    p.add_argument("--steps", type=int, default=20, help="Optimiser steps.")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Learning rate (default 1e-4 with LoRA, 1e-5 full).")
+    p.add_argument("--batch-size", type=int, default=4, help="Pairs per step.")
+    p.add_argument("--max-length", type=int, default=160,
+                   help="Tokens per prompt+response sequence (longer ones are truncated).")
+    p.add_argument("--held-out", type=float, default=0.2,
+                   help="Share of pairs kept out of training for the report, in [0, 1).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the split, labels and training.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="method", required=True, metavar="{safedpo,mocan}")
+    safe = sub.add_parser("safedpo", help="SafeDPO (arXiv 2505.20065): safety-aware transform "
+                          "of the pairs, DPO loss with a safety offset Δ.")
+    _add_common(safe)
+    safe.add_argument("--delta", type=float, default=10.0,
+                      help="Safety offset Δ ≥ 0 (0: DPO on the transformed pairs).")
+    mocan = sub.add_parser("mocan", help="MoCAN (arXiv 2405.19544): relabel pairs with "
+                           "σ(w₁ − w₀), w = r + λ*·g, then DPO.")
+    _add_common(mocan)
+    lam = mocan.add_mutually_exclusive_group(required=True)
+    lam.add_argument("--lambda", dest="lam", type=float, help="λ* given directly (≥ 0).")
+    lam.add_argument("--dual", dest="dual_file", type=Path, help="JSON written by `alignserve dual` (key lambda).")
+    lam.add_argument("--rollouts", type=Path,
+                     help="Rollout folder: solve λ* here (needs --dual-beta, --threshold).")
+    mocan.add_argument("--dual-beta", type=float, default=None,
+                       help="β of CAN's dual, with --rollouts.")
+    mocan.add_argument("--threshold", type=float, default=None,
+                       help="b in E[g] ≥ b (g = −cost), with --rollouts.")
+    mocan.add_argument("--reward", default="relevance", help="Reward scorer r (server/scorers.py).")
+    mocan.add_argument("--cost", default="profanity", help="Cost scorer; safety g = −cost.")
+    mocan.add_argument("--temperature", type=float, default=1.0,
+                       help="τ in P(y₁ ≻ y₀) = σ((w₁ − w₀)/τ).")
+    mocan.add_argument("--length-target", dest="scorer_length_target", type=int, default=64,
+                       help="Target of the `length` scorer.")
+
+
+def check_flags(ns: argparse.Namespace) -> None:
+    """Every flag problem that needs no data or model, as a ValueError."""
+    if not ns.beta > 0:
+        raise ValueError("--beta must be > 0")
+    if ns.steps < 1 or ns.batch_size < 1:
+        raise ValueError("--steps and --batch-size must be ≥ 1")
+    if ns.lr is not None and not ns.lr > 0:
+        raise ValueError("--lr must be > 0")
+    if ns.max_length < 16:
+        raise ValueError("--max-length must be ≥ 16")
+    if not 0 <= ns.held_out < 1:
+        raise ValueError("--held-out must lie in [0, 1)")
+    if ns.limit is not None and ns.limit < 1:
+        raise ValueError("--limit must be ≥ 1")
+    if ns.lora_r < 1 or ns.lora_alpha < 1:
+        raise ValueError("--lora-r and --lora-alpha must be ≥ 1")
+    if ns.save_adapter and not ns.lora:
+        raise ValueError("--save-adapter needs LoRA (not --full)")
+    if ns.out.exists() and not ns.out.is_dir():
+        raise ValueError(f"--out {ns.out} exists and is not a folder")
+    if ns.method == "safedpo" and not ns.delta >= 0:
+        raise ValueError("--delta must be ≥ 0")
+    if ns.method == "mocan":
+        if ns.lam is not None and not ns.lam >= 0:
+            raise ValueError("--lambda must be ≥ 0")
+        if ns.rollouts is not None and (ns.dual_beta is None or ns.threshold is None):
+            raise ValueError("--rollouts needs --dual-beta and --threshold")
+        if ns.rollouts is None and (ns.dual_beta is not None or ns.threshold is not None):
+            raise ValueError("--dual-beta and --threshold only apply with --rollouts")
+        if not ns.temperature > 0:
+            raise ValueError("--temperature must be > 0")
+
+
+def resolve_model(name: str, home: Path | None) -> Path | str:
+    """'embedded' → the prepared SmolLM2 folder (as `alignserve serve` finds it); a folder must
+    hold a config.json; anything else is a Hugging Face id for `from_pretrained`."""
+    from server.settings import DEFAULT_MODEL, Settings
+
+    if name == DEFAULT_MODEL:
+        from server.model_prep import prepare_embedded_model
+
+        return prepare_embedded_model(Settings(**({"home": home} if home else {})).home)
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ValueError(f"--model {name}: no config.json in that folder")
+        return local
+    return name
+
+
+def resolve_lambda(ns: argparse.Namespace) -> dict:
+    """MoCAN's λ*: {value, source, detail} from --lambda, --dual or --rollouts."""
+    from .mocan import lambda_from_dual_file, lambda_from_rollouts
+
+    if ns.lam is not None:
+        return {"value": ns.lam, "source": "--lambda", "detail": {}}
+    src = (lambda_from_dual_file(ns.dual_file) if ns.dual_file is not None else
+           lambda_from_rollouts(ns.rollouts, ns.reward, ns.cost, ns.dual_beta, ns.threshold,
+                                ns.scorer_length_target))
+    for key in ("reward", "cost"):
+        if src.detail.get(key) not in (None, getattr(ns, key)):
+            log.warning("λ* was solved for %s %r, relabelling uses %r", key, src.detail[key],
+                        getattr(ns, key))
+    return {"value": src.value, "source": src.source, "detail": src.detail}
+
+
+def _mocan_examples(ns: argparse.Namespace, lam: float, splits: list[list]) -> list[tuple]:
+    """Score every split's pairs with the reward and cost scorers, then relabel them."""
+    from server.scorers import ScorerRegistry, UnknownScorer, default_factories
+
+    from .mocan import mocan_relabel, score_pairs
+
+    registry = ScorerRegistry(default_factories(ns.scorer_length_target), None)
+    try:
+        reward, cost = registry.load_now(ns.reward), registry.load_now(ns.cost)
+    except UnknownScorer as exc:
+        raise ValueError(str(exc)) from None
+    out = []
+    for i, pairs in enumerate(splits):
+        if not pairs:
+            out.append(([], {}))
+            continue
+        r, c = score_pairs(pairs, reward, cost)
+        # a different seed per split, so held-out labels are not the train labels' twins
+        examples, stats = mocan_relabel(pairs, r, c, lam, ns.seed + i, ns.temperature)
+        out.append((examples, {**stats, "reward": ns.reward, "cost": ns.cost}))
+    return out
+
+
+def _prepare(ns: argparse.Namespace):
+    """Flags, data, λ*, model path, examples: everything before training, cheapest checks
+    first. Raises ValueError / FileNotFoundError on bad input."""
+    from .safedpo import safedpo_transform
+
+    check_flags(ns)
+    pairs = load_pairs(ns.data, ns.split, ns.limit)
+    splits = list(split_pairs(pairs, ns.held_out, ns.seed))
+    lam = None
+    if ns.method == "safedpo":  # pure and cheap: before the model is looked up
+        (train_ex, train_stats), (eval_ex, eval_stats) = [
+            safedpo_transform(p) if p else ([], {}) for p in splits]
+        if not train_ex:
+            raise ValueError(f"no training pairs left after SafeDPO's transform ({train_stats}):"
+                             " every pair has two unsafe responses")
+        model = resolve_model(ns.base_model, ns.model_home)
+    else:
+        lam = resolve_lambda(ns)
+        model = resolve_model(ns.base_model, ns.model_home)
+        (train_ex, train_stats), (eval_ex, eval_stats) = _mocan_examples(ns, lam["value"], splits)
+    data = {"source": str(ns.data), "pairs": len(pairs), "train": train_stats,
+            "held_out": eval_stats}
+    return model, train_ex, eval_ex, data, lam
+
+
+def _train_and_report(ns: argparse.Namespace, model, train_ex, eval_ex, data, lam) -> dict:
+    from dataclasses import asdict
+
+    from .report import write_report
+    from .trainer import TrainConfig, train
+
+    cfg = TrainConfig(model=Path(model) if not isinstance(model, str) else model, out=ns.out,
+                      beta=ns.beta, steps=ns.steps, batch_size=ns.batch_size,
+                      lr=ns.lr if ns.lr is not None else (1e-4 if ns.lora else 1e-5),
+                      max_length=ns.max_length, lora=ns.lora, lora_r=ns.lora_r,
+                      lora_alpha=ns.lora_alpha, save_adapter=ns.save_adapter, seed=ns.seed)
+    delta = ns.delta if ns.method == "safedpo" else 0.0
+    result = train(cfg, train_ex, eval_ex, delta)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    report = {"method": ns.method, "config": {**config, "delta": delta, "held_out": ns.held_out},
+              "output": str(ns.out),
+              "output_kind": "LoRA adapter" if cfg.save_adapter else "merged safetensors",
+              "data": data, "lambda": lam, "steps": ns.steps, "train_s": result.train_s,
+              "steps_per_s": result.steps_per_s, "trainable_params": result.trainable_params,
+              "before": result.before, "after": result.after,
+              "loss_curve": [list(x) for x in result.loss_curve]}
+    write_report(ns.out, report)
+    return report
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Entry point of the `finetune` subcommand (after parsing)."""
+    try:
+        prepared = _prepare(ns)
+    except (ValueError, FileNotFoundError) as exc:  # PairSchemaError is a ValueError
+        from decoding.dual import InfeasibleConstraint
+
+        print(f"{PROG} {ns.method}: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, InfeasibleConstraint) else 2
+    try:
+        report = _train_and_report(ns, *prepared)
+    except (RuntimeError, OSError, ValueError) as exc:  # model load, out of memory, disk
+        print(f"{PROG} {ns.method}: training failed: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 1
+    after = report["after"]["train"]
+    before = report["before"]["train"]
+    print(f"{ns.method}: {report['steps']} steps in {report['train_s']:.1f} s "
+          f"({report['steps_per_s']:.3f} steps/s); train loss {before['loss']:.4f} → "
+          f"{after['loss']:.4f}, accuracy {after['accuracy']:.3f}, margin "
+          f"{after['reward_margin']:.4f}\nwrote {ns.out} ({report['output_kind']}) and "
+          f"report.json, report.md, loss_curve.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The controlled-decoding pipeline end to end on the real engine and model:
+rollouts (session fixture) → `alignserve train-value` (FUDGE and CD-Q, a few steps) → a server
+with both heads → blockwise_cd and tokenwise_cd over HTTP, streamed and not; the heads as
+scorers of speculative rejection; and a head keeps working after the policy is hot-swapped
+(to a SafeDPO checkpoint made by `alignserve finetune`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+CLI = str(Path(sys.executable).parent / "alignserve")
+ADMIN_KEY = "live-valuenet-admin-key-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+PROMPT = [{"role": "user", "content": "Give me two tips for learning to cook."}]
+
+
+@pytest.fixture(scope="module")
+def heads(rollout_folder, tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for method in ("fudge", "cdq"):
+        folder = tmp_path_factory.mktemp(f"head-{method}")
+        p = subprocess.run([CLI, "train-value", "--data", str(rollout_folder), "--method", method,
+                            "--steps", "5", "--batch-size", "2", "--val-fraction", "0.5",
+                            "--out", str(folder), "--no-progress"],
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert math.isfinite(metrics["initial_val_loss"]) and math.isfinite(metrics["val_loss"])
+        assert list(folder.glob("*.png")), "train-value writes its plots"
+        out[method] = folder
+    return out
+
+
+@pytest.fixture(scope="module")
+def cd_server(launch_server, heads, tmp_path_factory):
+    log = tmp_path_factory.mktemp("cd-server") / "server.log"
+    srv = launch_server(log, ["--kv-cache-gib", "1", "--value-head", f"fudge={heads['fudge']}",
+                              "--value-head", f"cdq={heads['cdq']}"], probe="/ready",
+                        env={"ALIGNSERVE_ADMIN_KEY": ADMIN_KEY})
+    yield srv
+    srv.proc.terminate()
+    try:
+        srv.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        srv.proc.kill()
+
+
+def chat(srv, alignment: dict, max_tokens: int = 24, **extra) -> httpx.Response:
+    body = {"messages": PROMPT, "max_tokens": max_tokens, "temperature": 1.0, "seed": 7,
+            "alignment": alignment, **extra}
+    return httpx.post(f"{srv.base_url}/v1/chat/completions", json=body, timeout=600)
+
+
+def stream(srv, alignment: dict, max_tokens: int = 24) -> tuple[list[str], dict]:
+    """The streamed content pieces and the final `alignment` block."""
+    body = {"messages": PROMPT, "max_tokens": max_tokens, "temperature": 1.0, "stream": True,
+            "alignment": alignment}
+    pieces, info = [], None
+    with httpx.stream("POST", f"{srv.base_url}/v1/chat/completions", json=body,
+                      timeout=600) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            for choice in event["choices"]:
+                if choice["delta"].get("content"):
+                    pieces.append(choice["delta"]["content"])
+            info = event.get("alignment") or info
+    return pieces, info
+
+
+BLOCKWISE = {"strategy": "blockwise_cd", "n": 3, "block_tokens": 8, "value": "value:fudge"}
+TOKENWISE = {"strategy": "tokenwise_cd", "top_k": 5, "lambda": 2.0, "value": "value:cdq"}
+
+
+def test_blockwise_with_a_fudge_head(cd_server):
+    r = chat(cd_server, BLOCKWISE)
+    assert r.status_code == 200, r.text
+    a = r.json()["alignment"]
+    tokens = r.json()["usage"]["completion_tokens"]
+    assert a["blocks"] == math.ceil(tokens / 8) and a["blocks"] >= 2
+    assert a["kl_bound"] == pytest.approx(a["blocks"] * (math.log(3) - 2 / 3))
+    assert tokens <= a["generated_tokens"] <= 3 * 8 * a["blocks"]
+    assert a["reward"] is not None  # the final answer is scored by the request's reward
+
+    pieces, info = stream(cd_server, BLOCKWISE)
+    assert 2 <= len(pieces) <= info["blocks"]  # one chunk per accepted block (text held back
+    assert "".join(pieces).strip()  # only where a block ends inside a character)
+
+
+def test_tokenwise_with_a_cdq_head(cd_server):
+    r = chat(cd_server, TOKENWISE)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    a = body["alignment"]
+    assert body["usage"]["completion_tokens"] >= 1 and body["choices"][0]["message"]["content"]
+    assert a["kl_estimate"] >= 0 and math.isfinite(a["kl_estimate"])
+
+    # λ = 0 samples from the policy's top-k itself: no tilt, no KL
+    r = chat(cd_server, {**TOKENWISE, "lambda": 0.0})
+    assert r.status_code == 200 and r.json()["alignment"]["kl_estimate"] == pytest.approx(0, abs=1e-9)
+
+    pieces, info = stream(cd_server, TOKENWISE, max_tokens=12)
+    assert len(pieces) >= 2 and info["kl_estimate"] >= 0  # streamed token by token
+
+
+def test_heads_are_scorers(cd_server):
+    # a FUDGE head has no per-token Q values
+    r = chat(cd_server, {**TOKENWISE, "value": "value:fudge"})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("alignment")
+    r = chat(cd_server, {**TOKENWISE, "value": "value:missing"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_scorer"
+    # value heads score whole answers too: best-of-n and speculative rejection take them as reward
+    for alignment in ({"strategy": "best_of_n", "n": 3, "reward": "value:fudge"},
+                      {"strategy": "speculative_rejection", "n": 4, "decision_tokens": 4,
+                       "reward": "value:cdq"}):
+        r = chat(cd_server, alignment, max_tokens=16)
+        assert r.status_code == 200, r.text
+        assert math.isfinite(r.json()["alignment"]["reward"])
+
+
+def test_a_head_outlives_a_policy_swap(cd_server, safedpo_checkpoint):
+    r = httpx.post(f"{cd_server.base_url}/admin/policies", headers=ADMIN, timeout=600,
+                   json={"name": "safedpo", "path": str(safedpo_checkpoint), "activate": True})
+    assert r.status_code == 200, r.text
+    try:
+        r = chat(cd_server, BLOCKWISE)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-alignserve-policy"] == "safedpo" and r.json()["alignment"]["blocks"] >= 1
+        r = chat(cd_server, TOKENWISE)
+        assert r.status_code == 200, r.text
+    finally:
+        httpx.post(f"{cd_server.base_url}/admin/policies/base/activate", headers=ADMIN,
+                   timeout=600)

@@ -1,0 +1,95 @@
+"""`alignserve train-value`: train a prefix value head (CD-FUDGE or CD-Q, Mudgal et al. 2024,
+arXiv 2310.17022) on a rollout folder and write a checkpoint that `alignserve serve
+--value-head NAME=PATH` serves as scorer `value:NAME`.
+
+Imports stay light here (the parser is built for every `alignserve` command); torch and
+transformers load inside `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="Rollout folder (manifest.json + rollouts.jsonl).")
+    p.add_argument("--method", required=True, choices=("fudge", "cdq"),
+                   help="fudge: regress every prefix on the final reward; cdq: Bellman targets "
+                        "with a vocabulary-sized head (needed by tokenwise decoding).")
+    p.add_argument("--steps", required=True, type=_positive(int), help="Optimiser steps.")
+    p.add_argument("--out", required=True, help="Checkpoint folder to write.")
+    p.add_argument("--backbone", default=None,
+                   help="Causal LM under the head: 'embedded', a folder or a Hugging Face id "
+                        "sharing the policy's tokenizer (default: the policy, --policy).")
+    p.add_argument("--policy", default="embedded",
+                   help="The policy that produced the rollouts: π_ref of the CD-Q targets "
+                        "(default 'embedded', the server's default model).")
+    p.add_argument("--home", default=None, help="Model cache folder (default ALIGNSERVE_HOME).")
+    p.add_argument("--tune", choices=("frozen", "lora"), default="frozen",
+                   help="frozen: cache the backbone's hidden states once, train the head only "
+                        "(default, fast on CPU); lora: also train LoRA adapters (peft).")
+    p.add_argument("--batch-size", type=_positive(int), default=16, help="Rollouts per step (16).")
+    p.add_argument("--lr", type=_positive(float), default=1e-3, help="Head learning rate (1e-3).")
+    p.add_argument("--lora-lr", type=_positive(float), default=2e-4, help="LoRA learning rate.")
+    p.add_argument("--lora-r", type=_positive(int), default=8, help="LoRA rank (8).")
+    p.add_argument("--val-fraction", type=_fraction, default=0.2,
+                   help="Share of prompts held out for validation (0.2).")
+    p.add_argument("--ref-top-k", type=_positive(int), default=64,
+                   help="CD-Q: top-k tokens of π_ref kept per position (64).")
+    p.add_argument("--truncated", choices=("terminal", "bootstrap"), default="terminal",
+                   help="CD-Q: target at the last token of a response cut by length: its reward "
+                        "(terminal, default) or the bootstrapped value.")
+    p.add_argument("--seed", type=int, default=0, help="Split and batch order seed.")
+    p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+
+
+def run(ns: argparse.Namespace) -> int:
+    from .model import resolve_model
+    from .train import TrainConfig, train
+
+    data = Path(ns.data).expanduser()
+    if not (data / "manifest.json").is_file():
+        print(f"alignserve train-value: error: {data} is not a rollout folder "
+              "(no manifest.json)", file=sys.stderr)
+        return 2
+    cfg = TrainConfig(method=ns.method, steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr,
+                      lora_lr=ns.lora_lr, lora_r=ns.lora_r, lora_alpha=2 * ns.lora_r,
+                      tune=ns.tune, val_fraction=ns.val_fraction, ref_top_k=ns.ref_top_k,
+                      truncated=ns.truncated, seed=ns.seed, progress=not ns.no_progress)
+    home = Path(ns.home).expanduser() if ns.home else None
+    t0 = time.perf_counter()
+    try:
+        policy = resolve_model(ns.policy, home)
+        backbone = resolve_model(ns.backbone, home) if ns.backbone else policy
+        metrics = train(data, Path(ns.out).expanduser(), cfg, backbone=backbone, reference=policy)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"alignserve train-value: error: {exc}", file=sys.stderr)
+        return 1
+    summary = {k: metrics[k] for k in ("method", "train_rows", "val_rows", "initial_val_loss",
+                                       "val_loss", "initial_val_value_mse", "val_value_mse")}
+    summary["correlation_by_prefix_length"] = {
+        f"{b['lo']}-{b['hi'] - 1}": b["pearson"] for b in metrics["correlation_by_prefix_length"]}
+    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    summary["out"] = str(Path(ns.out).expanduser())
+    print(json.dumps(summary, indent=2))
+    return 0

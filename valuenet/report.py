@@ -1,0 +1,110 @@
+"""Training report: correlation of prefix values with the final reward by prefix length, and plots.
+
+The correlation curve is the analysis behind speculative rejection (Sun et al. 2024, arXiv
+2410.20290): how well the score of a partial response predicts the reward of its completion as
+the prefix grows. For a value head (Mudgal et al. 2024) the same curve says from how many
+tokens on its values are worth acting on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def bucket_edges(max_len: int) -> list[int]:
+    """Prefix-length buckets [0,1), [1,2), [2,4), [4,8), ... covering 0..max_len: prefix length 0
+    is the bare prompt; doubling widths keep a similar number of points in the later buckets."""
+    edges = [0, 1]
+    while edges[-1] <= max_len:
+        edges.append(edges[-1] * 2)
+    return edges
+
+
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Pearson correlation; None when undefined (fewer than 3 points or a constant side)."""
+    n = len(xs)
+    if n < 3:
+        return None
+    mx, my = math.fsum(xs) / n, math.fsum(ys) / n
+    sxy = math.fsum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = math.fsum((x - mx) ** 2 for x in xs)
+    syy = math.fsum((y - my) ** 2 for y in ys)
+    if sxx <= 1e-20 * n or syy <= 1e-20 * n:
+        return None
+    return sxy / math.sqrt(sxx * syy)
+
+
+def correlation_by_prefix_length(
+    values: Sequence[Sequence[float]], rewards: Sequence[float]
+) -> list[dict]:
+    """values[i][t] = V(x_i, y_i^t) for t = 0..len(y_i); rewards[i] = r(x_i, y_i).
+
+    Every (row, t) pair lands in its bucket of t, so a bucket pools several prefixes of a row;
+    `rows` says how many distinct responses a bucket saw.
+    """
+    max_len = max((len(v) - 1 for v in values), default=0)
+    edges = bucket_edges(max_len)
+    out = []
+    for lo, hi in zip(edges, edges[1:]):
+        xs, ys, rows = [], [], 0
+        for vals, r in zip(values, rewards):
+            chunk = vals[lo:hi]
+            xs.extend(chunk)
+            ys.extend([r] * len(chunk))
+            rows += bool(chunk)
+        if xs:
+            out.append({"lo": lo, "hi": hi, "points": len(xs), "rows": rows,
+                        "pearson": pearson(xs, ys)})
+    return out
+
+
+def plot_correlation(curve: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(b["lo"], b["pearson"]) for b in curve if b["pearson"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("prefix length t (bucket start, tokens)")
+    ax.set_ylabel("Pearson(V(x, yᵗ), r(x, y))")
+    ax.set_ylim(-1.05, 1.05)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], path: Path,
+                title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], lw=0.8, alpha=0.7, label="train (batch)")
+    if val:
+        ax.plot([s for s, _ in val], [v for _, v in val], marker="o", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (normalised reward units²)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,239 @@
+"""`alignserve rollouts`: K samples per prompt from the reference policy, scored, on disk.
+
+Data flow: prompts file → chat-templated token prompts (exactly the server's chat path:
+template with tokenize=False, then encode without extra special tokens, so `prompt_ids` equal
+what the server feeds the engine) → one engine request with n=K per prompt, `--concurrency`
+prompts in flight so that vLLM batches them → reward (and cost) scorers from the server's
+registry, in worker threads → `valuenet.data.append_rollouts` as each prompt finishes.
+
+These are the reference samples CD-FUDGE / CD-Q fit value heads on (Mudgal et al. 2024) and
+the y ~ p of CAN's dual D̂(λ) (Huang et al., arXiv 2405.19544; `alignserve dual`).
+
+Resumable: prompts whose id already has rows are skipped; a folder written with a different
+model, K, max_tokens, temperature or scorers is refused rather than mixed. When nothing is
+left to do the engine is never started. Module level stays light (the CLI imports it to build
+its parser); vLLM and the scorers load inside `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .data import (  # noqa: F401  (read_rollouts is re-exported for other modules)
+    MANIFEST, Manifest, Rollout, append_rollouts, iter_rollouts, read_manifest, read_rollouts,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+# Engine flags; they map onto server.settings.Settings fields (as `alignserve eval`'s do).
+ENGINE_FLAGS = ("model", "dtype", "max_model_len", "kv_cache_gib", "engine_seed")
+# Manifest fields that define the sampling distribution and the scores: a resumed run must
+# match them all, or the folder would mix samples of different distributions.
+SAME = ("model", "n", "max_tokens", "temperature", "reward", "cost")
+
+
+class RolloutError(RuntimeError):
+    """The command cannot proceed; the message says why and what to change."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", type=Path, required=True,
+                   help='JSONL, one {"id", "prompt", "kind"} per line.')
+    p.add_argument("--n", type=int, default=8, help="Samples per prompt (K).")
+    p.add_argument("--max-tokens", type=int, default=64, help="New tokens per sample.")
+    p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
+    p.add_argument("--reward", default="relevance", help="Reward scorer (registry name).")
+    p.add_argument("--cost", default=None, help="Optional cost scorer, e.g. profanity.")
+    p.add_argument("--out", type=Path, required=True, help="Rollout folder (created/resumed).")
+    p.add_argument("--limit", type=int, default=None, help="Use only the first N prompts.")
+    p.add_argument("--concurrency", type=int, default=16,
+                   help="Prompts in flight (the engine batches their K samples together).")
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--model", default=None, help="'embedded' (default), a folder or HF id.")
+    eng.add_argument("--dtype", default=None, help="Policy dtype (default auto).")
+    eng.add_argument("--max-model-len", type=int, default=1024, help="Engine context length.")
+    eng.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU KV cache, GiB.")
+    eng.add_argument("--engine-seed", type=int, default=None, help="Engine sampling seed.")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    n: int
+    max_tokens: int
+    temperature: float
+    reward: str
+    cost: str | None
+    concurrency: int = 16
+
+
+@dataclass
+class Stats:
+    prompts: int = 0  # prompts sampled in this run
+    rows: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The server's chat path (server/serving.py `_chat_prompt`) for one user message."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def prepare_folder(folder: Path, want: Manifest) -> set[str]:
+    """Create the folder's manifest, or check an existing one against `want`; returns the
+    prompt ids already sampled."""
+    if not (Path(folder) / MANIFEST).is_file():
+        write_manifest(folder, want)
+        return set()
+    have = read_manifest(folder)
+    diff = [f"{k}: folder {getattr(have, k)!r}, now {getattr(want, k)!r}" for k in SAME
+            if getattr(have, k) != getattr(want, k)]
+    if diff:
+        raise RolloutError(f"{folder} holds rollouts drawn with other settings ("
+                           + "; ".join(diff) + "); use another --out or the same settings")
+    counts = Counter(r.prompt_id for r in iter_rollouts(folder))
+    short = sorted(p for p, c in counts.items() if c != have.n)
+    if short:  # an interrupted write: those prompts are kept, and reported
+        log.warning("%d prompt(s) in %s have a sample count other than n=%d: %s",
+                    len(short), folder, have.n, ", ".join(short[:5]))
+    return set(counts)
+
+
+async def collect(rt: Any, prompts: list, cfg: RolloutConfig, folder: Path, manifest: Manifest,
+                  bar: Any = None) -> Stats:
+    """Sample, score and append every prompt of `prompts` (PromptItem-like: id, prompt).
+    `rt` is a server.serving.Runtime (engine with tokenizer, scorer registry, DecodeContext);
+    tests pass fakes. A failure cancels the prompts in flight (their engine requests abort)."""
+    from decoding.concurrency import gather_all
+    from decoding.protocols import DecodeRequest, Objective, Sampling, Timer
+
+    reward = await rt.scorers.get(cfg.reward)
+    cost = await rt.scorers.get(cfg.cost) if cfg.cost else None
+    objective = Objective(reward=reward, cost=cost, cost_weight=0.0)
+    sampling = Sampling(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+    gate = asyncio.Semaphore(cfg.concurrency)
+    stats = Stats()
+    t0 = time.perf_counter()
+
+    async def one(item) -> None:
+        async with gate:
+            ids = chat_prompt_ids(rt.engine.tokenizer, item.prompt)
+            req = DecodeRequest(prompt_ids=ids, prompt_text=item.prompt, sampling=sampling,
+                                n=cfg.n, objective=objective)
+            timer = Timer()
+            samples = await rt.ctx.generate(ids, cfg.n, sampling, timer)
+            scored = await rt.ctx.score_samples(objective, req, samples, timer)
+        rows = [Rollout(prompt_id=item.id, prompt=item.prompt, prompt_ids=list(ids), sample=k,
+                        token_ids=list(s.sample.token_ids), logprobs=list(s.sample.logprobs),
+                        text=s.sample.text, finish_reason=s.sample.finish_reason,
+                        reward=s.reward, cost=s.cost)
+                for k, s in enumerate(scored)]
+        # One synchronous append per prompt on the event loop: rows of two prompts never
+        # interleave, and a prompt is either complete on disk or absent after a crash
+        # (short of a crash inside this very write).
+        append_rollouts(folder, rows)
+        stats.prompts += 1
+        stats.rows += len(rows)
+        stats.tokens += sum(len(r.token_ids) for r in rows)
+        manifest.count += len(rows)
+        write_manifest(folder, manifest)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{stats.tokens / (time.perf_counter() - t0):.0f}")
+
+    await gather_all(one(p) for p in prompts)
+    stats.wall_s = time.perf_counter() - t0
+    return stats
+
+
+def _check_flags(ns: argparse.Namespace) -> None:
+    """Everything checkable before the (slow) engine start."""
+    from server.scorers import default_factories
+
+    if ns.n < 1 or ns.max_tokens < 1 or ns.concurrency < 1:
+        raise ValueError("--n, --max-tokens and --concurrency must be ≥ 1")
+    if ns.temperature < 0:
+        raise ValueError("--temperature must be ≥ 0")
+    if ns.temperature == 0 and ns.n > 1:
+        log.warning("--temperature 0 makes the K samples of a prompt identical")
+    known = default_factories(64)
+    for name in filter(None, (ns.reward, ns.cost)):
+        if name not in known and not name.startswith("hf:"):
+            raise ValueError(f"unknown scorer {name!r}; available: {', '.join(sorted(known))}, "
+                             "hf:<model>")
+
+
+async def _main(ns: argparse.Namespace) -> tuple[Stats, int, int]:
+    from tqdm import tqdm
+
+    from evaluation.plan import load_prompts
+    from server.runtime import resolve_model
+    from server.settings import Settings
+
+    _check_flags(ns)
+    prompts = load_prompts(ns.prompts, ns.limit)
+    given = {k: getattr(ns, k) for k in ENGINE_FLAGS if getattr(ns, k) is not None}
+    # The engine samples only; make the requested reward the one build_runtime preloads.
+    settings = Settings(**given, default_reward=ns.reward)
+    model_path, model_name = resolve_model(settings)
+    cfg = RolloutConfig(ns.n, ns.max_tokens, ns.temperature, ns.reward, ns.cost, ns.concurrency)
+    want = Manifest(model=model_name, prompts=str(ns.prompts), n=cfg.n,
+                    max_tokens=cfg.max_tokens, temperature=cfg.temperature, reward=cfg.reward,
+                    cost=cfg.cost, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    extra={"model_path": model_path, "engine_seed": settings.engine_seed,
+                           "dtype": settings.dtype, "chat_template": True})
+    done = prepare_folder(ns.out, want)
+    todo = [p for p in prompts if p.id not in done]
+    if not todo:
+        return Stats(), len(prompts), 0
+    manifest = read_manifest(ns.out)
+    manifest.count = sum(1 for _ in iter_rollouts(ns.out))
+
+    from server.runtime import build_runtime  # imports vllm
+
+    rt = build_runtime(settings)
+    try:
+        with tqdm(total=len(todo), desc="rollouts", unit="prompt", file=sys.stderr) as bar:
+            stats = await collect(rt, todo, cfg, ns.out, manifest, bar)
+    finally:
+        rt.engine.shutdown()
+        rt.ctx.executor.shutdown(wait=False)
+    return stats, len(prompts) - len(todo), len(todo)
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Entry point of the `rollouts` subcommand (after parsing)."""
+    from server.scorers import UnknownScorer
+
+    try:
+        stats, skipped, sampled = asyncio.run(_main(ns))
+    except (ValueError, FileNotFoundError, RolloutError, UnknownScorer) as exc:
+        print(f"alignserve rollouts: {exc}", file=sys.stderr)
+        return 2
+    if not sampled:
+        print(f"{ns.out}: all {skipped} prompts already sampled; nothing to do")
+        return 0
+    print(f"{ns.out}: {stats.prompts} prompts × {ns.n} samples ({stats.rows} rows, "
+          f"{stats.tokens} tokens) in {stats.wall_s:.1f} s = {stats.tokens_per_s:.1f} tok/s; "
+          f"{skipped} prompts were already there")
+    return 0
+
+
+__all__ = ["add_arguments", "run", "collect", "chat_prompt_ids", "prepare_folder",
+           "read_rollouts", "RolloutConfig", "RolloutError", "Stats"]

@@ -1,0 +1,143 @@
+"""Trained value heads as scorers (`value:NAME` in the server's registry).
+
+- `ValueHeadScorer` (CD-FUDGE heads; FUDGE: Yang & Klein 2021) implements
+  `decoding.protocols.TokenScorer`: `score_ids(prompt_ids, responses)` is V(x, y) at the last
+  token of each response (the prompt's last token for an empty response).
+- `QValueHeadScorer` (CD-Q heads; Mudgal et al. 2024, arXiv 2310.17022) adds
+  `decoding.protocols.QScorer.q_values`: V(x, yᵗ, z) for candidate next tokens z, all from one
+  forward pass over x + yᵗ. FUDGE heads have no `q_values` attribute at all, so
+  `hasattr(scorer, "q_values")` tells a tokenwise decoder whether a head can drive it.
+
+Values are in reward units: the checkpoint's reward normalisation is undone. Everything runs in
+float32 on CPU; responses are scored in right-padded batches; a lock serialises the model, so one
+scorer can be shared by a thread pool. A head is its own model, separate from the policy, so it
+keeps working after the policy is hot-swapped (it still values the policy it was trained on).
+
+`score(prompt, responses)` on text is an approximate fallback: the prompt is chat-templated as one
+user message with the backbone's tokenizer and responses are re-tokenised, which need not give the
+ids the policy sampled (prefer `score_ids`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .model import hidden_states, load_causal_lm, load_checkpoint, pad_batch
+
+
+class ValueHeadScorer:
+    """A CD-FUDGE (or, via the subclass, CD-Q) value head loaded from a checkpoint folder."""
+
+    def __init__(self, folder: str | Path, name: str | None = None, batch_size: int = 16) -> None:
+        self.folder = Path(folder).expanduser()
+        self.config, self._head, self._lm = load_checkpoint(self.folder)
+        self.name = name or f"value:{self.folder.name}"
+        self.method = self.config.method
+        self._batch_size = batch_size
+        self._lock = threading.Lock()
+        self._tokenizer = None
+        self._ref_lm = None  # CD-Q, empty responses, reference ≠ backbone: loaded on first use
+        self._temperature = float(self.config.train.get("temperature", 1.0) or 1.0)
+
+    # -- public API -------------------------------------------------------------------------
+
+    def score_ids(self, prompt_ids: Sequence[int], responses: Sequence[Sequence[int]]) -> list[float]:
+        """V(x, y) for each response, in reward units."""
+        prompt = self._check_prompt(prompt_ids)
+        out: list[float] = []
+        for i in range(0, len(responses), self._batch_size):
+            chunk = [list(r) for r in responses[i : i + self._batch_size]]
+            with self._lock, torch.inference_mode():
+                h = self._hidden([prompt + r for r in chunk])  # [B, T, H]
+                out.extend(self._values(prompt, chunk, h))
+        return [self._unnormalise(v) for v in out]
+
+    def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
+        """Approximate text fallback (see the module docstring)."""
+        tok = self._tok()
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                      add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):  # BatchEncoding in recent transformers
+            ids = ids["input_ids"]
+        resp = [tok(r, add_special_tokens=False)["input_ids"] for r in responses]
+        return self.score_ids(list(ids), resp)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+        if not prompt_ids:
+            raise ValueError(f"{self.name}: a value head needs a non-empty prompt")
+        return list(prompt_ids)
+
+    def _unnormalise(self, v: float) -> float:
+        return float(v) * self.config.reward_std + self.config.reward_mean
+
+    def _hidden(self, seqs: list[list[int]]) -> torch.Tensor:
+        ids, mask = pad_batch(seqs)
+        return hidden_states(self._lm, ids, mask)
+
+    def _values(self, prompt: list[int], responses: list[list[int]], h: torch.Tensor) -> list[float]:
+        # V(x, yᵗ) is read at the last real token of prompt + response (right padding).
+        last = torch.tensor([len(prompt) + len(r) - 1 for r in responses])
+        return self._head.value(h[torch.arange(len(responses)), last]).tolist()
+
+    def _tok(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.config.backbone)
+        return self._tokenizer
+
+
+class QValueHeadScorer(ValueHeadScorer):
+    """A CD-Q head: also a `QScorer`. V(x, yᵗ) for t ≥ 1 is Q(x, yᵗ⁻¹, y_t); for the bare
+    prompt it is Σ_z π_ref(z|x) Q(x, z) over the full vocabulary."""
+
+    def q_values(
+        self, prompt_ids: Sequence[int], response_ids: Sequence[int], candidates: Sequence[int]
+    ) -> list[float]:
+        """V(x, yᵗ, z) for each candidate z, in reward units, from one forward pass."""
+        prompt = self._check_prompt(prompt_ids)
+        if not candidates:
+            return []
+        vocab = self.config.vocab_size
+        if any(not 0 <= int(z) < vocab for z in candidates):
+            raise ValueError(f"{self.name}: candidate token ids must be in [0, {vocab})")
+        with self._lock, torch.inference_mode():
+            h = self._hidden([prompt + list(response_ids)])[0, -1]  # [H]
+            q = self._head.q(h, torch.tensor([int(z) for z in candidates]))
+        return [self._unnormalise(v) for v in q.tolist()]
+
+    def _values(self, prompt: list[int], responses: list[list[int]], h: torch.Tensor) -> list[float]:
+        out = []
+        for i, r in enumerate(responses):
+            if r:
+                pos = len(prompt) + len(r) - 2  # the state before the last token
+                out.append(float(self._head.q(h[i, pos], torch.tensor([r[-1]]))[0]))
+            else:
+                out.append(self._prompt_value(prompt, h[i, len(prompt) - 1]))
+        return out
+
+    def _prompt_value(self, prompt: list[int], h_last: torch.Tensor) -> float:
+        if self.config.reference_is_backbone:
+            logits = self._lm.get_output_embeddings()(h_last)
+        else:
+            if self._ref_lm is None:
+                self._ref_lm = load_causal_lm(self.config.reference)
+            ids = torch.tensor([prompt])
+            logits = self._ref_lm(input_ids=ids, logits_to_keep=1).logits[0, -1]
+        probs = (logits / self._temperature).softmax(-1)
+        return float((probs * self._head.q_all(h_last)).sum())
+
+
+def load_value_head(folder: str | Path, name: str | None = None) -> ValueHeadScorer:
+    """The right scorer class for a checkpoint: QValueHeadScorer for CD-Q, else ValueHeadScorer."""
+    from .model import read_config
+
+    method = read_config(Path(folder).expanduser()).method
+    cls = QValueHeadScorer if method == "cdq" else ValueHeadScorer
+    return cls(folder, name=name)

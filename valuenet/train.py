@@ -1,0 +1,383 @@
+"""Offline trainer of prefix value heads on rollouts: CD-FUDGE and CD-Q (Mudgal et al. 2024,
+arXiv 2310.17022; FUDGE: Yang & Klein 2021). nanoGPT-style: a dataclass config, an explicit loop.
+
+Data flow: rollout rows (valuenet/data.py) → split by prompt (no prompt in both halves) →
+rewards normalised with the training mean/std → per row, a *compact* view of the sequence
+x + y: index 0 is the last prompt token (the state "prompt only", prefix length 0), index t the
+t-th response token (prefix yᵗ). The backbone runs over the whole sequence once; only the
+compact positions are kept.
+
+- Frozen backbone (default): hidden states are computed once and cached, so training only moves
+  the head (seconds on CPU).
+- LoRA (`tune="lora"`): the backbone runs every step with peft adapters.
+
+CD-Q needs π_ref(z | x, yᵗ), the rollout policy. It is computed once, before training: from the
+backbone's own LM head in the caching pass when the backbone is the policy, otherwise (another
+backbone, or LoRA) by a frozen reference forward under no_grad. We keep its top-k tokens
+(renormalised): the expectation Σ_z π_ref Q then costs k gathered rows of the head instead of
+a 49k-wide product per position; `ref_mass` in metrics.json reports the probability retained.
+Logits are divided by the rollouts' sampling temperature (manifest), since V is the value of
+continuing with the distribution the rollouts were drawn from.
+
+A response cut by the token limit (finish_reason "length"): by default (`truncated="terminal"`)
+its last token gets the reward as target, like EOS. The reward in the rollouts was computed on
+exactly that cut text, which is also what a decoder with the same max_tokens returns, so the
+value is the value under that budget; bootstrapping instead ("bootstrap") would leave cut rows
+with no reward signal at all, and short rollouts are mostly cut.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import report
+from .data import Rollout, read_rollouts
+from .losses import cdq_loss, fudge_loss, masked_mean_sq
+from .model import (HeadConfig, ValueHead, hidden_states, load_causal_lm, pad_batch,
+                    save_checkpoint)
+
+
+@dataclass
+class TrainConfig:
+    method: str = "fudge"  # "fudge" | "cdq"
+    steps: int = 200
+    batch_size: int = 16  # rollout rows per step
+    lr: float = 1e-3  # head
+    lora_lr: float = 2e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    tune: str = "frozen"  # "frozen" | "lora"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    val_fraction: float = 0.2  # of prompts
+    ref_top_k: int = 64  # CD-Q: tokens of π_ref kept per position (≥ vocab: exact)
+    truncated: str = "terminal"  # CD-Q, rows cut by length: "terminal" | "bootstrap"
+    normalize_rewards: bool = True
+    eval_every: int = 0  # steps between validations; 0: about 10 per run
+    cache_batch_size: int = 8
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        checks = [
+            (self.method in ("fudge", "cdq"), f"method must be fudge or cdq, not {self.method!r}"),
+            (self.tune in ("frozen", "lora"), f"tune must be frozen or lora, not {self.tune!r}"),
+            (self.truncated in ("terminal", "bootstrap"), "truncated must be terminal or bootstrap"),
+            (self.steps >= 1, "steps must be ≥ 1"),
+            (self.batch_size >= 1, "batch_size must be ≥ 1"),
+            (self.lr > 0 and self.lora_lr > 0, "learning rates must be > 0"),
+            (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
+            (self.ref_top_k >= 1, "ref_top_k must be ≥ 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+@dataclass
+class Example:
+    """One rollout in compact form; tensors hold positions 0..L (L = response length)."""
+
+    seq: list[int]  # prompt_ids + token_ids
+    start: int  # index in seq of the last prompt token (compact position 0)
+    ids: torch.Tensor  # [L+1] seq[start:]
+    reward: float  # normalised
+    raw_reward: float
+    terminal: bool
+    hidden: torch.Tensor | None = None  # [L+1, H] (frozen backbone)
+    ref_idx: torch.Tensor | None = None  # [L+1, k] (CD-Q)
+    ref_p: torch.Tensor | None = None  # [L+1, k]
+
+
+def split_by_prompt(rows: list[Rollout], val_fraction: float, seed: int):
+    """(train, val): whole prompts go to one side, so no prompt leaks into validation."""
+    groups: dict[str, list[Rollout]] = {}
+    for r in rows:
+        groups.setdefault(r.prompt_id or repr(r.prompt_ids), []).append(r)
+    keys = sorted(groups)
+    if len(keys) < 2:
+        raise ValueError(f"need rollouts of at least 2 prompts for a train/validation split, got {len(keys)}")
+    random.Random(seed).shuffle(keys)
+    n_val = min(len(keys) - 1, max(1, round(val_fraction * len(keys))))
+    val = [r for k in keys[:n_val] for r in groups[k]]
+    train = [r for k in keys[n_val:] for r in groups[k]]
+    return train, val
+
+
+def _examples(rows: list[Rollout], mean: float, std: float, truncated: str) -> list[Example]:
+    out = []
+    for r in rows:
+        if not r.prompt_ids:
+            raise ValueError(f"rollout of prompt {r.prompt_id!r} has no prompt_ids")
+        seq = list(r.prompt_ids) + list(r.token_ids)
+        start = len(r.prompt_ids) - 1
+        terminal = r.finish_reason == "stop" or truncated == "terminal"
+        out.append(Example(seq, start, torch.tensor(seq[start:], dtype=torch.long),
+                           (r.reward - mean) / std, r.reward, terminal))
+    return out
+
+
+def _compact_hidden(lm, exs: list[Example]) -> torch.Tensor:
+    """Backbone over the full sequences, compact positions kept: [B, Tc, H] (zero padded)."""
+    ids, mask = pad_batch([e.seq for e in exs])
+    h = hidden_states(lm, ids, mask)
+    width = max(len(e.ids) for e in exs)
+    out = h.new_zeros(len(exs), width, h.shape[-1])
+    for i, e in enumerate(exs):
+        out[i, : len(e.ids)] = h[i, e.start : len(e.seq)]
+    return out
+
+
+@torch.no_grad()
+def _precompute(lm, ref_lm, exs, cfg: TrainConfig, temperature: float, cache_hidden: bool) -> float:
+    """Cache hidden states (frozen backbone) and π_ref top-k (CD-Q); returns the mean π_ref mass
+    kept by top-k (1.0 for FUDGE). `ref_lm` None: π_ref from `lm`'s LM head on the same pass."""
+    mass, count = 0.0, 0
+    bs = cfg.cache_batch_size
+    for i in tqdm(range(0, len(exs), bs), desc="backbone pass", disable=not cfg.progress):
+        chunk = exs[i : i + bs]
+        h = _compact_hidden(lm, chunk) if (cache_hidden or ref_lm is None) else None
+        if cfg.method == "cdq":
+            hr = h if ref_lm is None else _compact_hidden(ref_lm, chunk)
+            logits = (ref_lm or lm).get_output_embeddings()(hr) / temperature  # [B, Tc, V]
+            k = min(cfg.ref_top_k, logits.shape[-1])
+            p, idx = logits.softmax(-1).topk(k, dim=-1)
+            for j, e in enumerate(chunk):
+                n = len(e.ids)
+                kept = p[j, :n].sum(-1, keepdim=True)
+                mass += float(kept.sum())
+                count += n
+                e.ref_idx, e.ref_p = idx[j, :n].clone(), (p[j, :n] / kept).clone()
+        if cache_hidden:
+            for j, e in enumerate(chunk):
+                e.hidden = h[j, : len(e.ids)].clone()
+    return mass / count if count else 1.0
+
+
+def _compact_vocabulary(train_ex: list[Example], val_ex: list[Example]) -> torch.Tensor:
+    """CD-Q: the token rows that can be trained, and every example's ids remapped onto them.
+
+    Gradient reaches row W_z only when z is a realised response token of a training row (the
+    bootstrap targets are stop-gradient), so every other row keeps its zero init (AdamW's
+    decoupled decay keeps zero at zero). Training only the realised rows, plus one fixed zero
+    row for every other token, is exactly equivalent and turns a 28M-parameter optimiser step
+    (SmolLM2: 49152 × 576) into one over a few thousand rows. `_full_head` scatters them back.
+    """
+    seen = torch.unique(torch.cat([e.ids[1:] for e in train_ex]))
+    lookup = torch.full((int(max(e.ids.max() for e in train_ex + val_ex)) + 1,), len(seen),
+                        dtype=torch.long)
+    lookup[seen] = torch.arange(len(seen))
+    top = max(int(e.ref_idx.max()) for e in train_ex + val_ex) + 1
+    if top > len(lookup):
+        lookup = torch.cat([lookup, torch.full((top - len(lookup),), len(seen), dtype=torch.long)])
+    for e in train_ex + val_ex:
+        e.ids, e.ref_idx = lookup[e.ids], lookup[e.ref_idx]
+    return seen
+
+
+def _full_head(compact: ValueHead, seen: torch.Tensor, vocab: int) -> ValueHead:
+    head = ValueHead("cdq", compact.state.in_features, vocab)
+    with torch.no_grad():
+        head.state.load_state_dict(compact.state.state_dict())
+        head.token.weight[seen] = compact.token.weight[: len(seen)]
+        head.token.bias[seen] = compact.token.bias[: len(seen)]
+    return head
+
+
+@dataclass
+class Batch:
+    h: torch.Tensor  # [B, Tc, H]
+    ids: torch.Tensor  # [B, Tc]
+    state_mask: torch.Tensor  # [B, Tc]: every prefix state (FUDGE)
+    response_mask: torch.Tensor  # [B, Tc]: response tokens (CD-Q)
+    reward: torch.Tensor  # [B]
+    terminal: torch.Tensor  # [B] bool
+    ref_idx: torch.Tensor | None  # [B, Tc, k]
+    ref_p: torch.Tensor | None  # [B, Tc, k]
+
+
+def _batch(exs: list[Example], h: torch.Tensor | None) -> Batch:
+    width = max(len(e.ids) for e in exs)
+    B = len(exs)
+    if h is None:
+        h = torch.zeros(B, width, exs[0].hidden.shape[-1])
+        for i, e in enumerate(exs):
+            h[i, : len(e.ids)] = e.hidden
+    ids = torch.zeros(B, width, dtype=torch.long)
+    state = torch.zeros(B, width, dtype=torch.bool)
+    ref_idx = ref_p = None
+    if exs[0].ref_idx is not None:
+        k = exs[0].ref_idx.shape[-1]
+        ref_idx = torch.zeros(B, width, k, dtype=torch.long)
+        ref_p = torch.zeros(B, width, k)  # padding: probability 0 (expected value 0, masked)
+    for i, e in enumerate(exs):
+        n = len(e.ids)
+        ids[i, :n] = e.ids
+        state[i, :n] = True
+        if ref_idx is not None:
+            ref_idx[i, :n], ref_p[i, :n] = e.ref_idx, e.ref_p
+    response = state.clone()
+    response[:, 0] = False
+    return Batch(h, ids, state, response, torch.tensor([e.reward for e in exs]),
+                 torch.tensor([e.terminal for e in exs]), ref_idx, ref_p)
+
+
+def batch_values(head: ValueHead, b: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(V of every prefix state [B, Tc], CD-Q expected next values [B, Tc] or None).
+    CD-Q: V at t ≥ 1 is Q[t−1, y_t]; V at t = 0 is Σ_z π_ref Q[0, z] (top-k)."""
+    if head.method == "fudge":
+        return head.value(b.h), None
+    taken = head.q(b.h[:, :-1], b.ids[:, 1:, None]).squeeze(-1)  # [B, Tc−1]
+    with torch.no_grad():  # targets only (stop-gradient): no graph over B·Tc·k gathered rows
+        expected = (head.q(b.h, b.ref_idx) * b.ref_p).sum(-1)  # [B, Tc]
+    return torch.cat([expected[:, :1], taken], dim=1), expected
+
+
+def batch_loss(head: ValueHead, b: Batch) -> torch.Tensor:
+    values, expected = batch_values(head, b)
+    if expected is None:
+        return fudge_loss(values, b.reward, b.state_mask)
+    return cdq_loss(values, expected, b.reward, b.response_mask, b.terminal)
+
+
+@torch.no_grad()
+def evaluate(head, lm, exs: list[Example], cfg: TrainConfig, live: bool) -> dict:
+    """Method loss and ½·MSE of V against the reward over all prefix states (both position-
+    weighted, normalised units), and every row's prefix values (normalised)."""
+    loss_sum = mse_sum = 0.0
+    n_loss = n_state = 0
+    values: list[list[float]] = []
+    for i in range(0, len(exs), cfg.batch_size):
+        chunk = exs[i : i + cfg.batch_size]
+        b = _batch(chunk, _compact_hidden(lm, chunk) if live else None)
+        v, _ = batch_values(head, b)
+        positions = b.state_mask if head.method == "fudge" else b.response_mask
+        loss_sum += float(batch_loss(head, b)) * float(positions.sum())
+        n_loss += int(positions.sum())
+        mse_sum += float(masked_mean_sq(v, b.reward[:, None].expand_as(v), b.state_mask)) \
+            * float(b.state_mask.sum())
+        n_state += int(b.state_mask.sum())
+        values.extend(v[j, : len(e.ids)].tolist() for j, e in enumerate(chunk))
+    return {"loss": loss_sum / max(n_loss, 1), "value_mse": mse_sum / max(n_state, 1),
+            "values": values}
+
+
+def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, backbone: str, reference: str | None = None) -> dict:
+    """Train a head on the rollouts in `data_dir`; write the checkpoint, metrics.json and plots
+    to `out_dir`. `backbone` / `reference` are resolved folders or HF ids (see model.resolve_model);
+    reference None: the backbone is the policy. Returns the metrics."""
+    cfg.validate()
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    manifest, rows = read_rollouts(Path(data_dir))
+    if not rows:
+        raise ValueError(f"{data_dir} has no rollouts")
+    train_rows, val_rows = split_by_prompt(rows, cfg.val_fraction, cfg.seed)
+    rewards = [r.reward for r in train_rows]
+    mean = sum(rewards) / len(rewards) if cfg.normalize_rewards else 0.0
+    var = sum((x - mean) ** 2 for x in rewards) / len(rewards)
+    std = var ** 0.5 if cfg.normalize_rewards and var > 1e-12 else 1.0
+    train_ex = _examples(train_rows, mean, std, cfg.truncated)
+    val_ex = _examples(val_rows, mean, std, cfg.truncated)
+
+    reference = reference or backbone
+    lm = load_causal_lm(backbone)
+    vocab = lm.get_output_embeddings().weight.shape[0]
+    too_big = max(max(e.seq) for e in train_ex + val_ex)
+    if too_big >= vocab:
+        raise ValueError(f"token id {too_big} is outside the backbone's vocabulary ({vocab}): "
+                         "the backbone must share the policy's tokenizer")
+    ref_lm = None if reference == backbone else load_causal_lm(reference)
+    if cfg.method == "cdq" and ref_lm is not None and ref_lm.config.vocab_size != vocab:
+        raise ValueError("reference and backbone vocabularies differ")
+    temperature = manifest.temperature if manifest.temperature and manifest.temperature > 0 else 1.0
+    t_loaded = time.perf_counter()
+    frozen = cfg.tune == "frozen"
+    ref_mass = _precompute(lm, ref_lm, train_ex + val_ex, cfg, temperature, cache_hidden=frozen)
+    del ref_lm
+    t_cached = time.perf_counter()
+
+    seen = _compact_vocabulary(train_ex, val_ex) if cfg.method == "cdq" else None
+    head = ValueHead(cfg.method, lm.config.hidden_size, vocab if seen is None else len(seen) + 1)
+    params = [{"params": list(head.parameters()), "lr": cfg.lr}]
+    if not frozen:
+        from peft import LoraConfig, get_peft_model
+
+        lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                           target_modules="all-linear", lora_dropout=0.0))
+        params.append({"params": [p for p in lm.parameters() if p.requires_grad], "lr": cfg.lora_lr})
+    else:
+        lm.requires_grad_(False)
+    opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+    trainable = [p for g in params for p in g["params"]]
+
+    initial = evaluate(head, lm, val_ex, cfg, live=not frozen)
+    best = (initial["value_mse"], 0)
+    eval_every = cfg.eval_every or max(1, cfg.steps // 10)
+    train_curve: list[tuple[int, float]] = []
+    val_curve = [(0, initial["loss"])]
+    gen = random.Random(cfg.seed)
+    order: list[int] = []
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"train {cfg.method}", disable=not cfg.progress)
+    for step in bar:
+        if len(order) < cfg.batch_size:  # reshuffle per epoch; a step never repeats a row
+            order = list(range(len(train_ex)))
+            gen.shuffle(order)
+        picked = [train_ex[order.pop()] for _ in range(min(cfg.batch_size, len(order)))]
+        b = _batch(picked, None if frozen else _compact_hidden(lm, picked))
+        loss = batch_loss(head, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        opt.step()
+        train_curve.append((step, loss.item()))
+        if step % eval_every == 0 or step == cfg.steps:
+            val = evaluate(head, lm, val_ex, cfg, live=not frozen)
+            val_curve.append((step, val["loss"]))
+            bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{val['loss']:.4f}")
+            if val["value_mse"] < best[0]:
+                best = (val["value_mse"], step)
+    # The final weights are saved (as in nanoGPT: --steps decides). `best_step` only reports
+    # where ½·E(V − r)² on validation was lowest, the criterion that fits both methods (it is
+    # E(V − V*)² plus a constant; the CD-Q loss is smallest at the start, when every bootstrap
+    # target equals its prediction). Selecting on it returned the untrained head on small sets:
+    # most prefix states are barely predictable, so their noise hides gains at later states.
+    final = evaluate(head, lm, val_ex, cfg, live=not frozen)
+    t_trained = time.perf_counter()
+
+    head_cfg = HeadConfig(method=cfg.method, backbone=backbone, reference=reference,
+                          hidden_size=lm.config.hidden_size, vocab_size=vocab,
+                          reward_mean=mean, reward_std=std, lora=not frozen,
+                          train={**asdict(cfg), "data": str(data_dir), "temperature": temperature})
+    out_dir = Path(out_dir)
+    save_checkpoint(out_dir, head if seen is None else _full_head(head, seen, vocab), head_cfg,
+                    lm if not frozen else None)
+    val_values = [[v * std + mean for v in row] for row in final["values"]]
+    curve = report.correlation_by_prefix_length(val_values, [e.raw_reward for e in val_ex])
+    metrics = {
+        "method": cfg.method, "tune": cfg.tune, "backbone": backbone, "reference": reference,
+        "train_rows": len(train_ex), "val_rows": len(val_ex),
+        "train_prompts": len({r.prompt_id for r in train_rows}),
+        "val_prompts": len({r.prompt_id for r in val_rows}),
+        "reward_mean": mean, "reward_std": std,
+        "initial_val_loss": initial["loss"], "val_loss": final["loss"], "best_step": best[1],
+        # ½·MSE of V(prefix) vs r; the initial head predicts the training mean: the baseline
+        "initial_val_value_mse": initial["value_mse"], "val_value_mse": final["value_mse"],
+        "ref_top_k": cfg.ref_top_k if cfg.method == "cdq" else None,
+        "ref_mass": ref_mass if cfg.method == "cdq" else None,
+        "correlation_by_prefix_length": curve,
+        "train_loss": train_curve, "val_curve": val_curve,
+        "wall_s": {"load": t_loaded - t_start, "backbone_pass": t_cached - t_loaded,
+                   "train": t_trained - t_cached, "total": time.perf_counter() - t_start},
+    }
+    report.write_json(out_dir / "metrics.json", metrics)
+    title = f"{cfg.method} ({len(val_ex)} validation rollouts)"
+    report.plot_correlation(curve, out_dir / "correlation.png", title)
+    report.plot_losses(train_curve, val_curve, out_dir / "loss.png", title)
+    return metrics
