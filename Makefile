@@ -37,6 +37,7 @@ bench: install model
 	$(PY) bench/bench_spr.py --out bench/results
 	$(PY) bench/bench_cd.py --out bench/results
 	$(PY) bench/bench_dual.py --out bench/results
+	$(PY) bench/bench_safedpo.py --out bench/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -102,7 +102,8 @@ def label(r: dict) -> str:
 def report(rows: list[dict], args, n_prompts: int) -> str:
     lines = [
         "# Blockwise controlled decoding vs best-of-n\n",
-        f"{n_prompts} prompts from {args.prompts.name} (all in flight per setting, streamed), "
+        f"The first {n_prompts} prompts of {args.prompts.name} (all in flight per setting, "
+        f"streamed), "
         f"max_tokens {args.max_tokens}, temperature 1.0, reward `{args.reward}`; FUDGE head "
         f"trained on {args.rollout_n} rollouts per prompt of the same prompts (held-in prompts, "
         f"fresh samples), frozen SmolLM2 backbone, {args.train_steps} steps; "

@@ -6,11 +6,13 @@ Engine start-up takes about a minute on 2 cores; every integration test shares i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -68,23 +70,38 @@ def launch(log: Path, args: list[str] = (), env: dict[str, str] | None = None,
     return Server(base, proc, log)
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains and stops its engine), SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def serving(log: Path, args: list[str] = (), env: dict[str, str] | None = None,
+            probe: str = "/ready") -> Iterator[Server]:
+    srv = launch(log, args, env, probe)
+    try:
+        yield srv
+    finally:
+        stop(srv.proc)
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Server:
-    srv = launch(tmp_path_factory.mktemp("server") / "server.log")
-    proc = srv.proc
-    yield srv
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with serving(tmp_path_factory.mktemp("server") / "server.log", probe="/health") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="session")
 def launch_server():
-    """`launch` for tests that need a server of their own (e.g. to send it SIGTERM); the
-    caller stops it."""
-    return launch
+    """`serving(log, args, env)`: a server of a test module's own (admin key, value heads,
+    SIGTERM), stopped when the `with` block ends."""
+    return serving
 
 
 @pytest.fixture(scope="session")

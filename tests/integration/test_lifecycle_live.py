@@ -27,13 +27,10 @@ def own_server(launch_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("own-server")
     keys = folder / "api-keys"
     keys.write_text(f"# test keys\n{USER_KEY}\n")
-    srv = launch_server(folder / "server.log", ["--kv-cache-gib", "1"], probe="/ready", env={
-        "ALIGNSERVE_API_KEYS_FILE": str(keys), "ALIGNSERVE_ADMIN_KEY": ADMIN_KEY,
-        "ALIGNSERVE_DRAIN_TIMEOUT_S": "240", "ALIGNSERVE_RETRY_AFTER_S": "5"})
-    yield srv
-    if srv.proc.poll() is None:
-        srv.proc.kill()
-        srv.proc.wait(timeout=60)
+    with launch_server(folder / "server.log", ["--kv-cache-gib", "1"], env={
+            "ALIGNSERVE_API_KEYS_FILE": str(keys), "ALIGNSERVE_ADMIN_KEY": ADMIN_KEY,
+            "ALIGNSERVE_DRAIN_TIMEOUT_S": "240", "ALIGNSERVE_RETRY_AFTER_S": "5"}) as srv:
+        yield srv
 
 
 def auth(key: str) -> dict:

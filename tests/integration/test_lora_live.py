@@ -22,15 +22,10 @@ GREEDY = {"messages": [{"role": "user", "content": "Name three colours of the ra
 @pytest.fixture(scope="module")
 def lora_server(launch_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora-server")
-    srv = launch_server(folder / "server.log", ["--kv-cache-gib", "1", "--enable-lora", "true",
-                                                "--max-lora-rank", "8"], probe="/ready",
-                        env={"ALIGNSERVE_ADMIN_KEY": ADMIN_KEY})
-    yield srv
-    srv.proc.terminate()
-    try:
-        srv.proc.wait(timeout=60)
-    except Exception:
-        srv.proc.kill()
+    with launch_server(folder / "server.log", ["--kv-cache-gib", "1", "--enable-lora", "true",
+                                               "--max-lora-rank", "8"],
+                       env={"ALIGNSERVE_ADMIN_KEY": ADMIN_KEY}) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -37,14 +37,9 @@ def _base_folder(srv) -> Path:
 @pytest.fixture(scope="module")
 def policy_server(launch_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("policy-server")
-    srv = launch_server(folder / "server.log", ["--kv-cache-gib", "1"], probe="/ready",
-                        env={"ALIGNSERVE_ADMIN_KEY": ADMIN_KEY})
-    yield srv
-    srv.proc.terminate()
-    try:
-        srv.proc.wait(timeout=60)
-    except Exception:
-        srv.proc.kill()
+    with launch_server(folder / "server.log", ["--kv-cache-gib", "1"],
+                       env={"ALIGNSERVE_ADMIN_KEY": ADMIN_KEY}) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -179,11 +174,24 @@ def test_swap_while_streaming_then_swap_back(policy_server, tuned, base_answer):
     assert post_policy(policy_server, {}, "/admin/policies/base/activate").status_code == 200
 
 
+def seeded(srv, policy: str) -> tuple[str, float]:
+    """A seeded sample at temperature 1 and its log-probability under the serving policy: a
+    few SafeDPO steps may leave the greedy answer as it was, but not this log-probability."""
+    body = {**GREEDY, "temperature": 1.0, "seed": 11,
+            "alignment": {"strategy": "best_of_n", "n": 1, "return_candidates": True}}
+    r = httpx.post(f"{srv.base_url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200 and r.headers["x-alignserve-policy"] == policy, r.text
+    (cand,) = r.json()["alignment"]["candidates"]
+    return cand["text"], cand["logprob"]
+
+
 def test_safedpo_checkpoint_swaps_in_while_streaming(policy_server, safedpo_checkpoint,
                                                      base_answer):
     """The issue's end-to-end path: `alignserve finetune safedpo` → loaded through the admin
-    API while streams run → no request fails and the policy's answers change."""
+    API while streams run → no request fails and the policy's outputs change."""
     url = policy_server.base_url
+    before = seeded(policy_server, "base")
+    assert seeded(policy_server, "base") == before  # seeded sampling is reproducible
     started = [threading.Event() for _ in range(3)]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         streams = [pool.submit(stream_story, url, ev) for ev in started]
@@ -193,6 +201,7 @@ def test_safedpo_checkpoint_swaps_in_while_streaming(policy_server, safedpo_chec
     assert r.status_code == 200, r.text
     for res in results:
         assert res["status"] == 200 and res["done"] and not res["errors"], res
-    assert greedy(policy_server, "safedpo") != base_answer
+    text, logprob = seeded(policy_server, "safedpo")
+    assert (text, logprob) != before and logprob != pytest.approx(before[1], abs=1e-6)
     assert post_policy(policy_server, {}, "/admin/policies/base/activate").status_code == 200
-    assert greedy(policy_server, "base") == base_answer
+    assert seeded(policy_server, "base") == before and greedy(policy_server, "base") == base_answer

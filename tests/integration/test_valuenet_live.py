@@ -44,15 +44,10 @@ def heads(rollout_folder, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def cd_server(launch_server, heads, tmp_path_factory):
     log = tmp_path_factory.mktemp("cd-server") / "server.log"
-    srv = launch_server(log, ["--kv-cache-gib", "1", "--value-head", f"fudge={heads['fudge']}",
-                              "--value-head", f"cdq={heads['cdq']}"], probe="/ready",
-                        env={"ALIGNSERVE_ADMIN_KEY": ADMIN_KEY})
-    yield srv
-    srv.proc.terminate()
-    try:
-        srv.proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        srv.proc.kill()
+    with launch_server(log, ["--kv-cache-gib", "1", "--value-head", f"fudge={heads['fudge']}",
+                             "--value-head", f"cdq={heads['cdq']}"],
+                       env={"ALIGNSERVE_ADMIN_KEY": ADMIN_KEY}) as srv:
+        yield srv
 
 
 def chat(srv, alignment: dict, max_tokens: int = 24, **extra) -> httpx.Response:
