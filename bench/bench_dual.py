@@ -29,14 +29,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def split_prompts(path: Path, limit: int):
-    """Alternate helpful and adversarial prompts; even positions are held in, odd held out."""
+    """Held in: every other helpful and every other adversarial prompt; held out: the rest, so
+    both halves hold both kinds (pairs (helpful, adversarial) alternate between the halves)."""
     from evaluation.plan import load_prompts
 
     items = load_prompts(path)
     helpful = [p for p in items if p.kind != "adversarial"]
     adv = [p for p in items if p.kind == "adversarial"]
-    mixed = [p for pair in zip(helpful, adv) for p in pair][: limit or None]
-    return mixed[0::2], mixed[1::2]
+    pairs = list(zip(helpful, adv))[: (limit // 2 if limit else None)]
+    return ([p for pair in pairs[0::2] for p in pair], [p for pair in pairs[1::2] for p in pair])
 
 
 async def fresh_pools(rt, prompts, n: int, max_tokens: int, lam: float):
