@@ -20,7 +20,6 @@ from pathlib import Path
 
 from common import ROOT, alignserve_server, load_prompts
 
-sys.path.insert(0, str(ROOT))
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ALIGNSERVE, ROOT, alignserve_server, load_prompts
+from common import ALIGNSERVE, ROOT, alignserve_server, load_prompts, pyplot, save
 
 
 def offline_steps(args) -> Path:
@@ -123,10 +123,7 @@ def report(rows: list[dict], args, n_prompts: int) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     groups: dict[tuple, list[dict]] = {}
@@ -149,8 +146,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for a in (ax, bx):
         a.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main() -> None:

@@ -16,12 +16,10 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from common import ALIGNSERVE, ROOT
 
-sys.path.insert(0, str(ROOT))
 
 THRESHOLD = 0.5  # evaluation.plan.DEFAULT_HARMLESS_THRESHOLDS["profanity"]
 

@@ -19,8 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, pyplot, save
 
 
 def bon_tokens_for(reward: float, bon: list[dict]) -> tuple[float, bool]:
@@ -124,10 +123,7 @@ def report(rows: list[dict], args) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups: dict[str, list[dict]] = {}
@@ -147,8 +143,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("Speculative rejection vs best-of-n")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main() -> None:

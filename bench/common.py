@@ -1,4 +1,5 @@
-"""What the benchmarks share: the prompt file, and an `alignserve serve` subprocess."""
+"""What the benchmarks share: the repository on sys.path, the prompt file, an `alignserve serve`
+subprocess, and headless matplotlib."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the benchmarks run as scripts and import the project's packages
 ALIGNSERVE = str(Path(sys.executable).parent / "alignserve")
 
 
@@ -64,3 +66,18 @@ def alignserve_server(log_path: Path, *flags: str) -> Iterator[str]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (benchmarks run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
