@@ -43,22 +43,40 @@ class Committed:
         """The text the answer would have with `more` appended (what text scorers judge)."""
         return self.engine.decode(self.ids + list(more))
 
-    def append(self, ids: Sequence[int], logprobs: Sequence[float], finish: str | None) -> None:
-        """Accept a piece. `finish` is the engine's reason for the piece ("stop": EOS or a
-        stop string inside the piece); EOS ids, a stop string across pieces and the token
-        budget end the answer too."""
+    def append(self, ids: Sequence[int], logprobs: Sequence[float], finish: str | None) -> int:
+        """Accept a piece; return how many of its ids were kept. `finish` is the engine's
+        reason for the piece ("stop": EOS or a stop string inside the piece); EOS ids, a stop
+        string across pieces and the token budget end the answer too.
+
+        A stop string that begins in an earlier piece and ends in this one cuts the text, and
+        the ids (and log-probs) after the token that completes it are dropped, as the engine
+        itself does within one piece: `usage` and ε then count exactly what was returned."""
+        before = len(self.ids)
         self.ids += ids
         self.logprobs += logprobs
         text = self.engine.decode(self.ids)
         cut = _first_stop(text, self.req.sampling.stop)
         if cut is not None:
-            text, finish = text[:cut], "stop"
+            keep = self._stop_token(before)
+            del self.ids[keep:], self.logprobs[keep:]
+            text, finish = self.engine.decode(self.ids), "stop"
+            text = text[:_first_stop(text, self.req.sampling.stop)]
         elif any(t in self.engine.eos_token_ids for t in ids):
             finish = "stop"
         elif finish != "stop":
             finish = "length" if self.budget_left <= 0 else None
         self.text, self.finish_reason = text, finish
         self._emit()
+        return len(self.ids) - before
+
+    def _stop_token(self, start: int) -> int:
+        """The length of the shortest id prefix (longer than `start`) whose text holds a stop
+        string: the ids up to the token that completes it."""
+        stops = self.req.sampling.stop
+        for end in range(start + 1, len(self.ids) + 1):
+            if _first_stop(self.engine.decode(self.ids[:end]), stops) is not None:
+                return end
+        return len(self.ids)
 
     def _emit(self) -> None:
         if self.req.emit is None:

@@ -8,6 +8,11 @@ For π⁽ⁿ⁾, the best of n i.i.d. draws from p:
 The estimator uses ε = p(y|x) of the returned answer under the distribution actually sampled from:
     KL̂(ε) = (1−ε)ⁿ·[log n + (n−1)·log(1−ε) − (n−1)/n] + (1−(1−ε)ⁿ)·log((1−(1−ε)ⁿ)/ε).
 Long answers have log ε in the hundreds below zero, so everything is done in log space.
+
+Exactly, KL̂(ε) ≤ log n − (n−1)/n for every ε (it tends to the bound as ε → 0), but the two are
+computed along different floating-point paths and KL̂ may come out one ulp above the bound.
+The API must never report an estimate above its own bound, so every estimate is clamped to
+[0, bound] (`within`): the clamp moves a value by rounding error only.
 """
 
 from __future__ import annotations
@@ -50,7 +55,13 @@ def bon_kl_estimate(n: int, log_eps: float) -> float:
         return bon_kl_bound(n)
     term1 = big_a * (math.log(n) + (n - 1) * log_1m_eps - (n - 1) / n)
     term2 = math.exp(log_b) * (log_b - log_eps)
-    return max(0.0, term1 + term2)
+    return within(term1 + term2, bon_kl_bound(n))
+
+
+def within(estimate: float, bound: float) -> float:
+    """`estimate` clamped to [0, bound]: a KL is never negative, and an estimate that exceeds
+    the bound it is reported with does so by rounding only (see the module docstring)."""
+    return min(max(0.0, estimate), bound)
 
 
 def _log1mexp(x: float) -> float:

@@ -67,9 +67,24 @@ class SampleDelta:
     finish_reason: str | None
 
 
+class EngineRejected(ValueError):
+    """The engine refused a request's parameters (a client error: the server answers 400).
+    `param` names the request field when the engine said which."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot serve now (its worker died, or it is restarting): the server answers
+    503 with Retry-After, so clients and load balancers go elsewhere."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     """Samples from the policy. Cancelling a call aborts its engine requests (no leaks).
+    Raises `EngineRejected` for parameters it cannot honour, `EngineUnavailable` when dead.
     Also detokenises: strategies that assemble an answer from several calls (controlled
     decoding) decode the whole id list once, since per-piece text splits multi-byte characters."""
 

@@ -21,7 +21,10 @@ class Strategy(Protocol):
       `req.emit(piece)` with each committed piece, which the server streams at once;
     - `value_protocol` (None): the `Scorer` protocol that `alignment.value` must satisfy
       (None: the strategy takes no value);
-    - `value_required` (False): `alignment.value` must be given.
+    - `value_required` (False): `alignment.value` must be given;
+    - `needs_sampling` (False): the strategy samples from the policy itself even at n = 1,
+      so temperature 0 (greedy) is refused. Selection strategies (`needs_objective`) refuse it
+      only when they draw more than one candidate.
     """
 
     name: str

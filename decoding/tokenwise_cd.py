@@ -13,7 +13,10 @@ top k, the temperature / top-p processing (p̃ is already processed), or an expe
 paths (it is one path's sum). The draw never leaves the top k, so against the processed policy
 itself the path's KL is kl_estimate + Σₜ −log(top-k mass), reported as `kl_outside_top_k`.
 `kl_bound` = Σₜ λ·(max V − min V) bounds each step's term of
-that same sum, since log π̃/p̃ = λ·V − log E_p̃ e^{λV} ≤ λ·(max V − min V).
+that same sum, since log π̃/p̃ = λ·V − log E_p̃ e^{λV} ≤ λ·(max V − min V). Both numbers are
+one path's: they bound and estimate the KL terms met along this answer, not the expectation
+KL(π‖p) over all answers (no bound on V over unseen prefixes is known); `kl_estimate` is
+clamped to [0, kl_bound], which moves it by rounding error only.
 `scored_candidates` counts the Q values (k per step). `generated_tokens` counts one engine token per step: the engine samples a token we discard (a
 step costs one decode pass, like plain sampling's token).
 """
@@ -24,6 +27,7 @@ import math
 import random
 
 from .committed import Committed, capped
+from .kl import within
 from .protocols import DecodeContext, DecodeRequest, DecodeResult, QScorer, Timer
 from .strategies import register
 
@@ -51,6 +55,7 @@ class TokenwiseCD:
     streams_text = True  # each drawn token is final: `emit` streams it
     value_protocol = QScorer  # needs V(x, yᵗ, z) for every candidate z at once
     value_required = True
+    needs_sampling = True  # it draws from softmax(log p + λ·Q): greedy (T = 0) is refused
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         q = req.value
@@ -86,7 +91,7 @@ class TokenwiseCD:
 
         result = DecodeResult(
             strategy=self.name, n=1, sample=answer.sample(), kl_bound=kl_bound,
-            kl_estimate=kl_estimate, generated_tokens=steps, scored_candidates=scored, timer=timer,
+            kl_estimate=within(kl_estimate, kl_bound), generated_tokens=steps, scored_candidates=scored, timer=timer,
             extra={"steps": steps, "top_k": k, "lambda": lam, "value": q.name,
                    "kl_outside_top_k": outside},
         )

@@ -4,9 +4,9 @@ and metrics.
 One serving object per endpoint family lives on `app.state`; nothing is module-global, so tests
 build as many apps as they like (each with its own metrics registry).
 
-Middleware, outermost first: AuthGate (401/403 before anything is read) → DrainGate (503 while
-draining) → BodyLimit (413) → routes. Per request: admission (429), token budget (400, in
-`serving.py`), then the work runs under a `Cutoff` (504 on timeout, 503 past the drain deadline)
+Middleware, outermost first: CatchAll (every error answered here, never re-raised) → AuthGate
+(401/403 before anything is read) → DrainGate (503 while draining) → BodyLimit (413) → routes.
+Per request: admission (429), token budget (400, in `serving.py`), then the work runs under a `Cutoff` (504 on timeout, 503 past the drain deadline)
 and is cancelled if the client disconnects.
 """
 
@@ -24,7 +24,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from .auth import AuthGate, KeyRing, warn_if_open
 from .disconnect import ClientDisconnected, Cutoff, iterate_or_cancel, run_or_cancel
 from .errors import (
-    APIError, RequestTimeout, ServerDraining, error_response, install_error_handlers, to_api_error,
+    APIError, CatchAll, RequestTimeout, ServerDraining, error_response, install_error_handlers,
+    to_api_error,
 )
 from .lifecycle import DrainGate, Lifecycle
 from .metrics import Metrics
@@ -122,6 +123,7 @@ def build_app(
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(DrainGate, lifecycle=lifecycle, on_error=count)
     app.add_middleware(AuthGate, keys=keys, on_error=count)
+    app.add_middleware(CatchAll, on_error=count)  # added last: outermost, nothing escapes it
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
               responses=_COMPLETION)

@@ -18,7 +18,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
-from decoding.protocols import Sample, SampleDelta, Sampling
+from decoding.protocols import EngineRejected, EngineUnavailable, Sample, SampleDelta, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,15 @@ class VllmEngine:
 
     def _params(self, n: int, sampling: Sampling, kind):
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
 
+        try:
+            return self._build_params(SamplingParams, n, sampling, kind)
+        except (VLLMClientError, ValueError) as exc:  # SamplingParams validates on construction
+            raise _rejected(exc) from exc
+
+    @staticmethod
+    def _build_params(SamplingParams, n: int, sampling: Sampling, kind):
         return SamplingParams(
             n=n,
             max_tokens=sampling.max_tokens,
@@ -167,6 +175,9 @@ class VllmEngine:
 
     async def _run(self, prompt_ids: Sequence[int], params, adapter: str | None = None
                    ) -> AsyncIterator:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
         request_id = f"as-{uuid.uuid4().hex}"
         finished = False
         try:
@@ -176,11 +187,27 @@ class VllmEngine:
             ):
                 finished = out.finished
                 yield out
+        except EngineDeadError as exc:
+            finished = True  # nothing left to abort in a dead engine
+            raise EngineUnavailable("the engine stopped; retry on another replica") from exc
+        except VLLMClientError as exc:
+            raise _rejected(exc) from exc
+        except EngineGenerateError as exc:
+            # vLLM wraps what its input processing refuses (a ValueError) as a generate error
+            if isinstance(exc.__cause__, ValueError):
+                raise _rejected(exc.__cause__) from exc
+            raise
         finally:
             if not finished:
                 # Cancelled (client gone, sibling failed, timeout) or closed early: free the slots.
                 self.aborted += 1
                 await asyncio.shield(self._llm.abort(request_id))
+
+
+def _rejected(exc: Exception) -> EngineRejected:
+    """vLLM's refusal as our protocol's: the message, and the field when vLLM named it."""
+    message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    return EngineRejected(message, getattr(exc, "parameter", None))
 
 
 def _logprobs(c) -> list[float]:

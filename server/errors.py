@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from decoding.protocols import EngineRejected, EngineUnavailable
+
 from .protocol import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,17 @@ def _http_error(exc: StarletteHTTPException) -> APIError:
     return APIError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers)
 
 
+# A dead engine does not come back by itself: the pod's liveness probe (/health, 503 now)
+# restarts it, which takes about as long as an engine start-up. Clients should go elsewhere.
+ENGINE_RETRY_AFTER_S = 30
+
+
+def _engine_rejected(exc: EngineRejected) -> APIError:
+    param = exc.param
+    return APIError(400, f"{param}: {exc}" if param else str(exc), param=param,
+                    code="invalid_value")
+
+
 def _unexpected(exc: Exception) -> APIError:
     log.exception("unhandled error", exc_info=exc)
     return APIError(500, "internal server error", type="server_error", code="internal_error")
@@ -114,6 +127,10 @@ ERROR_TABLE = {
                                        code="server_shutting_down",
                                        headers={"Retry-After": str(e.retry_after_s)}),
     RequestTimeout: lambda e: APIError(504, str(e), type="timeout_error", code="request_timeout"),
+    EngineRejected: _engine_rejected,
+    EngineUnavailable: lambda e: APIError(503, str(e), type="server_error",
+                                          code="engine_unavailable",
+                                          headers={"Retry-After": str(ENGINE_RETRY_AFTER_S)}),
     RequestValidationError: _validation_error,
     StarletteHTTPException: _http_error,
     Exception: _unexpected,
@@ -127,6 +144,39 @@ def to_api_error(exc: BaseException) -> APIError:
         if cls in ERROR_TABLE:
             return ERROR_TABLE[cls](exc)
     return _unexpected(exc)  # BaseException subclasses that are not Exceptions
+
+
+class CatchAll:
+    """Pure ASGI middleware, outermost of ours: an exception that reaches it becomes the table's
+    JSON answer here. Starlette's own last-resort handler answers too but then re-raises, so
+    uvicorn logs "Exception in ASGI application" and closes the client's keep-alive connection:
+    the client's next request on it fails. Once a response has started nothing can be sent;
+    the error is logged and the stream ends."""
+
+    def __init__(self, app, on_error=None) -> None:
+        self.app, self.on_error = app, on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as exc:
+            err = to_api_error(exc)
+            if started:
+                log.error("error after the response started: %s", err.message)
+                return
+            if self.on_error is not None:
+                self.on_error(err)
+            await error_response(err)(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI, on_error=None) -> None:

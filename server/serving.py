@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from decoding.concurrency import gather_all
+from decoding.seeds import choice_seed
 from decoding.protocols import (
     DecodeContext, DecodeRequest, DecodeResult, Objective, QScorer, Sampling, Scorer, TokenScorer,
 )
@@ -139,6 +140,8 @@ class CompletionService(StreamingMixin):
         for p in prompts:
             self._check_length(p, max_tokens)
         strategy, objective = await self._alignment(req.alignment)
+        if req.temperature < GREEDY_TEMPERATURE:
+            _check_greedy(req, strategy)
         value = await self._value(req.alignment, strategy)
         self._check_budget(req, strategy, len(prompts), max_tokens)
         return Prepared(
@@ -253,10 +256,12 @@ class CompletionService(StreamingMixin):
 
     def _decode_requests(self, prep: Prepared) -> list[tuple[int, Prompt, DecodeRequest]]:
         a = prep.alignment
+        # each choice's first engine call draws `children` samples (seeds seed + index)
+        children = a.n if a and prep.strategy.needs_objective else 1
         out = []
         for pi, prompt in enumerate(prep.prompts):
             for c in range(prep.choices):
-                seed = None if prep.sampling.seed is None else prep.sampling.seed + c
+                seed = choice_seed(prep.sampling.seed, c, children)
                 sampling = Sampling(**{**prep.sampling.__dict__, "seed": seed})
                 out.append((pi * prep.choices + c, prompt, DecodeRequest(
                     prompt_ids=prompt.ids, prompt_text=prompt.text, sampling=sampling,
@@ -323,6 +328,30 @@ class CompletionService(StreamingMixin):
         completion = sum(len(a.result.sample.token_ids) for a in answers)
         return Usage(prompt_tokens=prompt, completion_tokens=completion,
                      total_tokens=prompt + completion)
+
+
+# vLLM samples greedily below this temperature (vllm.sampling_params._SAMPLING_EPS).
+GREEDY_TEMPERATURE = 1e-5
+
+
+def _check_greedy(req, strategy: Strategy) -> None:
+    """Temperature 0 is greedy decoding: every draw is the same answer. A strategy that picks
+    among several draws (or tilts the sampling distribution) has nothing to choose from, and
+    vLLM refuses n > 1 at temperature 0; refuse it here, naming the field, rather than report
+    a KL estimate computed from probabilities nobody sampled from."""
+    if req.n > 1:
+        raise APIError(400, f"n {req.n} needs temperature > 0: greedy choices are identical",
+                       param="n", code="invalid_value")
+    a = req.alignment
+    if a is None:
+        return
+    if strategy.needs_objective and a.n > 1:
+        raise APIError(400, f"{strategy.name} draws alignment.n = {a.n} candidates, which are "
+                       "identical at temperature 0 (greedy); use temperature > 0 or "
+                       "alignment.n 1", param="temperature", code="invalid_value")
+    if getattr(strategy, "needs_sampling", False):
+        raise APIError(400, f"{strategy.name} samples from a tilted policy and needs "
+                       "temperature > 0", param="temperature", code="invalid_value")
 
 
 # What each value protocol means, for error messages (most specific first for `_describe`).

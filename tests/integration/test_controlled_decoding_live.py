@@ -28,7 +28,8 @@ def blockwise(client, model_name, **kw):
 def check_accounting(a: dict, answer_tokens: int) -> None:
     assert a["strategy"] == "blockwise_cd" and a["value"] == "relevance"
     assert a["blocks"] >= 2 and a["blocks"] == math.ceil(answer_tokens / BLOCK)
-    assert a["kl_bound"] == pytest.approx(a["blocks"] * (math.log(K) - (K - 1) / K))
+    # c · ⌈max_tokens / M⌉ (chain rule over every block the answer could use)
+    assert a["kl_bound"] == pytest.approx(math.ceil(MAX / BLOCK) * (math.log(K) - (K - 1) / K))
     assert 0 <= a["kl_estimate"] <= a["kl_bound"] + 1e-9
     # all K candidates of every block are counted; they stop early only at EOS, rare in 8 tokens
     assert 0.75 * K * answer_tokens <= a["generated_tokens"] <= K * min(MAX, a["blocks"] * BLOCK)
