@@ -68,6 +68,8 @@ class FakeEngine:
         self.prefix_resets = 0
         self.adapters: dict[str, str] = {}  # LoRA adapters loaded (name -> folder)
         self.mixed_weights = 0  # generations that saw the weights change under them
+        self.child_seeds: list[int] = []  # the seed of every seeded sample drawn, in order
+        self.generated_tokens = 0  # tokens of every sample returned, all calls together
 
     def num_unfinished_requests(self) -> int:
         return self.active
@@ -82,12 +84,29 @@ class FakeEngine:
     def _top(self, k: int) -> dict[int, float]:
         return dict(sorted(self.next_logprobs.items(), key=lambda kv: -kv[1])[:k])
 
-    def _sample(self, max_tokens: int, top_logprobs: int = 0) -> Sample:
-        length = max_tokens if self.full_length else self.rng.randint(1, max_tokens)
-        ids = [self.rng.randrange(len(WORDS)) for _ in range(length)]
-        return Sample(ids, "".join(" " + WORDS[i] for i in ids), [math.log(1 / 8)] * length,
-                      "stop" if length < max_tokens else "length",
+    def _sample(self, max_tokens: int, top_logprobs: int = 0, stop: Sequence[str] = (),
+                rng: random.Random | None = None) -> Sample:
+        """Like vLLM: a stop string cuts the text and ends the ids at the token completing it."""
+        rng = rng or self.rng
+        length = max_tokens if self.full_length else rng.randint(1, max_tokens)
+        ids = [rng.randrange(len(WORDS)) for _ in range(length)]
+        finish = "stop" if length < max_tokens else "length"
+        text = "".join(" " + WORDS[i] for i in ids)
+        hits = [text.find(s) for s in stop if s in text]
+        if hits:
+            cut = min(hits)
+            ids = next(ids[:k] for k in range(1, len(ids) + 1)
+                       if any(s in self.decode(ids[:k]) for s in stop))
+            text, finish = text[:cut], "stop"
+        return Sample(ids, text, [math.log(1 / 8)] * len(ids), finish,
                       [self._top(top_logprobs) for _ in ids] if top_logprobs else None)
+
+    def _child_rng(self, sampling: Sampling, index: int) -> random.Random:
+        """vLLM's convention: child i of a seeded request samples with seed + i."""
+        if sampling.seed is None:
+            return self.rng
+        self.child_seeds.append(sampling.seed + index)
+        return random.Random(sampling.seed + index)
 
     async def reload_weights(self, path: str) -> None:
         if self.reload_gate is not None:
@@ -115,8 +134,10 @@ class FakeEngine:
             if self.gate is not None:
                 await self.gate.wait()
             await asyncio.sleep(0)
-            out = [self._sample(sampling.max_tokens, sampling.top_logprobs) for _ in range(n)]
+            out = [self._sample(sampling.max_tokens, sampling.top_logprobs, sampling.stop,
+                                self._child_rng(sampling, i)) for i in range(n)]
             self.mixed_weights += weights != self.weights
+            self.generated_tokens += sum(len(o.token_ids) for o in out)
             self.finished += 1
             return out
         except asyncio.CancelledError:
