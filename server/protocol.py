@@ -162,6 +162,9 @@ class AlignmentInfo(BaseModel):
     latency: Latency
     cost_weight: float | None = None  # the weight used (λ* when the request said "auto")
     candidates: list[Candidate] | None = None
+    warnings: list[str] | None = Field(
+        None, description="Where the answer's guarantees are weaker than usual, and why (e.g. a "
+        "CD-Q head used at a sampling temperature other than its training one).")
 
 
 class ChatMessageOut(BaseModel):

@@ -69,6 +69,7 @@ class Prepared:
     stream: bool
     include_usage: bool
     value: Scorer | None = None  # controlled decoding's value function (alignment.value)
+    warnings: list[str] = field(default_factory=list)  # reported as alignment.warnings
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
@@ -152,7 +153,7 @@ class CompletionService(StreamingMixin):
             choices=req.n, strategy=strategy, alignment=req.alignment, objective=objective,
             stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            value=value,
+            value=value, warnings=_value_warnings(value, req.temperature, req.top_p),
         )
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[Prompt]:
@@ -321,13 +322,21 @@ class CompletionService(StreamingMixin):
                             total_s=total_s),
             cost_weight=prep.objective.cost_weight if prep.objective and prep.objective.cost
             else None,
-            candidates=candidates, **r.extra)
+            candidates=candidates, warnings=prep.warnings or None, **r.extra)
 
     def _usage(self, prep: Prepared, answers: list[Answer]) -> Usage:
         prompt = sum(len(p.ids) for p in prep.prompts)
         completion = sum(len(a.result.sample.token_ids) for a in answers)
         return Usage(prompt_tokens=prompt, completion_tokens=completion,
                      total_tokens=prompt + completion)
+
+
+def _value_warnings(value: Scorer | None, temperature: float, top_p: float) -> list[str]:
+    """A value head knows the sampling settings its targets were computed at (valuenet): a
+    CD-Q head's Q assumes continuations drawn from that same p, so at another temperature or
+    top-p its tilt no longer targets π* ∝ p·exp(λ·Q). Say so in the answer."""
+    check = getattr(value, "warnings_for", None)
+    return list(check(temperature, top_p)) if check is not None else []
 
 
 # vLLM samples greedily below this temperature (vllm.sampling_params._SAMPLING_EPS).

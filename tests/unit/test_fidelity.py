@@ -188,3 +188,30 @@ def test_best_of_n_draws_the_best_of_n_distribution_and_its_kl_is_below_the_boun
     lo, hi = np.quantile(boot, [0.0005, 0.9995])
     assert lo <= exact <= hi, (empirical, exact, lo, hi)
     assert exact <= bon_kl_bound(n)
+
+
+class TrainedAtOne:
+    """A prefix value head that knows its training temperature (as valuenet heads do)."""
+
+    name = "value:t1"
+
+    def score_ids(self, prompt_ids, responses):
+        return [float(len(r)) for r in responses]
+
+    def score(self, prompt, responses):
+        raise AssertionError("a value head is given token ids")
+
+    def warnings_for(self, temperature, top_p):
+        return [] if temperature == 1.0 else [f"trained at temperature 1, used at {temperature:g}"]
+
+
+@pytest.mark.parametrize("temperature, warned", [(1.0, False), (0.7, True)])
+async def test_a_value_head_used_off_its_training_temperature_is_flagged(temperature, warned):
+    app = make_app()
+    app.state.runtime.scorers.register(TrainedAtOne())
+    r = await post(app, {"prompt": "hi", "max_tokens": 4, "temperature": temperature,
+                         "alignment": {"strategy": "blockwise_cd", "n": 2, "block_tokens": 2,
+                                       "value": "value:t1"}})
+    assert r.status_code == 200, r.text
+    warnings = r.json()["choices"][0]["alignment"]["warnings"]
+    assert (warnings == ["trained at temperature 1, used at 0.7"]) if warned else warnings is None
