@@ -26,6 +26,10 @@ CASES = [
     ("prompt + max_tokens over context", {"messages": [{"role": "user", "content": "hello " * 400}],
                                           "max_tokens": 1000}, 400),
     ("wrong type", {"messages": MSG, "temperature": "hot"}, 400),
+    # greedy candidates are identical (vLLM refuses n > 1 at temperature 0): a 400, not a 500
+    ("greedy best-of-n", {"messages": MSG, "temperature": 0,
+                          "alignment": {"strategy": "best_of_n", "n": 4}}, 400),
+    ("greedy choices", {"messages": MSG, "temperature": 0, "n": 2}, 400),
 ]
 
 

@@ -96,6 +96,17 @@ def test_best_of_n_with_cost_and_seeded_candidates_differ(client, model_name):
     assert all(0 <= c["cost"] <= 1 for c in cands)
 
 
+def test_seeded_choices_draw_disjoint_candidates(client, model_name):
+    """Choice c of a seeded best-of-6 starts at seed + 6c: before, choice 1 used seeds
+    s+1..s+6 and shared 5 of its 6 candidates with choice 0."""
+    r = client.chat.completions.create(
+        model=model_name, messages=HELLO, max_tokens=16, temperature=1.0, seed=7, n=2,
+        extra_body={"alignment": {"strategy": "best_of_n", "n": 6, "return_candidates": True}})
+    by_choice = [{tuple(c["token_ids"]) for c in ch.model_extra["alignment"]["candidates"]}
+                 for ch in sorted(r.choices, key=lambda ch: ch.index)]
+    assert len(by_choice[0]) > 1 and not by_choice[0] & by_choice[1]
+
+
 def test_soft_best_of_n_and_length_reward(client, model_name):
     r = client.completions.create(
         model=model_name, prompt="Once upon a time", max_tokens=24,
