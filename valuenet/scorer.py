@@ -15,7 +15,7 @@ keeps working after the policy is hot-swapped (it still values the policy it was
 
 A head's values are those of the rollouts' sampling distribution p_T (temperature T, top_p),
 recorded in the checkpoint and exposed as `trained_temperature` / `trained_top_p`: the tilt
-p·exp(λ·V) targets π* (Mudgal et al. 2024, §2) only when the request samples from that same
+p·exp(λ·V) targets π* (Mudgal et al. 2024) only when the request samples from that same
 p_T. `warnings_for(temperature, top_p)` returns a human-readable warning for every mismatch
 (the server reports them as `alignment.warnings`); it is pure, so it can be called per request.
 
