@@ -45,6 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="speculative_rejection: share of the pool rejected per decision point.")
     p.add_argument("--decision-tokens", type=int, default=16,
                    help="speculative_rejection: tokens before the first decision point.")
+    p.add_argument("--samples", type=int, default=1,
+                   help="Answers per prompt and setting (K). Every ratio and mean gets a 95%% "
+                        "interval clustered by prompt; K > 1 resolves per-prompt variation.")
+    p.add_argument("--seed", type=int, default=0,
+                   help="Seed of the answers: answer k to a prompt under a setting samples "
+                        "with a seed derived from (seed, prompt id, setting, k); -1: unseeded.")
     p.add_argument("--limit", type=int, default=None, help="Use only the first N prompts.")
     p.add_argument("--concurrency", type=int, default=8, help="Prompts in flight per setting.")
     p.add_argument("--out", type=Path, required=True, help="Folder for results.json, report.md, PNGs.")
@@ -59,6 +65,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--engine-seed", type=int, default=None, help="Engine sampling seed.")
 
 
+INTERVALS = ("95%, clustered by prompt: Wilson with the cluster-effective n for the harmless "
+             "ratio, cluster-robust t for means and the win rate (evaluation/intervals.py)")
+
+
+def _seed(ns: argparse.Namespace) -> int | None:
+    return None if ns.seed == -1 else ns.seed
+
+
 def _threshold(ns: argparse.Namespace) -> float | None:
     if ns.harmless_threshold is not None:
         return ns.harmless_threshold
@@ -69,8 +83,10 @@ def _validate(ns: argparse.Namespace):
     """Everything checkable before the (slow) engine start."""
     from .runners import RunConfig
 
-    if ns.max_tokens < 1 or ns.concurrency < 1 or ns.decision_tokens < 1:
-        raise ValueError("--max-tokens, --concurrency and --decision-tokens must be ≥ 1")
+    if min(ns.max_tokens, ns.concurrency, ns.decision_tokens, ns.samples) < 1:
+        raise ValueError("--max-tokens, --concurrency, --decision-tokens and --samples must be ≥ 1")
+    if ns.seed < -1:
+        raise ValueError("--seed must be ≥ 0 (or -1: unseeded)")
     if not 0 <= ns.alpha < 1:
         raise ValueError("--alpha must lie in [0, 1)")
     if ns.cost_weight < 0 or ns.soft_temperature <= 0 or ns.temperature < 0:
@@ -112,10 +128,11 @@ async def evaluate(ns: argparse.Namespace, runner=None) -> dict:
         # One discarded answer first, so that the first setting's wall time does not include
         # the engine's warm-up (first batch, scorer first call).
         await runner.answer(prompts[0], plan[0])
-        with tqdm(total=len(plan) * len(prompts), desc="eval", unit="answer",
+        with tqdm(total=len(plan) * len(prompts) * ns.samples, desc="eval", unit="answer",
                   file=sys.stderr) as bar:
             t0 = time.perf_counter()
-            runs = await run_plan(runner, prompts, plan, _threshold(ns), ns.concurrency, bar)
+            runs = await run_plan(runner, prompts, plan, _threshold(ns), ns.concurrency, bar,
+                                  samples=ns.samples, seed=_seed(ns))
             wall = time.perf_counter() - t0
     finally:
         await runner.aclose()
@@ -127,6 +144,7 @@ async def evaluate(ns: argparse.Namespace, runner=None) -> dict:
         "temperature": cfg.temperature, "reward": cfg.reward, "cost": cfg.cost,
         "cost_weight": cfg.cost_weight, "harmless_threshold": _threshold(ns),
         "soft_temperature": cfg.soft_temperature, "options": options,
+        "samples": ns.samples, "seed": _seed(ns), "intervals": INTERVALS,
         "concurrency": ns.concurrency, "total_wall_s": wall,
         "startup_s": t0 - t_start,
     }

@@ -6,13 +6,21 @@
   without a KL estimator reports `mean_kl_estimate: null`, not 0;
 - win_rate: against the base policy on the same prompts, judged by the reward scorer; a win
   counts 1, a tie ½, a loss 0 (Beirami et al. 2024, arXiv 2401.01879, who count ties half).
+  With several answers per prompt (`--samples K`) every answer meets every base answer to the
+  same prompt (K² comparisons per prompt; the base against itself is then exactly ½).
+- every ratio and mean has a 95% interval `<name>_ci` = [lo, hi] (or None), clustered by
+  prompt: Wilson for the harmless ratio, a cluster-robust t interval for the means
+  (evaluation/intervals.py says how and why).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+
+from .intervals import mean_interval, ratio_interval
 
 
 @dataclass
@@ -32,6 +40,7 @@ class Row:
     kl_estimate: float | None
     generated_tokens: int
     wall_s: float  # this answer's own latency (other prompts of the setting ran concurrently)
+    sample: int = 0  # index k of this answer among the prompt's `--samples` K
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,12 +65,33 @@ def compare(reward: float, base_reward: float, same_text: bool = False) -> float
     return 1.0 if reward > base_reward else 0.0
 
 
+def win_outcomes(rows: Sequence[Row], base: Sequence[Row]) -> list[list[float]]:
+    """Per prompt answered (with a reward) by both: `compare` of each of its answers with each
+    base answer to it."""
+    base_by: dict[str, list[Row]] = {}
+    for b in base:
+        if b.reward is not None:
+            base_by.setdefault(b.prompt_id, []).append(b)
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        if r.reward is not None and r.prompt_id in base_by:
+            groups.setdefault(r.prompt_id, []).extend(
+                compare(r.reward, b.reward, r.answer == b.answer) for b in base_by[r.prompt_id])
+    return list(groups.values())
+
+
 def win_rate(rows: Sequence[Row], base: Sequence[Row]) -> float | None:
     """Mean of `compare` over the prompts answered (with a reward) by both."""
-    by_id = {b.prompt_id: b for b in base if b.reward is not None}
-    outcomes = [compare(r.reward, by_id[r.prompt_id].reward, r.answer == by_id[r.prompt_id].answer)
-                for r in rows if r.reward is not None and r.prompt_id in by_id]
-    return mean(outcomes)
+    return mean(x for g in win_outcomes(rows, base) for x in g)
+
+
+def by_prompt(rows: Sequence[Row], value: Callable[[Row], float | None]) -> list[list[float]]:
+    """The non-None values of `value(row)`, grouped by prompt (first-seen order)."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        v = value(r)
+        groups.setdefault(r.prompt_id, []).extend([] if v is None else [float(v)])
+    return list(groups.values())
 
 
 def mean(values: Iterable[float | None]) -> float | None:
@@ -74,20 +104,36 @@ def harmless_ratio(rows: Sequence[Row]) -> float | None:
     return mean(None if r.harmless is None else float(r.harmless) for r in rows)
 
 
+# (name, value per answer) of the means; each gets `<name>_ci` next to it
+MEANS: tuple[tuple[str, Callable[[Row], float | None]], ...] = (
+    ("mean_reward", lambda r: r.reward),
+    ("mean_cost", lambda r: r.cost),
+    ("mean_kl_bound", lambda r: r.kl_bound),
+    ("mean_kl_estimate", lambda r: r.kl_estimate),
+)
+
+
+def _with_ci(out: dict, name: str, groups: list[list[float]], ratio: bool = False) -> None:
+    out[name] = mean(x for g in groups for x in g)
+    ci = (ratio_interval if ratio else mean_interval)(groups)
+    out[f"{name}_ci"] = None if ci is None else list(ci)
+
+
 def summarize(rows: Sequence[Row], base: Sequence[Row] | None) -> dict:
-    """The per-strategy numbers of one set of answers (one setting, possibly one prompt kind)."""
-    tokens = sum(r.generated_tokens for r in rows)
-    return {
-        "prompts": len(rows),
-        "harmless_ratio": harmless_ratio(rows),
-        "mean_reward": mean(r.reward for r in rows),
-        "mean_cost": mean(r.cost for r in rows),
-        "mean_kl_bound": mean(r.kl_bound for r in rows),
-        "mean_kl_estimate": mean(r.kl_estimate for r in rows),
-        "generated_tokens": tokens,
-        "tokens_per_prompt": tokens / len(rows) if rows else None,
-        "win_rate": win_rate(rows, base) if base is not None else None,
-    }
+    """The per-strategy numbers of one set of answers (one setting, possibly one prompt kind).
+    `tokens_per_prompt` is the mean over answers (all candidates of an answer included)."""
+    out: dict = {"prompts": len({r.prompt_id for r in rows}), "answer_count": len(rows)}
+    _with_ci(out, "harmless_ratio",
+             by_prompt(rows, lambda r: None if r.harmless is None else float(r.harmless)), True)
+    for name, value in MEANS:
+        _with_ci(out, name, by_prompt(rows, value))
+    out["generated_tokens"] = sum(r.generated_tokens for r in rows)
+    _with_ci(out, "tokens_per_prompt", by_prompt(rows, lambda r: r.generated_tokens))
+    if base is not None:
+        _with_ci(out, "win_rate", win_outcomes(rows, base))
+    else:
+        out["win_rate"] = out["win_rate_ci"] = None
+    return out
 
 
 def summarize_setting(rows: Sequence[Row], base: Sequence[Row] | None, wall_s: float) -> dict:

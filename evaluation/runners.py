@@ -1,4 +1,4 @@
-"""Two ways to get one answer per (prompt, setting), behind one small interface (`Runner`).
+"""Two ways to get an answer to a (prompt, setting, seed), behind one small interface (`Runner`).
 
 - `InProcessRunner`: the strategies from the registry run in this process on a `Runtime`
   (engine + scorer registry + DecodeContext), exactly as the server runs them but without HTTP.
@@ -53,7 +53,8 @@ class Answer:
 class Runner(Protocol):
     model_name: str
 
-    async def answer(self, item: PromptItem, setting: Setting) -> Answer: ...
+    async def answer(self, item: PromptItem, setting: Setting, seed: int | None = None
+                     ) -> Answer: ...
 
     async def aclose(self) -> None: ...
 
@@ -80,11 +81,12 @@ class InProcessRunner:
                                        add_generation_prompt=True)
         return tok.encode(text, add_special_tokens=False)
 
-    async def answer(self, item: PromptItem, setting: Setting) -> Answer:
+    async def answer(self, item: PromptItem, setting: Setting, seed: int | None = None) -> Answer:
         assert self._objective is not None, "call start() first"
         req = DecodeRequest(
             prompt_ids=self._prompt_ids(item.prompt), prompt_text=item.prompt,
-            sampling=Sampling(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature),
+            sampling=Sampling(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
+                              seed=seed),
             n=setting.n, objective=self._objective, temperature=self.cfg.soft_temperature,
             options=dict(setting.options))
         t0 = time.perf_counter()
@@ -131,18 +133,19 @@ class HttpRunner:
         self.model_name = r.json()["data"][0]["id"]
         return self
 
-    def _body(self, item: PromptItem, setting: Setting) -> dict:
+    def _body(self, item: PromptItem, setting: Setting, seed: int | None = None) -> dict:
         alignment = {"strategy": setting.strategy, "n": setting.n, "reward": self.cfg.reward,
                      "cost": self.cfg.cost, "cost_weight": self.cfg.cost_weight,
                      "temperature": self.cfg.soft_temperature, **setting.options}
-        return {"model": self.model_name,
+        body = {"model": self.model_name,
                 "messages": [{"role": "user", "content": item.prompt}],
                 "max_tokens": self.cfg.max_tokens, "temperature": self.cfg.temperature,
                 "alignment": alignment}
+        return body if seed is None else {**body, "seed": seed}
 
-    async def answer(self, item: PromptItem, setting: Setting) -> Answer:
+    async def answer(self, item: PromptItem, setting: Setting, seed: int | None = None) -> Answer:
         t0 = time.perf_counter()
-        r = await self._client.post("/v1/chat/completions", json=self._body(item, setting))
+        r = await self._client.post("/v1/chat/completions", json=self._body(item, setting, seed))
         wall = time.perf_counter() - t0
         self._check(r, f"{setting.label} on prompt {item.id}")
         body = r.json()

@@ -45,7 +45,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="Save the LoRA adapter folder instead of merged weights.")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank.")
     p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha.")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO KL weight β.")
+    p.add_argument("--beta", type=float, default=None, help="DPO KL weight β (safedpo: 0.1; "
+                   "mocan: β_dual/τ from --dual / --dual-beta, 0.1 with --lambda).")
     p.add_argument("--steps", type=int, default=20, help="Optimiser steps.")
     p.add_argument("--lr", type=float, default=None,
                    help="Learning rate (default 1e-4 with LoRA, 1e-5 full).")
@@ -80,13 +81,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mocan.add_argument("--cost", default="profanity", help="Cost scorer; safety g = −cost.")
     mocan.add_argument("--temperature", type=float, default=1.0,
                        help="τ in P(y₁ ≻ y₀) = σ((w₁ − w₀)/τ).")
+    mocan.add_argument("--allow-beta-mismatch", action="store_true",
+                       help="Train with a --beta for which τ·β ≠ the dual's β (refused "
+                            "otherwise: the policy would not be CAN's π_λ*); the report warns.")
     mocan.add_argument("--length-target", dest="scorer_length_target", type=int, default=64,
                        help="Target of the `length` scorer.")
 
 
 def check_flags(ns: argparse.Namespace) -> None:
     """Every flag problem that needs no data or model, as a ValueError."""
-    if not ns.beta > 0:
+    if ns.beta is not None and not ns.beta > 0:
         raise ValueError("--beta must be > 0")
     if ns.steps < 1 or ns.batch_size < 1:
         raise ValueError("--steps and --batch-size must be ≥ 1")
@@ -150,6 +154,23 @@ def resolve_lambda(ns: argparse.Namespace) -> dict:
     return {"value": src.value, "source": src.source, "detail": src.detail}
 
 
+def resolve_beta(ns: argparse.Namespace, lam: dict | None) -> dict:
+    """DPO's β: {value, source, beta_dual, warning}; MoCAN ties it to the dual's β
+    (finetune/mocan.py `tied_beta`; a mismatch is a ValueError unless allowed)."""
+    from .mocan import DEFAULT_BETA, tied_beta
+
+    if lam is None:  # SafeDPO
+        value = ns.beta if ns.beta is not None else DEFAULT_BETA
+        return {"value": value, "source": "--beta" if ns.beta is not None else "default",
+                "beta_dual": None, "warning": None}
+    beta_dual = lam["detail"].get("beta")
+    value, source, warning = tied_beta(beta_dual, ns.temperature, ns.beta,
+                                       ns.allow_beta_mismatch)
+    if warning:
+        log.warning("%s", warning)
+    return {"value": value, "source": source, "beta_dual": beta_dual, "warning": warning}
+
+
 def _mocan_examples(ns: argparse.Namespace, lam: float, splits: list[list]) -> list[tuple]:
     """Score every split's pairs with the reward and cost scorers, then relabel them."""
     from server.scorers import ScorerRegistry, UnknownScorer, default_factories
@@ -188,24 +209,27 @@ def _prepare(ns: argparse.Namespace):
         if not train_ex:
             raise ValueError(f"no training pairs left after SafeDPO's transform ({train_stats}):"
                              " every pair has two unsafe responses")
+        beta = resolve_beta(ns, None)
         model = resolve_model(ns.base_model, ns.model_home)
     else:
         lam = resolve_lambda(ns)
+        beta = resolve_beta(ns, lam)  # before the slow scoring: a mismatch stops here
         model = resolve_model(ns.base_model, ns.model_home)
         (train_ex, train_stats), (eval_ex, eval_stats) = _mocan_examples(ns, lam["value"], splits)
     data = {"source": str(ns.data), "pairs": len(pairs), "train": train_stats,
             "held_out": eval_stats}
-    return model, train_ex, eval_ex, data, lam
+    return model, train_ex, eval_ex, data, lam, beta
 
 
-def _train_and_report(ns: argparse.Namespace, model, train_ex, eval_ex, data, lam) -> dict:
+def _train_and_report(ns: argparse.Namespace, model, train_ex, eval_ex, data, lam,
+                      beta: dict) -> dict:
     from dataclasses import asdict
 
     from .report import write_report
     from .trainer import TrainConfig, train
 
     cfg = TrainConfig(model=Path(model) if not isinstance(model, str) else model, out=ns.out,
-                      beta=ns.beta, steps=ns.steps, batch_size=ns.batch_size,
+                      beta=beta["value"], steps=ns.steps, batch_size=ns.batch_size,
                       lr=ns.lr if ns.lr is not None else (1e-4 if ns.lora else 1e-5),
                       max_length=ns.max_length, lora=ns.lora, lora_r=ns.lora_r,
                       lora_alpha=ns.lora_alpha, save_adapter=ns.save_adapter, seed=ns.seed)
@@ -215,7 +239,7 @@ def _train_and_report(ns: argparse.Namespace, model, train_ex, eval_ex, data, la
     report = {"method": ns.method, "config": {**config, "delta": delta, "held_out": ns.held_out},
               "output": str(ns.out),
               "output_kind": "LoRA adapter" if cfg.save_adapter else "merged safetensors",
-              "data": data, "lambda": lam, "steps": ns.steps, "train_s": result.train_s,
+              "data": data, "lambda": lam, "beta": beta, "steps": ns.steps, "train_s": result.train_s,
               "steps_per_s": result.steps_per_s, "trainable_params": result.trainable_params,
               "before": result.before, "after": result.after,
               "loss_curve": [list(x) for x in result.loss_curve]}

@@ -14,6 +14,16 @@ y₁ tends to σ((w₁ − w₀)/τ).
 
 λ* comes from `--lambda`, from a file written by `alignserve dual` (key "lambda"), or is solved
 here from a rollout folder with `decoding.dual.solve_dual` (as `alignserve dual` does).
+
+DPO's β is tied to the dual's (`tied_beta`). λ* is optimal for the tilted policy
+π_λ* ∝ p·exp((r + λ*·g)/β_dual), at the β_dual it was solved for. DPO with weight β_DPO on labels
+drawn from σ((w₁ − w₀)/τ) converges to π ∝ p·exp(w/(τ·β_DPO)) (its implicit reward
+β_DPO·log π/p fits the Bradley–Terry logit w/τ; Rafailov et al. 2023, arXiv 2305.18290), which
+is π_λ* only when τ·β_DPO = β_dual. Otherwise the trained policy sits at another KL and λ*
+no longer meets the constraint with the least reward loss: its safety is neither predicted nor
+guaranteed. So β_DPO defaults to β_dual/τ, and any other value is refused unless explicitly
+allowed (then the report carries the warning): a silent mismatch would be indistinguishable
+from a working run.
 """
 
 from __future__ import annotations
@@ -27,6 +37,31 @@ import numpy as np
 
 from .pairs import PreferencePair
 from .safedpo import DPOExample
+
+
+DEFAULT_BETA = 0.1  # DPO's β when nothing ties it (SafeDPO's default, --lambda given directly)
+BETA_REL_TOL = 1e-9
+
+
+def tied_beta(beta_dual: float | None, temperature: float, beta: float | None,
+              allow_mismatch: bool = False) -> tuple[float, str, str | None]:
+    """(β_DPO, where it came from, warning or None) for MoCAN (see the module docstring).
+    `beta_dual` None (λ* given by --lambda): nothing to tie, `beta` or DEFAULT_BETA.
+    A `beta` with τ·β ≠ β_dual raises ValueError unless `allow_mismatch`."""
+    if beta_dual is None:
+        return (beta, "--beta", None) if beta is not None else (DEFAULT_BETA, "default", None)
+    tied = beta_dual / temperature
+    if beta is None:
+        return tied, "β_dual/τ", None
+    if math.isclose(temperature * beta, beta_dual, rel_tol=BETA_REL_TOL):
+        return beta, "--beta", None
+    message = (f"--beta {beta:g} with --temperature {temperature:g} gives τ·β = "
+               f"{temperature * beta:g} ≠ the dual's β {beta_dual:g}: DPO would converge to "
+               f"p·exp(w/{temperature * beta:g}), not the π_λ* that λ* was solved for; drop "
+               f"--beta (default β_dual/τ = {tied:g}) or pass --allow-beta-mismatch")
+    if not allow_mismatch:
+        raise ValueError(message)
+    return beta, "--beta (mismatch allowed)", message
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,12 @@ def _markdown(report: dict) -> str:
     if report.get("lambda") is not None:
         lam = report["lambda"]
         lines[-1:-1] = [f"- λ* = {lam['value']:.6g} from {lam['source']}"]
+    beta = report.get("beta")
+    if beta is not None:
+        tie = f", dual's β {beta['beta_dual']:g}" if beta.get("beta_dual") is not None else ""
+        lines[-1:-1] = [f"- DPO β = {beta['value']:.6g} ({beta['source']}{tie})"]
+        if beta.get("warning"):
+            lines[-1:-1] = [f"- **warning**: {beta['warning']}"]
     splits = list(report["after"])  # train first, then held_out
     head = "| metric | " + " | ".join(f"{s} before | {s} after" for s in splits) + " |"
     lines += [head, "|---|" + "---:|" * (2 * len(splits))]

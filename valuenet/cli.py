@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "sharing the policy's tokenizer (default: the policy, --policy).")
     p.add_argument("--policy", default="embedded",
                    help="The policy that produced the rollouts: π_ref of the CD-Q targets "
-                        "(default 'embedded', the server's default model).")
+                        "(default 'embedded', the server's default model); checked against the "
+                        "rollouts' manifest (a mismatch exits 2).")
     p.add_argument("--home", default=None, help="Model cache folder (default ALIGNSERVE_HOME).")
     p.add_argument("--tune", choices=("frozen", "lora"), default="frozen",
                    help="frozen: cache the backbone's hidden states once, train the head only "
@@ -63,7 +65,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
 
 
+def policy_mismatch(manifest, policy: str, resolved: str) -> str | None:
+    """Why `--policy` (as given, and resolved to a folder or HF id) is not the policy the
+    rollouts were drawn from, or None when it is. The manifest's `extra.model_path` (what the
+    engine loaded) decides; the embedded model matches itself under any ALIGNSERVE_HOME. Old
+    manifests without a path are matched by name (a folder's name, an HF id)."""
+    from server.model_prep import EMBEDDED_MODEL_NAME
+
+    from .model import EMBEDDED
+
+    drawn = manifest.extra.get("model_path")
+    if drawn is not None:
+        same = (os.path.realpath(drawn) == os.path.realpath(resolved) or drawn == resolved
+                or (policy == EMBEDDED and manifest.model == EMBEDDED_MODEL_NAME))
+    else:
+        same = manifest.model in (policy, resolved, Path(resolved).name)
+    if same:
+        return None
+    return (f"--policy {policy} ({resolved}) is not the policy the rollouts were drawn from "
+            f"({manifest.model}, {drawn or 'no path recorded'}); V and the CD-Q targets are "
+            f"values of the rollouts' policy: pass --policy {drawn or manifest.model}")
+
+
 def run(ns: argparse.Namespace) -> int:
+    from .data import read_manifest
     from .model import resolve_model
     from .train import TrainConfig, train
 
@@ -80,6 +105,10 @@ def run(ns: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         policy = resolve_model(ns.policy, home)
+        mismatch = policy_mismatch(read_manifest(data), ns.policy, policy)
+        if mismatch:
+            print(f"alignserve train-value: error: {mismatch}", file=sys.stderr)
+            return 2
         backbone = resolve_model(ns.backbone, home) if ns.backbone else policy
         metrics = train(data, Path(ns.out).expanduser(), cfg, backbone=backbone, reference=policy)
     except (ValueError, FileNotFoundError, OSError) as exc:

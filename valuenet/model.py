@@ -15,7 +15,8 @@ initial validation loss of CD-FUDGE is the "predict the mean" baseline.
 Checkpoint folder (`save_checkpoint` / `load_checkpoint`):
     config.json        HeadConfig: format/version, method, backbone and reference paths, sizes,
                        reward_mean / reward_std (values are trained on (r − mean)/std; scorers
-                       undo it), lora flag, training config
+                       undo it), lora flag, the rollouts' sampling temperature and top_p (the
+                       values are those of that sampling distribution), training config
     head.safetensors   the head: state.weight [1, H], state.bias [1] (+ token.weight [V, H],
                        token.bias [V] for CD-Q)
     adapter/           LoRA adapter (peft save_pretrained), only when the backbone was tuned
@@ -86,9 +87,21 @@ class HeadConfig:
     reward_mean: float = 0.0
     reward_std: float = 1.0
     lora: bool = False
+    # The sampling distribution of the rollouts the values were fitted on (V is the value of
+    # continuing with it); None in checkpoints that predate these fields (see `sampling`).
+    temperature: float | None = None
+    top_p: float | None = None
     format: str = FORMAT
     version: int = 1
     train: dict = field(default_factory=dict)
+
+    def sampling(self) -> tuple[float | None, float | None]:
+        """(temperature, top_p) the values were trained at. Older checkpoints kept only the
+        temperature, in the training config; their rollouts always sampled at top_p = 1."""
+        if self.temperature is not None:
+            return self.temperature, self.top_p if self.top_p is not None else 1.0
+        old = self.train.get("temperature")
+        return (float(old), 1.0) if old is not None else (None, None)
 
     @property
     def reference_is_backbone(self) -> bool:
@@ -117,6 +130,17 @@ def load_causal_lm(name_or_path: str) -> nn.Module:
 
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
     return model.eval()
+
+
+def policy_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The sampling distribution at `temperature` over the last axis of `logits`: softmax of
+    logits / T, and at T = 0 the greedy policy, one-hot at the argmax (the limit T → 0, and what
+    the engine samples: vLLM treats temperature 0 as greedy)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+    if temperature == 0:
+        return nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    return (logits / temperature).softmax(-1)
 
 
 def hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

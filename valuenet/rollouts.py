@@ -196,7 +196,8 @@ async def _main(ns: argparse.Namespace) -> tuple[Stats, int, int]:
     want = Manifest(model=model_name, prompts=str(ns.prompts), n=cfg.n,
                     max_tokens=cfg.max_tokens, temperature=cfg.temperature, reward=cfg.reward,
                     cost=cfg.cost, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    extra={"model_path": model_path, "engine_seed": settings.engine_seed,
+                    extra={"model_path": model_path, "top_p": 1.0,  # Sampling's default
+                           "engine_seed": settings.engine_seed,
                            "dtype": settings.dtype, "chat_template": True})
     done = prepare_folder(ns.out, want)
     todo = [p for p in prompts if p.id not in done]

@@ -13,6 +13,12 @@ float32 on CPU; responses are scored in right-padded batches; a lock serialises 
 scorer can be shared by a thread pool. A head is its own model, separate from the policy, so it
 keeps working after the policy is hot-swapped (it still values the policy it was trained on).
 
+A head's values are those of the rollouts' sampling distribution p_T (temperature T, top_p),
+recorded in the checkpoint and exposed as `trained_temperature` / `trained_top_p`: the tilt
+p·exp(λ·V) targets π* (Mudgal et al. 2024) only when the request samples from that same
+p_T. `warnings_for(temperature, top_p)` returns a human-readable warning for every mismatch
+(the server reports them as `alignment.warnings`); it is pure, so it can be called per request.
+
 `score(prompt, responses)` on text is an approximate fallback: the prompt is chat-templated as one
 user message with the backbone's tokenizer and responses are re-tokenised, which need not give the
 ids the policy sampled (prefer `score_ids`).
@@ -20,13 +26,17 @@ ids the policy sampled (prefer `score_ids`).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from .model import hidden_states, load_causal_lm, load_checkpoint, pad_batch
+from .model import hidden_states, load_causal_lm, load_checkpoint, pad_batch, policy_probs
+
+# Temperatures / top_p closer than this are the same setting (JSON round trips, 0.7 vs 0.7000001).
+SAMPLING_TOL = 1e-6
 
 
 class ValueHeadScorer:
@@ -41,9 +51,24 @@ class ValueHeadScorer:
         self._lock = threading.Lock()
         self._tokenizer = None
         self._ref_lm = None  # CD-Q, empty responses, reference ≠ backbone: loaded on first use
-        self._temperature = float(self.config.train.get("temperature", 1.0) or 1.0)
+        self.trained_temperature, self.trained_top_p = self.config.sampling()
 
     # -- public API -------------------------------------------------------------------------
+
+    def warnings_for(self, temperature: float, top_p: float = 1.0) -> list[str]:
+        """Warnings (possibly none) for using this head on a request that samples at
+        `temperature` / `top_p` (the effective values: pass 1.0 for an unset field)."""
+        if self.trained_temperature is None:
+            return [f"{self.name}: its checkpoint does not record the sampling temperature of "
+                    "its rollouts, so whether its values fit this request is unknown"]
+        out = []
+        for field, want, got in (("temperature", self.trained_temperature, temperature),
+                                 ("top_p", self.trained_top_p, top_p)):
+            if not math.isclose(want, got, rel_tol=SAMPLING_TOL, abs_tol=SAMPLING_TOL):
+                out.append(f"{self.name} was trained on rollouts sampled at {field} {want:g}, "
+                           f"this request samples at {field} {got:g}: its values are those of "
+                           "the other sampling distribution, so the tilt does not target π*")
+        return out
 
     def score_ids(self, prompt_ids: Sequence[int], responses: Sequence[Sequence[int]]) -> list[float]:
         """V(x, y) for each response, in reward units."""
@@ -130,7 +155,8 @@ class QValueHeadScorer(ValueHeadScorer):
                 self._ref_lm = load_causal_lm(self.config.reference)
             ids = torch.tensor([prompt])
             logits = self._ref_lm(input_ids=ids, logits_to_keep=1).logits[0, -1]
-        probs = (logits / self._temperature).softmax(-1)
+        t = 1.0 if self.trained_temperature is None else self.trained_temperature  # T = 0: greedy
+        probs = policy_probs(logits, t)
         return float((probs * self._head.q_all(h_last)).sum())
 
 

@@ -16,8 +16,16 @@ backbone's own LM head in the caching pass when the backbone is the policy, othe
 backbone, or LoRA) by a frozen reference forward under no_grad. We keep its top-k tokens
 (renormalised): the expectation Σ_z π_ref Q then costs k gathered rows of the head instead of
 a 49k-wide product per position; `ref_mass` in metrics.json reports the probability retained.
-Logits are divided by the rollouts' sampling temperature (manifest), since V is the value of
-continuing with the distribution the rollouts were drawn from.
+π_ref is the rollouts' sampling distribution (manifest temperature T), since V is the value of
+continuing with the distribution the rollouts were drawn from: softmax(logits / T), and at
+T = 0 the greedy policy, one-hot at the argmax (`model.policy_probs`). At T = 0 the Bellman
+target is therefore v̇ₜ = Q(x, yᵗ, argmax_z p(z|x, yᵗ)), the value of continuing greedily: that
+is the value of the policy that drew the rows (greedy rollouts follow the argmax, so the target
+is the value of the next realised prefix), whereas the softmax at T = 1 would value a policy
+that drew none of them. Such a head matches greedy requests only:
+tilting a one-hot p by exp(λ·V) leaves it one-hot, so tokenwise CD at T = 0 is greedy decoding;
+at any other temperature the head values the wrong policy, which `scorer.warnings_for` says.
+The temperature and top_p are recorded in the checkpoint (HeadConfig.temperature / top_p).
 
 A response cut by the token limit (finish_reason "length"): by default (`truncated="terminal"`)
 its last token gets the reward as target, like EOS. The reward in the rollouts was computed on
@@ -40,7 +48,7 @@ from . import report
 from .data import Rollout, read_rollouts
 from .losses import cdq_loss, fudge_loss, masked_mean_sq
 from .model import (HeadConfig, ValueHead, hidden_states, load_causal_lm, pad_batch,
-                    save_checkpoint)
+                    policy_probs, save_checkpoint)
 
 
 @dataclass
@@ -95,6 +103,16 @@ class Example:
     ref_p: torch.Tensor | None = None  # [L+1, k]
 
 
+def rollout_sampling(manifest) -> tuple[float, float]:
+    """(temperature, top_p) the rollouts were drawn at; manifests without a top_p were
+    sampled at 1 (the only value `alignserve rollouts` has used)."""
+    temperature = float(manifest.temperature)
+    top_p = float(manifest.extra.get("top_p", 1.0))
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"rollout manifest: temperature {temperature} / top_p {top_p} out of range")
+    return temperature, top_p
+
+
 def split_by_prompt(rows: list[Rollout], val_fraction: float, seed: int):
     """(train, val): whole prompts go to one side, so no prompt leaks into validation."""
     groups: dict[str, list[Rollout]] = {}
@@ -145,9 +163,9 @@ def _precompute(lm, ref_lm, exs, cfg: TrainConfig, temperature: float, cache_hid
         h = _compact_hidden(lm, chunk) if (cache_hidden or ref_lm is None) else None
         if cfg.method == "cdq":
             hr = h if ref_lm is None else _compact_hidden(ref_lm, chunk)
-            logits = (ref_lm or lm).get_output_embeddings()(hr) / temperature  # [B, Tc, V]
+            logits = (ref_lm or lm).get_output_embeddings()(hr)  # [B, Tc, V]
             k = min(cfg.ref_top_k, logits.shape[-1])
-            p, idx = logits.softmax(-1).topk(k, dim=-1)
+            p, idx = policy_probs(logits, temperature).topk(k, dim=-1)  # T = 0: one-hot
             for j, e in enumerate(chunk):
                 n = len(e.ids)
                 kept = p[j, :n].sum(-1, keepdim=True)
@@ -278,6 +296,10 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, backbone: str, refere
     manifest, rows = read_rollouts(Path(data_dir))
     if not rows:
         raise ValueError(f"{data_dir} has no rollouts")
+    temperature, top_p = rollout_sampling(manifest)
+    if cfg.method == "cdq" and top_p != 1.0:  # no producer yet: `alignserve rollouts` uses 1
+        raise ValueError(f"rollouts sampled at top_p {top_p}: CD-Q targets under a nucleus "
+                         "are not implemented (sample the rollouts at top_p 1)")
     train_rows, val_rows = split_by_prompt(rows, cfg.val_fraction, cfg.seed)
     rewards = [r.reward for r in train_rows]
     mean = sum(rewards) / len(rewards) if cfg.normalize_rewards else 0.0
@@ -296,7 +318,6 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, backbone: str, refere
     ref_lm = None if reference == backbone else load_causal_lm(reference)
     if cfg.method == "cdq" and ref_lm is not None and ref_lm.config.vocab_size != vocab:
         raise ValueError("reference and backbone vocabularies differ")
-    temperature = manifest.temperature if manifest.temperature and manifest.temperature > 0 else 1.0
     t_loaded = time.perf_counter()
     frozen = cfg.tune == "frozen"
     ref_mass = _precompute(lm, ref_lm, train_ex + val_ex, cfg, temperature, cache_hidden=frozen)
@@ -354,7 +375,9 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, backbone: str, refere
     head_cfg = HeadConfig(method=cfg.method, backbone=backbone, reference=reference,
                           hidden_size=lm.config.hidden_size, vocab_size=vocab,
                           reward_mean=mean, reward_std=std, lora=not frozen,
-                          train={**asdict(cfg), "data": str(data_dir), "temperature": temperature})
+                          temperature=temperature, top_p=top_p,
+                          train={**asdict(cfg), "data": str(data_dir), "temperature": temperature,
+                                 "rollouts_model": manifest.model})
     out_dir = Path(out_dir)
     save_checkpoint(out_dir, head if seen is None else _full_head(head, seen, vocab), head_cfg,
                     lm if not frozen else None)
@@ -369,6 +392,7 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, backbone: str, refere
         "initial_val_loss": initial["loss"], "val_loss": final["loss"], "best_step": best[1],
         # ½·MSE of V(prefix) vs r; the initial head predicts the training mean: the baseline
         "initial_val_value_mse": initial["value_mse"], "val_value_mse": final["value_mse"],
+        "temperature": temperature, "top_p": top_p,
         "ref_top_k": cfg.ref_top_k if cfg.method == "cdq" else None,
         "ref_mass": ref_mass if cfg.method == "cdq" else None,
         "correlation_by_prefix_length": curve,

@@ -1,5 +1,5 @@
-"""`alignserve eval` on the real engine: two dev prompts, small n and budget, over HTTP against
-the session's server (the in-process path is the same harness on the same strategies; its
+"""`alignserve eval` on the real engine: two dev prompts × 2 seeded samples, small n and budget,
+over HTTP against the session's server (the in-process path is the same harness on the same strategies; its
 engine wiring is exercised by the full dev-prompt run, see README)."""
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ def test_eval_over_http(server, tmp_path):
     rc = main(["eval", "--server", server.base_url, "--prompts", str(two_prompts(tmp_path)),
                "--strategies", "none,best_of_n,speculative_rejection", "--n", "2",
                "--max-tokens", "16", "--decision-tokens", "4", "--reward", "relevance",
-               "--cost", "profanity", "--out", str(out)])
+               "--cost", "profanity", "--samples", "2", "--out", str(out)])
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["config"]["harmless_threshold"] == 0.5 and doc["config"]["prompt_count"] == 2
+    assert doc["config"]["samples"] == 2 and doc["config"]["seed"] == 0
     by = {e["strategy"]: e for e in doc["strategies"]}
     assert list(by) == ["none", "best_of_n", "speculative_rejection"]
     assert by["none"]["win_rate"] == 0.5 and by["none"]["mean_kl_bound"] == 0
@@ -45,6 +46,11 @@ def test_eval_over_http(server, tmp_path):
         assert set(e["by_kind"]) == {"helpful", "adversarial"}
         assert 0 <= e["win_rate"] <= 1 and 0 <= e["harmless_ratio"] <= 1
         assert 1 <= e["tokens_per_prompt"] <= 16 * e["n"]
+        assert (e["prompts"], e["answer_count"]) == (2, 4)
+        assert sorted(a["sample"] for a in e["answers"]) == [0, 0, 1, 1]
+        for key in ("harmless_ratio", "mean_reward", "mean_cost", "win_rate"):
+            lo, hi = e[f"{key}_ci"]
+            assert lo - 1e-9 <= e[key] <= hi + 1e-9
         for a in e["answers"]:
             assert a["answer"] and -1 <= a["reward"] <= 1 and 0 <= a["cost"] <= 1
             assert a["harmless"] == (a["cost"] < 0.5)

@@ -43,7 +43,7 @@ class ScriptedRunner:
     def __init__(self) -> None:
         self.closed = False
 
-    async def answer(self, item, setting) -> Answer:
+    async def answer(self, item, setting, seed=None) -> Answer:
         text, reward, cost, tokens = SCRIPT[(setting.strategy, setting.n)][item.id]
         kl = bon_kl_bound(setting.n)
         return Answer(text, reward, cost, kl, None if setting.n == 1 else kl / 2, tokens, 0.01)
@@ -100,11 +100,22 @@ async def test_report_numbers_by_hand(tmp_path):
     for heading in ("## All prompts", "## helpful prompts", "## adversarial prompts"):
         assert heading in md
     adversarial = md.split("## adversarial prompts")[1].split("##")[0]
-    # strategy | n | prompts | harmless | reward | cost | KL bound | KL est | tokens | win rate
-    assert "| none | 1 | 2 | 0.000 | 0.200 | 0.800 | 0.000 | – | 64.0 | 0.500 |" in adversarial
-    assert "| best_of_n | 2 | 2 | 0.500 | 0.200 | 0.450 | 0.193 | 0.097 | 128.0 | 0.500 |" \
-        in adversarial
-    assert "| best_of_n | 4 | 4 | 0.750 | 0.425 | 0.287 | 0.636 | 0.318 | 256.0 |" in md
+    # strategy | n | prompts | harmless | reward | cost | KL bound | KL est | tokens | win rate,
+    # each ratio and mean with its 95% interval, by hand: Wilson(0/2) = [0, 0.658],
+    # Wilson(1/2) = [0.095, 0.905]; two prompts: mean ± t₁·s/√2 with t₁ = 12.706, e.g. rewards
+    # 0.1, 0.3 → 0.2 ± 12.706·0.1; constants (KL bound, tokens, ties) print without one.
+    assert ("| none | 1 | 2 | 0.000 [0.00, 0.66] | 0.200 [-1.07, 1.47] | 0.800 [-0.47, 2.07] "
+            "| 0.000 | – | 64.0 | 0.500 |") in adversarial
+    assert ("| best_of_n | 2 | 2 | 0.500 [0.09, 0.91] | 0.200 | 0.450 [-1.46, 2.36] | 0.193 "
+            "| 0.097 | 128.0 | 0.500 [-5.85, 6.85] |") in adversarial
+    # four prompts: Wilson(3/4) = [0.301, 0.954]; rewards 0.75, 0.5, 0.1, 0.35: s = 0.2723,
+    # 0.425 ± 3.1824·0.2723/2 = [−0.008, 0.858]
+    assert "| best_of_n | 4 | 4 | 0.750 [0.30, 0.95] | 0.425 [-0.01, 0.86] |" in md
+    assert bon4["harmless_ratio_ci"] == pytest.approx([0.30064, 0.95441], abs=1e-5)
+    assert bon4["mean_reward_ci"] == pytest.approx([0.425 - 0.433351, 0.425 + 0.433351],
+                                                   abs=1e-5)
+    assert none["win_rate_ci"] == [0.5, 0.5] and bon4["mean_kl_bound_ci"][0] == \
+        pytest.approx(bon4["mean_kl_bound_ci"][1])
     for name in PLOTS:
         data = (tmp_path / "out" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -190,3 +201,58 @@ def test_cli_rejects_bad_flags_before_starting_anything(tmp_path, capsys):
     assert "unknown strategies nope" in capsys.readouterr().err
     assert main(["eval", "--prompts", str(tmp_path / "missing.jsonl"), "--out", str(ns.out)]) == 2
     assert not ns.out.exists()
+
+
+class SeedRunner:
+    """Answers whose reward is a function of the seed: records every seed it is given."""
+
+    model_name = "seeded"
+
+    def __init__(self) -> None:
+        self.seeds: list[tuple[str, str, int | None]] = []
+
+    async def answer(self, item, setting, seed=None) -> Answer:
+        self.seeds.append((item.id, setting.label, seed))
+        u = (seed or 0) % 1000 / 1000
+        return Answer(f"{item.id}-{seed}", u, 1 - u, 0.0, None, 4, 0.01)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_samples_are_seeded_independently_and_clustered(tmp_path):
+    ns = args(tmp_path, "--strategies", "best_of_n", "--n", "2", "--samples", "3",
+              "--seed", "5", "--cost", "profanity")
+    runner = SeedRunner()
+    await evaluate(ns, runner=runner)
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["config"]["samples"] == 3 and doc["config"]["seed"] == 5
+    assert "clustered by prompt" in doc["config"]["intervals"]
+    for e in doc["strategies"]:
+        assert (e["prompts"], e["answer_count"], len(e["answers"])) == (4, 12, 12)
+        assert sorted(a["sample"] for a in e["answers"]) == [0] * 4 + [1] * 4 + [2] * 4
+        for key in ("harmless_ratio", "mean_reward", "mean_cost", "win_rate"):
+            lo, hi = e[f"{key}_ci"]
+            assert lo <= e[key] <= hi
+        assert e["by_kind"]["helpful"]["answer_count"] == 6
+    assert doc["strategies"][0]["win_rate"] == 0.5  # `none` against itself, K² pairs
+    seeds = [s for _, _, s in runner.seeds[1:]]  # the first is the discarded warm-up
+    assert len(seeds) == 2 * 4 * 3 and len(set(seeds)) == len(seeds)  # pairwise distinct
+    again = SeedRunner()
+    await evaluate(args(tmp_path, "--strategies", "best_of_n", "--n", "2", "--samples", "3",
+                        "--seed", "5", "--cost", "profanity"), runner=again)
+    assert sorted(map(str, again.seeds)) == sorted(map(str, runner.seeds))  # reproducible
+    unseeded = SeedRunner()
+    await evaluate(args(tmp_path, "--samples", "2", "--seed", "-1"), runner=unseeded)
+    assert {s for _, _, s in unseeded.seeds} == {None}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "2 answer(s) per prompt" in md and "value [95% interval]" in md
+
+
+def test_cli_rejects_bad_samples(tmp_path, capsys):
+    from server.cli import main
+
+    ns = args(tmp_path)
+    assert main(["eval", "--prompts", str(ns.prompts), "--out", str(ns.out),
+                 "--samples", "0"]) == 2
+    assert "--samples must be ≥ 1" in capsys.readouterr().err

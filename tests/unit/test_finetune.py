@@ -388,3 +388,46 @@ def test_safedpo_trainer_loss_equals_the_formula(tmp_path):
     got = float(got.detach())
     assert got == pytest.approx(float(want), rel=1e-4)
     assert got > 5  # the unsafe-loser pair carries the −Δ offset
+
+
+# --- MoCAN: DPO's β tied to the dual's β (issue 11, item 7) ---------------------------------
+
+def test_tied_beta_by_hand():
+    from finetune.mocan import tied_beta
+
+    # DPO on σ((w₁ − w₀)/τ) reaches p·exp(w/(τ·β)): CAN's π_λ* needs τ·β = β_dual
+    assert tied_beta(0.5, 0.1, None) == (pytest.approx(5.0), "β_dual/τ", None)
+    assert tied_beta(0.5, 1.0, None)[0] == 0.5
+    assert tied_beta(0.5, 0.1, 5.0) == (5.0, "--beta", None)  # consistent: accepted
+    with pytest.raises(ValueError, match=r"τ·β = 0.01 ≠ the dual's β 0.5"):
+        tied_beta(0.5, 0.1, 0.1)
+    value, source, warning = tied_beta(0.5, 0.1, 0.1, allow_mismatch=True)
+    assert (value, source) == (0.1, "--beta (mismatch allowed)") and "≠" in warning
+    assert tied_beta(None, 0.1, None) == (0.1, "default", None)  # --lambda: nothing to tie
+    assert tied_beta(None, 0.1, 0.3) == (0.3, "--beta", None)
+
+
+def test_cli_mocan_refuses_a_beta_the_dual_was_not_solved_for(tmp_path, capsys):
+    import argparse
+
+    from finetune.cli import add_arguments, resolve_beta, resolve_lambda
+
+    dual = tmp_path / "dual.json"
+    dual.write_text(json.dumps({"lambda": 2.5, "beta": 0.5, "threshold": -0.2,
+                                "reward": "relevance", "cost": "profanity"}))
+    base = ["mocan", "--data", str(SYNTHETIC), "--out", str(tmp_path / "o"), "--dual", str(dual),
+            "--temperature", "0.1"]
+    rc, err = _cli([*base, "--beta", "0.1"], capsys)
+    assert rc == 2 and "≠ the dual's β 0.5" in err and "--allow-beta-mismatch" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    ns = parser.parse_args(base)
+    beta = resolve_beta(ns, resolve_lambda(ns))  # no --beta: tied to the dual file
+    assert beta == {"value": pytest.approx(5.0), "source": "β_dual/τ", "beta_dual": 0.5,
+                    "warning": None}
+    ns = parser.parse_args([*base, "--beta", "0.1", "--allow-beta-mismatch"])
+    assert resolve_beta(ns, resolve_lambda(ns))["warning"].startswith("--beta 0.1")
+    ns = parser.parse_args(["safedpo", "--data", str(SYNTHETIC), "--out", str(tmp_path / "o")])
+    assert resolve_beta(ns, None)["value"] == 0.1  # SafeDPO's default is unchanged

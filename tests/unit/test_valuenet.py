@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 
 import pytest
@@ -84,7 +85,7 @@ def backbone(tmp_path_factory):
     return str(path)
 
 
-def write_rollouts(folder, rule, prompts=24, k=4, seed=0):
+def write_rollouts(folder, rule, prompts=24, k=4, seed=0, temperature=1.0, model_path=None):
     """Rollouts whose reward is a function of the response; A is planted in half of them."""
     rng = random.Random(seed)
     rows = []
@@ -101,7 +102,9 @@ def write_rollouts(folder, rule, prompts=24, k=4, seed=0):
             reward = float(resp[-1] == A) if rule == "last" else float(A in resp[:3])
             rows.append(Rollout(f"p{p}", f"prompt {p}", prompt, j, resp, [0.0] * len(resp), "",
                                 rng.choice(["stop", "length"]), reward))
-    write_manifest(folder, Manifest("tiny", "synthetic", k, 7, 1.0, "synthetic"))
+    extra = {} if model_path is None else {"model_path": model_path}
+    write_manifest(folder, Manifest("tiny", "synthetic", k, 7, temperature, "synthetic",
+                                    extra=extra))
     append_rollouts(folder, rows)
     return rows
 
@@ -304,7 +307,7 @@ def test_cli_rejects_a_folder_without_rollouts(tmp_path, capsys):
 
 
 def test_cli_trains_and_prints_a_summary(backbone, tmp_path, capsys):
-    write_rollouts(tmp_path / "data", "last", prompts=6, k=2)
+    write_rollouts(tmp_path / "data", "last", prompts=6, k=2, model_path=backbone)
     code = _cli("--data", str(tmp_path / "data"), "--method", "cdq", "--steps", "5",
                 "--out", str(tmp_path / "o"), "--policy", backbone, "--no-progress")
     assert code == 0
@@ -354,3 +357,120 @@ def test_registry_serves_value_heads(backbone, tmp_path):
     asyncio.run(lookups())
     with pytest.raises(ValueError, match="value head 'bad'.*missing"):
         load_value_heads({"bad": tmp_path / "missing"})
+
+
+# -- sampling temperature of the targets and of the requests (issue 11, items 3 and 9) ---------
+
+
+def test_policy_probs_is_the_greedy_policy_at_temperature_zero():
+    from valuenet.model import policy_probs
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.0, 0.0, -1.0]])
+    assert policy_probs(logits, 0.0).tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    half = policy_probs(logits, 0.5)[0]  # softmax(2·logits): e² : e⁶ : e⁴
+    z = math.exp(2) + math.exp(6) + math.exp(4)
+    assert half.tolist() == pytest.approx([math.exp(2) / z, math.exp(6) / z, math.exp(4) / z])
+    with pytest.raises(ValueError):
+        policy_probs(logits, -1.0)
+
+
+def test_cdq_targets_at_temperature_zero_follow_the_argmax(backbone, tmp_path):
+    """Greedy rollouts: π_ref is one-hot at the backbone's argmax, so the bootstrap target is
+    Q(x, yᵗ, argmax), not the T = 1 softmax average; the checkpoint records T = 0."""
+    from valuenet.data import read_rollouts
+    from valuenet.model import hidden_states, load_causal_lm, pad_batch
+    from valuenet.train import TrainConfig, _examples, _precompute, train
+
+    write_rollouts(tmp_path / "data", "last", prompts=6, k=2, temperature=0.0)
+    _, rows = read_rollouts(tmp_path / "data")
+    cfg = TrainConfig(method="cdq", ref_top_k=4, progress=False)
+    lm = load_causal_lm(backbone)
+    exs = _examples(rows[:3], 0.0, 1.0, "terminal")
+    assert _precompute(lm, None, exs, cfg, 0.0, cache_hidden=True) == 1.0  # all mass kept
+    for e in exs:
+        ids, mask = pad_batch([e.seq])
+        with torch.no_grad():
+            greedy = lm.lm_head(hidden_states(lm, ids, mask)[0, e.start:]).argmax(-1)
+        assert e.ref_idx[:, 0].tolist() == greedy.tolist()
+        assert e.ref_p[:, 0].tolist() == [1.0] * len(e.ids)
+        assert float(e.ref_p[:, 1:].abs().sum()) == 0.0
+
+    metrics = train(tmp_path / "data", tmp_path / "head", TrainConfig(
+        method="cdq", steps=2, ref_top_k=4, progress=False), backbone=backbone)
+    assert metrics["ref_mass"] == 1.0 and metrics["temperature"] == 0.0
+    config = json.loads((tmp_path / "head" / "config.json").read_text())
+    assert (config["temperature"], config["top_p"]) == (0.0, 1.0)
+
+
+def _head_with_sampling(backbone, folder, **fields):
+    from valuenet.model import HeadConfig, ValueHead, save_checkpoint
+    from valuenet.scorer import load_value_head
+
+    cfg = HeadConfig(method="cdq", backbone=backbone, reference=backbone, hidden_size=32,
+                     vocab_size=VOCAB, **fields)
+    save_checkpoint(folder, ValueHead("cdq", 32, VOCAB), cfg)
+    return load_value_head(folder, name="value:h")
+
+
+def test_trained_sampling_is_recorded_and_mismatches_are_warned(backbone, tmp_path, trained):
+    scorer = _head_with_sampling(backbone, tmp_path / "a", temperature=0.7, top_p=0.9)
+    assert (scorer.trained_temperature, scorer.trained_top_p) == (0.7, 0.9)
+    assert scorer.warnings_for(0.7, 0.9) == []
+    assert scorer.warnings_for(0.7 + 1e-9, 0.9) == []  # float noise is the same setting
+    (w,) = scorer.warnings_for(1.0, 0.9)
+    assert w == ("value:h was trained on rollouts sampled at temperature 0.7, this request "
+                 "samples at temperature 1: its values are those of the other sampling "
+                 "distribution, so the tilt does not target π*")
+    (w,) = scorer.warnings_for(0.7, 1.0)
+    assert "top_p 0.9" in w and "top_p 1" in w
+    assert len(scorer.warnings_for(0.0, 1.0)) == 2
+    # checkpoints written before these fields: the temperature from the training config
+    old = _head_with_sampling(backbone, tmp_path / "b", train={"temperature": 1.0})
+    assert (old.trained_temperature, old.trained_top_p) == (1.0, 1.0)
+    assert old.warnings_for(1.0, 1.0) == [] and len(old.warnings_for(0.0, 1.0)) == 1
+    unknown = _head_with_sampling(backbone, tmp_path / "c")
+    assert unknown.trained_temperature is None
+    assert "does not record" in unknown.warnings_for(1.0, 1.0)[0]
+    # a trained head carries its rollouts' temperature (1.0 in these rollouts)
+    from valuenet.scorer import load_value_head
+
+    fresh = load_value_head(trained[1]["fudge"][0])
+    assert (fresh.trained_temperature, fresh.trained_top_p) == (1.0, 1.0)
+    assert fresh.warnings_for(1.0, 1.0) == []
+
+
+def test_greedy_head_values_the_bare_prompt_under_the_argmax(backbone, tmp_path):
+    from valuenet.model import hidden_states, load_causal_lm, pad_batch
+
+    scorer = _head_with_sampling(backbone, tmp_path / "g", temperature=0.0, top_p=1.0)
+    torch.manual_seed(3)
+    for p in scorer._head.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    prompt = [11, 12, 13]
+    lm = load_causal_lm(backbone)
+    with torch.no_grad():
+        h = hidden_states(lm, *pad_batch([prompt]))[0, -1]
+        want = float(scorer._head.q(h, lm.lm_head(h).argmax()[None])[0])
+    assert scorer.score_ids(prompt, [[]])[0] == pytest.approx(want, abs=1e-5)
+
+
+def test_policy_is_checked_against_the_rollouts_manifest(backbone, tmp_path, capsys):
+    from valuenet.cli import policy_mismatch
+
+    write_rollouts(tmp_path / "data", "last", prompts=6, k=2, model_path=backbone)
+    code = _cli("--data", str(tmp_path / "data"), "--method", "cdq", "--steps", "1",
+                "--out", str(tmp_path / "o"), "--policy", str(tmp_path), "--no-progress")
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "not the policy the rollouts were drawn from" in err and "\n" not in err
+    assert f"pass --policy {backbone}" in err and not (tmp_path / "o").exists()
+
+    m = Manifest("SmolLM2-135M-Instruct", "p", 2, 8, 1.0, "r",
+                 extra={"model_path": "/home-a/models/SmolLM2-135M-Instruct"})
+    assert policy_mismatch(m, "embedded", "/home-b/models/SmolLM2-135M-Instruct") is None
+    assert policy_mismatch(m, "/ckpt/x", "/ckpt/x") is not None
+    hf = Manifest("org/model", "p", 2, 8, 1.0, "r", extra={"model_path": "org/model"})
+    assert policy_mismatch(hf, "org/model", "org/model") is None
+    legacy = Manifest("tiny", "p", 2, 8, 1.0, "r")  # no model_path: by name
+    assert policy_mismatch(legacy, "/x/tiny", "/x/tiny") is None
+    assert policy_mismatch(legacy, "/x/other", "/x/other") is not None
