@@ -44,7 +44,7 @@ async def _workload(engine, prompts, concurrency, pattern, args) -> dict:
             out = await engine.generate(ids + accepted, args.k, Sampling(max_tokens=args.m))
             tokens += sum(len(s.token_ids) for s in out)
             accepted += out[0].token_ids
-            if out[0].finished:
+            if out[0].finish_reason == "stop":  # EOS: the answer is complete
                 break
         return tokens
 

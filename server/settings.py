@@ -50,6 +50,17 @@ class Settings(BaseSettings):
 
     default_reward: str = Field("relevance", description="Reward scorer when a request names none.")
     scorer_threads: int = Field(2, ge=1, le=64, description="Worker threads that run scorers.")
+    scorer_batch_window_ms: float = Field(
+        5.0, ge=0, le=1000,
+        description="Score calls for one scorer that arrive within this window (or while it "
+        "scores the previous batch) run as one batch across requests (server/batching.py); "
+        "0 turns batching off (each call runs alone).",
+    )
+    scorer_max_batch: int = Field(
+        64, ge=1, le=100_000,
+        description="Most (prompt, response) pairs in one cross-request scorer batch; a full "
+        "batch starts without waiting for the window.",
+    )
     value_heads: str | None = Field(
         None, max_length=100_000,
         description="Trained value heads served as scorers `value:NAME`: comma-separated "
