@@ -10,7 +10,8 @@ the last hidden state. `CachedBackbone.states(seqs)` then
 1. finds, for each sequence, the longest cached prefix (never the whole sequence: its last
    token is always recomputed, so its hidden state is fresh);
 2. computes once a prefix that several sequences of the batch share beyond what is cached
-   (the prompt of K first-block candidates);
+   (the prompt of K first-block candidates; in a batch of several requests, the chat
+   template's system prompt, then each request's prompt);
 3. runs the backbone over the new tokens only, on top of the cached keys/values: past rows are
    right-padded to a common length and masked, position ids continue each row's own prefix;
 4. stores each sequence's new keys/values.
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+_SHARED_PASSES = 4
 
 
 @dataclass
@@ -118,18 +121,24 @@ class CachedBackbone:
 
     def states(self, seqs: list[list[int]]) -> States:
         hits = [self.cache.longest_prefix(s, len(s) - 1) for s in seqs]
-        shared = self._shared_prefixes(seqs, hits)
-        if shared:
+        # Shared prefixes first, coarsest to finest (a batch of several requests: the chat
+        # template's system prompt, then each user prompt), a few passes at most.
+        for _ in range(_SHARED_PASSES):
+            shared = self._shared_prefixes(seqs, hits)
+            if not shared:
+                break
             self._forward([s for s, _ in shared], [h for _, h in shared])
             hits = [self.cache.longest_prefix(s, len(s) - 1) for s in seqs]
         return self._forward(seqs, hits)
 
     def _shared_prefixes(self, seqs, hits) -> list[tuple[list[int], _Entry | None]]:
-        """For each group of ≥ 2 sequences extending the same cached entry: their longest
-        common prefix, when it goes beyond that entry (and stops before every sequence ends)."""
-        groups: dict[int, list[int]] = {}
+        """For each group of ≥ 2 sequences extending the same cached entry with the same next
+        token: their longest common prefix, when it goes beyond that entry (and stops before
+        every sequence ends)."""
+        groups: dict[tuple[int, int], list[int]] = {}
         for i, h in enumerate(hits):
-            groups.setdefault(id(h), []).append(i)
+            start = h.length if h is not None else 0
+            groups.setdefault((id(h), seqs[i][start]), []).append(i)
         out = []
         for members in groups.values():
             if len(members) < 2:

@@ -37,3 +37,23 @@ def test_env_and_flag(monkeypatch):
 def test_bounds(bad):
     with pytest.raises(ValidationError):
         Settings(block_size=bad)
+
+
+def test_bench_reads_the_prefix_cache_hit_rate_from_metrics_text():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "common.py"
+    spec = importlib.util.spec_from_file_location("bench_common", path)
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    snap = lambda h, q: (  # noqa: E731 - vLLM's exposition: counters get `_total`
+        "# HELP vllm:prefix_cache_hits Prefix cache hits, in terms of number of cached tokens.\n"
+        "# TYPE vllm:prefix_cache_hits counter\n"
+        f'vllm:prefix_cache_hits_total{{engine="0",model_name="m"}} {h}\n'
+        f'vllm:prefix_cache_hits_created{{engine="0",model_name="m"}} 1.7e9\n'
+        f'vllm:prefix_cache_queries_total{{engine="0",model_name="m"}} {q}\n'
+        "alignserve:requests_total 3.0\n")
+    assert common.prefix_cache_counts(snap(10.0, 40.0)) == (10.0, 40.0)
+    assert common.prefix_cache_hit_rate(snap(10.0, 40.0), snap(40.0, 100.0)) == 0.5
+    assert common.prefix_cache_hit_rate(snap(1.0, 2.0), snap(1.0, 2.0)) is None

@@ -119,3 +119,16 @@ def test_a_small_cache_evicts_and_stays_exact(checkpoints):
         assert cached.score_ids(prompt, seqs) == pytest.approx(plain.score_ids(prompt, seqs),
                                                                abs=1e-5)
     assert cached._backbone.cache.tokens <= 10
+
+
+def test_a_batch_of_several_requests_computes_each_shared_prefix_once(checkpoints):
+    cached, plain = pair(checkpoints["fudge"])
+    system = [11, 12, 13, 14]  # what every chat-templated prompt starts with
+    prompts = [system + [20, 21, 22], system + [30, 31]]
+    rng = random.Random(9)
+    pairs = [(p, [rng.randrange(40, VOCAB) for _ in range(M)]) for p in prompts for _ in range(K)]
+    before = cached.backbone_tokens
+    assert cached.score_ids_pairs(pairs) == pytest.approx(
+        [plain.score_ids(p, [r])[0] for p, r in pairs], abs=1e-5)
+    distinct = len(system) + 3 + 2 + 2 * K * M  # each token of the trie once
+    assert cached.backbone_tokens - before == distinct
