@@ -128,12 +128,13 @@ def main() -> int:
     ap.add_argument("--reward", default="relevance")
     ap.add_argument("--window-ms", type=float, default=5.0)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     rounds = asyncio.run(main_async(args))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scorer_batching.json").write_text(json.dumps(rounds, indent=2) + "\n")
-    (RESULTS / "scorer_batching.md").write_text(report(rounds, args))
-    print((RESULTS / "scorer_batching.md").read_text())
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scorer_batching.json").write_text(json.dumps(rounds, indent=2) + "\n")
+    (args.out / "scorer_batching.md").write_text(report(rounds, args))
+    print((args.out / "scorer_batching.md").read_text())
     return 0
 
 
