@@ -75,6 +75,7 @@ class ScoreBatcher:
         self._max_batch = max_batch
         self._queues: dict[tuple[int, bool], _Queue] = {}
         self._scorers: dict[tuple[int, bool], Scorer] = {}
+        self._running: set[asyncio.Task] = set()  # strong references: the loop keeps weak ones
         self.batches = 0  # underlying scorer calls made (a metric, and for tests)
         self.pairs = 0  # pairs scored in them
 
@@ -121,7 +122,9 @@ class ScoreBatcher:
         if not calls:
             return
         queue.busy = True
-        asyncio.get_running_loop().create_task(self._run(key, calls))
+        task = asyncio.get_running_loop().create_task(self._run(key, calls))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def _run(self, key, calls: list[_Call]) -> None:
         scorer, token = self._scorers[key], key[1]
