@@ -80,6 +80,7 @@ async def _measure(block_size: int, args) -> dict:
                 before = generate_latest(REGISTRY).decode()
                 run = await _workload(engine, engine_prompts, args.concurrency, pattern, args)
                 run["hit_rate"] = prefix_cache_hit_rate(before, generate_latest(REGISTRY).decode())
+                run["load_avg_1m"] = os.getloadavg()[0]  # other jobs on the machine
                 runs.append(run)
             best = min(runs, key=lambda x: x["wall_s"] / max(1, x["tokens"]))
             row[pattern] = {**best, "tok_s": best["tokens"] / best["wall_s"],
@@ -126,6 +127,7 @@ def main() -> int:
     ap.add_argument("--m", type=int, default=16, help="tokens per block (blockwise)")
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child: one block size, JSON out
     args = ap.parse_args()
     if args.one is not None:
@@ -147,10 +149,10 @@ def main() -> int:
         line = [l for l in out.stdout.splitlines() if l.startswith('{"block_size"')][-1]
         rows.append(json.loads(line))
         print(line, file=sys.stderr)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "block_size.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (RESULTS / "block_size.md").write_text(report(rows, args))
-    print((RESULTS / "block_size.md").read_text())
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "block_size.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / "block_size.md").write_text(report(rows, args))
+    print((args.out / "block_size.md").read_text())
     return 0
 
 
