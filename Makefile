@@ -38,6 +38,8 @@ bench: install model
 	$(PY) bench/bench_cd.py --out bench/results
 	$(PY) bench/bench_dual.py --out bench/results
 	$(PY) bench/bench_safedpo.py --out bench/results
+	$(PY) bench/bench_block_size.py --out bench/results
+	$(PY) bench/bench_scorer_batching.py --out bench/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache

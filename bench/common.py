@@ -81,3 +81,35 @@ def pyplot():
 def save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------- vLLM's prefix-cache counters
+
+PREFIX_HITS, PREFIX_QUERIES = "vllm:prefix_cache_hits", "vllm:prefix_cache_queries"
+
+
+def prefix_cache_counts(metrics_text: str) -> tuple[float, float]:
+    """(hits, queries) in tokens, summed over engines, from a Prometheus text exposition
+    (alignserve's /metrics, or `prometheus_client.generate_latest()` in-process). vLLM counts
+    prompt tokens looked up in the prefix cache (queries) and those found there (hits)."""
+    totals = {PREFIX_HITS: 0.0, PREFIX_QUERIES: 0.0}
+    for line in metrics_text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        base = name.removesuffix("_total")  # prometheus_client adds `_total` to counters
+        if base in totals and not line.startswith("#"):
+            totals[base] += float(line.rsplit(" ", 1)[1])
+    return totals[PREFIX_HITS], totals[PREFIX_QUERIES]
+
+
+def prefix_cache_hit_rate(before: str, after: str) -> float | None:
+    """Share of prompt tokens served from the prefix cache between two /metrics snapshots
+    (None when no prompt tokens were looked up in between)."""
+    (h0, q0), (h1, q1) = prefix_cache_counts(before), prefix_cache_counts(after)
+    return (h1 - h0) / (q1 - q0) if q1 > q0 else None
+
+
+def scrape(base_url: str) -> str:
+    """The server's /metrics text."""
+    import httpx
+
+    return httpx.get(f"{base_url}/metrics", timeout=30).text

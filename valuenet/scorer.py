@@ -10,8 +10,12 @@
 
 Values are in reward units: the checkpoint's reward normalisation is undone. Everything runs in
 float32 on CPU; responses are scored in right-padded batches; a lock serialises the model, so one
-scorer can be shared by a thread pool. A head is its own model, separate from the policy, so it
-keeps working after the policy is hot-swapped (it still values the policy it was trained on).
+scorer can be shared by a thread pool. The backbone keeps its own KV cache across calls
+(valuenet/kvcache.py): a blockwise CD block costs the M new tokens of each candidate, a tokenwise
+CD step one token, instead of the whole prompt + prefix again. `score_ids_pairs` scores pairs of
+different prompts in one batch (the server's cross-request batching). A head is its own model,
+separate from the policy, so it keeps working after the policy is hot-swapped (it still values
+the policy it was trained on).
 
 A head's values are those of the rollouts' sampling distribution p_T (temperature T, top_p),
 recorded in the checkpoint and exposed as `trained_temperature` / `trained_top_p`: the tilt
@@ -33,16 +37,24 @@ from pathlib import Path
 
 import torch
 
-from .model import hidden_states, load_causal_lm, load_checkpoint, pad_batch, policy_probs
+from .kvcache import CachedBackbone, States
+from .model import (
+    hidden_states, load_causal_lm, load_checkpoint, pad_batch, policy_probs,
+)
 
-# Temperatures / top_p closer than this are the same setting (JSON round trips, 0.7 vs 0.7000001).
+# Temperatures / top_p closer than this are the same setting (JSON round trips: 0.7 vs
+# 0.7000001).
 SAMPLING_TOL = 1e-6
+
+# Backbone KV kept across calls, in tokens (46 KB each for SmolLM2-135M in float32: ~380 MB).
+DEFAULT_CACHE_TOKENS = 8192
 
 
 class ValueHeadScorer:
     """A CD-FUDGE (or, via the subclass, CD-Q) value head loaded from a checkpoint folder."""
 
-    def __init__(self, folder: str | Path, name: str | None = None, batch_size: int = 16) -> None:
+    def __init__(self, folder: str | Path, name: str | None = None, batch_size: int = 16,
+                 cache_tokens: int = DEFAULT_CACHE_TOKENS) -> None:
         self.folder = Path(folder).expanduser()
         self.config, self._head, self._lm = load_checkpoint(self.folder)
         self.name = name or f"value:{self.folder.name}"
@@ -52,6 +64,8 @@ class ValueHeadScorer:
         self._tokenizer = None
         self._ref_lm = None  # CD-Q, empty responses, reference ≠ backbone: loaded on first use
         self.trained_temperature, self.trained_top_p = self.config.sampling()
+        # 0: no cache, every call runs the backbone over the whole prompt + response
+        self._backbone = CachedBackbone(self._lm, cache_tokens) if cache_tokens > 0 else None
 
     # -- public API -------------------------------------------------------------------------
 
@@ -73,12 +87,18 @@ class ValueHeadScorer:
     def score_ids(self, prompt_ids: Sequence[int], responses: Sequence[Sequence[int]]) -> list[float]:
         """V(x, y) for each response, in reward units."""
         prompt = self._check_prompt(prompt_ids)
+        return self.score_ids_pairs([(prompt, r) for r in responses])
+
+    def score_ids_pairs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[float]:
+        """V(x, y) for (prompt_ids, response_ids) pairs of any prompts (a TokenPairScorer: the
+        server batches value calls of different requests through it)."""
+        items = [(self._check_prompt(p), list(r)) for p, r in pairs]
         out: list[float] = []
-        for i in range(0, len(responses), self._batch_size):
-            chunk = [list(r) for r in responses[i : i + self._batch_size]]
+        for i in range(0, len(items), self._batch_size):
+            chunk = items[i : i + self._batch_size]
             with self._lock, torch.inference_mode():
-                h = self._hidden([prompt + r for r in chunk])  # [B, T, H]
-                out.extend(self._values(prompt, chunk, h))
+                states = self._states([p + r for p, r in chunk])
+                out.extend(self._values(chunk, states))
         return [self._unnormalise(v) for v in out]
 
     def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
@@ -91,6 +111,11 @@ class ValueHeadScorer:
         resp = [tok(r, add_special_tokens=False)["input_ids"] for r in responses]
         return self.score_ids(list(ids), resp)
 
+    @property
+    def backbone_tokens(self) -> int | None:
+        """Tokens the backbone has run on through the cache (None without one)."""
+        return self._backbone.tokens_in if self._backbone is not None else None
+
     # -- internals --------------------------------------------------------------------------
 
     def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
@@ -101,14 +126,19 @@ class ValueHeadScorer:
     def _unnormalise(self, v: float) -> float:
         return float(v) * self.config.reward_std + self.config.reward_mean
 
-    def _hidden(self, seqs: list[list[int]]) -> torch.Tensor:
+    def _states(self, seqs: list[list[int]]) -> States:
+        """Final hidden states of each sequence (through the KV cache when there is one)."""
+        if self._backbone is not None:
+            return self._backbone.states(seqs)
         ids, mask = pad_batch(seqs)
-        return hidden_states(self._lm, ids, mask)
+        h = hidden_states(self._lm, ids, mask)  # [B, T, H]
+        return States([0] * len(seqs), [h[i, : len(s)] for i, s in enumerate(seqs)],
+                      [None] * len(seqs))
 
-    def _values(self, prompt: list[int], responses: list[list[int]], h: torch.Tensor) -> list[float]:
-        # V(x, yᵗ) is read at the last real token of prompt + response (right padding).
-        last = torch.tensor([len(prompt) + len(r) - 1 for r in responses])
-        return self._head.value(h[torch.arange(len(responses)), last]).tolist()
+    def _values(self, items: list[tuple[list[int], list[int]]], states: States) -> list[float]:
+        # V(x, yᵗ) is read at the last token of prompt + response.
+        h = torch.stack([states.at(i, len(p) + len(r) - 1) for i, (p, r) in enumerate(items)])
+        return self._head.value(h).tolist()
 
     def _tok(self):
         if self._tokenizer is None:
@@ -132,19 +162,20 @@ class QValueHeadScorer(ValueHeadScorer):
         vocab = self.config.vocab_size
         if any(not 0 <= int(z) < vocab for z in candidates):
             raise ValueError(f"{self.name}: candidate token ids must be in [0, {vocab})")
+        seq = prompt + list(response_ids)
         with self._lock, torch.inference_mode():
-            h = self._hidden([prompt + list(response_ids)])[0, -1]  # [H]
+            h = self._states([seq]).at(0, len(seq) - 1)  # [H]; x + yᵗ⁻¹ is usually cached
             q = self._head.q(h, torch.tensor([int(z) for z in candidates]))
         return [self._unnormalise(v) for v in q.tolist()]
 
-    def _values(self, prompt: list[int], responses: list[list[int]], h: torch.Tensor) -> list[float]:
+    def _values(self, items: list[tuple[list[int], list[int]]], states: States) -> list[float]:
         out = []
-        for i, r in enumerate(responses):
+        for i, (prompt, r) in enumerate(items):
             if r:
                 pos = len(prompt) + len(r) - 2  # the state before the last token
-                out.append(float(self._head.q(h[i, pos], torch.tensor([r[-1]]))[0]))
+                out.append(float(self._head.q(states.at(i, pos), torch.tensor([r[-1]]))[0]))
             else:
-                out.append(self._prompt_value(prompt, h[i, len(prompt) - 1]))
+                out.append(self._prompt_value(prompt, states.at(i, len(prompt) - 1)))
         return out
 
     def _prompt_value(self, prompt: list[int], h_last: torch.Tensor) -> float:
