@@ -31,6 +31,16 @@ def has_cuda() -> bool:
     return subprocess.run([smi], capture_output=True, check=False).returncode == 0
 
 
+def engine_arg_names() -> frozenset[str]:
+    """Every keyword AsyncEngineArgs accepts (the `--engine-arg` pass-through is checked
+    against these before the engine starts)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+
+
 class VllmEngine:
     """`decoding.Engine` on vLLM's AsyncLLM."""
 
@@ -47,6 +57,7 @@ class VllmEngine:
         enable_lora: bool = False,
         max_lora_rank: int = 16,
         max_loras: int = 4,
+        engine_args: dict | None = None,  # more AsyncEngineArgs (server/engine_args.py checks them)
     ) -> None:
         cuda = has_cuda()
         if not cuda:
@@ -68,6 +79,7 @@ class VllmEngine:
             seed=seed,
             **({"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras}
                if enable_lora else {}),
+            **(engine_args or {}),
         )
         self._llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = self._llm.get_tokenizer()
