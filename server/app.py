@@ -90,6 +90,8 @@ def build_app(
     metrics = Metrics(registry)
     if hasattr(runtime.engine, "num_unfinished_requests"):
         metrics.watch_engine(runtime.engine)
+    if hasattr(runtime.scorers, "remote"):
+        metrics.watch_remote_scorers(runtime.scorers)
     completions = CompletionService(settings, runtime, metrics)
     lifecycle = Lifecycle(completions.admission, metrics, settings.retry_after_s)
     policies = PolicyManager(runtime, settings, metrics)  # hot-swap, /admin/policies

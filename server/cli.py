@@ -39,7 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # Settings fields whose flag is repeatable: (flag, metavar); the values are joined with commas.
 _REPEATABLE = {"value_heads": ("--value-head", "NAME=PATH"),
-               "engine_args": ("--engine-arg", "KEY=VALUE")}
+               "engine_args": ("--engine-arg", "KEY=VALUE"),
+               "remote_scorers": ("--remote-scorer", "NAME=URL")}
 
 
 def flag_of(name: str) -> str:

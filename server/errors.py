@@ -68,6 +68,15 @@ class RequestTimeout(Exception):
         self.seconds = seconds
 
 
+class UpstreamUnavailable(Exception):
+    """A server we depend on (a remote reward model) failed: 503 unreachable, 504 timed out,
+    502 a bad answer. The request fails cleanly; the client may retry."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
 def error_json(err: APIError) -> dict:
     body = ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code)
     return ErrorResponse(error=body).model_dump()
@@ -114,6 +123,7 @@ ERROR_TABLE = {
                                        code="server_shutting_down",
                                        headers={"Retry-After": str(e.retry_after_s)}),
     RequestTimeout: lambda e: APIError(504, str(e), type="timeout_error", code="request_timeout"),
+    UpstreamUnavailable: lambda e: APIError(e.status, e.message, type="server_error", code=e.code),
     RequestValidationError: _validation_error,
     StarletteHTTPException: _http_error,
     Exception: _unexpected,

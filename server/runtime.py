@@ -10,6 +10,7 @@ from decoding.protocols import DecodeContext
 
 from .engine_args import engine_kwargs
 from .model_prep import EMBEDDED_MODEL_NAME, prepare_embedded_model
+from .remote_scorer import connect_remote_scorers
 from .scorers import ScorerRegistry, default_factories, load_value_heads
 from .serving import Runtime
 from .settings import DEFAULT_MODEL, ConfigError, Settings
@@ -42,6 +43,12 @@ def build_runtime(settings: Settings) -> Runtime:
         value_heads = load_value_heads(settings.value_head_paths())
     except ValueError as exc:
         raise ConfigError("value_heads", str(exc)) from None
+    try:  # and the remote reward model servers answer, before the engine start-up too
+        remote = connect_remote_scorers(settings.remote_scorer_urls(),
+                                        settings.remote_scorer_timeout_s,
+                                        settings.remote_scorer_retries)
+    except ValueError as exc:
+        raise ConfigError("remote_scorers", str(exc)) from None
     log.info("starting engine for %s (%s)", name, model)
     engine = VllmEngine(
         model, dtype=settings.dtype, max_model_len=settings.max_model_len,
@@ -51,7 +58,7 @@ def build_runtime(settings: Settings) -> Runtime:
     )
     executor = ThreadPoolExecutor(settings.scorer_threads, thread_name_prefix="scorer")
     scorers = ScorerRegistry(default_factories(settings.length_target), executor)
-    for head in value_heads:  # separate models: they outlive policy hot-swaps
+    for head in [*value_heads, *remote]:  # separate models: they outlive policy hot-swaps
         scorers.register(head)
     # Load the default reward and cost now, so the first request does not pay for it.
     for warm in (settings.default_reward, "profanity"):

@@ -61,6 +61,17 @@ class Settings(BaseSettings):
         "'fudge=/ckpt/a,cdq=/ckpt/b'; flag: --value-head NAME=PATH, repeatable. Loaded at "
         "start-up: a bad path stops the server.",
     )
+    remote_scorers: str | None = Field(
+        None, max_length=100_000,
+        description="Reward models on their own vLLM pooling servers, served as scorers "
+        "`remote:NAME`: comma-separated NAME=URL pairs, e.g. 'rm=http://rm:8000'; flag "
+        "--remote-scorer NAME=URL, repeatable. Each URL is checked at start-up.",
+    )
+    remote_scorer_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Timeout of one HTTP request to a remote scorer.")
+    remote_scorer_retries: int = Field(
+        2, ge=0, le=10, description="Retries of a remote scorer request after a transport "
+        "error, a timeout or a 5xx (with backoff); then the client gets 502/503/504.")
     length_target: int = Field(
         64, ge=1, le=100_000, description="Target length in words of the `length` reward."
     )
@@ -185,6 +196,17 @@ class Settings(BaseSettings):
                              "setting (see `alignserve serve --help`)")
         return data
 
+    @field_validator("remote_scorers")
+    @classmethod
+    def _remote_scorers_parse(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_remote_scorers(v)
+        return v
+
+    def remote_scorer_urls(self) -> dict[str, str]:
+        """NAME → base URL of every `remote_scorers` entry."""
+        return parse_remote_scorers(self.remote_scorers or "")
+
     @field_validator("engine_args")
     @classmethod
     def _engine_args_parse(cls, v: str | None) -> str | None:
@@ -232,6 +254,20 @@ def parse_value_heads(spec: str) -> dict[str, Path]:
             raise ValueError(f"value head {name!r} is given twice")
         heads[name] = Path(path).expanduser()
     return heads
+
+
+def parse_remote_scorers(spec: str) -> dict[str, str]:
+    """'rm=http://a:8000,safety=https://b' → {'rm': 'http://a:8000', 'safety': 'https://b'}."""
+    urls: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, url = (x.strip() for x in item.partition("="))
+        if not sep or not _HEAD_NAME.match(name) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"remote scorer {item!r}: expected NAME=URL with an http(s) URL "
+                             "and NAME of letters, digits, '.', '_' or '-'")
+        if name in urls:
+            raise ValueError(f"remote scorer {name!r} is given twice")
+        urls[name] = url.rstrip("/")
+    return urls
 
 
 def unknown_env_vars(environ=None) -> list[str]:
