@@ -125,6 +125,15 @@ class Settings(BaseSettings):
         description="Policy hot-swap: how long a new request waits for a swap to finish before "
         "it gets 503 + Retry-After (it queues, it is not refused).",
     )
+    policy_file: Path | None = Field(
+        None,
+        description="Fleet-wide active policy: a JSON file {\"active\": NAME, \"policies\": "
+        "{NAME: folder}} every replica watches (a mounted ConfigMap); a change swaps each "
+        "replica like /admin/policies, a new replica applies it before it is ready, and the "
+        "admin API no longer activates. Checked at start-up.",
+    )
+    policy_file_poll_s: float = Field(
+        5.0, gt=0, le=3600, description="How often the policy file is checked for changes, s.")
     enable_lora: bool = Field(
         False,
         description="Serve LoRA adapters registered through /admin/policies, chosen per request "
@@ -226,6 +235,18 @@ class Settings(BaseSettings):
     def value_head_paths(self) -> dict[str, Path]:
         """NAME → checkpoint folder of every `value_heads` entry."""
         return parse_value_heads(self.value_heads or "")
+
+    @field_validator("policy_file")
+    @classmethod
+    def _policy_file_loads(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            from .policy_file import load_policy_file
+
+            try:
+                load_policy_file(v)
+            except OSError as exc:
+                raise ValueError(f"cannot read {v}: {exc.strerror or exc}") from None
+        return v
 
     @field_validator("dual")
     @classmethod
