@@ -31,6 +31,7 @@ from .lifecycle import DrainGate, Lifecycle
 from .metrics import Metrics
 from .policies import PolicyManager
 from .policies import router as policy_router
+from .policy_file import PolicyFileWatcher
 from .protocol import (
     AdminStatus, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
     CompletionResponse, ErrorResponse, ModelCard, ModelList, ProbeStatus,
@@ -91,17 +92,29 @@ def build_app(
     metrics = Metrics(registry)
     if hasattr(runtime.engine, "num_unfinished_requests"):
         metrics.watch_engine(runtime.engine)
+    if hasattr(runtime.scorers, "remote"):
+        metrics.watch_remote_scorers(runtime.scorers)
     completions = CompletionService(settings, runtime, metrics)
     lifecycle = Lifecycle(completions.admission, metrics, settings.retry_after_s)
     policies = PolicyManager(runtime, settings, metrics)  # hot-swap, /admin/policies
+    policy_file = (PolicyFileWatcher(policies, settings.policy_file, settings.policy_file_poll_s)
+                   if settings.policy_file else None)  # fleet-wide active policy
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        warm_up = asyncio.ensure_future(lifecycle.warm_up(runtime.engine))
+        async def start() -> None:
+            if policy_file is not None:  # ready only once serving the file's policy
+                await policy_file.run_until_ready()
+                app.state.policy_watch = asyncio.ensure_future(policy_file.watch())
+            await lifecycle.warm_up(runtime.engine)
+
+        warm_up = asyncio.ensure_future(start())
         try:
             yield
         finally:
             warm_up.cancel()
+            if getattr(app.state, "policy_watch", None) is not None:
+                app.state.policy_watch.cancel()
             lifecycle.stopped()
 
     app = FastAPI(title="alignserve", version="0.1.0", lifespan=lifespan,
@@ -114,6 +127,7 @@ def build_app(
     app.state.lifecycle = lifecycle
     app.state.keys = keys
     app.state.policies = policies
+    app.state.policy_file = policy_file
 
     def count(err: APIError) -> None:
         metrics.errors.labels(err.type, str(err.status)).inc()
@@ -175,7 +189,8 @@ def build_app(
                            requests_in_flight=st.completions.admission.active,
                            max_concurrent_requests=st.settings.max_concurrent_requests,
                            engine_requests_unfinished=unfinished() if unfinished else None,
-                           user_keys=st.keys.user_key_count, policy=st.policies.active)
+                           user_keys=st.keys.user_key_count, policy=st.policies.active,
+                           policy_file=st.policy_file.status() if st.policy_file else None)
 
     return app
 

@@ -1,6 +1,10 @@
 """`alignserve` command line. `serve` flags derive from `Settings`; every other command lives
 with its package and is listed in `COMMANDS` (module with `add_arguments(parser)` and
-`run(namespace) -> int`; such modules import heavy libraries only inside `run`)."""
+`run(namespace) -> int`; such modules import heavy libraries only inside `run`).
+
+Configuration errors (a setting pydantic rejects, an unknown ALIGNSERVE_* variable, a bad path
+or engine argument found before the engine starts) print one line naming the setting and exit
+2: operators read the line, not a traceback."""
 
 from __future__ import annotations
 
@@ -11,7 +15,17 @@ import sys
 import importlib
 import typing
 
-from .settings import Settings
+from pydantic import ValidationError
+
+from .settings import ConfigError, Settings
+
+DESCRIPTION = """\
+alignserve: an OpenAI-compatible server (/v1/chat/completions, /v1/completions) that answers
+with inference-time alignment (best-of-n, speculative rejection, controlled decoding) on vLLM.
+
+Start with `alignserve serve` (flags: `alignserve serve --help`; every flag is also an
+ALIGNSERVE_* environment variable). The other commands are the offline jobs: rollouts and
+value heads for controlled decoding, CAN's dual, SafeDPO/MoCAN fine-tuning, evaluation."""
 
 # name -> (module, help). The module is imported when the parser is built: keep its top light.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -23,8 +37,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-value": ("valuenet.cli", "Train a prefix value head (CD-FUDGE or CD-Q) on rollouts."),
 }
 
-# Settings fields whose flag is repeatable: flag name; the values are joined with commas.
-_REPEATABLE = {"value_heads": "--value-head"}
+# Settings fields whose flag is repeatable: (flag, metavar); the values are joined with commas.
+_REPEATABLE = {"value_heads": ("--value-head", "NAME=PATH"),
+               "engine_args": ("--engine-arg", "KEY=VALUE"),
+               "remote_scorers": ("--remote-scorer", "NAME=URL")}
+
+
+def flag_of(name: str) -> str:
+    return _REPEATABLE[name][0] if name in _REPEATABLE else f"--{name.replace('_', '-')}"
+
+
+def _default_text(info) -> str:
+    if info.default is None:
+        return "unset"
+    return str(info.default).lower() if isinstance(info.default, bool) else str(info.default)
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -32,15 +58,21 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in Settings.model_fields.items():
         kind = hints[name]
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        env = f"env ALIGNSERVE_{name.upper()}"
         if name in _REPEATABLE:
-            parser.add_argument(_REPEATABLE[name], dest=name, action="append", default=None,
-                                metavar="NAME=PATH", help=f"{info.description} (env "
-                                f"ALIGNSERVE_{name.upper()}, comma-separated)")
+            flag, metavar = _REPEATABLE[name]
+            parser.add_argument(flag, dest=name, action="append", default=None, metavar=metavar,
+                                help=f"{info.description} ({env}, comma-separated; default "
+                                f"{_default_text(info)})")
             continue
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
-                            type=base if base in (int, float) else str,
-                            help=f"{info.description} (env ALIGNSERVE_{name.upper()}, "
-                                 f"default {info.default})")
+        extra: dict = {"type": base if base in (int, float) else str}
+        if base is bool:
+            extra["metavar"] = "{true,false}"
+        elif typing.get_origin(base) is typing.Literal:
+            extra["choices"] = list(typing.get_args(base))
+        parser.add_argument(flag_of(name), dest=name, default=None,
+                            help=f"{info.description} ({env}, default {_default_text(info)})",
+                            **extra)
 
 
 def settings_from_args(ns: argparse.Namespace) -> Settings:
@@ -48,6 +80,32 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     for name in _REPEATABLE.keys() & given.keys():
         given[name] = ",".join(given[name])
     return Settings(**given)
+
+
+def config_error_line(exc: Exception) -> str:
+    """One line for a configuration error, naming the setting (its flag and variable)."""
+    def where(name: str) -> str:
+        if name not in Settings.model_fields:
+            return name
+        return f"{name} ({flag_of(name)}, ALIGNSERVE_{name.upper()})"
+
+    if isinstance(exc, ConfigError):
+        return f"alignserve: invalid setting {where(exc.setting)}: {exc.message}"
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()))
+            msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+            ctx = err.get("ctx") or {}
+            if err.get("type") == "extra_forbidden":
+                msg = "no such setting"
+            elif err.get("type") in ("too_short", "too_long") and "min_length" in ctx:
+                msg = f"must be at least {ctx['min_length']} characters long"  # secrets: no echo
+            elif err.get("type") == "too_long" and "max_length" in ctx:
+                msg = f"must be at most {ctx['max_length']} characters long"
+            parts.append(f"invalid setting {where(loc)}: {msg}" if loc else msg)
+        return "alignserve: " + "; ".join(parts).replace("\n", " ")
+    return f"alignserve: {exc}".replace("\n", " ")
 
 
 async def _serve(settings: Settings) -> None:
@@ -58,7 +116,11 @@ async def _serve(settings: Settings) -> None:
     from .lifecycle import POST_DRAIN_GRACE_S, DrainingServer
     from .runtime import build_runtime
 
-    KeyRing.from_settings(settings)  # a bad key configuration fails before the engine loads
+    try:  # a bad key configuration fails before the engine loads
+        KeyRing.from_settings(settings)
+    except (ValueError, OSError) as exc:
+        setting = "api_keys_file" if isinstance(exc, OSError) else "api_keys"
+        raise ConfigError(setting, str(exc)) from None
     runtime = build_runtime(settings)  # inside the loop: AsyncLLM binds to the running loop
     try:
         app = build_app(settings, runtime)
@@ -74,10 +136,20 @@ async def _serve(settings: Settings) -> None:
         logging.getLogger(__name__).info("engine stopped")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line too (argparse prints the whole usage block otherwise)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="alignserve", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="Serve the OpenAI-compatible API.")
+    parser = _Parser(prog="alignserve", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="Serve the OpenAI-compatible API.",
+                           description="Serve the OpenAI-compatible API. Every flag is also an "
+                           "environment variable (ALIGNSERVE_<FLAG>); flags win.")
     _add_settings_flags(serve)
     prep = sub.add_parser("prepare-model", help="Convert the embedded SmolLM2 GGUF to safetensors.")
     prep.add_argument("--home", default=None, help="Cache folder (default ALIGNSERVE_HOME).")
@@ -85,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, (module, help_) in COMMANDS.items():
         importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_))
     ns = parser.parse_args(argv)
-    settings = settings_from_args(ns)
+    try:
+        settings = settings_from_args(ns)
+    except ValidationError as exc:
+        print(config_error_line(exc), file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if ns.command == "prepare-model":
@@ -95,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if ns.command in COMMANDS:
         return importlib.import_module(COMMANDS[ns.command][0]).run(ns)
-    asyncio.run(_serve(settings))
+    try:
+        asyncio.run(_serve(settings))
+    except ConfigError as exc:
+        print(config_error_line(exc), file=sys.stderr)
+        return 2
     return 0
 
 

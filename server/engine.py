@@ -47,6 +47,16 @@ def resolve_block_size(block_size: int | None, cuda: bool) -> int | None:
     return None if cuda else CPU_BLOCK_SIZE
 
 
+def engine_arg_names() -> frozenset[str]:
+    """Every keyword AsyncEngineArgs accepts (the `--engine-arg` pass-through is checked
+    against these before the engine starts)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+
+
 class VllmEngine:
     """`decoding.Engine` on vLLM's AsyncLLM."""
 
@@ -64,6 +74,7 @@ class VllmEngine:
         max_lora_rank: int = 16,
         max_loras: int = 4,
         block_size: int | None = None,
+        engine_args: dict | None = None,  # more AsyncEngineArgs (server/engine_args.py checks them)
     ) -> None:
         cuda = has_cuda()
         if not cuda:
@@ -87,6 +98,7 @@ class VllmEngine:
             **({"block_size": block_size} if block_size is not None else {}),
             **({"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras}
                if enable_lora else {}),
+            **(engine_args or {}),
         )
         self._llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = self._llm.get_tokenizer()

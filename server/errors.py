@@ -70,6 +70,15 @@ class RequestTimeout(Exception):
         self.seconds = seconds
 
 
+class UpstreamUnavailable(Exception):
+    """A server we depend on (a remote reward model) failed: 503 unreachable, 504 timed out,
+    502 a bad answer. The request fails cleanly; the client may retry."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
 def error_json(err: APIError) -> dict:
     body = ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code)
     return ErrorResponse(error=body).model_dump()
@@ -131,6 +140,7 @@ ERROR_TABLE = {
     EngineUnavailable: lambda e: APIError(503, str(e), type="server_error",
                                           code="engine_unavailable",
                                           headers={"Retry-After": str(ENGINE_RETRY_AFTER_S)}),
+    UpstreamUnavailable: lambda e: APIError(e.status, e.message, type="server_error", code=e.code),
     RequestValidationError: _validation_error,
     StarletteHTTPException: _http_error,
     Exception: _unexpected,

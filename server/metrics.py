@@ -62,6 +62,10 @@ class Metrics:
         """Expose the engine's own counts (read at scrape time)."""
         self._registry.register(_EngineCollector(engine))
 
+    def watch_remote_scorers(self, scorers) -> None:
+        """Expose the HTTP outcomes of `remote:NAME` scorers (read at scrape time)."""
+        self._registry.register(_RemoteScorerCollector(scorers))
+
     def observe_answer(self, strategy: str, result) -> None:
         """Record one `decoding.DecodeResult`."""
         self.generate_latency.labels(strategy).observe(result.timer.generate_s)
@@ -89,3 +93,30 @@ class _EngineCollector:
         yield CounterMetricFamily("alignserve:engine_aborts",
                                   "Engine requests aborted before finishing (client gone, "
                                   "sibling failed, rejected).", value=self._engine.aborted)
+
+
+class _RemoteScorerCollector:
+    """Remote reward model servers (server/remote_scorer.py): HTTP requests by outcome (ok,
+    timeout, unreachable, server_error, rejected, bad_answer), retries, score-call time."""
+
+    def __init__(self, scorers) -> None:
+        self._scorers = scorers  # a ScorerRegistry
+
+    def collect(self):
+        requests = CounterMetricFamily("alignserve:remote_scorer_requests", "HTTP requests to "
+                                       "remote reward models by outcome.",
+                                       labels=("scorer", "outcome"))
+        retries = CounterMetricFamily("alignserve:remote_scorer_retries", "Retried HTTP "
+                                      "requests to remote reward models.", labels=("scorer",))
+        seconds = CounterMetricFamily("alignserve:remote_scorer_seconds", "Wall time of remote "
+                                      "score calls (one per scored batch).", labels=("scorer",))
+        calls = CounterMetricFamily("alignserve:remote_scorer_calls", "Remote score calls.",
+                                    labels=("scorer",))
+        for scorer in self._scorers.remote():
+            st = scorer.stats
+            for outcome, count in sorted(st.requests.items()):
+                requests.add_metric((scorer.name, outcome), count)
+            retries.add_metric((scorer.name,), st.retries)
+            seconds.add_metric((scorer.name,), st.seconds)
+            calls.add_metric((scorer.name,), st.calls)
+        yield from (requests, retries, seconds, calls)

@@ -145,6 +145,7 @@ class PolicyManager:
         self.gate = PolicyGate()
         self._swap_lock = asyncio.Lock()
         self._base: Checkpoint | None = None  # metadata of the served model, read once
+        self.managed_by: str | None = None  # a policy file (server/policy_file.py) owns `active`
         metrics.policy_active.labels(BASE).set(1)
 
     def lease(self) -> Lease:
@@ -156,7 +157,15 @@ class PolicyManager:
 
     # ------------------------------------------------------------------ registry
 
-    async def register(self, body: PolicyCreate) -> PolicyStatus:
+    def _check_unmanaged(self, managed: bool) -> None:
+        if self.managed_by is not None and not managed:
+            raise APIError(409, f"the active policy is set by the policy file {self.managed_by} "
+                           "for the whole fleet; change the file (activation here would only "
+                           "swap this pod)", code="policy_file_managed")
+
+    async def register(self, body: PolicyCreate, managed: bool = False) -> PolicyStatus:
+        if body.activate:
+            self._check_unmanaged(managed)
         known = self.policies.get(body.name)
         if known is None and body.path is None:
             raise APIError(400, f"policy {body.name!r} is not registered: give its checkpoint "
@@ -185,7 +194,8 @@ class PolicyManager:
             return PolicyStatus(**known.info(self.active).model_dump())
         return await self._activate(known, validated=True)
 
-    async def activate(self, name: str) -> PolicyStatus:
+    async def activate(self, name: str, managed: bool = False) -> PolicyStatus:
+        self._check_unmanaged(managed)
         policy = self._get(name)
         if policy.kind == "lora":
             raise APIError(400, f"{name!r} is a LoRA adapter: requests choose it with "

@@ -250,6 +250,9 @@ class AdminStatus(BaseModel):
     engine_requests_unfinished: int | None = None
     user_keys: int = Field(description="How many user API keys are configured (never the keys).")
     policy: str | None = Field(None, description="Active policy (see /admin/policies).")
+    policy_file: dict | None = Field(
+        None, description="Policy file this replica follows: path, generation applied (content "
+        "hash), active policy, when, and the last error (server/policy_file.py).")
 
 
 class PolicyCreate(BaseModel):

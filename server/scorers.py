@@ -8,6 +8,8 @@
 - `hf:<id or path>`  any Hugging Face sequence-classification reward model; the (prompt, response)
                pair is chat-templated when the tokenizer has a template; the score is the logit
                (the last label's logit for multi-label heads). Runs on the policy's device.
+- `remote:NAME` a reward model on its own vLLM pooling server (`--remote-scorer NAME=URL`,
+               server/remote_scorer.py); connected at start-up.
 - `value:NAME` a prefix value head trained by `alignserve train-value` (valuenet/), configured
                with `--value-head NAME=PATH`; scores token ids (a TokenScorer), CD-Q heads also
                give Q values (a QScorer). Loaded at start-up, CPU float32.
@@ -186,6 +188,10 @@ class ScorerRegistry:
         if name not in self._factories and not name.startswith("hf:"):
             raise UnknownScorer(f"unknown scorer {name!r}; available: {', '.join(self.names())}")
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.load_now, name)
+
+    def remote(self) -> list:
+        """Loaded scorers that call another server (`remote:NAME`, server/remote_scorer.py)."""
+        return [s for s in list(self._loaded.values()) if hasattr(s, "stats")]
 
     def register(self, scorer: Scorer) -> None:
         """Add a ready scorer under its own name (value heads, test doubles)."""

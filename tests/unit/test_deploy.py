@@ -21,7 +21,8 @@ from kustomize_lite import kubectl_render, render
 from server.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-TARGETS = ["base", "overlays/gke", "overlays/eks", "monitoring"]
+TARGETS = ["base", "overlays/gke", "overlays/eks", "monitoring", "overlays/tensor-parallel",
+           "overlays/reward-model", "overlays/multinode-lws"]
 # 1.30: the oldest version with everything used here (preStop `sleep` is beta and on by default
 # from 1.30); and the newest schema the package ships.
 K8S_VERSIONS = ["1.30.0", latest_version()]
@@ -90,7 +91,7 @@ def test_overlays_change_what_they_should():
 def test_manifests_validate_against_the_kubernetes_schema(target, version):
     checked = 0
     for doc in objects(target):
-        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+        if doc["apiVersion"].startswith(("monitoring.coreos.com/", "leaderworkerset.x-k8s.io/")):
             continue  # a CRD: checked below
         kubernetes_validate.validate(doc, version, strict=True)
         checked += 1
@@ -294,3 +295,131 @@ def dashboard_and_adapter_vllm_metrics() -> set[str]:
 
 def test_vllm_metrics_used_are_listed():
     assert dashboard_and_adapter_vllm_metrics() == {"vllm:num_requests_waiting"}
+
+
+# ------------------------------------------------------------------------------ scale-out shapes
+
+
+def settings_of(c: dict) -> Settings:
+    """The Settings a container's ALIGNSERVE_* env gives (secrets replaced by a stand-in)."""
+    ours = {e["name"]: e for e in c["env"] if e["name"].startswith("ALIGNSERVE_")}
+    fields = {f"ALIGNSERVE_{name.upper()}" for name in Settings.model_fields}
+    assert set(ours) <= fields, set(ours) - fields
+    return Settings(**{n[len("ALIGNSERVE_"):].lower(): e.get("value", "x" * 32)
+                       for n, e in ours.items()})
+
+
+def named(docs: list[dict], kind: str, name: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def test_tensor_parallel_overlay_asks_for_tp_gpus_and_shared_memory():
+    c, spec = container("overlays/tensor-parallel"), pod_spec("overlays/tensor-parallel")
+    s = settings_of(c)
+    res = c["resources"]
+    assert int(res["requests"][GPU]) == int(res["limits"][GPU]) == s.tensor_parallel_size > 1
+    assert s.distributed_executor_backend == "mp" and s.pipeline_parallel_size == 1
+    (dshm,) = [v for v in spec["volumes"] if v["name"] == "dshm"]
+    assert dshm["emptyDir"]["medium"] == "Memory"
+    assert int(dshm["emptyDir"]["sizeLimit"].removesuffix("Gi")) >= 16
+    base_env = {e["name"] for e in container("base")["env"]}
+    assert base_env <= {e["name"] for e in c["env"]}  # merged, not replaced
+
+
+def test_reward_model_runs_on_its_own_pool_and_alignserve_scores_through_it():
+    docs = objects("overlays/reward-model")
+    rm = named(docs, "Deployment", "alignserve-rm")
+    rm_svc, svc = named(docs, "Service", "alignserve-rm"), named(docs, "Service", "alignserve")
+    rm_pod = rm["spec"]["template"]
+    (vllm,) = rm_pod["spec"]["containers"]
+    assert {"--runner=pooling", "--convert=classify"} <= set(vllm["args"])
+    assert rm_pod["spec"]["nodeSelector"] == {"alignserve.io/pool": "reward-model"}
+    assert vllm["resources"]["requests"][GPU] == "1"
+    rm_labels = rm_pod["metadata"]["labels"]
+    assert rm_svc["spec"]["selector"].items() <= rm_labels.items()
+    assert not svc["spec"]["selector"].items() <= rm_labels.items()  # no policy traffic to it
+    for kind in ("PodDisruptionBudget",):
+        assert not one(docs, kind)["spec"]["selector"]["matchLabels"].items() <= rm_labels.items()
+    # alignserve: remote:rm is the default reward, at the RM Service's name and port.
+    app = named(docs, "Deployment", "alignserve")["spec"]["template"]["spec"]
+    (c,) = app["containers"]
+    s = settings_of(c)
+    url = s.remote_scorer_urls()["rm"]
+    port = rm_svc["spec"]["ports"][0]["port"]
+    assert url == f"http://{rm_svc['metadata']['name']}:{port}"
+    assert s.default_reward == "remote:rm"
+    (wait,) = app["initContainers"]
+    assert f"{url}/health" in wait["command"][-1]
+    target = rm_svc["spec"]["ports"][0]["targetPort"]
+    assert target in {p["name"] for p in vllm["ports"]}
+    assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
+    # same volume, same path: alignserve finds the RM's tokenizer (one batched /classify)
+    model = next(a.split("=", 1)[1] for a in vllm["args"] if a.startswith("--model="))
+    (mount,) = [m for m in vllm["volumeMounts"] if m["name"] == "model-cache"]
+    assert model.startswith(mount["mountPath"] + "/") and mount["mountPath"] == str(s.home)
+
+
+# The fields of leaderworkerset.x-k8s.io/v1 LeaderWorkerSet that deploy/ uses; the pod templates
+# inside are checked against the Kubernetes Pod schema.
+LEADER_WORKER_SET = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "leaderworkerset.x-k8s.io/v1"},
+        "kind": {"const": "LeaderWorkerSet"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object", "required": ["leaderWorkerTemplate"], "additionalProperties": False,
+            "properties": {
+                "replicas": {"type": "integer", "minimum": 0},
+                "leaderWorkerTemplate": {
+                    "type": "object", "additionalProperties": False,
+                    "required": ["size", "workerTemplate"],
+                    "properties": {
+                        "size": {"type": "integer", "minimum": 1},
+                        "restartPolicy": {"enum": ["RecreateGroupOnPodRestart", "None"]},
+                        "leaderTemplate": {"type": "object"},
+                        "workerTemplate": {"type": "object"},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_multinode_leader_worker_set(version):
+    docs = objects("overlays/multinode-lws")
+    assert "Deployment" not in {d["kind"] for d in docs}
+    lws = one(docs, "LeaderWorkerSet")
+    jsonschema.validate(lws, LEADER_WORKER_SET)
+    tpl = lws["spec"]["leaderWorkerTemplate"]
+    for role in ("leaderTemplate", "workerTemplate"):
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": tpl[role]["metadata"],
+               "spec": tpl[role]["spec"]}
+        kubernetes_validate.validate(pod, version, strict=True)
+    (leader,) = tpl["leaderTemplate"]["spec"]["containers"]
+    (worker,) = tpl["workerTemplate"]["spec"]["containers"]
+    s = settings_of(leader)
+    gpus = int(leader["resources"]["limits"][GPU])
+    assert gpus == int(worker["resources"]["limits"][GPU]) == s.tensor_parallel_size
+    assert s.pipeline_parallel_size == tpl["size"] > 1  # one pipeline stage per node
+    assert s.distributed_executor_backend == "ray"
+    assert tpl["restartPolicy"] == "RecreateGroupOnPodRestart"
+    assert "ray start --head" in leader["command"][-1] and "alignserve serve" in leader["command"][-1]
+    assert "LWS_GROUP_SIZE" in leader["command"][-1]
+    assert "$LWS_LEADER_ADDRESS:6379" in worker["command"][-1]
+    svc = one(docs, "Service")
+    assert svc["spec"]["selector"] == {"leaderworkerset.sigs.k8s.io/name": lws["metadata"]["name"],
+                                       "role": "leader"}
+    assert tpl["leaderTemplate"]["metadata"]["labels"]["role"] == "leader"
+    assert svc["spec"]["ports"][0]["targetPort"] in {p["name"] for p in leader["ports"]}
+    for c, spec in ((leader, tpl["leaderTemplate"]["spec"]), (worker, tpl["workerTemplate"]["spec"])):
+        vols = {v["name"]: v for v in spec["volumes"]}
+        assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+        claim = vols["model-cache"]["persistentVolumeClaim"]["claimName"]
+        assert claim == one(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    assert one(docs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
