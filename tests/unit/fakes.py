@@ -68,6 +68,11 @@ class FakeEngine:
         self.prefix_resets = 0
         self.adapters: dict[str, str] = {}  # LoRA adapters loaded (name -> folder)
         self.mixed_weights = 0  # generations that saw the weights change under them
+        # stream_sequence: one entry per sequence (its seed, tokens produced so far, how it
+        # ended: "finished" | "cancelled" | None while it runs), and a hook awaited before
+        # every token (tests pace or hold sequences with it).
+        self.sequences: list[dict] = []
+        self.before_token = None  # async (sequence record) -> None
 
     def num_unfinished_requests(self) -> int:
         return self.active
@@ -131,6 +136,43 @@ class FakeEngine:
                 last = k == len(s.token_ids) - 1
                 yield SampleDelta(i, [tok], " " + WORDS[tok], [s.logprobs[k]],
                                   s.finish_reason if last else None)
+
+
+    async def stream_sequence(self, prompt_ids, sampling: Sampling):
+        """One sequence, one token per delta, each after a scheduling point (so siblings and
+        the strategy interleave as in a real engine's steps). Seeded: its own
+        random.Random(seed), so equal seeds give equal sequences and a sequence does not
+        depend on its siblings."""
+        self.calls.append((list(prompt_ids), 1, sampling))
+        self.started += 1
+        self.active += 1
+        rng = random.Random(sampling.seed if sampling.seed is not None else self.rng.random())
+        budget = sampling.max_tokens
+        length = budget if self.full_length else rng.randint(1, budget)
+        rec = {"seed": sampling.seed, "tokens": 0, "end": None}
+        self.sequences.append(rec)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            for k in range(length):
+                if self.before_token is not None:
+                    await self.before_token(rec)
+                await asyncio.sleep(0)
+                tok = rng.randrange(len(WORDS))
+                rec["tokens"] += 1
+                last = k == length - 1
+                if last:  # as vLLM: a request is finished once its last output is out
+                    rec["end"] = "finished"
+                    self.finished += 1
+                yield SampleDelta(0, [tok], " " + WORDS[tok], [math.log(1 / 8)],
+                                  ("stop" if length < budget else "length") if last else None)
+        except (asyncio.CancelledError, GeneratorExit):
+            if rec["end"] is None:  # aborted before its last token: the engine frees it now
+                rec["end"] = "cancelled"
+                self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1
 
 
 class WordReward:
