@@ -246,3 +246,16 @@ async def test_one_failing_track_cancels_its_siblings():
         await SPR.run(request(8, 0.5, 4), DecodeContext(engine, Inline()))
     assert engine.active == 0
     assert [s["end"] for s in engine.sequences].count("cancelled") == 7  # all its siblings
+
+
+async def test_value_option_over_http(client, engine):
+    req = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
+           "alignment": {"strategy": "speculative_rejection", "n": 4, "alpha": 0.5,
+                         "decision_tokens": 4, "value": "bad_count", "return_candidates": True}}
+    r = await client.post("/v1/chat/completions", json=req)
+    assert r.status_code == 200, r.text
+    a = r.json()["choices"][0]["alignment"]
+    assert a["value"] == "bad_count" and a["rejected"][0] == 2
+    rejected = [c for c in a["candidates"] if c["finish_reason"] is None]
+    assert len(rejected) >= 2 and all(c["reward"] is None for c in rejected)
+    assert engine.active == 0 and len(engine.calls) == 4
