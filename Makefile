@@ -36,6 +36,7 @@ bench: install model
 	$(PY) bench/bench_bon.py --out bench/results
 	$(PY) bench/bench_spr.py --out bench/results
 	$(PY) bench/bench_cd.py --out bench/results
+	$(PY) bench/bench_load.py --out bench/results
 	$(PY) bench/bench_dual.py --out bench/results
 	$(PY) bench/bench_safedpo.py --out bench/results
 	$(PY) bench/bench_block_size.py --out bench/results

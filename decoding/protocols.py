@@ -105,6 +105,15 @@ class Engine(Protocol):
         """Like `generate`, but yields deltas as tokens are produced."""
         ...
 
+    def stream_sequence(
+        self, prompt_ids: Sequence[int], sampling: Sampling
+    ) -> AsyncIterator[SampleDelta]:
+        """ONE sequence (n = 1, one engine request), as deltas (index 0) while it decodes;
+        the last delta carries the finish reason. Closing the iterator or cancelling the task
+        that consumes it before the end aborts the request at once (its KV blocks are freed),
+        so a strategy can stop one sequence while its siblings keep decoding."""
+        ...
+
 
 @runtime_checkable
 class Scorer(Protocol):

@@ -1,16 +1,33 @@
 """Speculative rejection (Sun et al., NeurIPS 2024, arXiv 2410.20290).
 
 The reward of a partial response predicts the reward of its completion, so start N sequences and
-stop the worst early. Rounds: generate every live sequence up to the next decision point (the
-first after `decision_tokens`, each later round `growth`× longer); score every partial and
-finished response; keep the top round((1−α)·|pool|) (finished ones compete too, and can be
-rejected); continue only the survivors; finish when no live sequence remains; return the best.
+stop the worst early. Decision points lie at `decision_tokens` generated tokens, then each later
+one a `growth`× longer stretch further (d, d + ⌈g·d⌉, ...). At each, score every live partial
+answer and every finished one, keep the top round((1−α)·|pool|) (finished ones compete too, and
+can be rejected; never fewer than one), and stop the rest; after the last decision (or once one
+track is left) the survivors run to their end and the best finished answer is returned.
 
-Unlike the reference code (which re-tokenises text between rounds and re-prefills everything),
-survivors continue from their exact token ids, `prompt_ids + generated_ids`, so no token is lost
-or changed and the engine's prefix cache reuses their KV blocks. Each round's engine requests
-end at the decision point, so a rejected sequence holds no engine slot; cancellation (client
-gone, scorer error) cancels the round in flight, which aborts its engine requests.
+Engine mechanics (what makes the saved tokens save wall time on a paged-KV engine): each of the
+N tracks is ONE engine request (n = 1, `Engine.stream_sequence`) for the whole answer, streamed
+as it decodes. A rejected track is aborted at once (its KV blocks are freed and the batch
+shrinks); survivors are never paused, resubmitted or re-prefilled, and keep decoding while a
+decision point is being scored. The reference code instead ends every round at the decision
+point, re-tokenises the text and re-prefills every survivor, and each round waits for its
+slowest sequence.
+
+Exactness: a decision at point p judges each track on its first p token ids exactly (text =
+the engine's decoding of that whole id list, never a concatenation of per-delta text), however
+far the track has run meanwhile; a track that finished within p tokens is judged whole. So the
+answer depends only on the tracks' seeds (track i: `derive_seed(seed, "track", i)`, pairwise
+disjoint) and not on timing: a seeded request is reproducible. Tokens a rejected track decoded
+between its decision point and its abort are real compute: they count in `generated_tokens`
+and stay in its candidate entry (whose reward is the one it was rejected on, that of its
+first p tokens). Rejected candidates report `finish_reason` None, even one that had finished.
+
+`value` (optional, as blockwise CD has): partial answers (and the finished ones they compete
+with) are judged by a value scorer instead of the objective — the SpR paper's suggested next
+step; the final choice among the survivors is still by the request's objective
+(reward − cost_weight·cost).
 
 KL: the answer is one of N i.i.d. draws, so KL ≤ log N (π(y) ≤ N·p(y)); no estimator is known
 for this rule, so `kl_estimate` is None. The argmax of N draws maximises the win rate, so
@@ -19,43 +36,56 @@ N/(N+1) still bounds it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
-from .concurrency import gather_all
+from .committed import capped
 from .kl import bon_win_rate_bound, selection_kl_bound
-from .protocols import DecodeContext, DecodeRequest, DecodeResult, Sample, Sampling, Scored, Timer
+from .protocols import DecodeContext, DecodeRequest, DecodeResult, Sample, Scored, Scorer, Timer
+from .seeds import derive_seed
 from .strategies import register
+
+_REPLACEMENT = "\ufffd"  # a cut through a multi-byte character decodes to this
 
 
 @dataclass
 class _Track:
-    """One of the N sequences: everything generated so far, and its latest score."""
+    """One of the N sequences: what it has produced so far, fed by its engine stream."""
 
-    sample: Sample
-    done: bool
-    scored: Scored | None = None
-    fresh: bool = False  # text changed since it was last scored
+    index: int
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    done: bool = False  # its stream ended (finished, or aborted after rejection)
+    rejected: bool = False
+    wait_for: float = math.inf  # the coordinator waits until len(ids) ≥ wait_for, or done
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+    scored: Scored | None = None  # the objective's latest verdict (None: never judged by it)
+    final: dict[str, Scored | float] = field(default_factory=dict)  # verdicts on the whole answer
+    task: asyncio.Task | None = None
+
+    def poke(self) -> None:
+        if self.done or self.finish_reason is not None or len(self.ids) >= self.wait_for:
+            self.reached.set()
+
+    def finished_by(self, p: float) -> bool:
+        """Finished within p tokens. Known from the last delta (which carries the finish
+        reason), not from the stream's end, so no decision depends on timing."""
+        return (self.finish_reason is not None or self.done) and len(self.ids) <= p
 
 
-def _capped(sampling: Sampling, max_tokens: int) -> Sampling:
-    return Sampling(**{**sampling.__dict__, "max_tokens": max_tokens})
-
-
-def _is_done(sample: Sample, max_tokens: int) -> bool:
-    # A round ends with "length" at its decision point; only the request's own budget finishes it.
-    return sample.finish_reason == "stop" or len(sample.token_ids) >= max_tokens
-
-
-def _extend(track: _Track, more: Sample, max_tokens: int) -> None:
-    s = track.sample
-    s.token_ids += more.token_ids
-    s.text += more.text
-    s.logprobs += more.logprobs
-    s.finish_reason = more.finish_reason
-    track.done = _is_done(s, max_tokens)
-    track.fresh = True
+def decision_points(first: int, growth: float, budget: int) -> Iterator[int]:
+    """d, d + ⌈g·d⌉, d + ⌈g·d⌉ + ⌈g·⌈g·d⌉⌉, ... below the token budget (at the budget
+    every track has finished anyway)."""
+    point, stretch = first, first
+    while point < budget:
+        yield point
+        stretch = max(1, math.ceil(stretch * growth))
+        point += stretch
 
 
 @register
@@ -63,73 +93,142 @@ class SpeculativeRejection:
     name = "speculative_rejection"
     needs_objective = True
     streams_tokens = False
+    value_protocol = Scorer  # `alignment.value`: any scorer (value head or text scorer)
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
-        alpha = float(req.options.get("alpha", 0.5))
-        round_len = int(req.options.get("decision_tokens", 16))
-        growth = float(req.options.get("growth", 2.0))
-        budget = req.sampling.max_tokens
+        assert req.objective is not None
         timer = Timer()
-        generated = 0
-        rejected: list[int] = []
-
-        first = await ctx.generate(req.prompt_ids, req.n,
-                                   _capped(req.sampling, min(round_len, budget)), timer)
-        pool = [_Track(s, _is_done(s, budget), fresh=True) for s in first]
-        everyone = list(pool)
-        generated += sum(len(s.token_ids) for s in first)
-        rounds = 1
-        while True:
-            await self._score(ctx, req, pool, timer)
-            if all(t.done for t in pool):
-                break
-            keep = max(1, int((1 - alpha) * len(pool) + 0.5))  # round half up, never 0
-            pool.sort(key=lambda t: t.scored.score, reverse=True)  # stable: ties keep draw order
-            rejected.append(len(pool) - keep)
-            for t in pool[keep:]:
-                if not t.done:
-                    t.sample.finish_reason = None  # stopped early: reported as unfinished
-            pool = pool[:keep]
-            live = [t for t in pool if not t.done]
-            if not live:
-                break
-            round_len = max(1, math.ceil(round_len * growth))
-            step = None if len(pool) == 1 else round_len  # a lone survivor needs no more decisions
-            more = await self._continue(ctx, req, live, step, timer)
-            for track, sample in zip(live, more):
-                _extend(track, sample, budget)
-                generated += len(sample.token_ids)
-            rounds += 1
-
-        best = max(pool, key=lambda t: t.scored.score)
+        tracks = [_Track(i) for i in range(req.n)]
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for t in tracks:
+                    sampling = capped(req.sampling, seed=derive_seed(req.sampling.seed, "track",
+                                                                     t.index))
+                    t.task = tg.create_task(self._follow(ctx, req, t, sampling))
+                pool, rejected = await self._decide(ctx, req, tracks, timer)
+                await self._reach(pool, math.inf)
+                timer.generate_s += time.perf_counter() - t0  # overlaps score_s: both ran at once
+                finals = await self._judge(ctx, req, pool, math.inf, None, timer)
+        except ExceptionGroup as group:  # a track's engine error or a scorer error: raise it
+            raise group.exceptions[0] from group
+        # The TaskGroup has waited for every aborted track: their token counts are final.
+        best = pool[max(range(len(pool)), key=finals.__getitem__)]  # first of equal scores
+        chosen = best.final["objective"]
         return DecodeResult(
-            strategy=self.name, n=req.n, sample=best.sample, reward=best.scored.reward,
-            cost=best.scored.cost, kl_bound=selection_kl_bound(req.n), kl_estimate=None,
-            win_rate_bound=bon_win_rate_bound(req.n), generated_tokens=generated,
-            scored_candidates=req.n, timer=timer,
-            candidates=[t.scored for t in everyone] if req.return_candidates else None,
-            extra={"rounds": rounds, "rejected": rejected},
+            strategy=self.name, n=req.n, sample=chosen.sample, reward=chosen.reward,
+            cost=chosen.cost, kl_bound=selection_kl_bound(req.n), kl_estimate=None,
+            win_rate_bound=bon_win_rate_bound(req.n),
+            generated_tokens=sum(len(t.ids) for t in tracks), scored_candidates=req.n,
+            timer=timer,
+            candidates=[self._candidate(ctx, req, t) for t in tracks]
+            if req.return_candidates else None,
+            extra={"rounds": len(rejected) + 1, "rejected": rejected,
+                   **({"value": req.value.name} if req.value is not None else {})},
         )
 
-    async def _continue(self, ctx, req, live: list[_Track], step: int | None, timer):
-        """Continue every live track from its exact ids, concurrently (continuous batching).
-        A TaskGroup cancels the siblings if one fails, so nothing is left running."""
-        budget = req.sampling.max_tokens
-        t0 = time.perf_counter()
-        out = await gather_all(
-            ctx.generate(req.prompt_ids + t.sample.token_ids, 1,
-                         _capped(req.sampling, min(step or budget, budget - len(t.sample.token_ids))),
-                         Timer())  # concurrent calls: the round's wall time is what counts
-            for t in live)
-        timer.generate_s += time.perf_counter() - t0
-        return [samples[0] for samples in out]
+    async def _follow(self, ctx: DecodeContext, req: DecodeRequest, track: _Track,
+                      sampling) -> None:
+        """Feed `track` from its own engine stream until it ends. Cancelled on rejection:
+        the cancellation reaches the engine call, which aborts the request."""
+        stream = ctx.engine.stream_sequence(req.prompt_ids, sampling)
+        try:
+            async with contextlib.aclosing(stream):
+                async for d in stream:
+                    track.ids += d.token_ids
+                    track.logprobs += d.logprobs
+                    track.finish_reason = d.finish_reason or track.finish_reason
+                    track.poke()
+        finally:
+            track.done = True
+            track.poke()
 
-    async def _score(self, ctx, req, pool: list[_Track], timer) -> None:
-        """Score the tracks whose text changed since their last score (finished ones once)."""
-        stale = [t for t in pool if t.fresh]
-        if not stale:
-            return
-        scored = await ctx.score_samples(req.objective, req,
-                                         [t.sample for t in stale], timer)
-        for track, s in zip(stale, scored):
-            track.scored, track.fresh = s, False
+    async def _decide(self, ctx: DecodeContext, req: DecodeRequest, tracks: list[_Track],
+                      timer: Timer) -> tuple[list[_Track], list[int]]:
+        """Run the decision points; returns the survivors and how many each point rejected."""
+        alpha = float(req.options.get("alpha", 0.5))
+        pool, rejected = list(tracks), []
+        points = decision_points(int(req.options.get("decision_tokens", 16)),
+                                 float(req.options.get("growth", 2.0)), req.sampling.max_tokens)
+        for p in points:
+            if len(pool) == 1 or all(t.finished_by(p) for t in pool):
+                break  # nothing left to decide
+            await self._reach(pool, p)
+            # Survivors keep decoding while this point is scored (the engine is not paused).
+            scores = await self._judge(ctx, req, pool, p, req.value, timer)
+            keep = max(1, int((1 - alpha) * len(pool) + 0.5))  # round half up, never 0
+            order = sorted(range(len(pool)), key=lambda i: -scores[i])  # stable: ties keep order
+            for i in order[keep:]:
+                pool[i].rejected = True
+                if pool[i].task is not None:
+                    pool[i].task.cancel()  # aborts its engine request now (no-op if it ended)
+            rejected.append(len(pool) - keep)
+            pool = [t for t in pool if not t.rejected]
+        return pool, rejected
+
+    @staticmethod
+    async def _reach(tracks: list[_Track], p: float) -> None:
+        """Wait until every track has produced p tokens or ended (math.inf: ended)."""
+        for t in tracks:
+            t.wait_for = p
+            t.reached.clear()
+            t.poke()
+        for t in tracks:
+            await t.reached.wait()
+
+    async def _judge(self, ctx: DecodeContext, req: DecodeRequest, pool: list[_Track], p: float,
+                     value: Scorer | None, timer: Timer) -> list[float]:
+        """One selection score per track of `pool`, each on its state at point p: its first p
+        ids, or the whole answer if it finished within p. Scored by `value` when given, else
+        by the objective; verdicts on whole answers are kept (each is judged once per kind)."""
+        kind = "objective" if value is None else "value"
+        views = [self._view(ctx, req, t, p) for t in pool]
+        verdicts: dict[int, Scored | float] = {
+            i: t.final[kind] for i, t in enumerate(pool) if views[i].finished and kind in t.final}
+        todo = [i for i in range(len(pool)) if i not in verdicts]
+        if todo:
+            samples = [views[i] for i in todo]
+            if value is None:
+                fresh: list = await ctx.score_samples(req.objective, req, samples, timer)
+            else:
+                s0 = time.perf_counter()
+                fresh = await ctx.score(value, req, samples)
+                timer.score_s += time.perf_counter() - s0
+            for i, verdict in zip(todo, fresh):
+                verdicts[i] = verdict
+                if value is None:
+                    pool[i].scored = verdict
+                if views[i].finished:
+                    pool[i].final[kind] = verdict
+        return [v.score if isinstance(v, Scored) else float(v)
+                for v in (verdicts[i] for i in range(len(pool)))]
+
+    @staticmethod
+    def _view(ctx: DecodeContext, req: DecodeRequest, t: _Track, p: float) -> Sample:
+        """The track as a decision at point p sees it: its whole answer if it finished within
+        p tokens, else its first p ids (text: the decoding of exactly those ids)."""
+        if t.finished_by(p):
+            return Sample(list(t.ids), _text(ctx, req, t.ids), list(t.logprobs),
+                          t.finish_reason or "length")
+        ids = t.ids[: int(p)]
+        return Sample(ids, ctx.engine.decode(ids).rstrip(_REPLACEMENT), t.logprobs[: len(ids)],
+                      None)
+
+    @staticmethod
+    def _candidate(ctx: DecodeContext, req: DecodeRequest, t: _Track) -> Scored:
+        """A candidate as reported: every token it generated; a rejected one unfinished, with
+        the scores it was rejected on (None when partial answers were judged by `value`)."""
+        if not t.rejected:
+            return t.final["objective"]
+        sample = Sample(list(t.ids), _text(ctx, req, t.ids), list(t.logprobs), None)
+        s = t.scored
+        return Scored(sample, s.reward if s else None, s.cost if s else None,
+                      s.score if s else None)
+
+
+def _text(ctx: DecodeContext, req: DecodeRequest, ids: list[int]) -> str:
+    """The text of a whole answer: the decoding of all its ids, cut at the first stop string
+    (the engine stops on it but keeps the ids that produced it)."""
+    text = ctx.engine.decode(ids)
+    hits = [i for i in (text.find(s) for s in req.sampling.stop) if i >= 0]
+    return text[: min(hits)] if hits else text

@@ -10,6 +10,7 @@ disconnect (which cancels the strategy task) never leaves work running in the en
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -138,6 +139,20 @@ class VllmEngine:
                     logprobs=_logprobs(c),
                     finish_reason=_finish(c),
                 )
+
+    async def stream_sequence(
+        self, prompt_ids: Sequence[int], sampling: Sampling
+    ) -> AsyncIterator[SampleDelta]:
+        from vllm.sampling_params import RequestOutputKind
+
+        # One request of its own (n = 1). `aclosing`: when our consumer closes us early, `_run`
+        # is closed at once too (not later by the garbage collector), so its abort runs now.
+        params = self._params(1, sampling, RequestOutputKind.DELTA)
+        async with contextlib.aclosing(self._run(prompt_ids, params, sampling.adapter)) as outs:
+            async for out in outs:
+                (c,) = out.outputs
+                yield SampleDelta(index=0, token_ids=list(c.token_ids), text=c.text,
+                                  logprobs=_logprobs(c), finish_reason=_finish(c))
 
     def decode(self, ids: Sequence[int]) -> str:
         # vLLM's own output text skips special tokens too, so both agree on an answer's text.

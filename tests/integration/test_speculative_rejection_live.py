@@ -1,10 +1,14 @@
-"""Speculative rejection on the real engine: token-exact rounds, the best candidate returned."""
+"""Speculative rejection on the real engine: token-exact decisions, the best candidate returned,
+one engine request per track, and nothing left running after a client leaves."""
 
 from __future__ import annotations
 
 import math
+import threading
 
+import httpx
 import pytest
+from live import wait_until
 
 from server.model_prep import embedded_model_dir
 from server.settings import Settings
@@ -40,12 +44,14 @@ def test_rounds_are_token_exact(client, model_name, tokenizer):
         # decoding of its ids: nothing dropped or duplicated at a decision point.
         assert tokenizer.decode(ids, skip_special_tokens=True) == c["text"]
     chosen = next(c for c in a["candidates"] if c["text"] == r.choices[0].message.content)
+    assert tokenizer.decode(chosen["token_ids"], skip_special_tokens=True) == \
+        r.choices[0].message.content
     # Greedy re-tokenisation of the text gives back the ids whenever the model sampled the
     # canonical segmentation (it may not: tokenisation is not injective); the chosen answer's
     # ids must decode to its text either way.
     assert tokenizer.decode(chosen["token_ids"], skip_special_tokens=True) == chosen["text"]
     finished = [c for c in a["candidates"] if c["finish_reason"] is not None]
-    assert chosen in finished
+    assert chosen in finished and len(finished) == 8 - sum(a["rejected"])  # rejected: null
     assert a["reward"] == max(c["reward"] for c in finished)
     # Every token the engine produced is counted, the rejected ones' too.
     assert a["generated_tokens"] == sum(c["tokens"] for c in a["candidates"])
@@ -61,3 +67,40 @@ def test_streaming_and_choices(client, model_name):
     for c in finals:
         assert c.model_extra["alignment"]["strategy"] == "speculative_rejection"
         assert c.model_extra["alignment"]["rounds"] >= 1
+
+
+def test_seeded_answers_are_reproducible(client, model_name):
+    a, b = (spr(client, model_name, seed=4321, alignment={"n": 6}) for _ in range(2))
+    assert a.choices[0].message.content == b.choices[0].message.content
+    ca, cb = (x.model_extra["alignment"]["candidates"] for x in (a, b))
+    assert [c["finish_reason"] for c in ca] == [c["finish_reason"] for c in cb]
+    assert len({tuple(c["token_ids"][:8]) for c in ca}) > 1  # tracks' seeds differ
+
+
+def test_client_gone_mid_flight_leaves_no_engine_request(server):
+    """A long SpR answer whose client leaves after a few seconds: every live track's engine
+    request is aborted (`unfinished engine requests` back to 0)."""
+    body = {"prompt": "Here is a very long story about dragons, told in great detail:",
+            "max_tokens": 600, "temperature": 1.0,
+            "alignment": {"strategy": "speculative_rejection", "n": 8, "alpha": 0.5,
+                          "decision_tokens": 8}}
+    before = server.metric("alignserve:engine_aborts_total")
+    outcome = []
+
+    def leave_early():
+        try:
+            httpx.post(f"{server.base_url}/v1/completions", json=body,
+                       timeout=httpx.Timeout(4.0, connect=5.0))
+            outcome.append("answered")
+        except httpx.ReadTimeout:
+            outcome.append("left")
+
+    client = threading.Thread(target=leave_early)
+    client.start()
+    assert wait_until(lambda: server.metric("alignserve:engine_requests_unfinished") >= 2, 30)
+    client.join(60)
+    assert outcome == ["left"]
+    assert wait_until(lambda: server.metric("alignserve:engine_requests_unfinished") == 0, 10), \
+        "engine request still running"
+    # the tracks rejected at decision points and the survivors the disconnect stopped
+    assert wait_until(lambda: server.metric("alignserve:engine_aborts_total") >= before + 2, 5)

@@ -70,6 +70,11 @@ class FakeEngine:
         self.mixed_weights = 0  # generations that saw the weights change under them
         self.child_seeds: list[int] = []  # the seed of every seeded sample drawn, in order
         self.generated_tokens = 0  # tokens of every sample returned, all calls together
+        # stream_sequence: one entry per sequence (its seed, tokens produced so far, how it
+        # ended: "finished" | "cancelled" | None while it runs), and a hook awaited before
+        # every token (tests pace or hold sequences with it).
+        self.sequences: list[dict] = []
+        self.before_token = None  # async (sequence record) -> None
 
     def num_unfinished_requests(self) -> int:
         return self.active
@@ -152,6 +157,57 @@ class FakeEngine:
                 last = k == len(s.token_ids) - 1
                 yield SampleDelta(i, [tok], " " + WORDS[tok], [s.logprobs[k]],
                                   s.finish_reason if last else None)
+
+
+    async def stream_sequence(self, prompt_ids, sampling: Sampling):
+        """One sequence, one token per delta, each after a scheduling point (so siblings and
+        the strategy interleave as in a real engine's steps). Seeded: its own
+        random.Random(seed), so equal seeds give equal sequences and a sequence does not
+        depend on its siblings."""
+        self.calls.append((list(prompt_ids), 1, sampling))
+        self.started += 1
+        self.active += 1
+        rng = random.Random(sampling.seed if sampling.seed is not None else self.rng.random())
+        budget = sampling.max_tokens
+        length = budget if self.full_length else rng.randint(1, budget)
+        rec = {"seed": sampling.seed, "tokens": 0, "end": None}
+        self.sequences.append(rec)
+        if sampling.seed is not None:
+            self.child_seeds.append(sampling.seed)
+        ids: list[int] = []
+        sent = 0  # characters of the text already yielded
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            for k in range(length):
+                if self.before_token is not None:
+                    await self.before_token(rec)
+                await asyncio.sleep(0)
+                tok = rng.randrange(len(WORDS))
+                ids.append(tok)
+                rec["tokens"] += 1
+                self.generated_tokens += 1
+                text = self.decode(ids)
+                hits = [text.find(s) for s in sampling.stop if s in text]
+                # as vLLM: a stop string ends the sequence at the token that completes it
+                last = k == length - 1 or bool(hits)
+                finish = "stop" if hits or length < budget else "length"
+                text = text[:min(hits)] if hits else text
+                if last:  # as vLLM: a request is finished once its last output is out
+                    rec["end"] = "finished"
+                    self.finished += 1
+                yield SampleDelta(0, [tok], text[sent:], [math.log(1 / 8)],
+                                  finish if last else None)
+                sent = max(sent, len(text))
+                if last:
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            if rec["end"] is None:  # aborted before its last token: the engine frees it now
+                rec["end"] = "cancelled"
+                self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1
 
 
 class WordReward:

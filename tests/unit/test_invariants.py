@@ -108,7 +108,13 @@ def test_speculative_rejection_accounting(n, alpha, decision, growth, max_tokens
     assert any(c.sample is res.sample for c in res.candidates) and len(res.candidates) == n
     # every candidate's tokens, and those generated after a decision point before the abort
     assert res.generated_tokens >= sum(len(c.sample.token_ids) for c in res.candidates)
+    assert res.generated_tokens == engine.generated_tokens  # aborted tracks' tokens included
     assert res.kl_estimate is None
+    check_seeds_disjoint(engine)
+    again = run("speculative_rejection",
+                request("speculative_rejection", n, max_tokens, stop, seed, temperature, options),
+                FakeEngine(seed=3))
+    assert again.sample.token_ids == res.sample.token_ids
 
 
 @settings(max_examples=15, deadline=None, derandomize=True)
