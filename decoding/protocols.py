@@ -28,6 +28,19 @@ class Sampling:
     seed: int | None = None
     top_logprobs: int = 0  # also return the top-k next-token log-probs at each position
     adapter: str | None = None  # a registered LoRA adapter (server/policies.py); None: the policy
+    # vLLM's extra sampling controls (neutral defaults = off). Every engine call of every
+    # strategy carries them, so selection happens among candidates that obey them.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    top_k: int = 0  # 0: no top-k cut
+    min_p: float = 0.0
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    # Structured output: ("json_object", "") or ("json_schema", "<the schema as JSON>").
+    structured: tuple[str, str] | None = None
 
 
 @dataclass
@@ -65,6 +78,7 @@ class SampleDelta:
     text: str
     logprobs: list[float]
     finish_reason: str | None
+    top_logprobs: list[dict[int, float]] | None = None  # as Sample.top_logprobs, per new token
 
 
 class EngineRejected(ValueError):

@@ -38,6 +38,9 @@ from .protocol import (
 )
 from .serving import CompletionService, Kind, Runtime
 from .settings import Settings
+from .tokenizer_routes import install_tokenizer_routes
+from .tracing import RequestIds
+from . import tracing
 
 # Declared in the OpenAPI schema (the fuzz tests hold the app to it).
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503, 504)}
@@ -47,6 +50,8 @@ _LIST_ERRORS = {code: {"model": ErrorResponse} for code in (401, 503)}
 _ADMIN_ERRORS = {code: {"model": ErrorResponse} for code in (401, 403)}
 _PROBE = {503: {"model": ProbeStatus}}
 POLICY_HEADER = "X-Alignserve-Policy"  # the policy that answered (server/policies.py)
+# Streams through proxies: never cache, never buffer (nginx honours X-Accel-Buffering).
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class BodyLimit:
@@ -138,6 +143,8 @@ def build_app(
     app.add_middleware(DrainGate, lifecycle=lifecycle, on_error=count)
     app.add_middleware(AuthGate, keys=keys, on_error=count)
     app.add_middleware(CatchAll, on_error=count)  # added last: outermost, nothing escapes it
+    app.add_middleware(RequestIds)  # outermost, after CatchAll: every response (401s, 500s too) carries the id
+    install_tokenizer_routes(app)  # /tokenize, /detokenize, /version (server/tokenizer_routes.py)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
               responses=_COMPLETION)
@@ -216,21 +223,32 @@ async def _complete(request: Request, body, kind: Kind, response: Response):
         slot.__exit__(None, None, None)
 
     try:
+        record = tracing.current()
+        if record is not None:
+            record.strategy = body.alignment.strategy if body.alignment else "none"
         prep = await svc.prepare(body, kind)
-        policy = {POLICY_HEADER: await lease.acquire()}
+        prep.policy = await lease.acquire()
+        policy = {POLICY_HEADER: prep.policy}
+        if record is not None:
+            record.policy = prep.policy
         response.headers.update(policy)
         endpoint = "chat" if kind == "chat" else "completions"
         metrics.requests.labels(prep.strategy_name, endpoint).inc()
         if prep.stream:
             events = _stream_then_release(request, svc, prep, t0, cutoff, release)
             release = None  # the stream owns the slot now
-            return StreamingResponse(events, media_type="text/event-stream", headers=policy)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={**policy, **SSE_HEADERS})
         try:
             answers = await run_or_cancel(request, svc.answers(prep), cutoff)
         except ClientDisconnected:
             return Response(status_code=499)  # nobody is listening; engine work was aborted
         total = time.perf_counter() - t0
         metrics.latency.labels(prep.strategy_name).observe(total)
+        # the client sees its first token with the whole response
+        metrics.time_to_first_token.labels(prep.strategy_name, prep.model,
+                                           prep.policy).observe(total)
+        svc.note_answers(prep, answers)
         return svc.response(prep, answers, total)
     finally:
         if release is not None:

@@ -92,6 +92,10 @@ def _bearer(scope) -> bytes | None:
     return None
 
 
+# Outside /v1 but served to users as vLLM serves them (server/tokenizer_routes.py): same key.
+USER_ROUTES = frozenset({"/tokenize", "/detokenize"})
+
+
 def _check(keys: KeyRing, path: str, scope) -> None:
     """Raise Unauthenticated / Forbidden when the request may not reach `path`."""
     if path == "/admin" or path.startswith("/admin/"):
@@ -107,7 +111,7 @@ def _check(keys: KeyRing, path: str, scope) -> None:
         if keys.is_user(token):
             raise Forbidden("this API key may not use the admin API")
         raise Unauthenticated("invalid admin key")
-    if (path == "/v1" or path.startswith("/v1/")) and keys.user_auth:
+    if (path == "/v1" or path.startswith("/v1/") or path in USER_ROUTES) and keys.user_auth:
         token = _bearer(scope)
         if token is None:
             raise Unauthenticated("missing API key: send `Authorization: Bearer <key>`",

@@ -128,6 +128,8 @@ async def _serve(settings: Settings) -> None:
         # flushes finished responses.
         config = uvicorn.Config(app, host=settings.host, port=settings.port,
                                 log_level=settings.log_level.lower(),
+                                access_log=False,  # ours has the request id (tracing.py)
+                                log_config=None,  # keep the root handler configure_logging set
                                 timeout_graceful_shutdown=int(POST_DRAIN_GRACE_S))
         await DrainingServer(config, app.state.lifecycle, settings.drain_timeout_s).serve()
     finally:
@@ -162,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(config_error_line(exc), file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .tracing import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)  # request ids on every line
     if ns.command == "prepare-model":
         from .model_prep import prepare_embedded_model
 

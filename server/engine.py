@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Sequence
 
 from decoding.protocols import EngineRejected, EngineUnavailable, Sample, SampleDelta, Sampling
 
+from .tracing import current_request_id
+
 log = logging.getLogger(__name__)
 
 
@@ -66,7 +68,7 @@ class VllmEngine:
         model: str,
         *,
         dtype: str = "auto",
-        max_model_len: int = 2048,
+        max_model_len: int | None = None,
         kv_cache_gib: float = 4.0,
         gpu_memory_utilization: float = 0.85,
         seed: int = 0,
@@ -103,7 +105,11 @@ class VllmEngine:
         )
         self._llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = self._llm.get_tokenizer()
-        self.max_model_len = max_model_len
+        # None: the model's own context length, as vLLM derives it from the config
+        self.max_model_len = self._llm.model_config.max_model_len
+        # The generation_config's sampling defaults (temperature, top_p, top_k, ..., max_tokens)
+        # that requests omitting a field get, as in vLLM's OpenAI server (server/fields.py).
+        self.sampling_defaults = dict(self._llm.model_config.get_diff_sampling_param())
         self.eos_token_ids = _eos_ids(self.tokenizer, self._llm.model_config)
         self.model_path = model  # the base policy: swapping back reloads from here (policies.py)
         self.lora_enabled = enable_lora
@@ -138,6 +144,7 @@ class VllmEngine:
                     text=c.text,
                     logprobs=_logprobs(c),
                     finish_reason=_finish(c),
+                    top_logprobs=_top(c, sampling.top_logprobs),
                 )
 
     async def stream_sequence(
@@ -208,12 +215,31 @@ class VllmEngine:
 
     @staticmethod
     def _build_params(SamplingParams, n: int, sampling: Sampling, kind):
+        from vllm.sampling_params import StructuredOutputsParams
+
+        structured = None
+        if sampling.structured is not None:
+            kind_, spec = sampling.structured
+            structured = (StructuredOutputsParams(json_object=True) if kind_ == "json_object"
+                          else StructuredOutputsParams(json=spec))
         return SamplingParams(
             n=n,
             max_tokens=sampling.max_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_p=sampling.min_p,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty,
+            logit_bias=dict(sampling.logit_bias) or None,
             stop=list(sampling.stop) or None,
+            stop_token_ids=list(sampling.stop_token_ids) or None,
+            # a strategy may cap one call below the answer's min_tokens (server/fields.py
+            # refuses min_tokens for those that continue from prefixes)
+            min_tokens=min(sampling.min_tokens, sampling.max_tokens),
+            ignore_eos=sampling.ignore_eos,
+            structured_outputs=structured,
             seed=sampling.seed,
             # 0: the sampled token's log-prob only; k: the top k too (plus the sampled token)
             logprobs=sampling.top_logprobs,
@@ -225,7 +251,8 @@ class VllmEngine:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-        request_id = f"as-{uuid.uuid4().hex}"
+        # The HTTP request's id (server/tracing.py) as prefix: vLLM's logs name the request.
+        request_id = f"{current_request_id() or 'as'}-{uuid.uuid4().hex}"
         finished = False
         try:
             async for out in self._llm.generate(

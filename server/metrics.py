@@ -56,6 +56,17 @@ class Metrics:
         self.policy_swap_seconds = Histogram("alignserve:policy_swap_seconds", "Duration of "
                                              "successful swaps (drain + reload).",
                                              buckets=_LATENCY_BUCKETS, registry=registry)
+        # What the client waits for (not per engine request): labelled by model and policy too.
+        u = ("strategy", "model", "policy")
+        self.time_to_first_token = Histogram(
+            "alignserve:time_to_first_token_seconds", "From request arrival to the first answer "
+            "text the client receives (non-streamed: the whole response).", u,
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        self.inter_token_latency = Histogram(
+            "alignserve:inter_token_latency_seconds", "Streams: time between two chunks of "
+            "answer text the client receives.", u,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
+            registry=registry)
         self._registry = registry
 
     def watch_engine(self, engine) -> None:

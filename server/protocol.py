@@ -1,7 +1,10 @@
 """The HTTP schema: OpenAI's chat/completions fields in OpenAI's order, then our `alignment` block.
 
-Unknown OpenAI fields (tools, logit_bias, ...) are ignored, as OpenAI-compatible servers do;
-the `alignment` block itself is strict so that typos in it are reported, not silently ignored.
+No field is silently ignored: every declared field is honoured or refused with a 400 naming
+it (`server/fields.py`: tools, and fields a strategy cannot honour); undeclared fields are a
+400 too (`extra="forbid"`). A deliberate allow-list of SDK fields that cannot change the
+answer (`user`, `metadata`, `store`, ...) is declared and marked "accepted, no effect".
+Sampling fields default to None (omitted), so the model's generation_config can fill them.
 Limits that depend on settings (max n, max_tokens, prompt length) are checked in `serving.py`.
 """
 
@@ -23,10 +26,25 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # an unknown key is a 400 naming it
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
+    name: str | None = None  # passed to the chat template, as vLLM does
+    # Tool calling is not implemented: declared so that fields.py refuses them (400).
+    tool_calls: list[dict] | None = Field(None, max_length=0)
+    tool_call_id: str | None = Field(None, max_length=0)
+    # Output fields clients echo back from earlier answers: not part of the prompt.
+    refusal: str | None = None
+    reasoning_content: str | None = None
+
+    @field_validator("role", "tool_calls", "tool_call_id", mode="before")
+    @classmethod
+    def _no_tools(cls, v, info):
+        if (v == "tool") if info.field_name == "role" else v:
+            raise ValueError("tool calls and tool results are not supported by this server "
+                             "(no tool parser)")
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -38,21 +56,57 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchema(BaseModel):
+    name: str = Field(..., max_length=64)
+    description: str | None = None
+    schema_: dict = Field(..., alias="schema", description="The JSON Schema answers must obey.")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by both endpoints, in OpenAI's order."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # an unknown field is a 400 naming it
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1, description="New tokens per answer.")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                     Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=1024,
+        description="Token id (as a string) → bias in [-100, 100] added to its logit.")
+    metadata: dict[str, str] | None = None  # SDK bookkeeping: accepted, no effect
+    max_tokens: int | None = Field(None, ge=1, description="New tokens per answer (default: "
+                                   "what is left of the context, capped by the server).")
     n: int = Field(1, ge=1, description="Choices to return; each is its own aligned answer.")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    prompt_cache_key: str | None = None  # accepted, no effect (vLLM's prefix cache is automatic)
+    response_format: ResponseFormat | None = None
+    safety_identifier: str | None = None  # accepted, no effect
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    service_tier: str | None = None  # accepted, no effect
     stop: str | list[str] | None = None
+    store: bool | None = None  # accepted; nothing is stored
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    user: str | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    user: str | None = None  # recorded nowhere; allowed because SDKs send it
+
+    # ---- vLLM's sampling extras (same names and meaning as vLLM's OpenAI server) ------------
+    top_k: int | None = Field(None, ge=-1, description="Sample from the k most likely tokens "
+                              "(0 or -1: all).")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
+    min_tokens: int = Field(0, ge=0, description="EOS and stop tokens are banned before this.")
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -103,12 +157,31 @@ class Alignment(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    logprobs: bool = Field(False, description="Return the answer's token log-probabilities.")
     max_completion_tokens: int | None = Field(None, ge=1)
+    parallel_tool_calls: bool | None = None  # accepted: no tools, so nothing to parallelise
+    # Tool calling is not implemented (no tool parser): declared so that any use is refused
+    # with a 400 naming the field, never dropped.
+    tool_choice: Literal["none"] | None = Field(None, description="Only 'none': no tool calling.")
+    tools: list[dict] | None = Field(None, max_length=0, description="Not supported: no tools.")
+
+    @field_validator("tools", "tool_choice", mode="before")
+    @classmethod
+    def _no_tools(cls, v):
+        if v and v != "none":
+            raise ValueError("tool calling is not supported by this server (no tool parser)")
+        return v
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: the k "
+                                     "most likely tokens at each position too.")
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    best_of: int | None = Field(None, ge=1, description="Only 1 or n (use alignment.n).")
+    echo: bool = Field(False, description="Prepend the prompt to the text.")
+    logprobs: int | None = Field(None, ge=0, le=20, description="Return the answer's token "
+                                 "log-probabilities and the k most likely tokens at each.")
+    suffix: str | None = None  # refused: no insertion mode
 
     @field_validator("prompt")
     @classmethod
@@ -172,10 +245,31 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float] | None] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
     alignment: AlignmentInfo | None = None
 
@@ -193,7 +287,7 @@ class ChatCompletionResponse(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
     alignment: AlignmentInfo | None = None
 
@@ -231,6 +325,50 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM's tokenizer endpoints (/tokenize, /detokenize) and /version
+# --------------------------------------------------------------------------------------------
+
+
+class TokenizeCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str = Field(..., max_length=1_000_000)
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(..., max_length=1_000_000)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionInfo(BaseModel):
+    version: str = Field(description="alignserve's version.")
+    vllm: str | None = Field(None, description="The vLLM build serving the model.")
 
 
 # --------------------------------------------------------------------------------------------

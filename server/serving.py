@@ -17,15 +17,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from decoding.concurrency import gather_all
-from decoding.seeds import choice_seed
 from decoding.protocols import (
-    DecodeContext, DecodeRequest, DecodeResult, Objective, QScorer, Sampling, Scorer, TokenScorer,
+    DecodeContext, DecodeRequest, DecodeResult, Objective, QScorer, Sample, Sampling, Scorer,
+    TokenScorer,
 )
+from decoding.seeds import choice_seed
 from decoding.strategies import STRATEGIES, Strategy
 
 from .constraint import load_dual
 from .constraint import resolve as resolve_objective
 from .errors import APIError
+from .logprobs import TokenText, chat_logprobs, completion_logprobs
+from .fields import check_fields, default_max_tokens, sampling_fields, wants_logprobs
 from .metrics import Metrics
 from .protocol import (
     Alignment, AlignmentInfo, Candidate, ChatChoice, ChatCompletionRequest,
@@ -34,6 +37,8 @@ from .protocol import (
 )
 from .scorers import ScorerRegistry, UnknownScorer
 from .settings import Settings
+from . import tracing
+from .tracing import current_request_id
 from .streaming import StreamingMixin
 from .streaming import finish_reason as _finish
 
@@ -55,6 +60,7 @@ class Runtime:
 class Prompt:
     ids: list[int]
     text: str  # what scorers see
+    echo: str = ""  # completions: the prompt as text (what `echo` prepends)
 
 
 @dataclass
@@ -71,6 +77,10 @@ class Prepared:
     value: Scorer | None = None  # controlled decoding's value function (alignment.value)
     warnings: list[str] = field(default_factory=list)  # reported as alignment.warnings
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    logprobs: bool = False  # report the answer's token log-probs (OpenAI `logprobs`)
+    model: str = ""  # the served model or LoRA adapter answering (a metrics label)
+    policy: str = ""  # the policy that answers (set once its lease is held)
+    echo: bool = False  # completions: the prompt text precedes the answer
 
     @property
     def strategy_name(self) -> str:
@@ -118,6 +128,7 @@ class CompletionService(StreamingMixin):
         self.settings, self.rt, self.metrics = settings, runtime, metrics
         self.admission = Admission(settings.max_concurrent_requests, settings.retry_after_s)
         self.dual = load_dual(settings.dual)  # CAN's λ* for cost_weight "auto" (or None)
+        self._token_text: TokenText | None = None  # token strings for logprobs (lazy)
 
     # ---------------------------------------------------------------- validation at the edge
 
@@ -128,37 +139,60 @@ class CompletionService(StreamingMixin):
             raise APIError(404, f"The model {req.model!r} does not exist; this server serves "
                            f"{self.rt.model_name!r}", type="not_found_error", param="model",
                            code="model_not_found")
-        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
-        # capped: a deployment that lowered only the limit must not refuse every omitted max_tokens
-        max_tokens = max_tokens or min(s.default_max_tokens, s.max_tokens_limit)
-        if max_tokens > s.max_tokens_limit:
-            raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit "
-                           f"{s.max_tokens_limit}", param="max_tokens", code="invalid_value")
         if req.n > s.max_choices:
             raise APIError(400, f"n {req.n} exceeds this server's limit {s.max_choices}",
                            param="n", code="invalid_value")
+        strategy_name = req.alignment.strategy if req.alignment else "none"
+        check_fields(req, strategy_name)  # tools, unknown fields, fields the strategy refuses
         prompts = self._chat_prompt(req) if kind == "chat" else self._text_prompts(req)
+        strategy, objective = await self._alignment(req.alignment)
+        value = await self._value(req.alignment, strategy)
+        max_tokens = self._max_tokens(req, strategy, prompts)
+        if req.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens {req.min_tokens} exceeds max_tokens {max_tokens}",
+                           param="min_tokens", code="invalid_value")
         for p in prompts:
             self._check_length(p, max_tokens)
-        strategy, objective = await self._alignment(req.alignment)
-        if req.temperature < GREEDY_TEMPERATURE:
-            _check_greedy(req, strategy)
-        value = await self._value(req.alignment, strategy)
         self._check_budget(req, strategy, len(prompts), max_tokens)
+        engine = self.rt.engine
+        controls = sampling_fields(req, getattr(engine, "sampling_defaults", {}),
+                                   len(engine.tokenizer))
+        if controls["temperature"] < GREEDY_TEMPERATURE:  # the resolved one (generation_config)
+            _check_greedy(req, strategy)
         return Prepared(
             kind=kind, prompts=prompts,
-            sampling=Sampling(max_tokens=max_tokens, temperature=req.temperature,
-                              top_p=req.top_p, stop=tuple(req.stop or ()), seed=req.seed,
-                              adapter=adapter),
+            sampling=Sampling(max_tokens=max_tokens, stop=tuple(req.stop or ()), seed=req.seed,
+                              adapter=adapter, **controls),
             choices=req.n, strategy=strategy, alignment=req.alignment, objective=objective,
             stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            value=value, warnings=_value_warnings(value, req.temperature, req.top_p),
+            value=value, warnings=_value_warnings(value, controls["temperature"],
+                                                  controls["top_p"]),
+            logprobs=wants_logprobs(req),
+            echo=bool(getattr(req, "echo", False)), model=adapter or self.rt.model_name,
+            request_id=current_request_id() or uuid.uuid4().hex,
         )
+
+    def _max_tokens(self, req, strategy: Strategy, prompts: list[Prompt]) -> int:
+        """The request's max_tokens, or vLLM's default when omitted (fields.default_max_tokens)."""
+        s = self.settings
+        given = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        if given is not None:
+            if given > s.max_tokens_limit:
+                raise APIError(400, f"max_tokens {given} exceeds this server's limit "
+                               f"{s.max_tokens_limit}", param="max_tokens", code="invalid_value")
+            return given
+        per_answer = req.alignment.n if req.alignment and strategy.needs_objective else 1
+        model_default = getattr(self.rt.engine, "sampling_defaults", {}).get("max_tokens")
+        return default_max_tokens(
+            max(len(p.ids) for p in prompts), self.rt.engine.max_model_len,
+            min(s.default_max_tokens, s.max_tokens_limit), model_default,
+            s.max_request_tokens // (len(prompts) * req.n * per_answer))
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[Prompt]:
         tok = self.rt.engine.tokenizer
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in req.messages]
         try:
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # the template itself may reject role orders (jinja raise)
@@ -175,12 +209,13 @@ class CompletionService(StreamingMixin):
         out = []
         for item in batch:
             if isinstance(item, str):
-                out.append(Prompt(tok.encode(item, add_special_tokens=True), item))
+                out.append(Prompt(tok.encode(item, add_special_tokens=True), item, item))
             else:
                 if any(t < 0 or t >= vocab for t in item):
                     raise APIError(400, f"prompt token ids must lie in [0, {vocab})",
                                    param="prompt", code="invalid_value")
-                out.append(Prompt(list(item), tok.decode(item)))
+                text = tok.decode(item)
+                out.append(Prompt(list(item), text, text))
         return out
 
     def _check_length(self, prompt: Prompt, max_tokens: int) -> None:
@@ -294,16 +329,47 @@ class CompletionService(StreamingMixin):
         top = _aggregate(infos)
         if prep.kind == "chat":
             choices = [ChatChoice(index=a.index, message=ChatMessageOut(content=a.result.sample.text),
+                                  logprobs=self.logprobs(prep, a.result.sample),
                                   finish_reason=_finish(a), alignment=info)
                        for a, info in zip(answers, infos)]
             return ChatCompletionResponse(id=f"chatcmpl-{prep.request_id}",
                                           model=self.rt.model_name, choices=choices,
                                           usage=usage, alignment=top)
-        choices = [CompletionChoice(index=a.index, text=a.result.sample.text,
+        choices = [CompletionChoice(index=a.index, text=self.echoed(prep, a) + a.result.sample.text,
+                                    logprobs=self.logprobs(prep, a.result.sample,
+                                                           len(self.echoed(prep, a))),
                                     finish_reason=_finish(a), alignment=info)
                    for a, info in zip(answers, infos)]
         return CompletionResponse(id=f"cmpl-{prep.request_id}", model=self.rt.model_name,
                                   choices=choices, usage=usage, alignment=top)
+
+    def echoed(self, prep: Prepared, a: Answer) -> str:
+        """completions `echo`: the prompt's text before the answer."""
+        return a.prompt.echo if prep.echo else ""
+
+    def logprobs(self, prep: Prepared, sample: Sample, offset: int = 0, start: int = 0):
+        """OpenAI `logprobs` of `sample`'s tokens from `start` on (None unless requested)."""
+        if not prep.logprobs:
+            return None
+        if self._token_text is None:
+            self._token_text = TokenText(self.rt.engine.tokenizer)
+        k, ids = prep.sampling.top_logprobs, sample.token_ids[start:]
+        top = sample.top_logprobs[start:] if sample.top_logprobs else None
+        lps = sample.logprobs[start:]
+        if prep.kind == "chat":
+            return chat_logprobs(self._token_text, ids, lps, top, k)
+        return completion_logprobs(self._token_text, ids, lps, top, k, offset)
+
+    def note_answers(self, prep: Prepared, answers: list[Answer]) -> None:
+        """What the access log line reports about the answers (server/tracing.py)."""
+        record = tracing.current()
+        if record is None:
+            return
+        usage = self._usage(prep, answers)
+        record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+        record.generated_tokens = sum(a.result.generated_tokens for a in answers)
+        record.generate_s = sum(a.result.timer.generate_s for a in answers)
+        record.score_s = sum(a.result.timer.score_s for a in answers)
 
     def _info(self, prep: Prepared, r: DecodeResult, total_s: float) -> AlignmentInfo | None:
         if prep.alignment is None:

@@ -45,7 +45,9 @@ class Settings(BaseSettings):
         description="Policy dtype; 'auto' is float32 on CPU (several times faster there than "
         "bfloat16 without AVX-512) and the checkpoint's dtype on GPU.",
     )
-    max_model_len: int = Field(2048, ge=64, le=1_048_576, description="Context length of the engine.")
+    max_model_len: int | None = Field(
+        None, ge=64, le=1_048_576,
+        description="Context length of the engine (default: the model's, from its config).")
     kv_cache_gib: float = Field(
         4.0, gt=0, le=1024, description="KV cache on CPU (VLLM_CPU_KVCACHE_SPACE), GiB."
     )
@@ -105,7 +107,9 @@ class Settings(BaseSettings):
     max_choices: int = Field(8, ge=1, le=128, description="Largest OpenAI `n` (choices per request).")
     max_tokens_limit: int = Field(1024, ge=1, le=1_048_576, description="Largest max_tokens.")
     default_max_tokens: int = Field(
-        128, ge=1, le=1_048_576, description="max_tokens when omitted (capped at max_tokens_limit)."
+        1024, ge=1, le=1_048_576,
+        description="Cap on max_tokens when a request omits it; below the cap it is what the "
+        "context leaves after the prompt (as vLLM), and what the token budget leaves.",
     )
     max_prompt_tokens: int = Field(1536, ge=1, le=1_048_576, description="Longest prompt, tokens.")
     max_concurrent_requests: int = Field(
@@ -212,6 +216,14 @@ class Settings(BaseSettings):
         description="Key for /admin/* (16+ characters). Unset: the admin API is disabled (403).",
     )
     log_level: str = Field("info", description="Python logging level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text or one JSON object per line (for log "
+        "collectors); both carry the request id and one access line per request.")
+    sse_keepalive_s: float = Field(
+        5.0, ge=0, le=300,
+        description="Streams: send an SSE comment (': keep-alive') after this many seconds "
+        "without an event, so proxies with idle timeouts keep best-of-n streams open while "
+        "candidates are chosen; 0: never.")
 
     @model_validator(mode="before")
     @classmethod

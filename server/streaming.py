@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from decoding.protocols import DecodeResult, Sample
 
+from pydantic import BaseModel
+
+from . import tracing
 from .errors import APIError, error_json, to_api_error
 from .protocol import AlignmentInfo, Usage
 
@@ -29,12 +32,17 @@ class StreamingMixin:
 
     async def stream(self, prep: Prepared, t0: float) -> AsyncIterator[str]:
         """SSE events. Plain sampling streams tokens as the engine makes them; aligned
-        strategies stream the chosen answer once selected, with `alignment` in the last chunk."""
-        chunk = _Chunker(prep, self.rt.model_name)
+        strategies stream the chosen answer once selected, with `alignment` in the last chunk.
+        The role chunk goes out at once; while a strategy is still choosing, comment
+        keep-alives go out every `sse_keepalive_s` so idle-timeout proxies keep the stream."""
+        chunk = _Chunker(prep, self.rt.model_name, _Timing(self.metrics, prep, t0))
         try:
             if prep.kind == "chat":
                 for i in range(len(prep.prompts) * prep.choices):
                     yield chunk.sse(i, {"role": "assistant", "content": ""})
+            elif prep.echo:
+                for i in range(len(prep.prompts) * prep.choices):
+                    yield chunk.sse(i, {"content": prep.prompts[i // prep.choices].echo})
             if prep.strategy.streams_tokens and prep.objective is None:
                 answers = []
                 # aclosing: when this stream is closed at a `yield` (client gone), close the
@@ -49,20 +57,49 @@ class StreamingMixin:
                     async for event in events:
                         yield event
             else:
-                answers = await self.answers(prep)
+                answers = []
+                async with contextlib.aclosing(self._keep_alive(self.answers(prep), answers)) \
+                        as events:
+                    async for event in events:
+                        yield event
                 for a in answers:
-                    yield chunk.sse(a.index, {"content": a.result.sample.text})
+                    yield chunk.sse(a.index, {"content": a.result.sample.text},
+                                    logprobs=self.logprobs(prep, a.result.sample,
+                                                           len(self.echoed(prep, a))))
             total_s = time.perf_counter() - t0
             for a in answers:
                 info = self._info(prep, a.result, total_s)
-                yield chunk.sse(a.index, {}, finish_reason=finish_reason(a), alignment=info)
+                # streamed pieces carry no log-probs: all of the answer's come with its end
+                lps = (self.logprobs(prep, a.result.sample, len(self.echoed(prep, a)))
+                       if getattr(prep.strategy, "streams_text", False) else None)
+                yield chunk.sse(a.index, {}, finish_reason=finish_reason(a), alignment=info,
+                                logprobs=lps)
             if prep.include_usage:
                 yield chunk.usage(self._usage(prep, answers))
+            self.note_answers(prep, answers)
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:  # headers are sent: report in-band, then end the stream
             yield self.error_event(to_api_error(exc))
         yield "data: [DONE]\n\n"
+
+    async def _keep_alive(self, work, out: list) -> AsyncIterator[str]:
+        """Await `work`, yielding SSE comments every `sse_keepalive_s` until it is done; its
+        result is appended to `out`. Closing this generator cancels the work."""
+        every = self.settings.sse_keepalive_s or None
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=every)
+                if done:
+                    break
+                yield KEEP_ALIVE
+            out.extend(task.result())
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     def error_event(self, err: APIError) -> str:
         """An error after the headers went out: counted, then sent as an SSE event."""
@@ -77,12 +114,17 @@ class StreamingMixin:
             t0 = time.perf_counter()
             async for d in self.rt.engine.stream(prompt.ids, prep.choices, prep.sampling):
                 s = samples[d.index]
+                start = len(s.token_ids)
                 s.token_ids += d.token_ids
                 s.text += d.text
                 s.logprobs += d.logprobs
+                if d.top_logprobs is not None:
+                    s.top_logprobs = (s.top_logprobs or []) + d.top_logprobs
                 s.finish_reason = d.finish_reason
-                if d.text:
-                    yield chunk.sse(pi * prep.choices + d.index, {"content": d.text})
+                if d.text or (prep.logprobs and d.token_ids):
+                    offset = len(prompt.echo if prep.echo else "") + len(s.text) - len(d.text)
+                    yield chunk.sse(pi * prep.choices + d.index, {"content": d.text},
+                                    logprobs=self.logprobs(prep, s, offset, start))
             for c, s in enumerate(samples):
                 r = DecodeResult(strategy="none", n=1, sample=s, generated_tokens=len(s.token_ids),
                                  win_rate_bound=0.5)
@@ -100,14 +142,18 @@ class StreamingMixin:
         work = asyncio.ensure_future(
             self.answers(prep, emit=lambda index, text: pieces.put_nowait((index, text))))
         try:
+            every = self.settings.sse_keepalive_s or None
             while not work.done():
                 get = asyncio.ensure_future(pieces.get())
                 try:
-                    await asyncio.wait({get, work}, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait({get, work}, timeout=every,
+                                                 return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     if not get.done():
                         get.cancel()
-                if get.done() and not get.cancelled():
+                if not done:
+                    yield KEEP_ALIVE
+                elif get.done() and not get.cancelled():
                     index, text = get.result()
                     yield chunk.sse(index, {"content": text})
             while not pieces.empty():  # committed just before the strategies returned
@@ -129,11 +175,36 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
+KEEP_ALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see traffic
+
+
+class _Timing:
+    """User-visible time to first token and inter-token latency of one stream."""
+
+    def __init__(self, metrics, prep: Prepared, t0: float) -> None:
+        self.t0, self.last = t0, None
+        labels = (prep.strategy_name, prep.model, prep.policy)
+        self.ttft = metrics.time_to_first_token.labels(*labels)
+        self.itl = metrics.inter_token_latency.labels(*labels)
+
+    def text(self) -> None:
+        now = time.perf_counter()
+        if self.last is None:
+            self.ttft.observe(now - self.t0)
+            record = tracing.current()
+            if record is not None:
+                record.first_token_s = now - self.t0
+        else:
+            self.itl.observe(now - self.last)
+        self.last = now
+
+
 class _Chunker:
     """Formats OpenAI stream chunks for one request."""
 
-    def __init__(self, prep: Prepared, model: str) -> None:
+    def __init__(self, prep: Prepared, model: str, timing: _Timing | None = None) -> None:
         self.prep, self.model, self.created = prep, model, int(time.time())
+        self.timing = timing
         chat = prep.kind == "chat"
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{prep.request_id}"
         self.object = "chat.completion.chunk" if chat else "text_completion"
@@ -146,13 +217,16 @@ class _Chunker:
         return env
 
     def sse(self, index: int, delta: dict, finish_reason: str | None = None,
-            alignment: AlignmentInfo | None = None) -> str:
+            alignment: AlignmentInfo | None = None, logprobs: BaseModel | None = None) -> str:
+        lps = logprobs.model_dump() if logprobs is not None else None
         if self.prep.kind == "chat":
-            choice: dict = {"index": index, "delta": delta, "logprobs": None,
+            choice: dict = {"index": index, "delta": delta, "logprobs": lps,
                             "finish_reason": finish_reason}
         else:
-            choice = {"index": index, "text": delta.get("content", ""), "logprobs": None,
+            choice = {"index": index, "text": delta.get("content", ""), "logprobs": lps,
                       "finish_reason": finish_reason}
+        if delta.get("content") and self.timing is not None:
+            self.timing.text()
         env = self._envelope([choice])
         if alignment is not None:
             choice["alignment"] = alignment.model_dump()

@@ -93,7 +93,9 @@ def serving(log: Path, args: list[str] = (), env: dict[str, str] | None = None,
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Server:
-    with serving(tmp_path_factory.mktemp("server") / "server.log", probe="/health") as srv:
+    # Keep-alives every 0.1 s: test_openai_fields_live sees one during a best-of-n stream.
+    with serving(tmp_path_factory.mktemp("server") / "server.log", probe="/health",
+                 env={"ALIGNSERVE_SSE_KEEPALIVE_S": "0.1"}) as srv:
         yield srv
 
 
