@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export ALIGNSERVE_HOME ?= $(HOME)/.cache/alignserve
 MODEL_DIR := $(ALIGNSERVE_HOME)/models/SmolLM2-135M-Instruct
 
-.PHONY: install model serve test test-unit test-integration bench clean
+.PHONY: install model serve test test-unit test-integration lint typecheck bench clean
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -25,6 +25,12 @@ serve: install model
 
 test: install model
 	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+typecheck: install
+	$(VENV)/bin/mypy decoding
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit

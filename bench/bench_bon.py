@@ -21,7 +21,6 @@ from pathlib import Path
 from common import ROOT, alignserve_server, load_prompts
 
 
-
 def chat_ids(tokenizer, prompt: str) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
@@ -112,11 +111,12 @@ def bench_hf(model_dir: str, prompts, n, max_tokens, scorer) -> dict:
 def report(results: dict, args) -> str:
     a = results["alignserve"]
     lines = [
-        f"# best-of-n serving benchmark\n",
+        "# best-of-n serving benchmark\n",
         f"{len(load_prompts(args.prompts, args.limit))} prompts from {args.prompts.name}, "
         f"n = {args.n}, max_tokens = {args.max_tokens}, temperature 1.0, reward `{args.reward}`; "
         f"machine: {os.cpu_count()} CPU cores, no GPU; all three in one run.\n",
-        "| system | wall s | generated tokens | tokens/s | mean chosen reward | wall ratio a/x | tok/s ratio a/x |",
+        "| system | wall s | generated tokens | tokens/s | mean chosen reward | wall ratio a/x "
+        "| tok/s ratio a/x |",
         "|---|---|---|---|---|---|---|",
     ]
     for key, label in (("alignserve", "(a) alignserve best_of_n, HTTP, concurrent"),

@@ -83,7 +83,8 @@ async def run_grid(base: str, prompts: list[str], args) -> list[dict]:
             out = await asyncio.gather(*(one_request(client, p, args.max_tokens, alignment)
                                          for p in prompts))
             wall = time.perf_counter() - t0
-            mean = lambda key: sum(o[key] for o in out) / len(out)  # noqa: E731
+            def mean(key: str, out: list = out) -> float:
+                return sum(o[key] for o in out) / len(out)
             row = {"strategy": strategy, "K": k, "M": m, "value": value, "wall_s": wall,
                    "mean_reward": mean("reward"), "tokens_per_prompt": mean("generated_tokens"),
                    "ttft_s": mean("ttft_s"), "total_s": mean("total_s"),

@@ -122,7 +122,7 @@ def bon_wall_for(reward: float, bon: list[dict]) -> tuple[float, bool]:
     """Wall time best-of-n needs for `reward`, linear in log(wall) between measured points
     (ordered by N). Returns (wall, exact); beyond the best point, that point's wall is a lower
     bound (exact=False)."""
-    pts = sorted(((r["n"], r["wall_s"], r["mean_reward"]) for r in bon))
+    pts = sorted((r["n"], r["wall_s"], r["mean_reward"]) for r in bon)
     best = max(pts, key=lambda p: p[2])
     if reward >= best[2]:
         return best[1], reward == best[2]

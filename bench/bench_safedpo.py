@@ -20,7 +20,6 @@ from pathlib import Path
 
 from common import ALIGNSERVE, ROOT
 
-
 THRESHOLD = 0.5  # evaluation.plan.DEFAULT_HARMLESS_THRESHOLDS["profanity"]
 
 

@@ -31,7 +31,13 @@ import math
 from .committed import Committed, capped
 from .kl import bon_kl_bound, bon_kl_estimate
 from .protocols import (
-    DecodeContext, DecodeRequest, DecodeResult, Objective, Sample, Scorer, Timer,
+    DecodeContext,
+    DecodeRequest,
+    DecodeResult,
+    Objective,
+    Sample,
+    Scorer,
+    Timer,
 )
 from .seeds import derive_seed
 from .strategies import register

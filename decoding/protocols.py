@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -121,7 +121,7 @@ class Engine(Protocol):
 
     def stream_sequence(
         self, prompt_ids: Sequence[int], sampling: Sampling
-    ) -> AsyncIterator[SampleDelta]:
+    ) -> AsyncGenerator[SampleDelta, None]:
         """ONE sequence (n = 1, one engine request), as deltas (index 0) while it decodes;
         the last delta carries the finish reason. Closing the iterator or cancelling the task
         that consumes it before the end aborts the request at once (its KV blocks are freed),
@@ -191,7 +191,7 @@ class Scored:
     """A sample with its scores; `score` is the selection objective."""
 
     sample: Sample
-    reward: float
+    reward: float | None  # None: a candidate rejected on a value score, never rewarded
     cost: float | None
     score: float
 
@@ -229,6 +229,8 @@ class DecodeContext:
         self, scorer: Scorer, req: DecodeRequest, samples: Sequence[Sample]
     ) -> list[float]:
         """One score per sample, in a worker thread: token ids for a TokenScorer, text otherwise."""
+        call: Callable[..., Sequence[float]]
+        args: tuple[Any, ...]
         if hasattr(scorer, "score_ids"):
             call, args = scorer.score_ids, (req.prompt_ids, [list(s.token_ids) for s in samples])
         else:

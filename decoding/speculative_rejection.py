@@ -115,6 +115,7 @@ class SpeculativeRejection:
         # The TaskGroup has waited for every aborted track: their token counts are final.
         best = pool[max(range(len(pool)), key=finals.__getitem__)]  # first of equal scores
         chosen = best.final["objective"]
+        assert isinstance(chosen, Scored)  # survivors' answers are judged by the objective
         return DecodeResult(
             strategy=self.name, n=req.n, sample=chosen.sample, reward=chosen.reward,
             cost=chosen.cost, kl_bound=selection_kl_bound(req.n), kl_estimate=None,
@@ -160,8 +161,9 @@ class SpeculativeRejection:
             order = sorted(range(len(pool)), key=lambda i: -scores[i])  # stable: ties keep order
             for i in order[keep:]:
                 pool[i].rejected = True
-                if pool[i].task is not None:
-                    pool[i].task.cancel()  # aborts its engine request now (no-op if it ended)
+                task = pool[i].task
+                if task is not None:
+                    task.cancel()  # aborts its engine request now (no-op if it ended)
             rejected.append(len(pool) - keep)
             pool = [t for t in pool if not t.rejected]
         return pool, rejected
@@ -189,6 +191,7 @@ class SpeculativeRejection:
         if todo:
             samples = [views[i] for i in todo]
             if value is None:
+                assert req.objective is not None  # the server requires one (needs_objective)
                 fresh: list = await ctx.score_samples(req.objective, req, samples, timer)
             else:
                 s0 = time.perf_counter()
@@ -219,11 +222,14 @@ class SpeculativeRejection:
         """A candidate as reported: every token it generated; a rejected one unfinished, with
         the scores it was rejected on (None when partial answers were judged by `value`)."""
         if not t.rejected:
-            return t.final["objective"]
+            final = t.final["objective"]
+            assert isinstance(final, Scored)
+            return final
         sample = Sample(list(t.ids), _text(ctx, req, t.ids), list(t.logprobs), None)
         s = t.scored
+        # never scored by the objective (judged by `value`): no reward, and a score below all
         return Scored(sample, s.reward if s else None, s.cost if s else None,
-                      s.score if s else None)
+                      s.score if s else -math.inf)
 
 
 def _text(ctx: DecodeContext, req: DecodeRequest, ids: list[int]) -> str:

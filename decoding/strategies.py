@@ -38,7 +38,8 @@ STRATEGIES: dict[str, Strategy] = {}
 
 
 def register(cls: type) -> type:
-    STRATEGIES[cls.name] = cls()
+    strategy = cls()
+    STRATEGIES[strategy.name] = strategy
     return cls
 
 

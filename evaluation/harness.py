@@ -43,7 +43,8 @@ async def run_plan(runner: Runner, prompts: list[PromptItem], plan: list[Setting
             progress.set_postfix_str(setting.label)
         gate = asyncio.Semaphore(concurrency)
 
-        async def one(item: PromptItem, k: int, setting: Setting = setting) -> Row:
+        async def one(item: PromptItem, k: int, setting: Setting = setting,
+                      gate: asyncio.Semaphore = gate) -> Row:
             async with gate:
                 a = await runner.answer(item, setting, derive_seed(seed, item.id, setting.label, k))
             if progress is not None:

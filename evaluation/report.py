@@ -89,7 +89,7 @@ def markdown(config: dict, entries: list[dict]) -> str:
         "estimate; rules returning one of n draws bound log n, estimate – (none known). "
         "Tokens: every token the engine generated per answer, all candidates included. Wall s: "
         "the setting's prompts, run concurrently.\n",
-        f"## All prompts\n", *_table(entries, None), "",
+        "## All prompts\n", *_table(entries, None), "",
     ]
     for kind in kinds:
         lines += [f"## {kind} prompts\n", *_table(entries, kind), ""]

@@ -35,8 +35,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="Output folder (checkpoint + report).")
     p.add_argument("--model", dest="base_model", default="embedded", help="Base policy: 'embedded' "
                    "(SmolLM2-135M-Instruct under ALIGNSERVE_HOME), a local folder or an HF id.")
-    p.add_argument("--home", dest="model_home", type=Path, default=None, help="Cache folder of the embedded model "
-                   "(default ALIGNSERVE_HOME or ~/.cache/alignserve).")
+    p.add_argument("--home", dest="model_home", type=Path, default=None,
+                   help="Cache folder of the embedded model (default ALIGNSERVE_HOME or "
+                   "~/.cache/alignserve).")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora", dest="lora", action="store_true", default=True,
                       help="Train a LoRA adapter (default); saved merged unless --save-adapter.")
@@ -70,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common(mocan)
     lam = mocan.add_mutually_exclusive_group(required=True)
     lam.add_argument("--lambda", dest="lam", type=float, help="λ* given directly (≥ 0).")
-    lam.add_argument("--dual", dest="dual_file", type=Path, help="JSON written by `alignserve dual` (key lambda).")
+    lam.add_argument("--dual", dest="dual_file", type=Path,
+                     help="JSON written by `alignserve dual` (key lambda).")
     lam.add_argument("--rollouts", type=Path,
                      help="Rollout folder: solve λ* here (needs --dual-beta, --threshold).")
     mocan.add_argument("--dual-beta", type=float, default=None,

@@ -113,8 +113,13 @@ def plot(path: Path, r, g, beta: float, threshold: float, lam: float) -> None:
 
 def solve(ns: argparse.Namespace):
     """Solve for the folder of `ns`; returns (DualSolution, output json path, plot path)."""
-    from decoding.dual import DualSolution, achievable_safety, predicted_safety, save_solution
-    from decoding.dual import solve_dual
+    from decoding.dual import (
+        DualSolution,
+        achievable_safety,
+        predicted_safety,
+        save_solution,
+        solve_dual,
+    )
 
     if not ns.beta > 0:
         raise ValueError("--beta must be > 0")

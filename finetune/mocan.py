@@ -38,7 +38,6 @@ import numpy as np
 from .pairs import PreferencePair
 from .safedpo import DPOExample
 
-
 DEFAULT_BETA = 0.1  # DPO's β when nothing ties it (SafeDPO's default, --lambda given directly)
 BETA_REL_TOL = 1e-9
 

@@ -41,7 +41,7 @@ class PreferencePair:
     safer: int
 
     @classmethod
-    def from_row(cls, row: Mapping, where: str) -> "PreferencePair":
+    def from_row(cls, row: Mapping, where: str) -> PreferencePair:
         missing = [f for f in FIELDS if f not in row]
         if missing:
             raise PairSchemaError(

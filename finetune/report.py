@@ -75,7 +75,7 @@ def _markdown(report: dict) -> str:
                 v = report[phase][s].get(key)
                 cells.append("" if v is None else f"{v:.4f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", f"pairs: " + ", ".join(f"{s} {report['after'][s]['pairs']}" for s in splits),
+    lines += ["", "pairs: " + ", ".join(f"{s} {report['after'][s]['pairs']}" for s in splits),
               "", "![loss curve](loss_curve.png)", ""]
     return "\n".join(lines)
 

@@ -4,10 +4,11 @@ and metrics.
 One serving object per endpoint family lives on `app.state`; nothing is module-global, so tests
 build as many apps as they like (each with its own metrics registry).
 
-Middleware, outermost first: CatchAll (every error answered here, never re-raised) → AuthGate
-(401/403 before anything is read) → DrainGate (503 while draining) → BodyLimit (413) → routes.
-Per request: admission (429), token budget (400, in `serving.py`), then the work runs under a `Cutoff` (504 on timeout, 503 past the drain deadline)
-and is cancelled if the client disconnects.
+Middleware, outermost first: RequestIds (X-Request-Id on every response) → CatchAll (every
+error answered here, never re-raised) → AuthGate (401/403 before anything is read) → DrainGate
+(503 while draining) → BodyLimit (413) → routes. Per request: admission (429), token budget
+(400, in `serving.py`), then the work runs under a `Cutoff` (504 on timeout, 503 past the drain
+deadline) and is cancelled if the client disconnects.
 """
 
 from __future__ import annotations
@@ -21,10 +22,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from . import tracing
 from .auth import AuthGate, KeyRing, warn_if_open
 from .disconnect import ClientDisconnected, Cutoff, iterate_or_cancel, run_or_cancel
 from .errors import (
-    APIError, CatchAll, RequestTimeout, ServerDraining, error_response, install_error_handlers,
+    APIError,
+    CatchAll,
+    RequestTimeout,
+    ServerDraining,
+    error_response,
+    install_error_handlers,
     to_api_error,
 )
 from .lifecycle import DrainGate, Lifecycle
@@ -33,14 +40,20 @@ from .policies import PolicyManager
 from .policies import router as policy_router
 from .policy_file import PolicyFileWatcher
 from .protocol import (
-    AdminStatus, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-    CompletionResponse, ErrorResponse, ModelCard, ModelList, ProbeStatus,
+    AdminStatus,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    ProbeStatus,
 )
 from .serving import CompletionService, Kind, Runtime
 from .settings import Settings
 from .tokenizer_routes import install_tokenizer_routes
 from .tracing import RequestIds
-from . import tracing
 
 # Declared in the OpenAPI schema (the fuzz tests hold the app to it).
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503, 504)}
@@ -143,7 +156,8 @@ def build_app(
     app.add_middleware(DrainGate, lifecycle=lifecycle, on_error=count)
     app.add_middleware(AuthGate, keys=keys, on_error=count)
     app.add_middleware(CatchAll, on_error=count)  # added last: outermost, nothing escapes it
-    app.add_middleware(RequestIds)  # outermost, after CatchAll: every response (401s, 500s too) carries the id
+    # outermost, added after CatchAll: every response (401s, 500s too) carries the id
+    app.add_middleware(RequestIds)
     install_tokenizer_routes(app)  # /tokenize, /detokenize, /version (server/tokenizer_routes.py)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,

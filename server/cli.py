@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import sys
-import importlib
 import typing
 
 from pydantic import ValidationError

@@ -35,7 +35,12 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 
 from .checkpoints import (
-    Checkpoint, CheckpointError, check_adapter, check_compatible, inspect, is_adapter,
+    Checkpoint,
+    CheckpointError,
+    check_adapter,
+    check_compatible,
+    inspect,
+    is_adapter,
 )
 from .errors import APIError
 from .protocol import ErrorResponse, PolicyCreate, PolicyInfo, PolicyList, PolicyStatus, PolicySwap

@@ -18,29 +18,45 @@ from typing import Any, Literal
 
 from decoding.concurrency import gather_all
 from decoding.protocols import (
-    DecodeContext, DecodeRequest, DecodeResult, Objective, QScorer, Sample, Sampling, Scorer,
+    DecodeContext,
+    DecodeRequest,
+    DecodeResult,
+    Objective,
+    QScorer,
+    Sample,
+    Sampling,
+    Scorer,
     TokenScorer,
 )
 from decoding.seeds import choice_seed
 from decoding.strategies import STRATEGIES, Strategy
 
+from . import tracing
 from .constraint import load_dual
 from .constraint import resolve as resolve_objective
 from .errors import APIError
-from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .fields import check_fields, default_max_tokens, sampling_fields, wants_logprobs
+from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .metrics import Metrics
 from .protocol import (
-    Alignment, AlignmentInfo, Candidate, ChatChoice, ChatCompletionRequest,
-    ChatCompletionResponse, ChatMessageOut, CompletionChoice, CompletionRequest,
-    CompletionResponse, Latency, Usage,
+    Alignment,
+    AlignmentInfo,
+    Candidate,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Latency,
+    Usage,
 )
 from .scorers import ScorerRegistry, UnknownScorer
 from .settings import Settings
-from . import tracing
-from .tracing import current_request_id
 from .streaming import StreamingMixin
 from .streaming import finish_reason as _finish
+from .tracing import current_request_id
 
 Kind = Literal["chat", "text"]
 

@@ -13,8 +13,13 @@ from fastapi import FastAPI, Request
 
 from .errors import APIError
 from .protocol import (
-    DetokenizeRequest, DetokenizeResponse, ErrorResponse, TokenizeChatRequest,
-    TokenizeCompletionRequest, TokenizeResponse, VersionInfo,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    VersionInfo,
 )
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503)}

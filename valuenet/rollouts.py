@@ -24,12 +24,18 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .data import (  # noqa: F401  (read_rollouts is re-exported for other modules)
-    MANIFEST, Manifest, Rollout, append_rollouts, iter_rollouts, read_manifest, read_rollouts,
+    MANIFEST,
+    Manifest,
+    Rollout,
+    append_rollouts,
+    iter_rollouts,
+    read_manifest,
+    read_rollouts,
     write_manifest,
 )
 
@@ -195,7 +201,7 @@ async def _main(ns: argparse.Namespace) -> tuple[Stats, int, int]:
     cfg = RolloutConfig(ns.n, ns.max_tokens, ns.temperature, ns.reward, ns.cost, ns.concurrency)
     want = Manifest(model=model_name, prompts=str(ns.prompts), n=cfg.n,
                     max_tokens=cfg.max_tokens, temperature=cfg.temperature, reward=cfg.reward,
-                    cost=cfg.cost, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    cost=cfg.cost, created=datetime.now(UTC).isoformat(timespec="seconds"),
                     extra={"model_path": model_path, "top_p": 1.0,  # Sampling's default
                            "engine_seed": settings.engine_seed,
                            "dtype": settings.dtype, "chat_template": True})

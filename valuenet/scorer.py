@@ -39,7 +39,11 @@ import torch
 
 from .kvcache import CachedBackbone, States
 from .model import (
-    hidden_states, load_causal_lm, load_checkpoint, pad_batch, policy_probs,
+    hidden_states,
+    load_causal_lm,
+    load_checkpoint,
+    pad_batch,
+    policy_probs,
 )
 
 # Temperatures / top_p closer than this are the same setting (JSON round trips: 0.7 vs

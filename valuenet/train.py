@@ -47,8 +47,15 @@ from tqdm.auto import tqdm
 from . import report
 from .data import Rollout, read_rollouts
 from .losses import cdq_loss, fudge_loss, masked_mean_sq
-from .model import (HeadConfig, ValueHead, hidden_states, load_causal_lm, pad_batch,
-                    policy_probs, save_checkpoint)
+from .model import (
+    HeadConfig,
+    ValueHead,
+    hidden_states,
+    load_causal_lm,
+    pad_batch,
+    policy_probs,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -286,7 +293,8 @@ def evaluate(head, lm, exs: list[Example], cfg: TrainConfig, live: bool) -> dict
             "values": values}
 
 
-def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, backbone: str, reference: str | None = None) -> dict:
+def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, backbone: str,
+          reference: str | None = None) -> dict:
     """Train a head on the rollouts in `data_dir`; write the checkpoint, metrics.json and plots
     to `out_dir`. `backbone` / `reference` are resolved folders or HF ids (see model.resolve_model);
     reference None: the backbone is the policy. Returns the metrics."""

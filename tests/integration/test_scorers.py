@@ -7,7 +7,13 @@ import shutil
 import pytest
 
 from server.model_prep import embedded_model_dir
-from server.scorers import HFRewardScorer, LengthScorer, ProfanityScorer, RelevanceScorer, SentimentScorer
+from server.scorers import (
+    HFRewardScorer,
+    LengthScorer,
+    ProfanityScorer,
+    RelevanceScorer,
+    SentimentScorer,
+)
 from server.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -25,7 +25,8 @@ async def test_plain_chat_has_openai_shape(client):
     (choice,) = body["choices"]
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
     assert body["usage"]["completion_tokens"] == len(choice["message"]["content"].split())
-    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert "alignment" not in body or body["alignment"] is None
 
 
@@ -151,7 +152,8 @@ async def test_scorer_crash_is_a_shaped_500_without_details(client):
 
 async def test_body_limit():
     app = make_app(max_body_bytes=2048)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t") as c:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         r = await c.post("/v1/chat/completions", json={**CHAT, "user": "x" * 5000})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
@@ -160,7 +162,8 @@ async def test_over_concurrency_limit_gets_429_with_retry_after():
     engine = FakeEngine()
     engine.gate = asyncio.Event()
     app = make_app(engine, max_concurrent_requests=1)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t") as c:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         first = asyncio.create_task(c.post("/v1/chat/completions", json=CHAT))
         while engine.active == 0:
             await asyncio.sleep(0.01)

@@ -13,7 +13,11 @@ from pydantic import ValidationError
 
 from server import cli
 from server.engine_args import (
-    MANAGED_KEYS, TYPED_ENGINE_FIELDS, check_engine_args, engine_kwargs, parse_engine_args,
+    MANAGED_KEYS,
+    TYPED_ENGINE_FIELDS,
+    check_engine_args,
+    engine_kwargs,
+    parse_engine_args,
 )
 from server.settings import ConfigError, Settings, unknown_env_vars
 

@@ -9,8 +9,15 @@ import pytest
 from fakes import FakeEngine, make_app
 
 from decoding.dual import (
-    DualSolution, InfeasibleConstraint, achievable_safety, dual_gradient, dual_objective,
-    load_solution, predicted_safety, save_solution, solve_dual,
+    DualSolution,
+    InfeasibleConstraint,
+    achievable_safety,
+    dual_gradient,
+    dual_objective,
+    load_solution,
+    predicted_safety,
+    save_solution,
+    solve_dual,
 )
 
 

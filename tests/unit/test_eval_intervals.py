@@ -5,8 +5,15 @@ import math
 
 import pytest
 
-from evaluation.intervals import (Z95, cluster_moments, effective_n, mean_interval,
-                                  ratio_interval, t_quantile, wilson)
+from evaluation.intervals import (
+    Z95,
+    cluster_moments,
+    effective_n,
+    mean_interval,
+    ratio_interval,
+    t_quantile,
+    wilson,
+)
 from evaluation.metrics import Row, summarize, win_outcomes, win_rate
 
 Z2 = Z95**2  # 3.841459

@@ -5,7 +5,14 @@ import math
 import pytest
 
 from evaluation.metrics import (
-    Row, compare, harmless_flag, harmless_ratio, mean, summarize, summarize_setting, win_rate,
+    Row,
+    compare,
+    harmless_flag,
+    harmless_ratio,
+    mean,
+    summarize,
+    summarize_setting,
+    win_rate,
 )
 from evaluation.plan import build_plan, load_prompts, parse_list
 

@@ -20,7 +20,13 @@ import pytest
 
 from decoding.kl import bon_kl_bound, bon_kl_estimate
 from decoding.protocols import (
-    DecodeContext, DecodeRequest, EngineRejected, EngineUnavailable, Objective, Sample, Sampling,
+    DecodeContext,
+    DecodeRequest,
+    EngineRejected,
+    EngineUnavailable,
+    Objective,
+    Sample,
+    Sampling,
 )
 from decoding.strategies import STRATEGIES
 from tests.unit.fakes import FakeEngine, WordReward, make_app

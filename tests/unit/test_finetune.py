@@ -10,8 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finetune.mocan import (lambda_from_dual_file, lambda_from_rollouts, mocan_relabel,
-                            preference_probs, score_pairs)
+from finetune.mocan import (
+    lambda_from_dual_file,
+    lambda_from_rollouts,
+    mocan_relabel,
+    preference_probs,
+    score_pairs,
+)
 from finetune.pairs import FIELDS, PairSchemaError, PreferencePair, load_pairs, split_pairs
 from finetune.safedpo import safedpo_transform, safety_offsets, transform_pair
 

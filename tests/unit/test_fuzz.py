@@ -14,7 +14,9 @@ from fakes import make_app
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import (
-    content_type_conformance, not_a_server_error, response_schema_conformance,
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
     status_code_conformance,
 )
 

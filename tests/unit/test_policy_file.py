@@ -92,7 +92,7 @@ async def test_two_replicas_swap_together_under_streaming_load(tmp_path, base, t
             r = await t
             assert r.status_code == 200 and r.headers["x-alignserve-policy"] == "tuned"
             assert '"error"' not in r.text
-        for app, e, c in zip(apps, engines, clients):
+        for e, c in zip(engines, clients):
             assert e.mixed_weights == 0 and e.weights == str(tuned)
             status = (await c.get("/admin/status", headers=AUTH)).json()
             assert status["policy"] == "tuned"

@@ -11,7 +11,12 @@ from server.scorers import ScorerRegistry
 from server.serving import Runtime
 from valuenet.data import Manifest, read_manifest
 from valuenet.rollouts import (
-    RolloutConfig, RolloutError, chat_prompt_ids, collect, prepare_folder, read_rollouts,
+    RolloutConfig,
+    RolloutError,
+    chat_prompt_ids,
+    collect,
+    prepare_folder,
+    read_rollouts,
 )
 
 PROMPTS = [PromptItem(f"p{i}", f"tell me something {w}", "helpful")

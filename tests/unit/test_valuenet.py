@@ -17,8 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from decoding.protocols import QScorer, TokenScorer  # noqa: E402
 from valuenet.data import Manifest, Rollout, append_rollouts, write_manifest  # noqa: E402
-from valuenet.losses import (cdq_loss, cdq_targets, expected_q, fudge_loss,  # noqa: E402
-                             taken_values)
+from valuenet.losses import cdq_loss, cdq_targets, expected_q, fudge_loss, taken_values  # noqa: E402
 
 A = 7  # the token the synthetic rewards look for
 VOCAB = 64
