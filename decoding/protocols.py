@@ -18,6 +18,17 @@ from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
+class Tilt:
+    """Tokenwise CD-Q inside the engine (Mudgal et al. 2024, arXiv 2310.17022): sample from
+    p_T(z)·exp(λ·Q(x, yᵗ, z)) over the whole vocabulary, Q from the CD-Q value head named
+    `head` (a scorer name, `value:NAME`). An optional engine capability (see `TiltingEngine`):
+    the vLLM engine has it for the heads it loaded into its CD-Q logits processor."""
+
+    head: str
+    lam: float
+
+
+@dataclass(frozen=True)
 class Sampling:
     """Per-request sampling settings (OpenAI semantics)."""
 
@@ -46,7 +57,6 @@ class Sample:
     logprobs: list[float]
     finish_reason: str | None
     top_logprobs: list[dict[int, float]] | None = None
-
     @property
     def logprob(self) -> float:
         return math.fsum(self.logprobs)
@@ -65,6 +75,11 @@ class SampleDelta:
     text: str
     logprobs: list[float]
     finish_reason: str | None
+    # Tilted samples (TiltingEngine) only, on the delta that finishes the sample: KL(πₜ ‖ p_T,ₜ)
+    # of every step's tilted distribution and each step's bound λ·(max Q − min Q). Their
+    # `logprobs` are log πₜ of the tokens (the distribution actually sampled from).
+    step_kl: list[float] | None = None
+    step_kl_bound: list[float] | None = None
 
 
 class EngineRejected(ValueError):
@@ -104,6 +119,18 @@ class Engine(Protocol):
     ) -> AsyncIterator[SampleDelta]:
         """Like `generate`, but yields deltas as tokens are produced."""
         ...
+
+
+@runtime_checkable
+class TiltingEngine(Engine, Protocol):
+    """An engine that can also sample tokenwise CD-Q inside its sampler (`Tilt`): one engine
+    request per answer, streamed, aborted on cancellation like `stream`."""
+
+    tilt_heads: frozenset[str]  # the value heads (scorer names) it can tilt with
+
+    def tilted(
+        self, prompt_ids: Sequence[int], sampling: Sampling, tilt: Tilt
+    ) -> AsyncIterator[SampleDelta]: ...
 
 
 @runtime_checkable

@@ -9,7 +9,7 @@ from pathlib import Path
 from decoding.protocols import DecodeContext
 
 from .model_prep import EMBEDDED_MODEL_NAME, prepare_embedded_model
-from .scorers import ScorerRegistry, default_factories, load_value_heads
+from .scorers import ScorerRegistry, default_factories, engine_heads, load_value_heads
 from .serving import Runtime
 from .settings import DEFAULT_MODEL, Settings
 
@@ -32,12 +32,16 @@ def build_runtime(settings: Settings) -> Runtime:
     model, name = resolve_model(settings)
     # Value heads first: a bad checkpoint path fails in seconds, not after the engine start-up.
     value_heads = load_value_heads(settings.value_head_paths())
+    # CD-Q heads also tilt inside the engine (tokenwise_cd); every head must share the
+    # policy's tokenizer, since heads read the policy's token ids (refused here, in one line).
+    tilt_heads = engine_heads(value_heads, model)
     log.info("starting engine for %s (%s)", name, model)
     engine = VllmEngine(
         model, dtype=settings.dtype, max_model_len=settings.max_model_len,
         kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=settings.gpu_memory_utilization,
         seed=settings.engine_seed, served_model_name=name, enable_lora=settings.enable_lora,
         max_lora_rank=settings.max_lora_rank, max_loras=settings.max_loras,
+        tilt_heads=tilt_heads,
     )
     executor = ThreadPoolExecutor(settings.scorer_threads, thread_name_prefix="scorer")
     scorers = ScorerRegistry(default_factories(settings.length_target), executor)
