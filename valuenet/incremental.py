@@ -11,7 +11,9 @@ request's own length), so every real token keeps its position and padding is nev
 Requests with new tokens other than exactly one (the first step: the prompt; a re-added
 request) are prefilled or extended one by one.
 
-Shapes: cache = one (keys, values) pair per layer, each [1, kv_heads, length, head_dim].
+Shapes: a request's cache is a transformers DynamicCache whose layers hold keys and values
+[1, kv_heads, length, head_dim]. A request decoded alone keeps its cache object (one append per
+layer per step); a batch is assembled from the layers' tensors and split back into new caches.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class IncrementalQ:
         one: list[int] = []
         for i, r in enumerate(reqs):
             new = r.unseen()
-            if r.cache is not None and len(new) == 1:
+            if r.cache is not None and len(new) == 1 and len(reqs) > 1:
                 one.append(i)
             elif not new:  # nothing new (an extra apply in the same step): recompute last
                 raise RuntimeError("CD-Q tilt: a request has no token the head has not seen")
@@ -61,11 +63,11 @@ class IncrementalQ:
         """Feed `new` after r's cache (or from scratch); hidden state at the last position [H]."""
         from transformers import DynamicCache
 
-        past = DynamicCache(ddp_cache_data=r.cache) if r.cache is not None else DynamicCache()
+        past = r.cache if r.cache is not None else DynamicCache()
         ids = torch.tensor([new], device=self.device)
         pos = torch.arange(r.seen, r.seen + len(new), device=self.device)[None]
         out = self.decoder(input_ids=ids, position_ids=pos, past_key_values=past, use_cache=True)
-        r.cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        r.cache = out.past_key_values  # the same object, appended to in place
         r.seen += len(new)
         return out.last_hidden_state[0, -1]
 
@@ -73,6 +75,7 @@ class IncrementalQ:
         """One new token for each request, in one batched forward; hidden states [b, H]."""
         from transformers import DynamicCache
 
+        caches = [[(layer.keys, layer.values) for layer in r.cache.layers] for r in reqs]
         lengths = [r.seen for r in reqs]
         width = max(lengths)
         b = len(reqs)
@@ -80,18 +83,18 @@ class IncrementalQ:
         pos = torch.tensor(lengths, device=self.device)[:, None]  # [b, 1]
         if len(set(lengths)) == 1:  # the common case (n choices of one prompt): no padding
             mask = None
-            layers = [tuple(torch.cat([r.cache[li][j] for r in reqs]) for j in (0, 1))
-                      for li in range(len(reqs[0].cache))]
+            layers = [tuple(torch.cat([c[li][j] for c in caches]) for j in (0, 1))
+                      for li in range(len(caches[0]))]
         else:
             mask = torch.zeros(b, width + 1, dtype=torch.long, device=self.device)
             layers = []
-            for li in range(len(reqs[0].cache)):
-                k0 = reqs[0].cache[li][0]
+            for li in range(len(caches[0])):
+                k0 = caches[0][li][0]
                 shape = (b, k0.shape[1], width, k0.shape[3])
                 k, v = k0.new_zeros(shape), k0.new_zeros(shape)
-                for i, r in enumerate(reqs):
-                    k[i, :, width - r.seen:] = r.cache[li][0][0]
-                    v[i, :, width - r.seen:] = r.cache[li][1][0]
+                for i, (r, c) in enumerate(zip(reqs, caches)):
+                    k[i, :, width - r.seen:] = c[li][0][0]
+                    v[i, :, width - r.seen:] = c[li][1][0]
                 layers.append((k, v))
             for i, r in enumerate(reqs):
                 mask[i, width - r.seen:] = 1
@@ -100,7 +103,8 @@ class IncrementalQ:
         new_layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         for i, r in enumerate(reqs):
             start = width - r.seen  # drop this request's left padding again
-            r.cache = [(k[i:i + 1, :, start:], v[i:i + 1, :, start:]) for k, v in new_layers]
+            r.cache = DynamicCache(ddp_cache_data=[(k[i:i + 1, :, start:], v[i:i + 1, :, start:])
+                                                   for k, v in new_layers])
             r.seen += 1
         return out.last_hidden_state[:, -1]
 

@@ -212,8 +212,8 @@ def test_incremental_q_equals_a_full_forward_for_mixed_batches(tiny_head):
     # two prompts of equal length (unpadded batch) and two of other lengths (left-padded)
     prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9, 10, 11], [12]]
     reqs = [_Req(TiltArgs("h", 1.0, KEY_A), p, [], 1.0) for p in prompts]
-    for step in range(4):
-        active = reqs if step != 2 else reqs[:2]  # a step without some requests
+    for step in range(5):
+        active = {2: reqs[:2], 3: reqs[:1]}.get(step, reqs)  # steps without some requests
         q = inc.step(active)
         seqs = [r.prompt + r.output for r in active]
         ids, mask = pad_batch(seqs)
