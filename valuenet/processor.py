@@ -85,7 +85,8 @@ class TiltArgs:
         if spec is None:
             return None
         if not isinstance(spec, dict):
-            raise ValueError(f"extra_args.{EXTRA} must be an object with head, lambda and key")
+            # ValueError, not TypeError: vLLM turns a ValueError from validate_params into a 400
+            raise ValueError(f"extra_args.{EXTRA} must be an object with head, lambda and key")  # noqa: TRY004
         head, lam, key = spec.get("head"), spec.get("lambda"), spec.get("key")
         if head not in heads:
             raise ValueError(f"extra_args.{EXTRA}.head {head!r} is not a CD-Q head loaded in the "

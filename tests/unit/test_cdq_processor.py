@@ -22,7 +22,13 @@ from decoding.protocols import DecodeContext, DecodeRequest, SampleDelta, Sampli
 from decoding.strategies import STRATEGIES
 from tests.unit.fakes import EOS, WORDS, FakeEngine, FakeQHead
 from valuenet.processor import (
-    ENV_HEADS, CdqTilt, TiltArgs, check_request, read_steps, stats_path, tilt_rows,
+    ENV_HEADS,
+    CdqTilt,
+    TiltArgs,
+    check_request,
+    read_steps,
+    stats_path,
+    tilt_rows,
 )
 
 V = 6
