@@ -18,6 +18,17 @@ from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
+class Tilt:
+    """Tokenwise CD-Q inside the engine (Mudgal et al. 2024, arXiv 2310.17022): sample from
+    p_T(z)·exp(λ·Q(x, yᵗ, z)) over the whole vocabulary, Q from the CD-Q value head named
+    `head` (a scorer name, `value:NAME`). An optional engine capability (see `TiltingEngine`):
+    the vLLM engine has it for the heads it loaded into its CD-Q logits processor."""
+
+    head: str
+    lam: float
+
+
+@dataclass(frozen=True)
 class Sampling:
     """Per-request sampling settings (OpenAI semantics)."""
 
@@ -59,7 +70,6 @@ class Sample:
     logprobs: list[float]
     finish_reason: str | None
     top_logprobs: list[dict[int, float]] | None = None
-
     @property
     def logprob(self) -> float:
         return math.fsum(self.logprobs)
@@ -79,6 +89,11 @@ class SampleDelta:
     logprobs: list[float]
     finish_reason: str | None
     top_logprobs: list[dict[int, float]] | None = None  # as Sample.top_logprobs, per new token
+    # Tilted samples (TiltingEngine) only, on the delta that finishes the sample: KL(πₜ ‖ p_T,ₜ)
+    # of every step's tilted distribution and each step's bound λ·(max Q − min Q). Their
+    # `logprobs` are log πₜ of the tokens (the distribution actually sampled from).
+    step_kl: list[float] | None = None
+    step_kl_bound: list[float] | None = None
 
 
 class EngineRejected(ValueError):
@@ -127,6 +142,18 @@ class Engine(Protocol):
         that consumes it before the end aborts the request at once (its KV blocks are freed),
         so a strategy can stop one sequence while its siblings keep decoding."""
         ...
+
+
+@runtime_checkable
+class TiltingEngine(Engine, Protocol):
+    """An engine that can also sample tokenwise CD-Q inside its sampler (`Tilt`): one engine
+    request per answer, streamed, aborted on cancellation like `stream`."""
+
+    tilt_heads: frozenset[str]  # the value heads (scorer names) it can tilt with
+
+    def tilted(
+        self, prompt_ids: Sequence[int], sampling: Sampling, tilt: Tilt
+    ) -> AsyncGenerator[SampleDelta, None]: ...
 
 
 @runtime_checkable

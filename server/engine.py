@@ -19,7 +19,14 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
-from decoding.protocols import EngineRejected, EngineUnavailable, Sample, SampleDelta, Sampling
+from decoding.protocols import (
+    EngineRejected,
+    EngineUnavailable,
+    Sample,
+    SampleDelta,
+    Sampling,
+    Tilt,
+)
 
 from .tracing import current_request_id
 
@@ -78,6 +85,7 @@ class VllmEngine:
         max_loras: int = 4,
         block_size: int | None = None,
         engine_args: dict | None = None,  # more AsyncEngineArgs (server/engine_args.py checks them)
+        tilt_heads: dict[str, str] | None = None,
     ) -> None:
         cuda = has_cuda()
         if not cuda:
@@ -87,6 +95,8 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         block_size = resolve_block_size(block_size, cuda)
+        # CD-Q heads (scorer name → folder) tilt inside the engine: server/cdq_plugin.py
+        tilt, self._tilt_dir = _tilt_engine_args(tilt_heads or {})
         if dtype == "auto" and not cuda:
             dtype = "float32"  # measured: ~6x faster than bfloat16 on CPUs without AVX-512
         args = AsyncEngineArgs(
@@ -99,6 +109,7 @@ class VllmEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
             **({"block_size": block_size} if block_size is not None else {}),
+            **tilt,
             **({"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras}
                if enable_lora else {}),
             **(engine_args or {}),
@@ -116,6 +127,7 @@ class VllmEngine:
         self._adapters: dict = {}  # name -> vllm LoRARequest
         self.aborted = 0  # engine requests we aborted before they finished (a metric)
         self.block_size = self._llm.vllm_config.cache_config.block_size  # as vLLM resolved it
+        self.tilt_heads = frozenset(tilt_heads or ())  # decoding.Tilt heads this engine accepts
 
     # -- decoding.Engine -------------------------------------------------------------------
 
@@ -161,6 +173,33 @@ class VllmEngine:
                 yield SampleDelta(index=0, token_ids=list(c.token_ids), text=c.text,
                                   logprobs=_logprobs(c), finish_reason=_finish(c))
 
+    async def tilted(
+        self, prompt_ids: Sequence[int], sampling: Sampling, tilt: Tilt
+    ) -> AsyncIterator[SampleDelta]:
+        """One sample of p_T·exp(λ·Q) (decoding.Tilt), streamed like `stream`: the CD-Q logits
+        processor (server/cdq_plugin.py) tilts it inside the engine; the finishing delta
+        carries the per-step KL records it wrote (valuenet/processor.py)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        from valuenet.processor import TiltArgs, drop_steps, read_steps
+
+        if tilt.head not in self.tilt_heads:
+            raise EngineRejected(f"value head {tilt.head!r} is not loaded in the engine",
+                                 "alignment.value")
+        key = uuid.uuid4().hex
+        params = self._params(1, sampling, RequestOutputKind.DELTA)
+        params.extra_args = TiltArgs(tilt.head, tilt.lam, key).extra_args()
+        try:
+            async for out in self._run(prompt_ids, params, sampling.adapter):
+                for c in out.outputs:
+                    kl = bound = None
+                    if _finish(c) is not None:
+                        kl, bound = read_steps(self._tilt_dir, key)
+                    yield SampleDelta(c.index, list(c.token_ids), c.text, _logprobs(c),
+                                      _finish(c), step_kl=kl, step_kl_bound=bound)
+        finally:
+            drop_steps(self._tilt_dir, key)
+
     def decode(self, ids: Sequence[int]) -> str:
         # vLLM's own output text skips special tokens too, so both agree on an answer's text.
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -201,6 +240,8 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+        if self._tilt_dir:
+            shutil.rmtree(self._tilt_dir, ignore_errors=True)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -276,6 +317,28 @@ class VllmEngine:
                 # Cancelled (client gone, sibling failed, timeout) or closed early: free the slots.
                 self.aborted += 1
                 await asyncio.shield(self._llm.abort(request_id))
+
+
+def _tilt_engine_args(heads: dict[str, str]) -> tuple[dict, str | None]:
+    """(engine arguments that load the CD-Q logits processor with `heads`, the folder of its
+    step records); ({}, None) without heads. The heads
+    and the step-record folder reach vLLM's worker process through the environment, which the
+    engine process inherits when vLLM spawns it (valuenet/processor.py says why not
+    additional_config)."""
+    if not heads:
+        return {}, None
+    import json
+    import tempfile
+
+    from valuenet.processor import ENV_HEADS, ENV_STATS
+
+    from .cdq_plugin import FQCN
+
+    os.environ[ENV_HEADS] = json.dumps(heads)
+    stats = os.environ[ENV_STATS] = tempfile.mkdtemp(prefix="alignserve-cdq-")
+    # The processor reads each request's live output ids; async scheduling (GPU) fills them
+    # with placeholders one step late, so it is switched off (CPU never uses it).
+    return {"logits_processors": [FQCN], "async_scheduling": False}, stats
 
 
 def _rejected(exc: Exception) -> EngineRejected:

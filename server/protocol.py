@@ -145,7 +145,11 @@ class Alignment(BaseModel):
                               "`value:NAME` head or any scorer (blockwise default: the reward).")
     block_tokens: int = Field(16, ge=1, le=1024, description="blockwise_cd: tokens per block.")
     # vLLM returns at most `max_logprobs` (20 by default) alternatives per position.
-    top_k: int = Field(10, ge=1, le=20, description="tokenwise_cd: next tokens considered.")
+    top_k: int | None = Field(None, ge=1, le=20, description="tokenwise_cd: unset, the whole "
+                              "vocabulary is tilted inside the engine (one engine request per "
+                              "answer); k, FUDGE-style rescoring of the policy's top k with one "
+                              "engine round trip per token (the default, 10, where the engine "
+                              "cannot tilt).")
     lambda_: float = Field(1.0, ge=0.0, le=1e4, allow_inf_nan=False, alias="lambda",
                            description="tokenwise_cd: λ in p(z)·exp(λ·V(x, yᵗ, z)).")
 

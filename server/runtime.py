@@ -12,7 +12,7 @@ from .batching import BatchingContext, ScoreBatcher
 from .engine_args import engine_kwargs
 from .model_prep import EMBEDDED_MODEL_NAME, prepare_embedded_model
 from .remote_scorer import connect_remote_scorers
-from .scorers import ScorerRegistry, default_factories, load_value_heads
+from .scorers import ScorerRegistry, default_factories, engine_heads, load_value_heads
 from .serving import Runtime
 from .settings import DEFAULT_MODEL, ConfigError, Settings
 
@@ -50,6 +50,12 @@ def build_runtime(settings: Settings) -> Runtime:
                                         settings.remote_scorer_retries)
     except ValueError as exc:
         raise ConfigError("remote_scorers", str(exc)) from None
+    # CD-Q heads also tilt inside the engine (tokenwise_cd); every head must share the
+    # policy's tokenizer, since heads read the policy's token ids (refused here, in one line).
+    try:
+        tilt_heads = engine_heads(value_heads, model)
+    except ValueError as exc:
+        raise ConfigError("value_heads", str(exc)) from None
     log.info("starting engine for %s (%s)", name, model)
     engine = VllmEngine(
         model, dtype=settings.dtype, max_model_len=settings.max_model_len,
@@ -57,6 +63,7 @@ def build_runtime(settings: Settings) -> Runtime:
         seed=settings.engine_seed, served_model_name=name, enable_lora=settings.enable_lora,
         max_lora_rank=settings.max_lora_rank, max_loras=settings.max_loras,
         block_size=settings.block_size, engine_args=extra,
+        tilt_heads=tilt_heads,
     )
     executor = ThreadPoolExecutor(settings.scorer_threads, thread_name_prefix="scorer")
     scorers = ScorerRegistry(default_factories(settings.length_target), executor)

@@ -217,6 +217,18 @@ def load_value_heads(paths: dict[str, Path]) -> list[Scorer]:
     return heads
 
 
+def engine_heads(heads: Sequence[Scorer], policy: str) -> dict[str, str]:
+    """Scorer name → folder of the CD-Q heads the engine should load to tilt with; raises
+    ValueError (one line) for any head whose tokenizer differs from the policy's."""
+    if not heads:
+        return {}
+    from valuenet.incremental import check_tokenizer
+
+    for head in heads:
+        check_tokenizer(head.name, head.config.backbone, policy)
+    return {h.name: str(h.folder) for h in heads if hasattr(h, "q_values")}
+
+
 def default_factories(length_target: int) -> dict[str, Callable[[], Scorer]]:
     return {
         "relevance": RelevanceScorer,

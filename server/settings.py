@@ -80,7 +80,9 @@ class Settings(BaseSettings):
         description="Trained value heads served as scorers `value:NAME`: comma-separated "
         "NAME=PATH pairs (checkpoint folders of `alignserve train-value`), e.g. "
         "'fudge=/ckpt/a,cdq=/ckpt/b'; flag: --value-head NAME=PATH, repeatable. Loaded at "
-        "start-up: a bad path stops the server.",
+        "start-up: a bad path stops the server. CD-Q heads are also loaded into the engine's "
+        "worker (tokenwise_cd tilts inside vLLM); a head whose tokenizer or vocabulary "
+        "differs from the policy's stops the server.",
     )
     remote_scorers: str | None = Field(
         None, max_length=100_000,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from live import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -56,10 +57,10 @@ def chat(srv, alignment: dict, max_tokens: int = 24, **extra) -> httpx.Response:
     return httpx.post(f"{srv.base_url}/v1/chat/completions", json=body, timeout=600)
 
 
-def stream(srv, alignment: dict, max_tokens: int = 24) -> tuple[list[str], dict]:
+def stream(srv, alignment: dict, max_tokens: int = 24, **extra) -> tuple[list[str], dict]:
     """The streamed content pieces and the final `alignment` block."""
     body = {"messages": PROMPT, "max_tokens": max_tokens, "temperature": 1.0, "stream": True,
-            "alignment": alignment}
+            "alignment": alignment, **extra}
     pieces, info = [], None
     with httpx.stream("POST", f"{srv.base_url}/v1/chat/completions", json=body,
                       timeout=600) as r:
@@ -77,7 +78,8 @@ def stream(srv, alignment: dict, max_tokens: int = 24) -> tuple[list[str], dict]
 
 
 BLOCKWISE = {"strategy": "blockwise_cd", "n": 3, "block_tokens": 8, "value": "value:fudge"}
-TOKENWISE = {"strategy": "tokenwise_cd", "top_k": 5, "lambda": 2.0, "value": "value:cdq"}
+TOKENWISE = {"strategy": "tokenwise_cd", "lambda": 2.0, "value": "value:cdq"}  # in the engine
+PER_TOKEN = {**TOKENWISE, "top_k": 5}  # FUDGE-style top-k: one engine round trip per token
 
 
 def test_blockwise_with_a_fudge_head(cd_server):
@@ -97,24 +99,62 @@ def test_blockwise_with_a_fudge_head(cd_server):
 
 
 def test_tokenwise_with_a_cdq_head(cd_server):
-    r = chat(cd_server, TOKENWISE)
+    r = chat(cd_server, PER_TOKEN)
     assert r.status_code == 200, r.text
     body = r.json()
     a = body["alignment"]
     assert body["usage"]["completion_tokens"] >= 1 and body["choices"][0]["message"]["content"]
-    assert a["kl_estimate"] >= 0 and math.isfinite(a["kl_estimate"])
+    assert a["kl_estimate"] >= 0 and math.isfinite(a["kl_estimate"]) and not a["in_engine"]
 
     # λ = 0 samples from the policy's top-k itself: no tilt, no KL
-    r = chat(cd_server, {**TOKENWISE, "lambda": 0.0})
+    r = chat(cd_server, {**PER_TOKEN, "lambda": 0.0})
     assert r.status_code == 200 and r.json()["alignment"]["kl_estimate"] == pytest.approx(0, abs=1e-9)
 
-    pieces, info = stream(cd_server, TOKENWISE, max_tokens=12)
-    assert len(pieces) >= 2 and info["kl_estimate"] >= 0  # streamed token by token
+
+def test_tokenwise_in_the_engine(cd_server):
+    """The CD-Q logits processor: one engine request per answer, KL from the processor."""
+    r = chat(cd_server, TOKENWISE, max_tokens=16)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    a = body["alignment"]
+    assert a["in_engine"] and a["top_k"] is None
+    assert a["steps"] == body["usage"]["completion_tokens"] >= 1
+    assert 0 <= a["kl_estimate"] <= a["kl_bound"] and math.isfinite(a["kl_bound"])
+
+    # streamed token by token, and the same answer as unstreamed with the same seed
+    pieces, info = stream(cd_server, TOKENWISE, max_tokens=12, seed=11)
+    assert len(pieces) >= 2 and info["in_engine"] and info["kl_estimate"] >= 0
+    r = chat(cd_server, TOKENWISE, max_tokens=12, seed=11)
+    assert "".join(pieces) == r.json()["choices"][0]["message"]["content"]
+
+    # λ = 0 is plain sampling: the same seed gives vLLM's own text for the same ids (so the
+    # answer's text, decoded from its ids, is what plain sampling prints), and no KL
+    for seed in (3, 4):
+        tilted = chat(cd_server, {**TOKENWISE, "lambda": 0.0}, max_tokens=20, seed=seed).json()
+        plain = httpx.post(f"{cd_server.base_url}/v1/chat/completions", timeout=600, json={
+            "messages": PROMPT, "max_tokens": 20, "temperature": 1.0, "seed": seed}).json()
+        assert tilted["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+        assert tilted["alignment"]["kl_estimate"] == 0.0
+
+
+def test_tokenwise_in_the_engine_aborts_on_disconnect(cd_server):
+    before = cd_server.metric("alignserve:engine_aborts_total")
+    body = {"messages": PROMPT, "max_tokens": 400, "temperature": 1.0, "stream": True,
+            "alignment": TOKENWISE}
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", f"{cd_server.base_url}/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                event = json.loads(line[6:]) if line.startswith("data: {") else {}
+                if any(c["delta"].get("content") for c in event.get("choices", [])):
+                    break  # the first token arrived: the engine request is running
+    unfinished = "alignserve:engine_requests_unfinished"
+    assert wait_until(lambda: cd_server.metric(unfinished) == 0, 10), "engine request still running"
+    assert wait_until(lambda: cd_server.metric("alignserve:engine_aborts_total") > before, 5)
 
 
 def test_heads_are_scorers(cd_server):
     # a FUDGE head has no per-token Q values
-    r = chat(cd_server, {**TOKENWISE, "value": "value:fudge"})
+    r = chat(cd_server, {**PER_TOKEN, "value": "value:fudge"})
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("alignment")
     r = chat(cd_server, {**TOKENWISE, "value": "value:missing"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_scorer"

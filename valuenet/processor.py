@@ -1,0 +1,296 @@
+"""Tokenwise CD-Q inside the engine: the logic of a vLLM logits processor (no vllm import here).
+
+Mudgal et al. (ICML 2024, arXiv 2310.17022): the KL-regularised optimal next-token policy is
+π*(z | x, yᵗ) ∝ p(z | x, yᵗ)·exp(λ·Q(x, yᵗ, z)). A vocabulary-sized CD-Q head (valuenet/model.py)
+gives Q(x, yᵗ, ·) for every z in one forward pass, so the tilt covers the WHOLE vocabulary (no
+top-k truncation) and costs one head step per generated token, batched across requests.
+
+Data flow (one engine step):
+    update_state(BatchUpdate)  requests that carry `extra_args["cdq"] = {"head", "lambda",
+                               "key"}` get a `_Req` at their batch index (removed → added →
+                               moved, exactly as vLLM orders them; see `CdqTilt.update_state`)
+    apply(logits [B, V])       for those rows: feed the head's backbone the tokens it has not
+                               seen (the prompt on the first step, then one token per step,
+                               batched, with a per-request KV cache), Q [b, V] in reward units,
+                               logits += T·λ·Q, and one step record (KL, bound) per request.
+
+Temperature. vLLM applies processors that may change the argmax (this one) to the raw logits l,
+*before* dividing by the request temperature T. The head's targets assume the processed policy
+p_T = softmax(l/T) (valuenet/train.py divides by the rollouts' temperature), so we add T·λ·Q:
+after vLLM's division the sampled distribution is softmax(l/T + λ·Q) = p_T(z)·exp(λ·Q)/Z — the
+tilt of p_T, not of p_1. top_p (and top_k) are applied by vLLM *after* the processors, i.e. to
+the tilted π: with top_p < 1 the engine samples from π's nucleus, which the KL below ignores.
+
+KL accounting. Each step t records KL(πₜ ‖ p_T,ₜ) = Σ_z πₜ(z)·λQ(z) − log Σ_z p_T,ₜ(z)·e^{λQ(z)},
+computed from the same logits row that is sampled from, and the bound λ·(max Q − min Q) over the
+tokens p_T allows (log π/p = λQ − log E_p e^{λQ} ≤ λ(max Q − min Q)). Summed along the decoded
+path it is one path's Σₜ KL(πₜ‖pₜ); by the chain rule its expectation over paths is the
+sequence-level KL(π‖p_T) (a Rao-Blackwellised single-path estimate), so it is an unbiased
+estimate, not a bound. It does not cover top-p truncation of π nor masks that vLLM applies
+before the processors (logit_bias, min_tokens: p_T is taken after them).
+
+Side channel. A logits processor runs in the engine's worker process and never learns the
+request id, so the strategy puts a random `key` into `extra_args` and the processor appends one
+fixed-size record (step, KL, bound) per step to `<stats dir>/<key>` (os.write on an O_APPEND
+file: visible to the API process as soon as it returns, and it returns before the step's token
+is even sampled, hence before the API can see that token). The engine reads the records when
+the request finishes and deletes the file. Records carry their step index, so an extra step
+(async scheduling, a stop string found by the detokenizer) or a preempted and re-added request
+does not shift them; the latest record of a step wins.
+
+Configuration reaches the worker through two environment variables that `server/engine.py` sets
+before vLLM spawns its engine process (they are inherited; vLLM's `additional_config` would work
+too but enters the compile-cache hash, so a new set of heads would recompile the policy graph).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+ENV_HEADS = "ALIGNSERVE_CDQ_HEADS"  # JSON {head name: checkpoint folder}
+ENV_STATS = "ALIGNSERVE_CDQ_STATS"  # folder of per-request step records
+EXTRA = "cdq"  # the SamplingParams.extra_args entry that asks for the tilt
+_RECORD = struct.Struct("<idd")  # step, KL(πₜ‖pₜ), bound of that step
+_KEY = re.compile(r"^[0-9a-f]{16,64}$")
+_MIN_T = 1e-5  # vLLM's greedy threshold: below it vLLM divides by 1, not by T
+
+
+# ------------------------------------------------------------------------ request arguments
+
+@dataclass(frozen=True)
+class TiltArgs:
+    """What one request asks for: head name, λ ≥ 0, and the key of its step records."""
+
+    head: str
+    lam: float
+    key: str
+
+    def extra_args(self) -> dict[str, Any]:
+        return {EXTRA: {"head": self.head, "lambda": self.lam, "key": self.key}}
+
+    @classmethod
+    def parse(cls, extra_args: dict | None, heads: Sequence[str]) -> TiltArgs | None:
+        """None when the request does not ask for a tilt; ValueError when it asks wrongly."""
+        spec = (extra_args or {}).get(EXTRA)
+        if spec is None:
+            return None
+        if not isinstance(spec, dict):
+            # ValueError, not TypeError: vLLM turns a ValueError from validate_params into a 400
+            raise ValueError(f"extra_args.{EXTRA} must be an object with head, lambda and key")  # noqa: TRY004
+        head, lam, key = spec.get("head"), spec.get("lambda"), spec.get("key")
+        if head not in heads:
+            raise ValueError(f"extra_args.{EXTRA}.head {head!r} is not a CD-Q head loaded in the "
+                             f"engine (loaded: {', '.join(sorted(heads)) or 'none'})")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (
+                math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"extra_args.{EXTRA}.lambda must be a finite number ≥ 0")
+        if not isinstance(key, str) or not _KEY.match(key):
+            raise ValueError(f"extra_args.{EXTRA}.key must be 16-64 lowercase hex digits")
+        return cls(head, float(lam), key)
+
+
+def check_request(extra_args: dict | None, n: int, temperature: float) -> None:
+    """The engine-edge check (vLLM's validate_params, in the API process): a ValueError here is
+    a 400, never a failure inside the worker's step."""
+    args = TiltArgs.parse(extra_args, list(configured_heads()))
+    if args is None:
+        return
+    if n != 1:
+        raise ValueError(f"extra_args.{EXTRA}: one tilted sample per request (n = 1), got n = {n}")
+    if temperature < _MIN_T:
+        raise ValueError(f"extra_args.{EXTRA}: the tilt samples from p_T·exp(λQ); greedy "
+                         "decoding (temperature 0) is not supported")
+
+
+def configured_heads() -> dict[str, str]:
+    """The heads named for this engine (ENV_HEADS), name → checkpoint folder."""
+    raw = os.environ.get(ENV_HEADS)
+    return dict(json.loads(raw)) if raw else {}
+
+
+# ------------------------------------------------------------------------ step records
+
+def stats_path(folder: str | Path, key: str) -> Path:
+    if not _KEY.match(key):
+        raise ValueError(f"bad record key {key!r}")
+    return Path(folder) / key
+
+
+def read_steps(folder: str | Path, key: str) -> tuple[list[float], list[float]]:
+    """(KL per step, bound per step) for steps 0, 1, ... as far as they are contiguous."""
+    try:
+        data = stats_path(folder, key).read_bytes()
+    except FileNotFoundError:
+        return [], []
+    by_step: dict[int, tuple[float, float]] = {}
+    usable = len(data) - len(data) % _RECORD.size
+    for step, kl, bound in _RECORD.iter_unpack(data[:usable]):
+        by_step[step] = (kl, bound)  # a re-computed step (re-added request): the latest wins
+    kls, bounds = [], []
+    while len(kls) in by_step:
+        kl, bound = by_step[len(kls)]
+        kls.append(kl)
+        bounds.append(bound)
+    return kls, bounds
+
+
+def drop_steps(folder: str | Path, key: str) -> None:
+    try:
+        stats_path(folder, key).unlink()
+    except FileNotFoundError:
+        pass
+
+
+# ------------------------------------------------------------------------ the tilt itself
+
+def tilt_rows(logits: torch.Tensor, q: torch.Tensor, lam: torch.Tensor, temp: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tilt raw logits rows in place and return (KL(π‖p_T), bound) per row.
+
+    logits [b, V] (raw, before temperature; −inf = masked), q [b, V] in reward units,
+    lam [b], temp [b]. Afterwards softmax(logits / T) = softmax(l/T + λQ) (module docstring).
+    """
+    temp = torch.where(temp < _MIN_T, torch.ones_like(temp), temp)  # as vLLM divides
+    a = logits / temp[:, None]  # log p_T up to a constant
+    lq = lam[:, None] * q
+    b = a + lq
+    lse_a, lse_b = a.logsumexp(-1), b.logsumexp(-1)
+    pi = (b - lse_b[:, None]).exp()  # 0 where the logit is −inf
+    kl = ((pi * lq).sum(-1) - (lse_b - lse_a)).clamp_min(0.0)
+    allowed = torch.isfinite(logits)
+    spread = (q.masked_fill(~allowed, -math.inf).amax(-1)
+              - q.masked_fill(~allowed, math.inf).amin(-1))
+    bound = (lam * spread).clamp_min(0.0)
+    logits.add_((temp * lam)[:, None] * q)
+    return kl, bound
+
+
+# ------------------------------------------------------------------------ per-request state
+
+@dataclass
+class _Req:
+    """A tilted request at one batch index. `output` is vLLM's live list of its output ids."""
+
+    args: TiltArgs
+    prompt: list[int]
+    output: list[int]
+    temperature: float
+    seen: int = 0  # tokens of prompt + output the head's KV cache holds
+    cache: Any = None  # the head's per-request KV cache (owned by the head)
+    fd: int | None = None  # the step-record file, opened on the first record
+
+    def unseen(self) -> list[int]:
+        """The tokens the head has not consumed yet (prompt first, then outputs)."""
+        p = len(self.prompt)
+        if self.seen >= p:
+            return list(self.output[self.seen - p:])
+        return self.prompt[self.seen:] + list(self.output)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.cache = None
+
+
+class StepHead(Protocol):
+    """A CD-Q head that advances requests' caches: Q(x, yᵗ, ·) [b, V] in reward units for the
+    requests given, after consuming each one's unseen tokens (valuenet.incremental)."""
+
+    vocab_size: int
+
+    def step(self, reqs: Sequence[_Req]) -> torch.Tensor: ...
+
+
+@dataclass
+class CdqTilt:
+    """The logits processor's state machine and apply; `server/cdq_plugin.py` binds it to
+    vLLM's LogitsProcessor base class. `heads` name → StepHead; `stats_dir` receives records."""
+
+    heads: dict[str, StepHead]
+    stats_dir: str | None = None
+    reqs: dict[int, _Req] = field(default_factory=dict)  # batch index → tilted request
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # the tilt changes the argmax; this also places it before temperature
+
+    def update_state(self, batch_update) -> None:
+        """Follow vLLM's order: removed, then added (which may replace an index), then moved
+        (UNIDIRECTIONAL a → b empties a; SWAP exchanges a and b)."""
+        if not batch_update:
+            return  # no change of membership; the live output lists grew by themselves
+        for index in batch_update.removed:
+            self._drop(index)
+        for index, params, prompt_ids, output_ids in batch_update.added:
+            self._drop(index)
+            args = TiltArgs.parse(getattr(params, "extra_args", None), list(self.heads))
+            if args is None:
+                continue
+            if prompt_ids is None:
+                raise ValueError("the CD-Q tilt needs the prompt's token ids (no embeddings)")
+            self.reqs[index] = _Req(args, list(prompt_ids), output_ids,
+                                    float(params.temperature))
+        for a, b, direction in batch_update.moved:
+            ra, rb = self.reqs.pop(a, None), self.reqs.pop(b, None)
+            if ra is not None:
+                self.reqs[b] = ra
+            if rb is not None:
+                if _is_swap(direction):
+                    self.reqs[a] = rb
+                else:  # a one-way move overwrites b: whatever sat there has left
+                    rb.close()
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        rows = sorted(i for i in self.reqs if i < logits.shape[0])
+        by_head: dict[str, list[int]] = {}
+        for i in rows:
+            by_head.setdefault(self.reqs[i].args.head, []).append(i)
+        for name, idx in by_head.items():
+            reqs = [self.reqs[i] for i in idx]
+            steps = [len(r.output) for r in reqs]  # the token about to be sampled
+            with torch.inference_mode():
+                q = self.heads[name].step(reqs).to(logits.device, torch.float32)
+                sel = torch.tensor(idx, device=logits.device)
+                rows_ = logits[sel].float()
+                lam = torch.tensor([r.args.lam for r in reqs], device=logits.device)
+                temp = torch.tensor([r.temperature for r in reqs], device=logits.device)
+                kl, bound = tilt_rows(rows_, q, lam, temp)
+                logits[sel] = rows_.to(logits.dtype)
+            self._record(reqs, steps, kl.tolist(), bound.tolist())
+        return logits
+
+    def close(self) -> None:
+        for index in list(self.reqs):
+            self._drop(index)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _drop(self, index: int) -> None:
+        r = self.reqs.pop(index, None)
+        if r is not None:
+            r.close()
+
+    def _record(self, reqs: Sequence[_Req], steps: Sequence[int], kls: Sequence[float],
+                bounds: Sequence[float]) -> None:
+        if self.stats_dir is None:
+            return
+        for r, step, kl, bound in zip(reqs, steps, kls, bounds):
+            if r.fd is None:
+                r.fd = os.open(stats_path(self.stats_dir, r.args.key),
+                               os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.write(r.fd, _RECORD.pack(step, kl, bound))
+
+
+def _is_swap(direction) -> bool:
+    """vLLM's MoveDirectionality.SWAP, by name (this module does not import vllm)."""
+    return getattr(direction, "name", direction) == "SWAP"
