@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from . import tracing
 from .auth import AuthGate, KeyRing, warn_if_open
 from .disconnect import ClientDisconnected, Cutoff, iterate_or_cancel, run_or_cancel
 from .errors import (
@@ -38,7 +39,6 @@ from .serving import CompletionService, Kind, Runtime
 from .settings import Settings
 from .tokenizer_routes import install_tokenizer_routes
 from .tracing import RequestIds
-from . import tracing
 
 # Declared in the OpenAPI schema (the fuzz tests hold the app to it).
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503, 504)}

@@ -23,11 +23,12 @@ from decoding.protocols import (
 )
 from decoding.strategies import STRATEGIES, Strategy
 
+from . import tracing
 from .constraint import load_dual
 from .constraint import resolve as resolve_objective
 from .errors import APIError
-from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .fields import check_fields, default_max_tokens, sampling_fields, wants_logprobs
+from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .metrics import Metrics
 from .protocol import (
     Alignment, AlignmentInfo, Candidate, ChatChoice, ChatCompletionRequest,
@@ -36,10 +37,9 @@ from .protocol import (
 )
 from .scorers import ScorerRegistry, UnknownScorer
 from .settings import Settings
-from . import tracing
-from .tracing import current_request_id
 from .streaming import StreamingMixin
 from .streaming import finish_reason as _finish
+from .tracing import current_request_id
 
 Kind = Literal["chat", "text"]
 

@@ -15,9 +15,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from decoding.protocols import DecodeResult, Sample
-
 from pydantic import BaseModel
+
+from decoding.protocols import DecodeResult, Sample
 
 from . import tracing
 from .errors import APIError, error_json, to_api_error

@@ -25,7 +25,7 @@ def _candidates(choice) -> list[dict]:
 
 
 def test_logit_bias_bans_a_token_from_every_candidate(client, model_name):
-    kw = dict(model=model_name, messages=SEA, max_tokens=12, temperature=1.0, seed=7)
+    kw = {"model": model_name, "messages": SEA, "max_tokens": 12, "temperature": 1.0, "seed": 7}
     first = client.chat.completions.create(**kw, extra_body=_bon())
     seen = Counter(t for c in _candidates(first.choices[0]) for t in c["token_ids"])
     banned, count = seen.most_common(1)[0]
@@ -92,7 +92,7 @@ def test_min_tokens_holds_for_every_candidate(client, model_name):
 
 
 def test_stop_token_ids_end_every_candidate(client, model_name):
-    kw = dict(model=model_name, messages=SEA, max_tokens=16, temperature=1.0, seed=8)
+    kw = {"model": model_name, "messages": SEA, "max_tokens": 16, "temperature": 1.0, "seed": 8}
     first = client.chat.completions.create(**kw, extra_body=_bon(3))
     seen = Counter(t for c in _candidates(first.choices[0]) for t in c["token_ids"][1:])
     stop = seen.most_common(1)[0][0]
