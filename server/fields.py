@@ -131,8 +131,7 @@ def resolve_defaults(req, model_defaults: Mapping[str, Any]) -> dict[str, Any]:
         if value is None:
             value = model_defaults.get(name, neutral)
         out[name] = type(neutral)(value)
-    if out["top_k"] < 0:
-        out["top_k"] = 0  # vLLM reads -1 and 0 alike: no cut
+    out["top_k"] = max(out["top_k"], 0)  # vLLM reads -1 and 0 alike: no cut
     return out
 
 

@@ -9,6 +9,7 @@ from collections import Counter
 
 import httpx
 import pytest
+from live import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +25,7 @@ def _candidates(choice) -> list[dict]:
 
 
 def test_logit_bias_bans_a_token_from_every_candidate(client, model_name):
-    kw = dict(model=model_name, messages=SEA, max_tokens=12, temperature=1.0, seed=7)
+    kw = {"model": model_name, "messages": SEA, "max_tokens": 12, "temperature": 1.0, "seed": 7}
     first = client.chat.completions.create(**kw, extra_body=_bon())
     seen = Counter(t for c in _candidates(first.choices[0]) for t in c["token_ids"])
     banned, count = seen.most_common(1)[0]
@@ -91,7 +92,7 @@ def test_min_tokens_holds_for_every_candidate(client, model_name):
 
 
 def test_stop_token_ids_end_every_candidate(client, model_name):
-    kw = dict(model=model_name, messages=SEA, max_tokens=16, temperature=1.0, seed=8)
+    kw = {"model": model_name, "messages": SEA, "max_tokens": 16, "temperature": 1.0, "seed": 8}
     first = client.chat.completions.create(**kw, extra_body=_bon(3))
     seen = Counter(t for c in _candidates(first.choices[0]) for t in c["token_ids"][1:])
     stop = seen.most_common(1)[0][0]
@@ -143,11 +144,16 @@ def test_request_id_round_trip_and_in_the_log(server, model_name):
     bad = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=30,
                      headers={"X-Request-Id": "live-rid-8"}, json={"messages": []})
     assert bad.status_code == 400 and bad.headers["x-request-id"] == "live-rid-8"
-    log = server.log.read_text()
-    access = [line for line in log.splitlines() if "alignserve.access" in line]
+
+    def access() -> list[str]:
+        return [line for line in server.log.read_text().splitlines()
+                if "alignserve.access" in line]
+
+    # the access line is written once the last byte went out: it may trail the response
+    assert wait_until(lambda: any("[live-rid-8]" in line and " 400 " in line
+                                  for line in access()), timeout=10), access()[-5:]
     assert any("[live-rid-7]" in line and " 200 " in line and "strategy=none" in line
-               and "completion_tokens=" in line for line in access), access[-5:]
-    assert any("[live-rid-8]" in line and " 400 " in line for line in access)
+               and "completion_tokens=" in line for line in access()), access()[-5:]
 
 
 def test_tokenize_detokenize_version(server, model_name):

@@ -198,8 +198,8 @@ async def test_chat_logprobs_of_the_chosen_answer(client):
         "alignment": {**BON, "return_candidates": True}})
     choice = r.json()["choices"][0]
     content = choice["logprobs"]["content"]
-    chosen = [c for c in choice["alignment"]["candidates"]
-              if c["text"] == choice["message"]["content"]][0]
+    chosen = next(c for c in choice["alignment"]["candidates"]
+              if c["text"] == choice["message"]["content"])
     assert len(content) == chosen["tokens"]
     assert math.isclose(sum(t["logprob"] for t in content), chosen["logprob"])
     assert "".join(t["token"] for t in content) == choice["message"]["content"]
