@@ -241,9 +241,10 @@ def _prepare(ns: argparse.Namespace):
     if ns.method in LOOP_METHODS:
         (train_ex, train_stats), (eval_ex, eval_stats) = [
             _loop_examples(ns, p) if p else ([], {}) for p in splits]
-        if not train_ex or (ns.method == "kldo" and not (
-                train_stats["positive"] and train_stats["negative"])):
-            raise ValueError(f"{ns.method} needs {'aligned and unaligned completions' if ns.method == 'kldo' else 'training examples'}, got {train_stats}")
+        if ns.method == "kldo" and not (train_stats.get("positive") and train_stats.get("negative")):
+            raise ValueError(f"kldo needs aligned and unaligned completions, got {train_stats}")
+        if not train_ex:
+            raise ValueError(f"{ns.method}: no training examples ({train_stats})")
         beta = resolve_beta(ns, None)
         model = resolve_model(ns.base_model, ns.model_home)
     elif ns.method == "safedpo":  # pure and cheap: before the model is looked up
