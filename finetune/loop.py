@@ -23,7 +23,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -98,7 +98,6 @@ class Objective:
     sample: Callable[[random.Random, int], list[int]]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     stats: Callable[[torch.Tensor, torch.Tensor], dict]
-    extra: dict = field(default_factory=dict)
 
 
 def _load(cfg: TrainConfig):

@@ -76,8 +76,7 @@ def kldo_objective(completions: list[Completion], beta: float, ema_rate: float) 
     if not pos or not neg:
         raise ValueError(f"KLDO needs aligned and unaligned completions, got {len(pos)} "
                          f"aligned and {len(neg)} unaligned")
-    return Objective("kldo", [(c.prompt, c.text) for c in completions], sample, loss, stats,
-                     {"ema_rate": ema_rate})
+    return Objective("kldo", [(c.prompt, c.text) for c in completions], sample, loss, stats)
 
 
 def pro_unpaired_objective(completions: list[Completion], beta: float, alpha: float,

@@ -79,3 +79,43 @@ def test_eval_separation_only_writes_numbers_and_a_png(tmp_path, capsys):
     assert "Bhattacharyya distance" in (out / "separation.md").read_text()
     rc = main(["eval", "--prompts", str(prompts), "--out", str(out), "--separation-only"])
     assert rc == 2 and "--separation-only needs --separation" in capsys.readouterr().err
+
+
+class _ConstantRunner:
+    """Every answer the same: the evaluation's own numbers do not matter here."""
+
+    model_name = "constant"
+
+    async def answer(self, item, setting, seed=None):
+        from evaluation.runners import Answer
+
+        return Answer("ok", 0.5, 0.1, 0.0, None, 4, 0.01)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_eval_with_separation_adds_a_section_and_a_png(tmp_path):
+    import argparse
+
+    pytest.importorskip("transformers")
+    from test_finetune_methods import _tiny_model
+
+    from evaluation.cli import add_arguments, evaluate
+
+    model = _tiny_model(tmp_path / "tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"{k}{i}", "prompt": f"how do i {k} {i}",
+                                           "kind": k}) + "\n"
+                               for k in ("helpful", "adversarial") for i in range(3)))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    ns = parser.parse_args(["--prompts", str(prompts), "--out", str(tmp_path / "out"),
+                            "--strategies", "none", "--separation", str(model)])
+    await evaluate(ns, runner=_ConstantRunner())
+    out = tmp_path / "out"
+    doc = json.loads((out / "results.json").read_text())
+    (result,) = doc["separation"]
+    assert result["policy"] == str(model) and result["harmful_prompts"] == 3
+    assert "## Separation of safe and harmful prompts" in (out / "report.md").read_text()
+    assert (out / "separation.png").stat().st_size > 0
