@@ -59,10 +59,11 @@ def main() -> None:
     adversarial.write_text("".join(json.dumps(r) + "\n" for r in rows
                                    if r.get("kind") == "adversarial"))
     names = [m for m in args.methods.split(",") if m]
+    # every training first: no engine holds memory meanwhile, and a failed rollout keeps them
+    ckpts = {name: train(name, args.work / name, args.steps) for name in names}
     results = {"base": sample("embedded", adversarial, args.work / "rollouts-base", args)}
     training = {}
-    for name in names:
-        ckpt = train(name, args.work / name, args.steps)
+    for name, ckpt in ckpts.items():
         results[name] = sample(str(ckpt), adversarial, args.work / f"rollouts-{name}", args)
         training[name] = json.loads((ckpt / "report.json").read_text())
     lines = ["# KLDO- and PRO-tuned vs base: harmless ratio on the adversarial dev prompts\n",
