@@ -20,7 +20,8 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 ALIGNSERVE = str(Path(sys.executable).parent / "alignserve")
-ARGS = ["--limit", "12", "--held-out", "0.25", "--steps", "3", "--max-length", "64", "--seed", "0"]
+# small on purpose (the suite's time budget): 10 pairs, 3 steps of 2 pairs / 4 answers
+ARGS = ["--limit", "10", "--held-out", "0.2", "--steps", "3", "--max-length", "64", "--seed", "0"]
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:
@@ -40,12 +41,12 @@ def _finetune(tmp_path_factory, method: str, *flags: str) -> Path:
 
 @pytest.fixture(scope="module")
 def kldo_checkpoint(tmp_path_factory) -> Path:
-    return _finetune(tmp_path_factory, "kldo")
+    return _finetune(tmp_path_factory, "kldo", "--batch-size", "4")
 
 
 @pytest.fixture(scope="module")
 def pro_checkpoint(tmp_path_factory) -> Path:
-    return _finetune(tmp_path_factory, "pro", "--feedback", "binary")
+    return _finetune(tmp_path_factory, "pro", "--feedback", "binary", "--batch-size", "4")
 
 
 def _assert_merged_and_changed(folder: Path) -> None:
@@ -80,13 +81,18 @@ def test_pro_checkpoint_and_report(pro_checkpoint):
 
 
 def test_eval_separation_of_base_and_kldo(kldo_checkpoint, tmp_path):
+    rows = [json.loads(line) for line in (ROOT / "bench" / "prompts-dev.jsonl").read_text()
+            .splitlines() if line.strip()]
+    prompts = tmp_path / "prompts.jsonl"  # 6 + 6 of the dev prompts
+    prompts.write_text("".join(json.dumps(r) + "\n" for kind in ("helpful", "adversarial")
+                               for r in [r for r in rows if r["kind"] == kind][:6]))
     out = tmp_path / "eval"
-    proc = _run("eval", "--prompts", str(ROOT / "bench" / "prompts-dev.jsonl"), "--out", str(out),
+    proc = _run("eval", "--prompts", str(prompts), "--out", str(out),
                 "--separation-only", "--separation", f"embedded,{kldo_checkpoint}")
     assert "Bhattacharyya distance" in proc.stdout
     doc = json.loads((out / "separation.json").read_text())
     base, tuned = doc["separation"]
-    assert (base["policy"], base["safe_prompts"], base["harmful_prompts"]) == ("embedded", 20, 20)
+    assert (base["policy"], base["safe_prompts"], base["harmful_prompts"]) == ("embedded", 6, 6)
     for r in (base, tuned):
         assert math.isfinite(r["bhattacharyya_distance"]) and r["bhattacharyya_distance"] >= 0
         assert -1 <= r["silhouette"] <= 1
