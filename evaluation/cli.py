@@ -63,6 +63,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--max-model-len", type=int, default=1024, help="Engine context length.")
     eng.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU KV cache, GiB.")
     eng.add_argument("--engine-seed", type=int, default=None, help="Engine sampling seed.")
+    sep = p.add_argument_group("separation of safe and harmful prompts (KLDO, arXiv 2502.00657)")
+    sep.add_argument("--separation", default=None, metavar="POLICIES",
+                     help="Comma list of policies ('embedded', checkpoint folders), e.g. the "
+                          "base and its aligned checkpoint: measure each one's separation of "
+                          "safe vs harmful prompts (evaluation/separation.py) into the report "
+                          "and separation.png.")
+    sep.add_argument("--separation-only", action="store_true",
+                     help="Only the separation metric: no engine, no answers.")
+    sep.add_argument("--harmful-kind", default="adversarial",
+                     help="Prompt kind of the harmful set; every other kind is the safe set.")
 
 
 INTERVALS = ("95%, clustered by prompt: Wilson with the cluster-effective n for the harmless "
@@ -113,6 +123,48 @@ async def _start_runner(ns: argparse.Namespace, cfg):
     return await start_in_process(Settings(**given), cfg)
 
 
+def _separation_policies(ns: argparse.Namespace) -> list[tuple[str, object]]:
+    """(label, model) per --separation entry, resolved before anything slow runs."""
+    from finetune.cli import resolve_model
+
+    names = parse_list(ns.separation or "")
+    if ns.separation_only and not names:
+        raise ValueError("--separation-only needs --separation POLICIES")
+    if len(set(names)) != len(names):
+        raise ValueError("--separation: each policy once")
+    return [(name, resolve_model(name, None)) for name in names]
+
+
+def _separation(ns: argparse.Namespace, policies, prompts) -> list[dict]:
+    from .separation import measure
+
+    if not policies:
+        return []
+    harmful = [p.prompt for p in prompts if p.kind == ns.harmful_kind]
+    safe = [p.prompt for p in prompts if p.kind != ns.harmful_kind]
+    if len(harmful) < 3 or len(safe) < 3:
+        raise ValueError(f"--separation needs ≥ 3 prompts of kind {ns.harmful_kind!r} and ≥ 3 "
+                         f"of other kinds, got {len(harmful)} and {len(safe)}")
+    return measure(policies, safe, harmful)
+
+
+def separation_only(ns: argparse.Namespace) -> list[dict]:
+    """`--separation-only`: separation.json, separation.md and separation.png in --out."""
+    import json
+
+    from .separation import PLOT, markdown, plot
+
+    policies = _separation_policies(ns)
+    results = _separation(ns, policies, load_prompts(ns.prompts, ns.limit))
+    ns.out.mkdir(parents=True, exist_ok=True)
+    (ns.out / "separation.json").write_text(json.dumps(
+        {"prompts": str(ns.prompts), "harmful_kind": ns.harmful_kind, "separation": results},
+        indent=2) + "\n")
+    (ns.out / "separation.md").write_text("\n".join(markdown(results)))
+    plot(ns.out / PLOT, results)
+    return results
+
+
 async def evaluate(ns: argparse.Namespace, runner=None) -> dict:
     """Run the evaluation described by `ns` and write its report; returns the config written.
     `runner` replaces the one the flags describe (tests pass fakes)."""
@@ -122,6 +174,7 @@ async def evaluate(ns: argparse.Namespace, runner=None) -> dict:
     from .report import write_report
 
     plan, prompts, cfg, options = _validate(ns)
+    policies = _separation_policies(ns)
     t_start = time.perf_counter()
     runner = runner or await _start_runner(ns, cfg)
     try:
@@ -148,7 +201,8 @@ async def evaluate(ns: argparse.Namespace, runner=None) -> dict:
         "concurrency": ns.concurrency, "total_wall_s": wall,
         "startup_s": t0 - t_start,
     }
-    write_report(ns.out, config, summaries(runs))
+    separation = _separation(ns, policies, prompts)  # after the engine is closed: its memory
+    write_report(ns.out, config, summaries(runs), separation)
     return config
 
 
@@ -157,6 +211,12 @@ def run(ns: argparse.Namespace) -> int:
     from .runners import EvalError
 
     try:
+        if ns.separation_only:
+            for r in separation_only(ns):
+                print(f"{r['policy']}: Bhattacharyya distance {r['bhattacharyya_distance']:.3f}, "
+                      f"silhouette {r['silhouette']:.3f}")
+            print(f"wrote {ns.out}/separation.json, separation.md and separation.png")
+            return 0
         config = asyncio.run(evaluate(ns))
     except (ValueError, FileNotFoundError) as exc:  # bad flags, prompts or scorer names
         print(f"alignserve eval: {exc}", file=sys.stderr)

@@ -6,6 +6,8 @@
   dashed second line at their mean estimate.
 - harmless_ratio.png: harmless ratio per setting, one bar per prompt kind and one for all.
 - reward_vs_tokens.png: mean reward against generated tokens per answer (compute), log x.
+- separation.png (with `--separation`): safe vs harmful prompts in each policy's last hidden
+  layer, with KLDO's Bhattacharyya-distance metric (evaluation/separation.py).
 
 Every table cell of a ratio or mean shows its 95% interval (`<name>_ci`, clustered by prompt,
 evaluation/intervals.py) after the value, and the plots draw the same intervals as error bars
@@ -21,12 +23,21 @@ from pathlib import Path
 PLOTS = ("reward_vs_kl.png", "harmless_ratio.png", "reward_vs_tokens.png")
 
 
-def write_report(out: Path, config: dict, entries: list[dict]) -> None:
+def write_report(out: Path, config: dict, entries: list[dict],
+                 separation: list[dict] | None = None) -> None:
+    """`separation`: evaluation/separation.py's results (`--separation`), a section of the
+    report and separation.png."""
+    from . import separation as sep
+
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"config": config, "strategies": entries}
+    doc = {"config": config, "strategies": entries, **({"separation": separation}
+                                                        if separation else {})}
     (out / "results.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    (out / "report.md").write_text(markdown(config, entries))
+    (out / "report.md").write_text(markdown(config, entries) + "\n".join(
+        sep.markdown(separation or [])))
     plot_all(out, entries)
+    if separation:
+        sep.plot(out / sep.PLOT, separation)
 
 
 # ------------------------------------------------------------------------------- markdown

@@ -1,14 +1,20 @@
-"""`alignserve finetune safedpo | mocan`: preference pairs → (transform | relabel) → DPO → checkpoint.
+"""`alignserve finetune safedpo | mocan | kldo | pro`: preference pairs → (transform | relabel |
+other feedback) → loss → checkpoint.
 
     alignserve finetune safedpo --data pairs.jsonl --out ckpt [--beta 0.1 --delta 10]
     alignserve finetune mocan   --data pairs.jsonl --out ckpt (--lambda X | --dual dual.json |
                                 --rollouts DIR --dual-beta B --threshold b) [--reward relevance
                                 --cost profanity]
+    alignserve finetune kldo    --data pairs.jsonl --out ckpt [--beta 0.1 --ema-rate 0.1]
+    alignserve finetune pro     --data pairs.jsonl --out ckpt --feedback pairwise|binary|scalar
+                                [--beta 0.1 --alpha 2]
 
-Both write a servable folder (merged safetensors + tokenizer, or `--save-adapter` for a LoRA
+All write a servable folder (merged safetensors + tokenizer, or `--save-adapter` for a LoRA
 adapter) and report.json / report.md / loss_curve.png next to it. `add_arguments` fills the
 subparser of server/cli.py; the module imports only the standard library and the pure data
-modules, torch / TRL / PEFT load inside `run`. Exit status: 0 done, 2 bad flags or data (a
+modules, torch / TRL / PEFT load inside `run`. SafeDPO and MoCAN train on TRL's DPOTrainer
+(finetune/trainer.py), KLDO and PRO in an explicit loop (finetune/loop.py, finetune/methods.py)
+on feedback built from the pairs (finetune/feedback.py). Exit status: 0 done, 2 bad flags or data (a
 message, no traceback), 1 the training or an infeasible dual failed.
 """
 
@@ -51,7 +57,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="Optimiser steps.")
     p.add_argument("--lr", type=float, default=None,
                    help="Learning rate (default 1e-4 with LoRA, 1e-5 full).")
-    p.add_argument("--batch-size", type=int, default=4, help="Pairs per step.")
+    p.add_argument("--batch-size", type=int, default=None, help="Pairs per step (default 4; "
+                   "kldo and pro --feedback binary|scalar: completions per step, default 8).")
     p.add_argument("--max-length", type=int, default=160,
                    help="Tokens per prompt+response sequence (longer ones are truncated).")
     p.add_argument("--held-out", type=float, default=0.2,
@@ -60,7 +67,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="method", required=True, metavar="{safedpo,mocan}")
+    sub = parser.add_subparsers(dest="method", required=True,
+                                metavar="{safedpo,mocan,kldo,pro}")
     safe = sub.add_parser("safedpo", help="SafeDPO (arXiv 2505.20065): safety-aware transform "
                           "of the pairs, DPO loss with a safety offset Δ.")
     _add_common(safe)
@@ -88,12 +96,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "otherwise: the policy would not be CAN's π_λ*); the report warns.")
     mocan.add_argument("--length-target", dest="scorer_length_target", type=int, default=64,
                        help="Target of the `length` scorer.")
+    kldo = sub.add_parser("kldo", help="KLDO (arXiv 2502.00657): KL-divergence estimator loss "
+                          "on aligned / unaligned (compliance / refusal) completions.")
+    _add_common(kldo)
+    kldo.add_argument("--ema-rate", type=float, default=0.1,
+                      help="Moving-average rate of the log-mean-exp gradient in [0, 1] "
+                           "(0: plain batch estimate).")
+    pro = sub.add_parser("pro", help="PRO (arXiv 2505.23316): DPO decomposed, with the full "
+                         "regulariser; pairwise, binary or scalar feedback.")
+    _add_common(pro)
+    pro.add_argument("--feedback", required=True, choices=("pairwise", "binary", "scalar"),
+                     help="pairwise: SafeDPO's pairs; binary: ±½ per answer from the safety "
+                          "labels; scalar: s(y) = win rate − ½ (finetune/feedback.py).")
+    pro.add_argument("--alpha", type=float, default=2.0,
+                     help="Weight α of the regulariser (> 0; > 1 for binary and scalar).")
 
 
 def check_flags(ns: argparse.Namespace) -> None:
     """Every flag problem that needs no data or model, as a ValueError."""
     if ns.beta is not None and not ns.beta > 0:
         raise ValueError("--beta must be > 0")
+    if ns.batch_size is None:  # pairs (4) or completions (8): about the same tokens per step
+        ns.batch_size = 8 if ns.method == "kldo" or getattr(ns, "feedback", "") in (
+            "binary", "scalar") else 4
     if ns.steps < 1 or ns.batch_size < 1:
         raise ValueError("--steps and --batch-size must be ≥ 1")
     if ns.lr is not None and not ns.lr > 0:
@@ -121,6 +146,14 @@ def check_flags(ns: argparse.Namespace) -> None:
             raise ValueError("--dual-beta and --threshold only apply with --rollouts")
         if not ns.temperature > 0:
             raise ValueError("--temperature must be > 0")
+    if ns.method == "kldo" and not 0 <= ns.ema_rate <= 1:
+        raise ValueError("--ema-rate must lie in [0, 1]")
+    if ns.method == "pro":
+        if not ns.alpha > 0:
+            raise ValueError("--alpha must be > 0")
+        if ns.feedback != "pairwise" and not ns.alpha > 1:
+            raise ValueError(f"--alpha must be > 1 with --feedback {ns.feedback}: the loss's "
+                             "minimiser σ(r) = ½ + s/α is finite only for α > 2·|s| = 1")
 
 
 def resolve_model(name: str, home: Path | None) -> Path | str:
@@ -205,7 +238,16 @@ def _prepare(ns: argparse.Namespace):
     pairs = load_pairs(ns.data, ns.split, ns.limit)
     splits = list(split_pairs(pairs, ns.held_out, ns.seed))
     lam = None
-    if ns.method == "safedpo":  # pure and cheap: before the model is looked up
+    if ns.method in LOOP_METHODS:
+        (train_ex, train_stats), (eval_ex, eval_stats) = [
+            _loop_examples(ns, p) if p else ([], {}) for p in splits]
+        if ns.method == "kldo" and not (train_stats.get("positive") and train_stats.get("negative")):
+            raise ValueError(f"kldo needs aligned and unaligned completions, got {train_stats}")
+        if not train_ex:
+            raise ValueError(f"{ns.method}: no training examples ({train_stats})")
+        beta = resolve_beta(ns, None)
+        model = resolve_model(ns.base_model, ns.model_home)
+    elif ns.method == "safedpo":  # pure and cheap: before the model is looked up
         (train_ex, train_stats), (eval_ex, eval_stats) = [
             safedpo_transform(p) if p else ([], {}) for p in splits]
         if not train_ex:
@@ -223,22 +265,65 @@ def _prepare(ns: argparse.Namespace):
     return model, train_ex, eval_ex, data, lam, beta
 
 
+LOOP_METHODS = ("kldo", "pro")  # trained by finetune/loop.py, not TRL's DPOTrainer
+
+
+def _loop_examples(ns: argparse.Namespace, pairs: list) -> tuple[list, dict]:
+    """KLDO's or PRO's examples from one split's pairs, with their counts."""
+    from . import feedback
+
+    if ns.method == "pro" and ns.feedback == "pairwise":
+        return feedback.pairwise_feedback(pairs)
+    completions = (feedback.kldo_sets(pairs) if ns.method == "kldo"
+                   else feedback.FEEDBACK[ns.feedback](pairs))
+    return completions, feedback.stats(completions)
+
+
+def _objective(ns: argparse.Namespace, examples: list, beta: float):
+    from .methods import kldo_objective, pro_pairwise_objective, pro_unpaired_objective
+
+    if ns.method == "kldo":
+        return kldo_objective(examples, beta, ns.ema_rate)
+    if ns.feedback == "pairwise":
+        return pro_pairwise_objective(examples, beta, ns.alpha)
+    return pro_unpaired_objective(examples, beta, ns.alpha, f"pro-{ns.feedback}")
+
+
+def _train(ns: argparse.Namespace, cfg, train_ex, eval_ex):
+    """The TrainResult of the method's trainer (TRL's for SafeDPO / MoCAN, the loop's else)."""
+    if ns.method in LOOP_METHODS:
+        from .loop import train_objective
+
+        held = _objective(ns, eval_ex, cfg.beta) if eval_ex else None
+        return train_objective(cfg, _objective(ns, train_ex, cfg.beta), held)
+    from .trainer import train
+
+    return train(cfg, train_ex, eval_ex, ns.delta if ns.method == "safedpo" else 0.0)
+
+
+def _method_config(ns: argparse.Namespace) -> dict:
+    """The method's own flags, for the report."""
+    keys = {"safedpo": ("delta",), "kldo": ("ema_rate",), "pro": ("feedback", "alpha")}
+    return {k: getattr(ns, k) for k in keys.get(ns.method, ())}
+
+
 def _train_and_report(ns: argparse.Namespace, model, train_ex, eval_ex, data, lam,
                       beta: dict) -> dict:
     from dataclasses import asdict
 
     from .report import write_report
-    from .trainer import TrainConfig, train
+    from .trainer import TrainConfig
 
     cfg = TrainConfig(model=Path(model) if not isinstance(model, str) else model, out=ns.out,
                       beta=beta["value"], steps=ns.steps, batch_size=ns.batch_size,
                       lr=ns.lr if ns.lr is not None else (1e-4 if ns.lora else 1e-5),
                       max_length=ns.max_length, lora=ns.lora, lora_r=ns.lora_r,
                       lora_alpha=ns.lora_alpha, save_adapter=ns.save_adapter, seed=ns.seed)
-    delta = ns.delta if ns.method == "safedpo" else 0.0
-    result = train(cfg, train_ex, eval_ex, delta)
+    result = _train(ns, cfg, train_ex, eval_ex)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
-    report = {"method": ns.method, "config": {**config, "delta": delta, "held_out": ns.held_out},
+    method = f"pro ({ns.feedback})" if ns.method == "pro" else ns.method
+    extra = _method_config(ns) if ns.method != "mocan" else {"delta": 0.0}
+    report = {"method": method, "config": {**config, **extra, "held_out": ns.held_out},
               "output": str(ns.out),
               "output_kind": "LoRA adapter" if cfg.save_adapter else "merged safetensors",
               "data": data, "lambda": lam, "beta": beta, "steps": ns.steps, "train_s": result.train_s,
@@ -272,6 +357,19 @@ def run(ns: argparse.Namespace) -> int:
           f"{after['reward_margin']:.4f}\nwrote {ns.out} ({report['output_kind']}) and "
           f"report.json, report.md, loss_curve.png")
     return 0
+
+
+SYNTHETIC = Path(__file__).resolve().parent / "data" / "synthetic_safety.jsonl"
+
+
+def train_checkpoint(method: str, out: Path, *flags: str, data: Path | str = SYNTHETIC) -> dict:
+    """Train `method` (safedpo, mocan, kldo, pro) as the command would and return its report
+    (the checkpoint is in `out`); `flags` are the command's own, e.g. ("--feedback", "binary",
+    "--steps", "20"). For benchmarks: raises ValueError / RuntimeError instead of exiting."""
+    parser = argparse.ArgumentParser(prog=PROG)
+    add_arguments(parser)
+    ns = parser.parse_args([method, "--data", str(data), "--out", str(out), *flags])
+    return _train_and_report(ns, *_prepare(ns))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 STAT_ROWS = (("loss", "loss"), ("reward_margin", "reward margin"), ("accuracy", "accuracy"),
              ("accuracy_unsafe_rejected", "accuracy (unsafe rejected)"),
-             ("chosen_reward", "chosen reward"), ("rejected_reward", "rejected reward"))
+             ("chosen_reward", "chosen reward"), ("rejected_reward", "rejected reward"),
+             ("kl_estimate", "KL(D⁺‖D⁻) estimate (KLDO)"))
 
 
 def plot_loss(path: Path, curve: list[tuple[int, float]], before: dict, after: dict,

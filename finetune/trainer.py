@@ -220,13 +220,18 @@ def _pad_id(tokenizer) -> int:
 
 
 def save_checkpoint(trainer: DPOTrainer, tokenizer, cfg: TrainConfig) -> None:
+    """`save_model` of the trainer's model."""
+    save_model(trainer.model, tokenizer, cfg)
+
+
+def save_model(model, tokenizer, cfg: TrainConfig) -> None:
     """A servable folder: merged weights (LoRA folded in) as safetensors + tokenizer +
     generation_config, same architecture and vocabulary as the base; or, with `save_adapter`,
-    the LoRA adapter alone (adapter_config.json + adapter_model.safetensors)."""
+    the LoRA adapter alone (adapter_config.json + adapter_model.safetensors). Also used by
+    finetune/loop.py (KLDO, PRO)."""
     from peft import PeftModel
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    model = trainer.model
     if isinstance(model, PeftModel) and not cfg.save_adapter:
         model = model.merge_and_unload()
     model.save_pretrained(cfg.out, safe_serialization=True)
