@@ -1,4 +1,7 @@
-"""`alignserve finetune safedpo | mocan`: preference pairs → (transform | relabel) → DPO → checkpoint.
+"""`alignserve finetune safedpo | mocan | bond | vbon`: policy fine-tuning → checkpoint.
+
+safedpo / mocan: preference pairs → (transform | relabel) → DPO; bond / vbon: best-of-n
+distillation from rollouts (finetune/bond_cli.py).
 
     alignserve finetune safedpo --data pairs.jsonl --out ckpt [--beta 0.1 --delta 10]
     alignserve finetune mocan   --data pairs.jsonl --out ckpt (--lambda X | --dual dual.json |
@@ -60,7 +63,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="method", required=True, metavar="{safedpo,mocan}")
+    from .bond_cli import add_parsers as add_bond_parsers
+
+    sub = parser.add_subparsers(dest="method", required=True,
+                                metavar="{safedpo,mocan,bond,vbon}")
     safe = sub.add_parser("safedpo", help="SafeDPO (arXiv 2505.20065): safety-aware transform "
                           "of the pairs, DPO loss with a safety offset Δ.")
     _add_common(safe)
@@ -88,6 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "otherwise: the policy would not be CAN's π_λ*); the report warns.")
     mocan.add_argument("--length-target", dest="scorer_length_target", type=int, default=64,
                        help="Target of the `length` scorer.")
+    add_bond_parsers(sub)
 
 
 def check_flags(ns: argparse.Namespace) -> None:
@@ -251,6 +258,10 @@ def _train_and_report(ns: argparse.Namespace, model, train_ex, eval_ex, data, la
 
 def run(ns: argparse.Namespace) -> int:
     """Entry point of the `finetune` subcommand (after parsing)."""
+    if ns.method in ("bond", "vbon"):
+        from .bond_cli import run as run_bond
+
+        return run_bond(ns)
     try:
         prepared = _prepare(ns)
     except (ValueError, FileNotFoundError) as exc:  # PairSchemaError is a ValueError
