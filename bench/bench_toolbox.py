@@ -106,8 +106,8 @@ SYNTHETIC = str(ROOT / "finetune" / "data" / "synthetic_safety.jsonl")
 register(Row("base", "SmolLM2-135M-Instruct, one sample", lambda ctx: _answers(_base_rows(ctx),
                                                                                 ctx)))
 register(policy_row("safedpo", "SafeDPO (β 0.1, Δ 10) on the synthetic pairs, 20 steps",
-                    lambda ctx: safedpo_checkpoint(Path(str(ctx.work).replace(
-                        "bench-bond", "bench-safedpo")), 20)))
+                    # bench_safedpo.py's checkpoint (its default work folder), shared
+                    lambda ctx: safedpo_checkpoint(ctx.work.parent / "bench-safedpo", 20)))
 register(policy_row("mocan", "MoCAN, λ* = 0.4191 (bench/results/dual.md, β 0.1), DPO 20 steps",
                     finetune_checkpoint("mocan", ["--data", SYNTHETIC, "--lambda", "0.4191",
                                                   "--steps", "20"])))
