@@ -56,7 +56,8 @@ def bond_checkpoint(work: Path, n: int, steps: int, max_tokens: int) -> Path:
     ckpt = work / "bond"
     if not (ckpt / "config.json").is_file():
         subprocess.run([ALIGNSERVE, "finetune", "bond", "--rollouts", str(train), "--n", str(n),
-                        "--steps", str(steps), "--out", str(ckpt)], check=True)
+                        "--steps", str(steps), "--eval-prompts", "6", "--out", str(ckpt)],
+                       check=True)
     return ckpt
 
 
@@ -147,7 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=8, help="The best-of-n to distil.")
-    ap.add_argument("--steps", type=int, default=30, help="BOND steps.")
+    ap.add_argument("--steps", type=int, default=12, help="BOND steps.")
     ap.add_argument("--samples", type=int, default=4, help="Distilled samples per prompt.")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--work", type=Path, default=WORK)

@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", default=None, help=f"Subset of {', '.join(ROWS)}.")
     ap.add_argument("--samples", type=int, default=4, help="Samples per prompt of a policy.")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--bond-steps", type=int, default=30)
+    ap.add_argument("--bond-steps", type=int, default=12)
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()

@@ -66,6 +66,8 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--held-out", type=float, default=0.2,
                    help="Share of prompts kept out of training for the report, in [0, 1).")
     p.add_argument("--limit", type=int, default=None, help="Use only the first N prompts.")
+    p.add_argument("--eval-prompts", type=int, default=8,
+                   help="Prompts per split evaluated before/after for the report (0: all).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the split, sampling, training.")
 
 
@@ -87,6 +89,8 @@ def check_flags(ns: argparse.Namespace) -> None:
         raise ValueError("--held-out must lie in [0, 1)")
     if ns.limit is not None and ns.limit < 1:
         raise ValueError("--limit must be ≥ 1")
+    if ns.eval_prompts < 0:
+        raise ValueError("--eval-prompts must be ≥ 0")
     if ns.lora_r < 1 or ns.lora_alpha < 1:
         raise ValueError("--lora-r and --lora-alpha must be ≥ 1")
     if ns.save_adapter and not ns.lora:
@@ -114,7 +118,8 @@ def _prepare(ns: argparse.Namespace):
                      max_new_tokens=ns.max_new_tokens or int(manifest["max_tokens"]),
                      temperature=float(manifest["temperature"]) or 1.0,
                      max_length=ns.max_length, lora=ns.lora, lora_r=ns.lora_r,
-                     lora_alpha=ns.lora_alpha, save_adapter=ns.save_adapter, seed=ns.seed)
+                     lora_alpha=ns.lora_alpha, save_adapter=ns.save_adapter, seed=ns.seed,
+                     eval_prompts=ns.eval_prompts)
     data = {"source": str(ns.rollouts), "reward": manifest["reward"], "k": manifest["n"],
             "train": data_stats(train, ns.bon_n), "held_out": data_stats(held, ns.bon_n)}
     return cfg, train, held, data
