@@ -60,7 +60,7 @@ def test_finetune_bond_writes_a_hot_swappable_checkpoint(tmp_path):
     cmd = [str(Path(sys.executable).parent / "alignserve"), "finetune", "bond", "--rollouts",
            str(folder), "--out", str(out), "--n", "4", "--steps", "2", "--batch-prompts", "2",
            "--policy-samples", "2", "--held-out", "0.34", "--max-length", "96", "--seed", "0"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "TQDM_DISABLE": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert not (out / "adapter_config.json").exists()  # merged
