@@ -31,16 +31,17 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def run_rollouts(model: str, prompts: Path, out: Path, n: int, max_tokens: int) -> None:
-    """`alignserve rollouts` of `model` (reward relevance, cost profanity) unless `out` holds
-    them; its summary line ("... in X s = Y tok/s") is kept in out/run.txt for the timing."""
-    if (out / "manifest.json").is_file():
-        return
+    """`alignserve rollouts` of `model` (reward relevance, cost profanity) into `out`. The
+    command resumes a folder and starts no engine when every prompt is there, so this is cheap
+    on a complete folder and finishes an interrupted one. Its summary line ("... in X s = Y
+    tok/s") is kept in out/run.txt for the timing when it sampled anything."""
     proc = subprocess.run([ALIGNSERVE, "rollouts", "--model", model, "--prompts", str(prompts),
                            "--n", str(n), "--max-tokens", str(max_tokens), "--reward",
                            "relevance", "--cost", "profanity", "--out", str(out)], check=True,
                           stdout=subprocess.PIPE, text=True)
     print(proc.stdout, end="")
-    (out / "run.txt").write_text(proc.stdout)
+    if " tok/s" in proc.stdout:
+        (out / "run.txt").write_text(proc.stdout)
 
 
 def harmless_stats(rows) -> dict:
