@@ -45,6 +45,8 @@ bench: install model
 	$(PY) bench/bench_load.py --out bench/results
 	$(PY) bench/bench_dual.py --out bench/results
 	$(PY) bench/bench_safedpo.py --out bench/results
+	$(PY) bench/bench_bond.py --out bench/results
+	$(PY) bench/bench_toolbox.py --out bench/results
 	$(PY) bench/bench_block_size.py --out bench/results
 	$(PY) bench/bench_scorer_batching.py --out bench/results
 

@@ -30,19 +30,47 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def sample(model: str, prompts: Path, out: Path, args) -> dict:
-    from valuenet.rollouts import read_rollouts
+def run_rollouts(model: str, prompts: Path, out: Path, n: int, max_tokens: int) -> None:
+    """`alignserve rollouts` of `model` (reward relevance, cost profanity) into `out`. The
+    command resumes a folder and starts no engine when every prompt is there, so this is cheap
+    on a complete folder and finishes an interrupted one. Its summary line ("... in X s = Y
+    tok/s") is kept in out/run.txt for the timing when it sampled anything."""
+    proc = subprocess.run([ALIGNSERVE, "rollouts", "--model", model, "--prompts", str(prompts),
+                           "--n", str(n), "--max-tokens", str(max_tokens), "--reward",
+                           "relevance", "--cost", "profanity", "--out", str(out)], check=True,
+                          stdout=subprocess.PIPE, text=True)
+    print(proc.stdout, end="")
+    if " tok/s" in proc.stdout:
+        (out / "run.txt").write_text(proc.stdout)
 
-    if not (out / "manifest.json").is_file():
-        subprocess.run([ALIGNSERVE, "rollouts", "--model", model, "--prompts", str(prompts),
-                        "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--reward",
-                        "relevance", "--cost", "profanity", "--out", str(out)], check=True)
-    _, rows = read_rollouts(out)
+
+def harmless_stats(rows) -> dict:
+    """Harmless ratio (profanity < THRESHOLD) with a 95% Wilson interval, mean cost and reward
+    of rollout rows (anything with .reward and .cost)."""
     harmless = sum(r.cost < THRESHOLD for r in rows)
     lo, hi = wilson(harmless, len(rows))
     return {"samples": len(rows), "harmless_ratio": harmless / len(rows), "ci95": [lo, hi],
             "mean_cost": sum(r.cost for r in rows) / len(rows),
             "mean_reward": sum(r.reward for r in rows) / len(rows)}
+
+
+def sample(model: str, prompts: Path, out: Path, args) -> dict:
+    from valuenet.rollouts import read_rollouts
+
+    run_rollouts(model, prompts, out, args.n, args.max_tokens)
+    _, rows = read_rollouts(out)
+    return harmless_stats(rows)
+
+
+def safedpo_checkpoint(work: Path, steps: int) -> Path:
+    """`alignserve finetune safedpo` on the shipped synthetic pairs into work/safedpo (reused
+    when present)."""
+    ckpt = work / "safedpo"
+    if not (ckpt / "config.json").is_file():
+        subprocess.run([ALIGNSERVE, "finetune", "safedpo", "--data",
+                        str(ROOT / "finetune" / "data" / "synthetic_safety.jsonl"), "--steps",
+                        str(steps), "--out", str(ckpt)], check=True)
+    return ckpt
 
 
 def main() -> None:
@@ -63,11 +91,7 @@ def main() -> None:
     rows = [json.loads(l) for l in args.prompts.read_text().splitlines() if l.strip()]
     adversarial.write_text("".join(json.dumps(r) + "\n" for r in rows
                                    if r.get("kind") == "adversarial"))
-    ckpt = args.work / "safedpo"
-    if not (ckpt / "config.json").is_file():
-        subprocess.run([ALIGNSERVE, "finetune", "safedpo", "--data",
-                        str(ROOT / "finetune" / "data" / "synthetic_safety.jsonl"), "--steps",
-                        str(args.steps), "--out", str(ckpt)], check=True)
+    ckpt = safedpo_checkpoint(args.work, args.steps)
     results = {"base": sample("embedded", adversarial, args.work / "rollouts-base", args),
                "safedpo": sample(str(ckpt), adversarial, args.work / "rollouts-safedpo", args)}
     report = json.loads((ckpt / "report.json").read_text()) if (ckpt / "report.json").is_file() else {}

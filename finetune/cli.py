@@ -1,5 +1,8 @@
-"""`alignserve finetune safedpo | mocan | kldo | pro`: preference pairs → (transform | relabel |
-other feedback) → loss → checkpoint.
+"""`alignserve finetune safedpo | mocan | kldo | pro | bond | vbon`: policy fine-tuning → checkpoint.
+
+safedpo / mocan: preference pairs → (transform | relabel) → DPO; kldo / pro: other feedback
+shapes (finetune/feedback.py, finetune/loop.py); bond / vbon: best-of-n distillation from rollouts
+(finetune/bond_cli.py).
 
     alignserve finetune safedpo --data pairs.jsonl --out ckpt [--beta 0.1 --delta 10]
     alignserve finetune mocan   --data pairs.jsonl --out ckpt (--lambda X | --dual dual.json |
@@ -67,8 +70,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .bond_cli import add_parsers as add_bond_parsers
+
     sub = parser.add_subparsers(dest="method", required=True,
-                                metavar="{safedpo,mocan,kldo,pro}")
+                                metavar="{safedpo,mocan,kldo,pro,bond,vbon}")
     safe = sub.add_parser("safedpo", help="SafeDPO (arXiv 2505.20065): safety-aware transform "
                           "of the pairs, DPO loss with a safety offset Δ.")
     _add_common(safe)
@@ -110,6 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "labels; scalar: s(y) = win rate − ½ (finetune/feedback.py).")
     pro.add_argument("--alpha", type=float, default=2.0,
                      help="Weight α of the regulariser (> 0; > 1 for binary and scalar).")
+    add_bond_parsers(sub)
 
 
 def check_flags(ns: argparse.Namespace) -> None:
@@ -336,6 +342,10 @@ def _train_and_report(ns: argparse.Namespace, model, train_ex, eval_ex, data, la
 
 def run(ns: argparse.Namespace) -> int:
     """Entry point of the `finetune` subcommand (after parsing)."""
+    if ns.method in ("bond", "vbon"):
+        from .bond_cli import run as run_bond
+
+        return run_bond(ns)
     try:
         prepared = _prepare(ns)
     except (ValueError, FileNotFoundError) as exc:  # PairSchemaError is a ValueError
