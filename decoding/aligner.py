@@ -104,7 +104,10 @@ class Aligner:
         timer = Timer()
         (draft,) = await ctx.generate(req.prompt_ids, 1, req.sampling, timer)
         draft_s = timer.generate_s
-        ids = encode_prompt(ctx.engine.tokenizer, req.prompt_text, draft.text)
+        tokenizer: _Tokenizer | None = getattr(ctx.engine, "tokenizer", None)
+        if tokenizer is None:
+            raise RuntimeError("the aligner strategy needs an engine with a tokenizer")
+        ids = encode_prompt(tokenizer, req.prompt_text, draft.text)
         sampling = _corrector_sampling(req.sampling, corrector, len(ids),
                                        getattr(ctx.engine, "max_model_len", None))
         t0 = time.perf_counter()

@@ -1,11 +1,14 @@
-"""`alignserve finetune safedpo | mocan`: preference pairs → (transform | relabel) → DPO → checkpoint.
+"""`alignserve finetune safedpo | mocan`: preference pairs → (transform | relabel) → DPO → checkpoint;
+`alignserve finetune aligner`: SFT of an Aligner corrector on triples (finetune/aligner.py).
 
     alignserve finetune safedpo --data pairs.jsonl --out ckpt [--beta 0.1 --delta 10]
     alignserve finetune mocan   --data pairs.jsonl --out ckpt (--lambda X | --dual dual.json |
                                 --rollouts DIR --dual-beta B --threshold b) [--reward relevance
                                 --cost profanity]
+    alignserve finetune aligner --out adapter [--data triples.jsonl --steps 40]
+                                (finetune/aligner.py: a LoRA corrector for the `aligner` strategy)
 
-Both write a servable folder (merged safetensors + tokenizer, or `--save-adapter` for a LoRA
+safedpo and mocan write a servable folder (merged safetensors + tokenizer, or `--save-adapter` for a LoRA
 adapter) and report.json / report.md / loss_curve.png next to it. `add_arguments` fills the
 subparser of server/cli.py; the module imports only the standard library and the pure data
 modules, torch / TRL / PEFT load inside `run`. Exit status: 0 done, 2 bad flags or data (a
@@ -60,7 +63,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="method", required=True, metavar="{safedpo,mocan}")
+    from . import aligner
+
+    sub = parser.add_subparsers(dest="method", required=True, metavar="{safedpo,mocan,aligner}")
     safe = sub.add_parser("safedpo", help="SafeDPO (arXiv 2505.20065): safety-aware transform "
                           "of the pairs, DPO loss with a safety offset Δ.")
     _add_common(safe)
@@ -88,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "otherwise: the policy would not be CAN's π_λ*); the report warns.")
     mocan.add_argument("--length-target", dest="scorer_length_target", type=int, default=64,
                        help="Target of the `length` scorer.")
+    aligner.add_arguments(sub)  # its own flags and run (finetune/aligner.py)
 
 
 def check_flags(ns: argparse.Namespace) -> None:
@@ -251,6 +257,10 @@ def _train_and_report(ns: argparse.Namespace, model, train_ex, eval_ex, data, la
 
 def run(ns: argparse.Namespace) -> int:
     """Entry point of the `finetune` subcommand (after parsing)."""
+    if ns.method == "aligner":  # SFT on triples: none of the preference-pair steps below
+        from .aligner import run as run_aligner
+
+        return run_aligner(ns)
     try:
         prepared = _prepare(ns)
     except (ValueError, FileNotFoundError) as exc:  # PairSchemaError is a ValueError
