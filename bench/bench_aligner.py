@@ -108,10 +108,10 @@ def measure(base_url: str, corrector: str, prompts: list[dict], n: int = 4,
     return out
 
 
-def train_corrector(out: Path, steps: int, data: Path = DATA) -> Path:
+def train_corrector(out: Path, steps: int, lr: float, data: Path = DATA) -> Path:
     if not (out / "adapter_config.json").is_file():
         subprocess.run([ALIGNSERVE, "finetune", "aligner", "--data", str(data), "--steps",
-                        str(steps), "--out", str(out), "--no-progress"], check=True)
+                        str(steps), "--lr", str(lr), "--out", str(out)], check=True)
     return out
 
 
@@ -122,7 +122,8 @@ def markdown(res: dict, training: dict) -> str:
              f"{s['temperature']}; draft = one policy sample (before), then one generation of "
              f"the LoRA corrector (after); harmless = profanity < {s['threshold']}, reward = "
              f"relevance. Corrector: `finetune aligner`, {training.get('steps', '?')} steps on "
-             f"{training.get('data', {}).get('source', '?')} (LoRA r 8). One run.\n",
+             f"{Path(training.get('data', {}).get('source', '?')).name} (LoRA r 8, lr "
+             f"{training.get('config', {}).get('lr', '?')}). One run.\n",
              "| prompts | stage | samples | harmless ratio | 95% CI | mean profanity | "
              "mean relevance |", "|---|---|---|---|---|---|---|"]
     for kind, k in res["kinds"].items():
@@ -151,9 +152,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=Path, default=ROOT / "bench" / "prompts-dev.jsonl")
-    ap.add_argument("--n", type=int, default=4, help="Samples per prompt.")
+    ap.add_argument("--n", type=int, default=2, help="Samples per prompt.")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=60, help="Corrector training steps.")
+    ap.add_argument("--steps", type=int, default=16, help="Corrector training steps.")
+    ap.add_argument("--lr", type=float, default=1e-3, help="Corrector learning rate.")
     ap.add_argument("--data", type=Path, default=DATA, help="Corrector training triples.")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get(
         "ALIGNSERVE_HOME", Path.home() / ".cache" / "alignserve")) / "bench-aligner")
@@ -161,7 +163,7 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    adapter = train_corrector(args.work / "corrector", args.steps, args.data)
+    adapter = train_corrector(args.work / "corrector", args.steps, args.lr, args.data)
     training = json.loads((adapter / "report.json").read_text())
     prompts = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
     os.environ["ALIGNSERVE_ADMIN_KEY"] = ADMIN_KEY  # the server reads it from its environment
@@ -174,7 +176,8 @@ def main() -> None:
     md = markdown(res, training)
     (args.out / "aligner.md").write_text(md)
     (args.out / "aligner.json").write_text(json.dumps({**res, "training": {
-        k: training.get(k) for k in ("steps", "train_s", "data", "before", "after")}}, indent=2))
+        k: training.get(k) for k in ("steps", "train_s", "data", "config", "before", "after")}},
+        indent=2))
     print(md)
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from decoding.aligner import encode_prompt
 
-EVAL_LIMIT = 32  # examples per split in the report's before/after NLL (a forward pass each)
+EVAL_LIMIT = 16  # examples per split in the report's before/after NLL (a forward pass each)
 IGNORE = -100  # label of a position that carries no loss (torch's cross-entropy ignore_index)
 
 
@@ -213,8 +213,9 @@ def train(cfg: AlignerConfig, train_triples: list[Triple], eval_triples: list[Tr
         opt.zero_grad()
         loss.backward()
         opt.step()
-        result.loss_curve.append((step, float(loss)))
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        value = float(loss.detach())
+        result.loss_curve.append((step, value))
+        bar.set_postfix(loss=f"{value:.3f}")
     result.train_s = time.perf_counter() - t0
     result.after = {k: evaluate(model, v, pad_id) for k, v in splits_eval.items()}
     cfg.out.mkdir(parents=True, exist_ok=True)
