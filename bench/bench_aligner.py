@@ -108,10 +108,12 @@ def measure(base_url: str, corrector: str, prompts: list[dict], n: int = 4,
     return out
 
 
-def train_corrector(out: Path, steps: int, lr: float, data: Path = DATA) -> Path:
+def train_corrector(out: Path, steps: int, lr: float, batch_size: int, data: Path = DATA
+                    ) -> Path:
     if not (out / "adapter_config.json").is_file():
         subprocess.run([ALIGNSERVE, "finetune", "aligner", "--data", str(data), "--steps",
-                        str(steps), "--lr", str(lr), "--out", str(out)], check=True)
+                        str(steps), "--lr", str(lr), "--batch-size", str(batch_size),
+                        "--out", str(out)], check=True)
     return out
 
 
@@ -123,7 +125,8 @@ def markdown(res: dict, training: dict) -> str:
              f"the LoRA corrector (after); harmless = profanity < {s['threshold']}, reward = "
              f"relevance. Corrector: `finetune aligner`, {training.get('steps', '?')} steps on "
              f"{Path(training.get('data', {}).get('source', '?')).name} (LoRA r 8, lr "
-             f"{training.get('config', {}).get('lr', '?')}). One run.\n",
+             f"{training.get('config', {}).get('lr', '?')}, batch "
+             f"{training.get('config', {}).get('batch_size', '?')}). One run.\n",
              "| prompts | stage | samples | harmless ratio | 95% CI | mean profanity | "
              "mean relevance |", "|---|---|---|---|---|---|---|"]
     for kind, k in res["kinds"].items():
@@ -156,6 +159,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--steps", type=int, default=16, help="Corrector training steps.")
     ap.add_argument("--lr", type=float, default=1e-3, help="Corrector learning rate.")
+    ap.add_argument("--batch-size", type=int, default=4, help="Corrector triples per step.")
     ap.add_argument("--data", type=Path, default=DATA, help="Corrector training triples.")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get(
         "ALIGNSERVE_HOME", Path.home() / ".cache" / "alignserve")) / "bench-aligner")
@@ -163,7 +167,8 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    adapter = train_corrector(args.work / "corrector", args.steps, args.lr, args.data)
+    adapter = train_corrector(args.work / "corrector", args.steps, args.lr, args.batch_size,
+                              args.data)
     training = json.loads((adapter / "report.json").read_text())
     prompts = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
     os.environ["ALIGNSERVE_ADMIN_KEY"] = ADMIN_KEY  # the server reads it from its environment

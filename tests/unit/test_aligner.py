@@ -179,11 +179,13 @@ async def test_aligner_streams_the_correction(aligner_client):
     assert last["finish_reason"] in ("stop", "length")
 
 
-async def test_budget_counts_draft_and_correction(aligner_client):
-    client, _ = aligner_client
-    r = await client.post("/v1/chat/completions", json={**BODY, "max_tokens": 64, "n": 4})
-    s = make_app().state.settings
-    if 4 * 2 * 64 > s.max_request_tokens:
+async def test_budget_counts_draft_and_correction():
+    """2 generations of max_tokens per answer: a budget that fits one but not two refuses."""
+    app = make_app(FakeEngine(seed=3), max_request_tokens=100)
+    app.state.runtime.adapters["fixer"] = "/adapters/fixer"
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        r = await client.post("/v1/chat/completions", json={**BODY, "max_tokens": 60})
         assert r.status_code == 400 and r.json()["error"]["code"] == "token_budget_exceeded"
-    else:
-        assert r.status_code == 200
+        r = await client.post("/v1/chat/completions", json={**BODY, "max_tokens": 50})
+        assert r.status_code == 200, r.text
