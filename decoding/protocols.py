@@ -331,7 +331,7 @@ class DecodeResult:
     sample: Sample
     reward: float | None = None
     cost: float | None = None
-    kl_bound: float = 0.0
+    kl_bound: float | None = 0.0  # None: no bound holds (aligner: the corrector writes new text)
     kl_estimate: float | None = 0.0
     win_rate_bound: float | None = None
     generated_tokens: int = 0
@@ -339,3 +339,4 @@ class DecodeResult:
     timer: Timer = field(default_factory=Timer)
     candidates: list[Scored] | None = None
     extra: dict = field(default_factory=dict)  # strategy-specific fields (rounds, blocks, ...)
+    warnings: list[str] = field(default_factory=list)  # added to the answer's alignment.warnings

@@ -24,7 +24,11 @@ class Strategy(Protocol):
     - `value_required` (False): `alignment.value` must be given;
     - `needs_sampling` (False): the strategy samples from the policy itself even at n = 1,
       so temperature 0 (greedy) is refused. Selection strategies (`needs_objective`) refuse it
-      only when they draw more than one candidate.
+      only when they draw more than one candidate;
+    - `adapter_option` (None): the name of an option that must name a registered LoRA
+      adapter (aligner: `corrector`); the server refuses unknown names with a 400;
+    - `generations_per_answer` (1): worst-case engine generations of max_tokens per answer
+      for a strategy without an objective (aligner: draft + correction = 2), for the budget.
     """
 
     name: str

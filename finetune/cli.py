@@ -1,8 +1,8 @@
-"""`alignserve finetune safedpo | mocan | kldo | pro | bond | vbon`: policy fine-tuning → checkpoint.
+"""`alignserve finetune safedpo | mocan | kldo | pro | bond | vbon | aligner`: fine-tuning → checkpoint.
 
 safedpo / mocan: preference pairs → (transform | relabel) → DPO; kldo / pro: other feedback
 shapes (finetune/feedback.py, finetune/loop.py); bond / vbon: best-of-n distillation from rollouts
-(finetune/bond_cli.py).
+(finetune/bond_cli.py); aligner: SFT of an Aligner corrector on triples (finetune/aligner.py).
 
     alignserve finetune safedpo --data pairs.jsonl --out ckpt [--beta 0.1 --delta 10]
     alignserve finetune mocan   --data pairs.jsonl --out ckpt (--lambda X | --dual dual.json |
@@ -11,8 +11,10 @@ shapes (finetune/feedback.py, finetune/loop.py); bond / vbon: best-of-n distilla
     alignserve finetune kldo    --data pairs.jsonl --out ckpt [--beta 0.1 --ema-rate 0.1]
     alignserve finetune pro     --data pairs.jsonl --out ckpt --feedback pairwise|binary|scalar
                                 [--beta 0.1 --alpha 2]
+    alignserve finetune aligner --out adapter [--data triples.jsonl --steps 40]
+                                (finetune/aligner.py: a LoRA corrector for the `aligner` strategy)
 
-All write a servable folder (merged safetensors + tokenizer, or `--save-adapter` for a LoRA
+The preference methods write a servable folder (merged safetensors + tokenizer, or `--save-adapter` for a LoRA
 adapter) and report.json / report.md / loss_curve.png next to it. `add_arguments` fills the
 subparser of server/cli.py; the module imports only the standard library and the pure data
 modules, torch / TRL / PEFT load inside `run`. SafeDPO and MoCAN train on TRL's DPOTrainer
@@ -70,10 +72,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from . import aligner
     from .bond_cli import add_parsers as add_bond_parsers
 
     sub = parser.add_subparsers(dest="method", required=True,
-                                metavar="{safedpo,mocan,kldo,pro,bond,vbon}")
+                                metavar="{safedpo,mocan,kldo,pro,bond,vbon,aligner}")
     safe = sub.add_parser("safedpo", help="SafeDPO (arXiv 2505.20065): safety-aware transform "
                           "of the pairs, DPO loss with a safety offset Δ.")
     _add_common(safe)
@@ -116,6 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pro.add_argument("--alpha", type=float, default=2.0,
                      help="Weight α of the regulariser (> 0; > 1 for binary and scalar).")
     add_bond_parsers(sub)
+    aligner.add_arguments(sub)  # its own flags and run (finetune/aligner.py)
 
 
 def check_flags(ns: argparse.Namespace) -> None:
@@ -346,6 +350,10 @@ def run(ns: argparse.Namespace) -> int:
         from .bond_cli import run as run_bond
 
         return run_bond(ns)
+    if ns.method == "aligner":  # SFT on triples: none of the preference-pair steps below
+        from .aligner import run as run_aligner
+
+        return run_aligner(ns)
     try:
         prepared = _prepare(ns)
     except (ValueError, FileNotFoundError) as exc:  # PairSchemaError is a ValueError

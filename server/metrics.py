@@ -86,7 +86,8 @@ class Metrics:
         self.candidates.labels(strategy).inc(result.scored_candidates)
         if result.reward is not None:
             self.chosen_reward.labels(strategy).observe(result.reward)
-        self.kl_bound.labels(strategy).observe(result.kl_bound)
+        if result.kl_bound is not None:
+            self.kl_bound.labels(strategy).observe(result.kl_bound)
         if result.kl_estimate is not None:
             self.kl_estimate.labels(strategy).observe(result.kl_estimate)
 

@@ -152,11 +152,14 @@ class Alignment(BaseModel):
                               "cannot tilt).")
     lambda_: float = Field(1.0, ge=0.0, le=1e4, allow_inf_nan=False, alias="lambda",
                            description="tokenwise_cd: λ in p(z)·exp(λ·V(x, yᵗ, z)).")
+    # aligner
+    corrector: str | None = Field(None, max_length=64, description="aligner: the registered "
+                                  "LoRA adapter (/admin/policies) that rewrites the draft.")
 
     def options(self) -> dict:
         """The strategy-specific fields, passed to the strategy untouched."""
         return self.model_dump(include={"alpha", "decision_tokens", "growth", "block_tokens",
-                                        "top_k", "lambda_"}, by_alias=True)
+                                        "top_k", "lambda_", "corrector"}, by_alias=True)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -231,7 +234,7 @@ class AlignmentInfo(BaseModel):
     n: int
     reward: float | None = None
     cost: float | None = None
-    kl_bound: float
+    kl_bound: float | None  # null: no bound holds (aligner; see its warning)
     kl_estimate: float | None
     win_rate_bound: float | None = None
     generated_tokens: int

@@ -162,6 +162,7 @@ class CompletionService(StreamingMixin):
         check_fields(req, strategy_name)  # tools, unknown fields, fields the strategy refuses
         prompts = self._chat_prompt(req) if kind == "chat" else self._text_prompts(req)
         strategy, objective = await self._alignment(req.alignment)
+        self._check_adapter_option(req.alignment, strategy)
         value = await self._value(req.alignment, strategy)
         max_tokens = self._max_tokens(req, strategy, prompts)
         if req.min_tokens > max_tokens:
@@ -198,7 +199,7 @@ class CompletionService(StreamingMixin):
                 raise APIError(400, f"max_tokens {given} exceeds this server's limit "
                                f"{s.max_tokens_limit}", param="max_tokens", code="invalid_value")
             return given
-        per_answer = req.alignment.n if req.alignment and strategy.needs_objective else 1
+        per_answer = _per_answer(req, strategy)
         model_default = getattr(self.rt.engine, "sampling_defaults", {}).get("max_tokens")
         return default_max_tokens(
             max(len(p.ids) for p in prompts), self.rt.engine.max_model_len,
@@ -250,7 +251,7 @@ class CompletionService(StreamingMixin):
         sample per answer whatever alignment.n says; selection strategies at most n each:
         blockwise_cd's K = n candidates of every block add up to K·max_tokens too. tokenwise_cd
         (no objective needed) generates one engine token per answer token: max_tokens."""
-        per_answer = req.alignment.n if req.alignment and strategy.needs_objective else 1
+        per_answer = _per_answer(req, strategy)
         tokens = prompts * req.n * per_answer * max_tokens
         if tokens > self.settings.max_request_tokens:
             raise APIError(400, f"request may generate up to {tokens} tokens (prompts {prompts} "
@@ -276,6 +277,20 @@ class CompletionService(StreamingMixin):
         reward = await self._scorer(names.reward, "alignment.reward")
         cost = await self._scorer(names.cost, "alignment.cost") if names.cost else None
         return strategy, Objective(reward=reward, cost=cost, cost_weight=names.cost_weight)
+
+    def _check_adapter_option(self, a: Alignment | None, strategy: Strategy) -> None:
+        """A strategy's `adapter_option` (aligner: `corrector`) must name a registered LoRA
+        adapter; adapters registered since start-up count (the dict is shared with policies)."""
+        option = getattr(strategy, "adapter_option", None)
+        if option is None or a is None:
+            return
+        name = getattr(a, option, None)
+        if name not in self.rt.adapters:
+            known = ", ".join(sorted(self.rt.adapters)) or "none (register one through "\
+                "/admin/policies on a server started with --enable-lora true)"
+            raise APIError(400, f"{strategy.name} needs alignment.{option}: a registered LoRA "
+                           f"adapter; {name!r} is not one. Registered: {known}",
+                           param=f"alignment.{option}", code="unknown_adapter")
 
     async def _value(self, a: Alignment | None, strategy: Strategy) -> Scorer | None:
         """Resolve `alignment.value` against the scorer registry and check that it is the kind
@@ -404,13 +419,21 @@ class CompletionService(StreamingMixin):
                             total_s=total_s),
             cost_weight=prep.objective.cost_weight if prep.objective and prep.objective.cost
             else None,
-            candidates=candidates, warnings=prep.warnings or None, **r.extra)
+            candidates=candidates, warnings=[*prep.warnings, *r.warnings] or None, **r.extra)
 
     def _usage(self, prep: Prepared, answers: list[Answer]) -> Usage:
         prompt = sum(len(p.ids) for p in prep.prompts)
         completion = sum(len(a.result.sample.token_ids) for a in answers)
         return Usage(prompt_tokens=prompt, completion_tokens=completion,
                      total_tokens=prompt + completion)
+
+
+def _per_answer(req, strategy: Strategy) -> int:
+    """Worst-case generations of max_tokens per answer: alignment.n for selection strategies,
+    else the strategy's `generations_per_answer` (aligner: draft + correction = 2), else 1."""
+    if req.alignment and strategy.needs_objective:
+        return req.alignment.n
+    return getattr(strategy, "generations_per_answer", 1) if req.alignment else 1
 
 
 def _value_warnings(value: Scorer | None, temperature: float, top_p: float) -> list[str]:

@@ -84,3 +84,64 @@ def test_adapter_is_chosen_per_request_by_model(lora_server, adapter):
     # an adapter is not a full policy: it cannot be activated
     r = httpx.post(f"{url}/admin/policies/noisy-lora/activate", headers=ADMIN, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_not_activatable"
+
+
+# ---------------------------------------------------------------- Aligner correctors
+
+# A few steps on 16 shipped triples (12 train, 4 held out): about a minute on 2 quiet cores.
+ALIGNER_ARGS = ["--limit", "16", "--held-out", "0.25", "--steps", "3", "--batch-size", "4",
+                "--lr", "1e-3", "--max-length", "128", "--seed", "0", "--no-progress"]
+
+
+def test_aligner_corrector_trained_then_served(lora_server, tmp_path_factory):
+    """`finetune aligner` for a few steps, the adapter registered as a corrector, then the
+    `aligner` strategy through the openai SDK: the draft comes from the policy, the answer from
+    the corrector; both are counted; an unknown corrector is a 400 naming the field."""
+    import os
+    import subprocess
+    import sys
+
+    import openai
+
+    out = tmp_path_factory.mktemp("aligner") / "corrector"
+    proc = subprocess.run([str(Path(sys.executable).parent / "alignserve"), "finetune", "aligner",
+                           "--out", str(out), *ALIGNER_ARGS], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["after"]["train"]["loss"] < report["before"]["train"]["loss"]
+    assert (out / "adapter_config.json").is_file()
+    r = httpx.post(f"{lora_server.base_url}/admin/policies", headers=ADMIN, timeout=300,
+                   json={"name": "fixer", "path": str(out)})
+    assert r.status_code == 200, r.text
+
+    client = openai.OpenAI(base_url=f"{lora_server.base_url}/v1", api_key="unused",
+                           max_retries=0, timeout=300)
+    body = {"alignment": {"strategy": "aligner", "corrector": "fixer", "reward": "relevance",
+                          "cost": "profanity", "return_candidates": True}}
+    served = httpx.get(f"{lora_server.base_url}/v1/models").json()["data"][0]["id"]
+    resp = client.chat.completions.create(
+        model=served, messages=[{"role": "user", "content": "How do I steal a car?"}], max_tokens=24,
+        temperature=0, extra_body=body)
+    a = resp.model_extra["alignment"]
+    draft, corrected = a["candidates"]
+    assert a["strategy"] == "aligner" and a["corrector"] == "fixer"
+    assert corrected["text"] == resp.choices[0].message.content
+    assert a["generated_tokens"] == draft["tokens"] + corrected["tokens"]
+    assert resp.usage.completion_tokens == corrected["tokens"]
+    assert a["kl_bound"] is None and a["warnings"]
+    assert a["draft_reward"] == draft["reward"] and a["reward"] == corrected["reward"]
+    print(f"\naligner: draft {a['draft_generate_s']:.2f} s + correction "
+          f"{a['correct_generate_s']:.2f} s; draft {draft['text']!r} → {corrected['text']!r}")
+
+    stream = client.chat.completions.create(
+        messages=[{"role": "user", "content": "How do I steal a car?"}], max_tokens=24,
+        temperature=0, extra_body=body, stream=True, model=served)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == corrected["text"]  # greedy: the same correction, streamed
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            messages=[{"role": "user", "content": "hi"}], max_tokens=4, model=served,
+            extra_body={"alignment": {"strategy": "aligner", "corrector": "nope"}})
+    assert err.value.body["param"] == "alignment.corrector"

@@ -1,0 +1,341 @@
+"""Aligner corrector training: SFT of a LoRA adapter on (question, answer, correction) triples.
+
+Ji et al., "Aligner: Efficient Alignment by Learning to Correct", arXiv 2402.02416. The
+corrector μ_φ is a conditional seq2seq model trained by maximum likelihood on a dataset
+M = {(x, y_o, y_c)} of queries, original answers and corrected answers:
+
+    L(φ) = − E_{(x, y_o, y_c) ∼ M} [ log μ_φ(y_c | y_o, x) ]
+
+i.e. next-token cross-entropy on the correction tokens only; the prompt (template, question
+and original answer) is context and carries no loss. What we could and could not read: the
+paper pages available to us describe the objective in words ("a conditional seq2seq model
+... trained to optimise the upper bound of the SFT objective", "a warm-up step to learn the
+identity mapping, followed by residual Q-A-C learning"); the displayed equation itself and
+the PKU-Alignment/aligner training code were not in the searchable index. The formula above is
+the conditional negative log-likelihood those words describe, not a transcription. The paper's
+identity warm-up (Q-A-A: the correction equals the answer) is represented in our data by the
+"identity" rows (good answers kept as they are), mixed into training rather than run as a
+separate first phase.
+
+Prompt: the reference Aligner template (`decoding.aligner.TEMPLATE`), tokenised exactly as the
+`aligner` strategy tokenises it at serving time (`encode_prompt`), then " " + correction + EOS.
+The prompt and the target are tokenised separately, so the trained boundary is the one the
+served corrector continues from.
+
+Output: a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), which
+the server registers through /admin/policies (`--enable-lora true`) and requests name as
+`alignment.corrector`; plus report.json / report.md next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from decoding.aligner import encode_prompt
+
+EVAL_LIMIT = 16  # examples per split in the report's before/after NLL (a forward pass each)
+IGNORE = -100  # label of a position that carries no loss (torch's cross-entropy ignore_index)
+
+
+@dataclass(frozen=True)
+class Triple:
+    question: str
+    answer: str      # the upstream model's original answer y_o
+    correction: str  # the corrected answer y_c (equal to `answer` for identity rows)
+
+
+class TripleSchemaError(ValueError):
+    pass
+
+
+def load_triples(path: str | Path, limit: int | None = None) -> list[Triple]:
+    """Rows {"question", "answer", "correction"} (strings, non-empty question and correction)
+    from a .jsonl file; a ValueError naming the line for anything else."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TripleSchemaError(f"{path}:{n}: not JSON ({exc})") from None
+        if not isinstance(row, dict) or not all(
+                isinstance(row.get(k), str) for k in ("question", "answer", "correction")):
+            raise TripleSchemaError(f"{path}:{n}: needs string fields question, answer, correction")
+        if not row["question"].strip() or not row["correction"].strip():
+            raise TripleSchemaError(f"{path}:{n}: empty question or correction")
+        out.append(Triple(row["question"], row["answer"], row["correction"]))
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise TripleSchemaError(f"{path}: no triples")
+    return out
+
+
+def split_triples(triples: list[Triple], held_out: float, seed: int
+                  ) -> tuple[list[Triple], list[Triple]]:
+    """A seeded split by question, so no held-out question was seen in training."""
+    questions = sorted({t.question for t in triples})
+    random.Random(seed).shuffle(questions)
+    k = round(len(questions) * held_out)
+    if held_out > 0 and len(questions) > 1:
+        k = min(max(k, 1), len(questions) - 1)
+    out = set(questions[:k])
+    return [t for t in triples if t.question not in out], [t for t in triples if t.question in out]
+
+
+def build_example(tokenizer, triple: Triple, max_length: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): labels are IGNORE over the prompt and the ids over the correction
+    (+ EOS), so the loss is −log μ(y_c | y_o, x) only. Too long: the correction's tail is cut
+    (it then has no EOS); a prompt that leaves no correction token is a ValueError."""
+    prompt = encode_prompt(tokenizer, triple.question, triple.answer)
+    target = list(tokenizer.encode(" " + triple.correction.strip(), add_special_tokens=False))
+    target.append(tokenizer.eos_token_id)
+    room = max_length - len(prompt)
+    if room < 1:
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room for the correction "
+                         f"(max_length {max_length}); raise --max-length")
+    target = target[:room]
+    return prompt + target, [IGNORE] * len(prompt) + target
+
+
+def masked_nll(logits, labels):
+    """Mean −log p of the labelled tokens. logits [B, T, V] predict position t+1 from t, so
+    logits[:, :-1] are scored against labels[:, 1:]; IGNORE positions add nothing. Returns
+    (mean loss, number of labelled tokens)."""
+    import torch.nn.functional as F
+
+    pred = logits[:, :-1].float()
+    gold = labels[:, 1:]
+    count = (gold != IGNORE).sum()
+    total = F.cross_entropy(pred.reshape(-1, pred.size(-1)), gold.reshape(-1),
+                            ignore_index=IGNORE, reduction="sum")
+    return total / count.clamp(min=1), int(count)
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded input_ids / attention_mask / labels tensors [B, T]."""
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, :len(x)] = torch.tensor(x)
+        labels[i, :len(y)] = torch.tensor(y)
+        mask[i, :len(x)] = 1
+    return ids, mask, labels
+
+
+@dataclass
+class AlignerConfig:
+    model: Path | str
+    out: Path
+    steps: int = 40
+    lr: float = 3e-4
+    batch_size: int = 8
+    max_length: int = 256
+    lora_r: int = 8
+    lora_alpha: int = 16
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class AlignerResult:
+    loss_curve: list[tuple[int, float]]
+    before: dict[str, dict] = field(default_factory=dict)  # split -> {"loss", "tokens"}
+    after: dict[str, dict] = field(default_factory=dict)
+    train_s: float = 0.0
+    trainable_params: int = 0
+
+
+def evaluate(model, examples, pad_id: int, batch_size: int = 16) -> dict:
+    """Token-weighted mean correction NLL over a split (and its perplexity)."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            ids, mask, labels = collate(examples[i:i + batch_size], pad_id)
+            loss, n = masked_nll(model(input_ids=ids, attention_mask=mask).logits, labels)
+            total, count = total + float(loss) * n, count + n
+    model.train()
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def train(cfg: AlignerConfig, train_triples: list[Triple], eval_triples: list[Triple]
+          ) -> AlignerResult:
+    """LoRA SFT of the corrector; saves the adapter to `cfg.out`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    splits = {"train": [build_example(tokenizer, t, cfg.max_length) for t in train_triples]}
+    if eval_triples:
+        splits["held_out"] = [build_example(tokenizer, t, cfg.max_length) for t in eval_triples]
+    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    # attention and MLP projections, as `finetune --save-adapter` adapts them (vLLM serves both)
+    model = get_peft_model(base, LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "down_proj"]))
+    result = AlignerResult([], trainable_params=sum(
+        p.numel() for p in model.parameters() if p.requires_grad))
+    # the report's before/after NLL reads at most EVAL_LIMIT examples per split (CPU time)
+    splits_eval = {k: v[:EVAL_LIMIT] for k, v in splits.items()}
+    result.before = {k: evaluate(model, v, pad_id) for k, v in splits_eval.items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(1, cfg.steps + 1), desc="finetune aligner", unit="step",
+               disable=not cfg.progress)
+    for step in bar:
+        if len(order) < cfg.batch_size:  # reshuffled epochs, drawn batch by batch
+            order += rng.sample(range(len(splits["train"])), len(splits["train"]))
+        batch, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        ids, mask, labels = collate([splits["train"][i] for i in batch], pad_id)
+        loss, _ = masked_nll(model(input_ids=ids, attention_mask=mask).logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        value = float(loss.detach())
+        result.loss_curve.append((step, value))
+        bar.set_postfix(loss=f"{value:.3f}")
+    result.train_s = time.perf_counter() - t0
+    result.after = {k: evaluate(model, v, pad_id) for k, v in splits_eval.items()}
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(cfg.out), safe_serialization=True)
+    _readable(cfg.out)
+    return result
+
+
+def _readable(folder: Path) -> None:
+    """Weights are written 0600 (a private temp file); give them the umask's mode, so a
+    server running as another user can load the adapter (as finetune/trainer.py does)."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
+
+
+def write_report(out: Path, report: dict) -> None:
+    """report.json and a short report.md (correction NLL before/after per split)."""
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    lines = ["# alignserve finetune aligner", "",
+             f"- base model: `{report['config']['model']}`",
+             f"- output: `{report['output']}` (LoRA adapter: register it, then request "
+             "`alignment.corrector`)",
+             f"- data: `{report['data']['source']}`, {report['data']['triples']} triples "
+             f"({report['data']['train']} train, {report['data']['held_out']} held out)",
+             f"- steps: {report['steps']}, training {report['train_s']:.1f} s, "
+             f"{report['trainable_params']:,} trainable parameters", "",
+             "| split | correction NLL before | after | perplexity after |", "|---|---|---|---|"]
+    for split, before in report["before"].items():
+        after = report["after"][split]
+        lines.append(f"| {split} | {before['loss']:.4f} | {after['loss']:.4f} | "
+                     f"{after['perplexity']:.3f} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- `alignserve finetune aligner`
+
+DEFAULT_DATA = Path(__file__).parent / "data" / "aligner_triples.jsonl"
+
+
+def add_arguments(sub) -> None:
+    """The `aligner` subparser of `alignserve finetune` (finetune/cli.py). No dest may be a
+    server `Settings` field (server/cli.py feeds those to Settings): hence base_model etc."""
+    p = sub.add_parser("aligner", help="Aligner (arXiv 2402.02416): SFT of a LoRA corrector on "
+                       "(question, answer, correction) triples; serve it as alignment.corrector.")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Triples .jsonl: rows "
+                   "{question, answer, correction} (default: the shipped synthetic triples).")
+    p.add_argument("--limit", type=int, default=None, help="Use only the first N triples.")
+    p.add_argument("--out", type=Path, required=True, help="Output adapter folder (+ report).")
+    p.add_argument("--model", dest="base_model", default="embedded", help="Base model the "
+                   "adapter is for (the served model): 'embedded', a folder or an HF id.")
+    p.add_argument("--home", dest="model_home", type=Path, default=None,
+                   help="Cache folder of the embedded model (default ALIGNSERVE_HOME).")
+    p.add_argument("--steps", type=int, default=40, help="Optimiser steps.")
+    p.add_argument("--lr", type=float, default=3e-4, help="Learning rate (AdamW).")
+    p.add_argument("--batch-size", type=int, default=8, help="Triples per step.")
+    p.add_argument("--max-length", type=int, default=256, help="Tokens per prompt + correction.")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (≤ the server's "
+                   "--max-lora-rank).")
+    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha.")
+    p.add_argument("--held-out", type=float, default=0.2,
+                   help="Share of questions kept out of training for the report, in [0, 1).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the split and the training.")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="No progress bar.")
+
+
+def _check(ns) -> None:
+    if ns.steps < 1 or ns.batch_size < 1 or ns.lora_r < 1 or ns.lora_alpha < 1:
+        raise ValueError("--steps, --batch-size, --lora-r and --lora-alpha must be ≥ 1")
+    if not ns.lr > 0:
+        raise ValueError("--lr must be > 0")
+    if ns.max_length < 32:
+        raise ValueError("--max-length must be ≥ 32")
+    if not 0 <= ns.held_out < 1:
+        raise ValueError("--held-out must lie in [0, 1)")
+    if ns.limit is not None and ns.limit < 1:
+        raise ValueError("--limit must be ≥ 1")
+    if ns.out.exists() and not ns.out.is_dir():
+        raise ValueError(f"--out {ns.out} exists and is not a folder")
+
+
+def run(ns) -> int:
+    """Exit status 0 done, 2 bad flags or data, 1 training failed (as `finetune safedpo`)."""
+    import sys
+
+    from .cli import PROG, resolve_model
+
+    try:
+        _check(ns)
+        triples = load_triples(ns.data, ns.limit)
+        train_t, eval_t = split_triples(triples, ns.held_out, ns.seed)
+        model = resolve_model(ns.base_model, ns.model_home)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{PROG} aligner: {exc}", file=sys.stderr)
+        return 2
+    cfg = AlignerConfig(model=model, out=ns.out, steps=ns.steps, lr=ns.lr,
+                        batch_size=ns.batch_size, max_length=ns.max_length, lora_r=ns.lora_r,
+                        lora_alpha=ns.lora_alpha, seed=ns.seed, progress=ns.progress)
+    try:
+        result = train(cfg, train_t, eval_t)
+    except (RuntimeError, OSError, ValueError) as exc:
+        print(f"{PROG} aligner: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    report = {"method": "aligner", "config": {k: str(v) if isinstance(v, Path) else v
+                                              for k, v in cfg.__dict__.items()},
+              "output": str(ns.out), "output_kind": "LoRA adapter",
+              "data": {"source": str(ns.data), "triples": len(triples), "train": len(train_t),
+                       "held_out": len(eval_t)},
+              "steps": ns.steps, "train_s": result.train_s,
+              "trainable_params": result.trainable_params, "before": result.before,
+              "after": result.after, "loss_curve": [list(x) for x in result.loss_curve]}
+    write_report(ns.out, report)
+    b, a = result.before["train"]["loss"], result.after["train"]["loss"]
+    print(f"aligner: {ns.steps} steps in {result.train_s:.1f} s; correction NLL (train) "
+          f"{b:.4f} → {a:.4f}\nwrote the LoRA adapter {ns.out} and report.json, report.md; "
+          "serve it with --enable-lora true, POST /admin/policies {name, path}, then "
+          '"alignment": {"strategy": "aligner", "corrector": NAME}')
+    return 0
