@@ -33,7 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rollouts": ("valuenet.rollouts",
                  "Sample K responses per prompt from the reference policy and score them."),
     "dual": ("finetune.dual_cli", "Solve CAN's dual for the optimal safety weight λ* from rollouts."),
-    "finetune": ("finetune.cli", "Fine-tune a policy (SafeDPO, MoCAN, KLDO, PRO, BOND / vBoN) or train an Aligner corrector."),
+    "finetune": ("finetune.cli", "Fine-tune a policy (SafeDPO, MoCAN, KLDO, PRO, BOND) "
+                 "or train an Aligner corrector."),
     "train-value": ("valuenet.cli", "Train a prefix value head (CD-FUDGE or CD-Q) on rollouts."),
 }
 
