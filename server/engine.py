@@ -28,6 +28,7 @@ from decoding.protocols import (
     Tilt,
 )
 
+from .otel import engine_trace_headers
 from .tracing import current_request_id
 
 log = logging.getLogger(__name__)
@@ -299,6 +300,8 @@ class VllmEngine:
             async for out in self._llm.generate(
                 {"prompt_token_ids": list(prompt_ids)}, params, request_id,
                 lora_request=self._adapters[adapter] if adapter else None,
+                # W3C context of our engine span: vLLM's llm_request span becomes its child
+                trace_headers=engine_trace_headers(),
             ):
                 finished = out.finished
                 yield out

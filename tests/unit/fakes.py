@@ -271,8 +271,9 @@ class Exploding:
         raise RuntimeError("scorer failed")
 
 
-def make_app(engine: FakeEngine | None = None, **overrides):
-    """The real app factory around the fakes, with tight limits to test them."""
+def make_app(engine: FakeEngine | None = None, tracer=None, **overrides):
+    """The real app factory around the fakes, with tight limits to test them (`tracer`:
+    server.otel.Tracing)."""
     from server.app import build_app
     from server.scorers import ScorerRegistry
     from server.serving import Runtime
@@ -285,4 +286,4 @@ def make_app(engine: FakeEngine | None = None, **overrides):
     settings = Settings(default_reward="good_count", max_n=16, max_choices=4,
                         max_tokens_limit=64, max_prompt_tokens=40, **overrides)
     runtime = Runtime(engine=engine, scorers=scorers, ctx=DecodeContext(engine), model_name="fake")
-    return build_app(settings, runtime, registry=CollectorRegistry())
+    return build_app(settings, runtime, registry=CollectorRegistry(), tracer=tracer)
