@@ -172,7 +172,8 @@ class VllmEngine:
             async for out in outs:
                 (c,) = out.outputs
                 yield SampleDelta(index=0, token_ids=list(c.token_ids), text=c.text,
-                                  logprobs=_logprobs(c), finish_reason=_finish(c))
+                                  logprobs=_logprobs(c), finish_reason=_finish(c),
+                                  top_logprobs=_top(c, sampling.top_logprobs))
 
     async def tilted(
         self, prompt_ids: Sequence[int], sampling: Sampling, tilt: Tilt

@@ -197,7 +197,9 @@ class FakeEngine:
                     rec["end"] = "finished"
                     self.finished += 1
                 yield SampleDelta(0, [tok], text[sent:], [math.log(1 / 8)],
-                                  finish if last else None)
+                                  finish if last else None,
+                                  [self._top(sampling.top_logprobs)]
+                                  if sampling.top_logprobs else None)
                 sent = max(sent, len(text))
                 if last:
                     return
