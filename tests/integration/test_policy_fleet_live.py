@@ -104,11 +104,11 @@ def test_fleet_follows_the_policy_file_under_load(tmp_path):
                 st = _status(srv)
                 return st["policy"] == "alt" and st["policy_file"]["generation"] == generation
 
-            assert wait_until(lambda: all(applied(s) for s in fleet), 120, poll=0.05)
+            assert wait_until(lambda: all(applied(s) for s in fleet), 300, poll=0.05)
             applied_at = [_status(s)["policy_file"]["applied_at"] for s in fleet]
             # each server then completes a stream that started on the new policy
             assert wait_until(lambda: all(any(i == k and r["t0"] > applied_at[k]
-                                              for i, r in list(results)) for k in (0, 1)), 120)
+                                              for i, r in list(results)) for k in (0, 1)), 300)
         finally:
             halt.set()
             for w in workers:
