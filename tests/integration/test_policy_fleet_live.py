@@ -29,7 +29,10 @@ pytestmark = pytest.mark.integration
 ADMIN_KEY = "live-fleet-admin-key-0123456789ab"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 POLL_S = 0.5
-ARGS = ["--max-model-len", "512", "--kv-cache-gib", "1", "--policy-file-poll-s", str(POLL_S)]
+# --enforce-eager: no torch.compile at start-up (minutes on a loaded CPU; decoding speed is
+# not what this test measures)
+ARGS = ["--max-model-len", "512", "--kv-cache-gib", "1", "--policy-file-poll-s", str(POLL_S),
+        "--enforce-eager", "true"]
 STREAM = {"messages": [{"role": "user", "content": "Tell a story about a lighthouse."}],
           "max_tokens": 48, "temperature": 1.0, "stream": True}
 
@@ -96,7 +99,7 @@ def test_fleet_follows_the_policy_file_under_load(tmp_path):
         for w in workers:
             w.start()
         try:
-            assert wait_until(lambda: {i for i, _ in results} == {0, 1}, 120)  # load is up
+            assert wait_until(lambda: {i for i, _ in results} == {0, 1}, 300)  # load is up
             written = time.time()
             generation = _write(policy_file, {"active": "alt", "policies": {"alt": str(alt)}})
 
