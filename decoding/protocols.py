@@ -9,10 +9,12 @@ run it in a worker thread through `DecodeContext.score`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -241,6 +243,12 @@ class DecodeContext:
 
     engine: Engine
     executor: Executor | None = None
+    # Tracing hook (server/otel.py): a context manager around each score call, given a span
+    # name and attributes; None: off.
+    span: Callable[[str, dict[str, Any]], AbstractContextManager[Any]] | None = None
+
+    def _span(self, name: str, attrs: dict[str, Any]) -> AbstractContextManager[Any]:
+        return self.span(name, attrs) if self.span is not None else contextlib.nullcontext()
 
     async def generate(
         self, prompt_ids: Sequence[int], n: int, sampling: Sampling, timer: Timer
@@ -256,6 +264,17 @@ class DecodeContext:
         self, scorer: Scorer, req: DecodeRequest, samples: Sequence[Sample]
     ) -> list[float]:
         """One score per sample, in a worker thread: token ids for a TokenScorer, text otherwise."""
+        with self._span("score", {"alignserve.scorer": scorer.name,
+                                  "alignserve.candidates": len(samples)}):
+            values = await self._score(scorer, req, samples)
+        if len(values) != len(samples):
+            raise RuntimeError(f"scorer {scorer.name} returned {len(values)} scores for {len(samples)}")
+        return [float(v) for v in values]
+
+    async def _score(
+        self, scorer: Scorer, req: DecodeRequest, samples: Sequence[Sample]
+    ) -> Sequence[float]:
+        """The score call itself (`BatchingContext` batches it across requests)."""
         call: Callable[..., Sequence[float]]
         args: tuple[Any, ...]
         if hasattr(scorer, "score_ids"):
@@ -263,10 +282,7 @@ class DecodeContext:
         else:
             call, args = scorer.score, (req.prompt_text, [s.text for s in samples])
         loop = asyncio.get_running_loop()
-        values = await loop.run_in_executor(self.executor, call, *args)
-        if len(values) != len(samples):
-            raise RuntimeError(f"scorer {scorer.name} returned {len(values)} scores for {len(samples)}")
-        return [float(v) for v in values]
+        return await loop.run_in_executor(self.executor, call, *args)
 
     async def q_values(
         self, scorer: QScorer, req: DecodeRequest, response_ids: Sequence[int],
@@ -276,8 +292,11 @@ class DecodeContext:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            values = await loop.run_in_executor(self.executor, scorer.q_values, req.prompt_ids,
-                                                list(response_ids), list(candidates))
+            with self._span("score.q_values", {"alignserve.scorer": scorer.name,
+                                               "alignserve.candidates": len(candidates)}):
+                values = await loop.run_in_executor(self.executor, scorer.q_values,
+                                                    req.prompt_ids, list(response_ids),
+                                                    list(candidates))
         finally:
             timer.score_s += time.perf_counter() - t0
         if len(values) != len(candidates):

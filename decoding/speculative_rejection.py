@@ -59,6 +59,7 @@ class _Track:
     index: int
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[dict[int, float]] = field(default_factory=list)  # when top_logprobs is asked
     finish_reason: str | None = None
     done: bool = False  # its stream ended (finished, or aborted after rejection)
     rejected: bool = False
@@ -138,6 +139,7 @@ class SpeculativeRejection:
                 async for d in stream:
                     track.ids += d.token_ids
                     track.logprobs += d.logprobs
+                    track.top += d.top_logprobs or ()
                     track.finish_reason = d.finish_reason or track.finish_reason
                     track.poke()
         finally:
@@ -212,7 +214,7 @@ class SpeculativeRejection:
         p tokens, else its first p ids (text: the decoding of exactly those ids)."""
         if t.finished_by(p):
             return Sample(list(t.ids), _text(ctx, req, t.ids), list(t.logprobs),
-                          t.finish_reason or "length")
+                          t.finish_reason or "length", list(t.top) if t.top else None)
         ids = t.ids[: int(p)]
         return Sample(ids, ctx.engine.decode(ids).rstrip(_REPLACEMENT), t.logprobs[: len(ids)],
                       None)

@@ -101,6 +101,11 @@ def _validate(ns: argparse.Namespace):
         raise ValueError("--alpha must lie in [0, 1)")
     if ns.cost_weight < 0 or ns.soft_temperature <= 0 or ns.temperature < 0:
         raise ValueError("--cost-weight ≥ 0, --soft-temperature > 0, --temperature ≥ 0")
+    remote = [n for n in (ns.reward, ns.cost) if n and n.startswith("remote:")]
+    if remote and not ns.server:  # before the engine starts, not at the first answer
+        raise ValueError(f"scorer {remote[0]!r}: remote:NAME scorers are a server's "
+                         "(--remote-scorer NAME=URL on `alignserve serve`); evaluate that "
+                         "server with --server URL, or use hf:<model> in-process")
     options = {"alpha": ns.alpha, "decision_tokens": ns.decision_tokens}
     plan = build_plan(parse_list(ns.strategies), parse_list(ns.n, int), options)
     prompts = load_prompts(ns.prompts, ns.limit)

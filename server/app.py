@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 
 from fastapi import FastAPI, Request
@@ -36,6 +37,7 @@ from .errors import (
 )
 from .lifecycle import DrainGate, Lifecycle
 from .metrics import Metrics
+from .otel import TracedEngine, TraceRequests, Tracing
 from .policies import PolicyManager
 from .policies import router as policy_router
 from .policy_file import PolicyFileWatcher
@@ -103,10 +105,17 @@ class _BodyTooLarge(Exception):
 
 
 def build_app(
-    settings: Settings, runtime: Runtime, registry: CollectorRegistry = REGISTRY
+    settings: Settings, runtime: Runtime, registry: CollectorRegistry = REGISTRY,
+    tracer: Tracing | None = None,
 ) -> FastAPI:
+    """`tracer`: OpenTelemetry spans (server/otel.py); None: from `otlp_traces_endpoint`
+    (off when unset)."""
     keys = KeyRing.from_settings(settings)  # bad key configuration fails here, at start-up
     warn_if_open(keys, settings)
+    if tracer is None and settings.otlp_traces_endpoint:
+        tracer = Tracing.to_endpoint(settings.otlp_traces_endpoint)
+    if tracer is not None:  # engine and score calls become child spans of each request
+        runtime = traced_runtime(runtime, tracer)
     metrics = Metrics(registry)
     if hasattr(runtime.engine, "num_unfinished_requests"):
         metrics.watch_engine(runtime.engine)
@@ -146,6 +155,7 @@ def build_app(
     app.state.keys = keys
     app.state.policies = policies
     app.state.policy_file = policy_file
+    app.state.tracer = tracer
 
     def count(err: APIError) -> None:
         metrics.errors.labels(err.type, str(err.status)).inc()
@@ -155,7 +165,9 @@ def build_app(
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(DrainGate, lifecycle=lifecycle, on_error=count)
     app.add_middleware(AuthGate, keys=keys, on_error=count)
-    app.add_middleware(CatchAll, on_error=count)  # added last: outermost, nothing escapes it
+    app.add_middleware(CatchAll, on_error=count)  # outermost but these two: nothing escapes it
+    if tracer is not None:  # one span per request, just inside RequestIds (it reads the record)
+        app.add_middleware(TraceRequests, tracing_=tracer)
     # outermost, added after CatchAll: every response (401s, 500s too) carries the id
     app.add_middleware(RequestIds)
     install_tokenizer_routes(app)  # /tokenize, /detokenize, /version (server/tokenizer_routes.py)
@@ -216,6 +228,13 @@ def build_app(
     return app
 
 
+def traced_runtime(runtime: Runtime, tracer: Tracing) -> Runtime:
+    """A copy of `runtime` whose engine calls (plain streams too) and score calls are spans."""
+    engine = TracedEngine(runtime.engine, tracer)
+    ctx = dataclasses.replace(runtime.ctx, engine=engine, span=tracer.span)
+    return dataclasses.replace(runtime, engine=engine, ctx=ctx)
+
+
 async def _complete(request: Request, body, kind: Kind, response: Response):
     svc: CompletionService = request.app.state.completions
     metrics: Metrics = request.app.state.metrics
@@ -244,7 +263,7 @@ async def _complete(request: Request, body, kind: Kind, response: Response):
         prep.policy = await lease.acquire()
         policy = {POLICY_HEADER: prep.policy}
         if record is not None:
-            record.policy = prep.policy
+            record.policy, record.model = prep.policy, prep.model
         response.headers.update(policy)
         endpoint = "chat" if kind == "chat" else "completions"
         metrics.requests.labels(prep.strategy_name, endpoint).inc()

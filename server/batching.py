@@ -168,10 +168,10 @@ class BatchingContext(DecodeContext):
 
     batcher: ScoreBatcher | None = None
 
-    async def score(self, scorer: Scorer, req: DecodeRequest, samples: Sequence[Sample]
-                    ) -> list[float]:
+    async def _score(self, scorer: Scorer, req: DecodeRequest, samples: Sequence[Sample]
+                     ) -> Sequence[float]:
         if self.batcher is None:
-            return await super().score(scorer, req, samples)
+            return await super()._score(scorer, req, samples)
         token = hasattr(scorer, "score_ids")
         if token:
             prompt = tuple(req.prompt_ids)  # hashable and comparable: runs of equal prompts

@@ -122,9 +122,10 @@ async def _serve(settings: Settings) -> None:
     except (ValueError, OSError) as exc:
         setting = "api_keys_file" if isinstance(exc, OSError) else "api_keys"
         raise ConfigError(setting, str(exc)) from None
+    tracer = _tracer(settings)  # before the engine: a missing exporter fails in a second
     runtime = build_runtime(settings)  # inside the loop: AsyncLLM binds to the running loop
     try:
-        app = build_app(settings, runtime)
+        app = build_app(settings, runtime, tracer=tracer)
         # The drain (SIGTERM) waits for in-flight requests itself; afterwards uvicorn only
         # flushes finished responses.
         config = uvicorn.Config(app, host=settings.host, port=settings.port,
@@ -137,6 +138,21 @@ async def _serve(settings: Settings) -> None:
         logging.getLogger(__name__).info("stopping the engine")
         runtime.engine.shutdown()
         logging.getLogger(__name__).info("engine stopped")
+        if tracer is not None:
+            tracer.shutdown()  # flush the last spans
+
+
+def _tracer(settings: Settings):
+    """OpenTelemetry spans to `otlp_traces_endpoint` (server/otel.py); None when unset."""
+    if not settings.otlp_traces_endpoint:
+        return None
+    from .otel import Tracing
+
+    try:
+        return Tracing.to_endpoint(settings.otlp_traces_endpoint)
+    except ImportError as exc:
+        raise ConfigError("otlp_traces_endpoint", f"tracing needs the opentelemetry-sdk and "
+                          f"opentelemetry-exporter-otlp packages ({exc})") from None
 
 
 class _Parser(argparse.ArgumentParser):

@@ -28,6 +28,7 @@ from decoding.protocols import (
     Tilt,
 )
 
+from .otel import engine_trace_headers
 from .tracing import current_request_id
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,8 @@ class VllmEngine:
             async for out in outs:
                 (c,) = out.outputs
                 yield SampleDelta(index=0, token_ids=list(c.token_ids), text=c.text,
-                                  logprobs=_logprobs(c), finish_reason=_finish(c))
+                                  logprobs=_logprobs(c), finish_reason=_finish(c),
+                                  top_logprobs=_top(c, sampling.top_logprobs))
 
     async def tilted(
         self, prompt_ids: Sequence[int], sampling: Sampling, tilt: Tilt
@@ -299,6 +301,8 @@ class VllmEngine:
             async for out in self._llm.generate(
                 {"prompt_token_ids": list(prompt_ids)}, params, request_id,
                 lora_request=self._adapters[adapter] if adapter else None,
+                # W3C context of our engine span: vLLM's llm_request span becomes its child
+                trace_headers=engine_trace_headers(),
             ):
                 finished = out.finished
                 yield out

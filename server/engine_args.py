@@ -19,6 +19,7 @@ TYPED_ENGINE_FIELDS = (
     "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
     "quantization", "max_num_seqs", "max_num_batched_tokens", "kv_cache_dtype",
     "enforce_eager", "trust_remote_code",
+    "otlp_traces_endpoint",  # vLLM's own tracing, to the collector alignserve's spans go to
 )
 
 # AsyncEngineArgs keys alignserve sets itself: the pass-through may not override them. The value

@@ -29,8 +29,10 @@ NEUTRAL: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p"
 # a grammar (response_format) would start a new JSON document, min_tokens would count from
 # the continuation, presence/frequency penalties would forget the accepted tokens, and the top
 # alternatives of earlier pieces are not kept. Those fields are refused for them.
-_RESUMING = {"speculative_rejection": "it continues candidates from their prefixes",
-             "blockwise_cd": "it continues the answer block by block",
+# Speculative rejection is not among them: each of its tracks is ONE engine request for the
+# whole answer (decoding/speculative_rejection.py on Engine.stream_sequence), so the engine
+# applies every field to every candidate, and the chosen track's top alternatives are kept.
+_RESUMING = {"blockwise_cd": "it continues the answer block by block",
              "tokenwise_cd": "it draws every token in its own engine call"}
 _RESUMING_FIELDS = ("response_format", "min_tokens", "presence_penalty", "frequency_penalty",
                     "top_logprobs")

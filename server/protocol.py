@@ -223,6 +223,9 @@ class Candidate(BaseModel):
     logprob: float  # Σ log p(token) under the distribution sampled from (the KL estimator's log ε)
     finish_reason: str | None  # null: stopped early by speculative rejection
     token_ids: list[int]
+    # per-token log-probs of token_ids (same distribution as `logprob`); only when the request
+    # asks for `logprobs` (`alignserve rollouts --server` stores them)
+    logprobs: list[float] | None = None
 
 
 class AlignmentInfo(BaseModel):

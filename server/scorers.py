@@ -176,9 +176,7 @@ class ScorerRegistry:
                         f"could not load reward model {name[3:]!r}: {type(exc).__name__}: {exc}"
                     ) from exc
             else:
-                raise UnknownScorer(
-                    f"unknown scorer {name!r}; available: {', '.join(self.names())}"
-                )
+                raise UnknownScorer(self._unknown(name))
             self._loaded[name] = scorer
             return scorer
 
@@ -186,8 +184,16 @@ class ScorerRegistry:
         if name in self._loaded:
             return self._loaded[name]
         if name not in self._factories and not name.startswith("hf:"):
-            raise UnknownScorer(f"unknown scorer {name!r}; available: {', '.join(self.names())}")
+            raise UnknownScorer(self._unknown(name))
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.load_now, name)
+
+    def _unknown(self, name: str) -> str:
+        if name.startswith("remote:"):  # configured on a server, never loadable on demand
+            return (f"scorer {name!r} is not configured: remote:NAME scorers need "
+                    "--remote-scorer NAME=URL on `alignserve serve`; offline tools reach them "
+                    "through a server (`rollouts --server`, `eval --server`) or load the "
+                    "model in-process as hf:<model>")
+        return f"unknown scorer {name!r}; available: {', '.join(self.names())}"
 
     def remote(self) -> list:
         """Loaded scorers that call another server (`remote:NAME`, server/remote_scorer.py)."""

@@ -410,7 +410,9 @@ class CompletionService(StreamingMixin):
             candidates = [Candidate(text=c.sample.text, reward=c.reward, cost=c.cost,
                                     tokens=len(c.sample.token_ids), logprob=c.sample.logprob,
                                     finish_reason=c.sample.finish_reason,
-                                    token_ids=c.sample.token_ids) for c in r.candidates]
+                                    token_ids=c.sample.token_ids,
+                                    logprobs=c.sample.logprobs if prep.logprobs else None)
+                          for c in r.candidates]
         return AlignmentInfo(
             strategy=r.strategy, n=r.n, reward=r.reward, cost=r.cost, kl_bound=r.kl_bound,
             kl_estimate=r.kl_estimate, win_rate_bound=r.win_rate_bound,

@@ -221,6 +221,12 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text or one JSON object per line (for log "
         "collectors); both carry the request id and one access line per request.")
+    otlp_traces_endpoint: str | None = Field(
+        None, max_length=2048,
+        description="OpenTelemetry collector for traces (off when unset): one span per "
+        "request with a child span for every generate and score call, and vLLM's own request "
+        "spans under them; e.g. http://otel-collector:4317 (gRPC; "
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf for OTLP/HTTP).")
     sse_keepalive_s: float = Field(
         5.0, ge=0, le=300,
         description="Streams: send an SSE comment (': keep-alive') after this many seconds "
@@ -237,6 +243,15 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown environment variable(s) {', '.join(unknown)}: no such "
                              "setting (see `alignserve serve --help`)")
         return data
+
+    @field_validator("otlp_traces_endpoint")
+    @classmethod
+    def _otlp_endpoint_shape(cls, v: str | None) -> str | None:
+        if v is not None:
+            from .otel import check_endpoint
+
+            check_endpoint(v)
+        return v
 
     @field_validator("remote_scorers")
     @classmethod

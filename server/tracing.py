@@ -16,7 +16,8 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 HEADER = "X-Request-Id"
 _VALID = re.compile(r"^[A-Za-z0-9._:@+=/-]{1,128}$")  # what is safe in logs and engine ids
@@ -32,6 +33,7 @@ class RequestRecord:
     t0: float = field(default_factory=time.perf_counter)
     status: int | None = None
     strategy: str | None = None
+    model: str | None = None
     policy: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -39,9 +41,12 @@ class RequestRecord:
     generate_s: float | None = None
     score_s: float | None = None
     first_token_s: float | None = None
+    trace_id: str | None = None  # OpenTelemetry (server/otel.py), when tracing is on
+    span: Any = field(default=None, repr=False)  # the request's span (server/otel.py)
 
     def line(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if v is not None and k != "t0"}
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("t0", "span") and getattr(self, f.name) is not None}
         out["latency_s"] = round(time.perf_counter() - self.t0, 4)
         for k in ("generate_s", "score_s", "first_token_s"):
             if k in out:

@@ -9,6 +9,10 @@ registry, in worker threads → `valuenet.data.append_rollouts` as each prompt f
 These are the reference samples CD-FUDGE / CD-Q fit value heads on (Mudgal et al. 2024) and
 the y ~ p of CAN's dual D̂(λ) (Huang et al., arXiv 2405.19544; `alignserve dual`).
 
+`--server URL` draws the same rows from a running alignserve through its API instead
+(valuenet/http_rollouts.py), with the server's scorers (`remote:NAME` included); without it a
+`remote:NAME` scorer is refused in one line (it lives in a server's configuration).
+
 Resumable: prompts whose id already has rows are skipped; a folder written with a different
 model, K, max_tokens, temperature or scorers is refused rather than mixed. When nothing is
 left to do the engine is never started. Module level stays light (the CLI imports it to build
@@ -64,7 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="Use only the first N prompts.")
     p.add_argument("--concurrency", type=int, default=16,
                    help="Prompts in flight (the engine batches their K samples together).")
-    eng = p.add_argument_group("engine")
+    p.add_argument("--server", default=None,
+                   help="Draw from a running alignserve (base URL, e.g. http://alignserve:8000) "
+                   "through its API instead of starting an engine here; scorers are the "
+                   "server's (remote:NAME and value:NAME included).")
+    p.add_argument("--api-key", default=None, help="Bearer token for --server.")
+    eng = p.add_argument_group("in-process engine (without --server)")
     eng.add_argument("--model", default=None, help="'embedded' (default), a folder or HF id.")
     eng.add_argument("--dtype", default=None, help="Policy dtype (default auto).")
     eng.add_argument("--max-model-len", type=int, default=1024, help="Engine context length.")
@@ -178,8 +187,16 @@ def _check_flags(ns: argparse.Namespace) -> None:
         raise ValueError("--temperature must be ≥ 0")
     if ns.temperature == 0 and ns.n > 1:
         log.warning("--temperature 0 makes the K samples of a prompt identical")
+    if getattr(ns, "server", None):  # the server resolves the scorer names (its 400 names them)
+        if ns.model is not None:
+            raise ValueError("--model is the server's with --server: drop one of them")
+        return
     known = default_factories(64)
     for name in filter(None, (ns.reward, ns.cost)):
+        if name.startswith("remote:"):
+            raise ValueError(f"scorer {name!r}: remote:NAME scorers are a server's "
+                             "(--remote-scorer NAME=URL on `alignserve serve`); use --server "
+                             "URL of that server, or hf:<model> to score in this process")
         if name not in known and not name.startswith("hf:"):
             raise ValueError(f"unknown scorer {name!r}; available: {', '.join(sorted(known))}, "
                              "hf:<model>")
@@ -194,6 +211,8 @@ async def _main(ns: argparse.Namespace) -> tuple[Stats, int, int]:
 
     _check_flags(ns)
     prompts = load_prompts(ns.prompts, ns.limit)
+    if getattr(ns, "server", None):
+        return await _main_server(ns, prompts)
     given = {k: getattr(ns, k) for k in ENGINE_FLAGS if getattr(ns, k) is not None}
     # The engine samples only; make the requested reward the one build_runtime preloads.
     settings = Settings(**given, default_reward=ns.reward)
@@ -224,13 +243,40 @@ async def _main(ns: argparse.Namespace) -> tuple[Stats, int, int]:
     return stats, len(prompts) - len(todo), len(todo)
 
 
+async def _main_server(ns: argparse.Namespace, prompts: list) -> tuple[Stats, int, int]:
+    """`--server`: the rollouts come through a running alignserve's API (http_rollouts.py)."""
+    from tqdm import tqdm
+
+    from .http_rollouts import RolloutClient, collect_http, server_manifest
+
+    cfg = RolloutConfig(ns.n, ns.max_tokens, ns.temperature, ns.reward, ns.cost, ns.concurrency)
+    client = RolloutClient(ns.server, ns.api_key)
+    try:
+        await client.start()
+        want = server_manifest(client, ns.prompts, cfg,
+                               datetime.now(UTC).isoformat(timespec="seconds"))
+        done = prepare_folder(ns.out, want)
+        todo = [p for p in prompts if p.id not in done]
+        if not todo:
+            return Stats(), len(prompts), 0
+        manifest = read_manifest(ns.out)
+        manifest.count = sum(1 for _ in iter_rollouts(ns.out))
+        with tqdm(total=len(todo), desc="rollouts", unit="prompt", file=sys.stderr) as bar:
+            stats = await collect_http(client, todo, cfg, ns.out, manifest, bar)
+    finally:
+        await client.aclose()
+    return stats, len(prompts) - len(todo), len(todo)
+
+
 def run(ns: argparse.Namespace) -> int:
     """Entry point of the `rollouts` subcommand (after parsing)."""
     from server.scorers import UnknownScorer
 
+    from .http_rollouts import ServerError
+
     try:
         stats, skipped, sampled = asyncio.run(_main(ns))
-    except (ValueError, FileNotFoundError, RolloutError, UnknownScorer) as exc:
+    except (ValueError, FileNotFoundError, RolloutError, UnknownScorer, ServerError) as exc:
         print(f"alignserve rollouts: {exc}", file=sys.stderr)
         return 2
     if not sampled:

@@ -6,89 +6,14 @@ Engine start-up takes about a minute on 2 cores; every integration test shares i
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, base_url: str, proc: subprocess.Popen, log: Path) -> None:
-        self.base_url, self.proc, self.log = base_url, proc, log
-
-    def metric(self, name: str) -> float:
-        """Sum of all samples of a metric line (by exact name prefix) on /metrics."""
-        text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
-        total, found = 0.0, False
-        for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
-                found = True
-        assert found, f"{name} not on /metrics"
-        return total
-
-
-def launch(log: Path, args: list[str] = (), env: dict[str, str] | None = None,
-           probe: str = "/health") -> Server:
-    """Start `alignserve serve` on a free loopback port; return once `probe` answers 200."""
-    port = _free_port()
-    env = {**os.environ, "ALIGNSERVE_KV_CACHE_GIB": "2", "ALIGNSERVE_MAX_CONCURRENT_REQUESTS": "64",
-           **(env or {})}
-    cmd = [str(Path(sys.executable).parent / "alignserve"), "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--max-model-len", "1024", "--max-prompt-tokens", "512", *args]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
-        try:
-            if httpx.get(f"{base}{probe}", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        raise RuntimeError(f"server did not start:\n{log.read_text()[-5000:]}")
-    return Server(base, proc, log)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (the server drains and stops its engine), SIGKILL if it hangs."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-
-
-@contextlib.contextmanager
-def serving(log: Path, args: list[str] = (), env: dict[str, str] | None = None,
-            probe: str = "/ready") -> Iterator[Server]:
-    srv = launch(log, args, env, probe)
-    try:
-        yield srv
-    finally:
-        stop(srv.proc)
+from live import ROOT, Server, launch, serving, stop  # noqa: F401  (fixtures and tests use them)
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import statistics
 import time
 
 import httpx
 import pytest
+from live import ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -125,3 +127,7 @@ def test_metrics_the_deployment_relies_on_are_served(server):
     for metric in ("vllm:num_requests_waiting", "alignserve:requests_in_flight",
                    "alignserve:engine_requests_unfinished", "alignserve:draining"):
         assert metric in names, metric
+    # every vllm:* series a dashboard panel reads (TTFT, ITL, KV cache, prefix cache, ...)
+    dashboard = (ROOT / "deploy" / "monitoring" / "grafana-dashboard.json").read_text()
+    used = set(re.findall(r"\b(vllm:[a-zA-Z0-9_]+)", dashboard))
+    assert len(used) >= 7 and used <= names, used - names

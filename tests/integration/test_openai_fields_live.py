@@ -103,6 +103,51 @@ def test_stop_token_ids_end_every_candidate(client, model_name):
             assert c["finish_reason"] == "stop"
 
 
+def _spr(n=4, **extra):
+    return {"alignment": {"strategy": "speculative_rejection", "n": n, "alpha": 0.5,
+                          "decision_tokens": 4, "return_candidates": True, **extra}}
+
+
+def test_speculative_rejection_logit_bias_bans_a_token_from_every_track(client, model_name):
+    kw = {"model": model_name, "messages": SEA, "max_tokens": 12, "temperature": 1.0, "seed": 7}
+    first = client.chat.completions.create(**kw, extra_body=_spr())
+    seen = Counter(t for c in _candidates(first.choices[0]) for t in c["token_ids"])
+    banned, count = seen.most_common(1)[0]
+    assert count >= 2
+    r = client.chat.completions.create(**kw, logit_bias={str(banned): -100}, extra_body=_spr())
+    for c in _candidates(r.choices[0]):  # rejected tracks too: every token they decoded
+        assert banned not in c["token_ids"]
+
+
+def test_speculative_rejection_json_object_and_min_tokens_hold_for_every_track(client,
+                                                                               model_name):
+    r = client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "Give a JSON object with a "
+                                     "name."}], max_tokens=16, temperature=1.0, seed=4,
+        response_format={"type": "json_object"}, extra_body=_spr())
+    for c in _candidates(r.choices[0]):
+        assert c["text"].strip().startswith("{"), c  # partial (rejected) tracks too
+        if c["finish_reason"] == "stop":
+            assert isinstance(json.loads(c["text"]), dict)
+    r = client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "Say hi."}], max_tokens=16,
+        seed=6, extra_body={"min_tokens": 14, **_spr()})
+    finished = [c for c in _candidates(r.choices[0]) if c["finish_reason"] is not None]
+    assert finished and all(c["tokens"] >= 14 for c in finished), finished
+
+
+def test_speculative_rejection_logprobs_of_the_chosen_track(client, model_name):
+    r = client.chat.completions.create(model=model_name, messages=SEA, max_tokens=12, seed=5,
+                                       logprobs=True, top_logprobs=2, extra_body=_spr())
+    choice = r.choices[0]
+    (chosen,) = [c for c in _candidates(choice) if c["finish_reason"] is not None
+                 and c["text"] == choice.message.content][:1]
+    content = choice.logprobs.content
+    assert len(content) == chosen["tokens"] == r.usage.completion_tokens
+    assert math.isclose(sum(t.logprob for t in content), chosen["logprob"], abs_tol=1e-3)
+    assert all(1 <= len(t.top_logprobs) <= 2 for t in content)
+
+
 def test_refusals_name_the_field(client, model_name):
     import openai
 

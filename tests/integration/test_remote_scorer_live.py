@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,17 +17,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from live import free_port, wait_healthy
 
 from server.model_prep import embedded_model_dir
 from server.settings import Settings
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tiny_classifier(out: Path) -> Path:
@@ -69,17 +63,7 @@ class RewardServer:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
                                          env={**env, "VLLM_CPU_KVCACHE_SPACE": "1"},
                                          start_new_session=True)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"reward server exited:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"reward server did not start:\n{self.log.read_text()[-4000:]}")
+        wait_healthy(f"{self.url}/health", self.proc, self.log)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -90,7 +74,7 @@ class RewardServer:
 @pytest.fixture(scope="module")
 def reward_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("remote-rm")
-    rm = RewardServer(_tiny_classifier(folder / "rm"), _free_port(), folder / "rm.log")
+    rm = RewardServer(_tiny_classifier(folder / "rm"), free_port(), folder / "rm.log")
     rm.start()
     try:
         yield rm

@@ -84,3 +84,32 @@ def test_dual_runs_on_the_folder(folder):
     assert sol.reference_safety == pytest.approx(mean_g)
     assert sol.predicted_safety >= mean_g - 0.5 - 1e-9
     assert (folder / "dual.png").is_file()
+
+
+def test_rollouts_from_a_running_server(server, tmp_path):
+    """`--server`: the same rows through the session server's API (no engine started here):
+    the server's chat-templated prompt ids, K samples with per-token log-probs, the server's
+    scores; a rerun resumes."""
+    from transformers import AutoTokenizer
+
+    from server.model_prep import embedded_model_dir
+    from server.settings import Settings
+    from valuenet.rollouts import chat_prompt_ids, read_rollouts
+
+    out = tmp_path / "remote"
+    cmd = ["rollouts", "--server", server.base_url, "--prompts", "bench/prompts-dev.jsonl",
+           "--limit", "2", "--n", "3", "--max-tokens", "8", "--reward", "relevance",
+           "--cost", "profanity", "--out", str(out)]
+    p = alignserve(*cmd, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    manifest, rows = read_rollouts(out)
+    assert manifest.extra["server"] == server.base_url and manifest.count == len(rows) == 6
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir(Settings().home))
+    for row in rows:
+        assert row.prompt_ids == chat_prompt_ids(tok, row.prompt)
+        assert 1 <= len(row.token_ids) <= 8 and len(row.logprobs) == len(row.token_ids)
+        assert all(lp <= 0 and math.isfinite(lp) for lp in row.logprobs)
+        assert tok.decode(row.token_ids, skip_special_tokens=True) == row.text
+        assert -1 <= row.reward <= 1 and 0 <= row.cost <= 1
+    p = alignserve(*cmd, timeout=120)
+    assert p.returncode == 0 and "nothing to do" in p.stdout

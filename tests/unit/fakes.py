@@ -197,7 +197,9 @@ class FakeEngine:
                     rec["end"] = "finished"
                     self.finished += 1
                 yield SampleDelta(0, [tok], text[sent:], [math.log(1 / 8)],
-                                  finish if last else None)
+                                  finish if last else None,
+                                  [self._top(sampling.top_logprobs)]
+                                  if sampling.top_logprobs else None)
                 sent = max(sent, len(text))
                 if last:
                     return
@@ -271,8 +273,9 @@ class Exploding:
         raise RuntimeError("scorer failed")
 
 
-def make_app(engine: FakeEngine | None = None, **overrides):
-    """The real app factory around the fakes, with tight limits to test them."""
+def make_app(engine: FakeEngine | None = None, tracer=None, **overrides):
+    """The real app factory around the fakes, with tight limits to test them (`tracer`:
+    server.otel.Tracing)."""
     from server.app import build_app
     from server.scorers import ScorerRegistry
     from server.serving import Runtime
@@ -285,4 +288,4 @@ def make_app(engine: FakeEngine | None = None, **overrides):
     settings = Settings(default_reward="good_count", max_n=16, max_choices=4,
                         max_tokens_limit=64, max_prompt_tokens=40, **overrides)
     runtime = Runtime(engine=engine, scorers=scorers, ctx=DecodeContext(engine), model_name="fake")
-    return build_app(settings, runtime, registry=CollectorRegistry())
+    return build_app(settings, runtime, registry=CollectorRegistry(), tracer=tracer)

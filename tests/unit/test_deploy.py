@@ -293,8 +293,36 @@ def dashboard_and_adapter_vllm_metrics() -> set[str]:
     return {m for m in metric_names_in(text) if m.startswith("vllm:")}
 
 
-def test_vllm_metrics_used_are_listed():
-    assert dashboard_and_adapter_vllm_metrics() == {"vllm:num_requests_waiting"}
+def vllm_metric_names() -> set[str]:
+    """Every sample name the installed vLLM exports, read from its metrics module's source
+    (vllm/v1/metrics/loggers.py declares each family once; nothing is imported): counters
+    as `_total`, histograms as `_bucket`/`_sum`/`_count`, gauges as they are."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("vLLM is not installed")
+    source = (Path(spec.submodule_search_locations[0]) / "v1" / "metrics" / "loggers.py")
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"],
+                "gauge": [""]}
+    names = set()
+    for kind, name in re.findall(r"_(counter|gauge|histogram)_cls\(\s*name=\"(vllm:\w+)\"",
+                                 source.read_text()):
+        names |= {name + s for s in suffixes[kind]}
+    assert len(names) > 30, "vLLM's metrics module changed shape: update this parser"
+    return names
+
+
+def test_vllm_metrics_used_are_exported_by_the_installed_vllm():
+    used = dashboard_and_adapter_vllm_metrics()
+    exported = vllm_metric_names()
+    assert used <= exported, used - exported
+    # the engine panels the dashboard promises (issue 16): TTFT, ITL, KV cache, prefix cache,
+    # preemptions, and the queue the HPA scales on
+    assert {"vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+            "vllm:kv_cache_usage_perc", "vllm:prefix_cache_hits_total",
+            "vllm:prefix_cache_queries_total", "vllm:num_preemptions_total",
+            "vllm:num_requests_waiting"} <= used
 
 
 # ------------------------------------------------------------------------------ scale-out shapes

@@ -182,6 +182,45 @@ async def test_a_strategy_refuses_what_it_cannot_honour(engine, field, strategy)
     assert not engine.calls  # refused before any engine work
 
 
+SPR = {"strategy": "speculative_rejection", "n": 4, "alpha": 0.5, "decision_tokens": 2}
+_LIFTED = {"response_format": {"type": "json_object"}, "min_tokens": 3, "presence_penalty": 0.5,
+           "frequency_penalty": 0.25}
+
+
+def test_speculative_rejection_refuses_nothing_it_once_could_not_resume():
+    # one engine request per track: every field is the engine's to apply (server/fields.py)
+    assert not [f for f, refused in UNSUPPORTED.items() if "speculative_rejection" in refused]
+
+
+async def test_speculative_rejection_carries_every_field_to_every_track():
+    engine = FakeEngine(seed=3, full_length=True)
+    body = {**CHAT, "max_tokens": 12, **CONTROLS, **_LIFTED, "alignment": SPR}
+    async with _client(make_app(engine)) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert len(engine.calls) == 4  # one engine request per track, never resubmitted
+    for _, n, s in engine.calls:
+        assert n == 1 and s.max_tokens == 12
+        assert s.structured == ("json_object", "")
+        assert (s.min_tokens, s.presence_penalty, s.frequency_penalty) == (3, 0.5, 0.25)
+        assert (s.logit_bias, s.stop_token_ids, s.ignore_eos) == (((3, -100.0),), (7,), True)
+
+
+async def test_speculative_rejection_reports_the_chosen_tracks_logprobs():
+    body = {**CHAT, "max_tokens": 10, "seed": 1, "logprobs": True, "top_logprobs": 2,
+            "alignment": {**SPR, "return_candidates": True}}
+    async with _client(make_app(FakeEngine(seed=4))) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    chosen = next(c for c in choice["alignment"]["candidates"]
+                  if c["finish_reason"] is not None and c["text"] == choice["message"]["content"])
+    assert len(content) == chosen["tokens"]
+    assert math.isclose(sum(t["logprob"] for t in content), chosen["logprob"])
+    assert all(len(t["top_logprobs"]) == 2 for t in content)
+
+
 async def test_accepted_sdk_fields_have_no_effect(client):
     r = await client.post("/v1/chat/completions", json={
         **CHAT, "user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
