@@ -69,60 +69,89 @@ async def run_row(client, prompts, args, label: str, alignment: dict, in_flight:
             else None, "load_avg": [load0, os.getloadavg()[0]]}
 
 
-def settings(args) -> list[tuple[str, dict, int]]:
+def settings(args) -> list[tuple[str, dict, int, int]]:
+    """(label, alignment, requests in flight, prompts) per row, most important first (a run
+    cut short by --budget-min keeps what the table needs most)."""
     base = {"reward": args.reward}
-    big = [128] if args.with_128 else []
     spr = {"strategy": "speculative_rejection", "alpha": args.alpha,
            "decision_tokens": args.decision_tokens, "growth": 2.0}
-    rows = [(f"best_of_n N={n}", {**base, "strategy": "best_of_n", "n": n}, args.in_flight)
-            for n in args.bon_n + big]
-    rows += [(f"SpR α={args.alpha} N={n}", {**base, **spr, "n": n}, args.in_flight)
-             for n in args.spr_n + big]
-    if args.value:
-        rows += [(f"SpR α={args.alpha} N={n} value={args.value}",
-                  {**base, **spr, "n": n, "value": args.value}, args.in_flight)
-                 for n in args.spr_n + big]
+
+    def bon(n: int) -> tuple[str, dict, int, int]:
+        return (f"best_of_n N={n}", {**base, "strategy": "best_of_n", "n": n}, args.in_flight,
+                args.limit)
+
+    def spr_row(n: int, value: str | None = None) -> tuple[str, dict, int, int]:
+        extra = {"value": value} if value else {}
+        return (f"SpR α={args.alpha} N={n}" + (f" value={value}" if value else ""),
+                {**base, **spr, "n": n, **extra}, args.in_flight, args.limit)
+
+    rows = [bon(n) for n in args.bon_n if n <= 32] + [spr_row(n) for n in args.spr_n if n <= 32]
     if args.cd:
-        rows += [("best_of_n N=8 (8 in flight)", {**base, "strategy": "best_of_n", "n": 8}, 8),
-                 ("blockwise_cd K=8 M=16", {**base, "strategy": "blockwise_cd", "n": 8,
-                                            "block_tokens": 16}, 8)]
+        if args.in_flight != 8 or 8 not in args.bon_n:  # else best_of_n N=8 is the reference
+            rows.append(("best_of_n N=8 (8 in flight)", {**base, "strategy": "best_of_n", "n": 8},
+                         8, args.limit))
+        rows.append(("blockwise_cd K=8 M=16", {**base, "strategy": "blockwise_cd", "n": 8,
+                                               "block_tokens": 16}, 8, args.limit))
+    if args.value:
+        rows += [spr_row(n, args.value) for n in args.spr_n if n <= 32]
+    rows += [bon(n) for n in args.bon_n if n > 32] + [spr_row(n) for n in args.spr_n if n > 32]
+    if args.with_128:  # the N = 128 pair, on --limit-128 prompts (its own reference)
+        k = args.limit_128 or args.limit
+        tag = "" if k == args.limit else f" ({k} prompts)"
+        rows += [(f"best_of_n N=128{tag}", {**base, "strategy": "best_of_n", "n": 128},
+                  min(args.in_flight, k), k),
+                 (f"SpR α={args.alpha} N=128{tag}", {**base, **spr, "n": 128},
+                  min(args.in_flight, k), k)]
     return rows
 
 
-async def main_async(args) -> list[dict]:
+async def main_async(args, t_start: float) -> list[dict]:
     import httpx
 
-    prompts = load_prompts(args.prompts, args.limit, mixed=True)
+    prompts = load_prompts(args.prompts, max(args.limit, args.limit_128 or 0), mixed=True)
     flags = [f for name_path in args.value_head for f in ("--value-head", name_path)]
     args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
     with alignserve_server(args.out / "load-server.log", *flags) as base:
         async with httpx.AsyncClient(base_url=base, timeout=3600) as client:
             await run_row(client, prompts[:2], args, "warm-up",
                           {"strategy": "best_of_n", "n": 2, "reward": args.reward}, 2)
-            rows = []
-            for label, alignment, in_flight in settings(args):
-                rows.append(await run_row(client, prompts, args, label, alignment, in_flight))
+            for label, alignment, in_flight, k in settings(args):
+                if args.budget_min and time.perf_counter() - t_start > 60 * args.budget_min:
+                    args.skipped.append(label)
+                    continue
+                rows.append(await run_row(client, prompts[:k], args, label, alignment, in_flight))
+                rows[-1]["prompts"] = k
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                finish(rows, args, t_start)  # the table so far, in case the run is cut short
     return rows
 
 
-def annotate(rows: list[dict], in_flight: int) -> None:
-    """Ratios to best-of-n at the same N (CD: best-of-8 at 8 in flight), and SpR's speed-up
-    at equal reward on the best-of-n (wall, reward) curve."""
-    bon = [r for r in rows if r["strategy"] == "best_of_n" and r["in_flight"] == in_flight]
-    ref = {r["n"]: r for r in bon}
-    ref8 = next((r for r in rows if r["label"] == "best_of_n N=8 (8 in flight)"), None)
+def finish(rows: list[dict], args, t_start: float) -> None:
+    annotate(rows, args.in_flight, args.limit)
+    write_results(args.out, "load", report(rows, args, time.perf_counter() - t_start), rows)
+    plot(rows, args.out / "load.png")
+
+
+def annotate(rows: list[dict], in_flight: int, limit: int) -> None:
+    """Ratios to best-of-n at the same N and prompts (CD: best-of-8 at 8 in flight), and SpR's
+    speed-up at equal reward on the best-of-n (wall, reward) curve of the full prompt set."""
+    bon = [r for r in rows if r["strategy"] == "best_of_n" and r["in_flight"] == in_flight
+           and r["prompts"] == limit]
+    ref = {(r["n"], r["prompts"]): r for r in rows if r["strategy"] == "best_of_n"}
+    ref8 = next((r for r in rows if r["strategy"] == "best_of_n" and r["n"] == 8
+                 and r["in_flight"] == 8 and r["prompts"] == limit), None)
     curve_pts = [(r["wall_s"], r["mean_reward"]) for r in sorted(bon, key=lambda r: r["n"])]
     for r in rows:
         if r["strategy"] == "best_of_n":
             continue  # the references themselves
-        base = ref8 if r["strategy"] == "blockwise_cd" else ref.get(r["n"])
+        base = ref8 if r["strategy"] == "blockwise_cd" else ref.get((r["n"], r["prompts"]))
         if base is not None:
             r["wall_ratio"] = r["wall_s"] / base["wall_s"]
             r["token_ratio"] = r["generated_tokens"] / base["generated_tokens"]
             r["reward_vs_ref"] = r["mean_reward"] - base["mean_reward"]
             r["ttft_ratio"] = r["ttft_s"] / base["ttft_s"]
-        if r["strategy"] == "speculative_rejection" and len(bon) >= 2:
+        if r["strategy"] == "speculative_rejection" and len(bon) >= 2 and r["prompts"] == limit:
             need, exact = log_interpolate(r["mean_reward"], curve_pts)
             r["bon_wall_for_reward"], r["speedup_at_equal_reward"] = need, need / r["wall_s"]
             r["speedup_is_lower_bound"] = not exact
@@ -136,7 +165,9 @@ def report(rows: list[dict], args, elapsed: float) -> str:
             f"streamed chat completions, reward `{args.reward}`, {args.max_tokens} new tokens, "
             f"temperature 1; SpR decision_tokens {args.decision_tokens}, growth 2. Tokens: every "
             "token the engine generated, all prompts. Ratios: to best-of-n at the same N (CD: to "
-            f"best-of-8 at 8 in flight). One run, whole run {elapsed / 60:.0f} min. "
+            f"best-of-8 at 8 in flight). One run, whole run {elapsed / 60:.0f} min"
+            + (f" (not run, out of time: {', '.join(args.skipped)})" if args.skipped else "")
+            + ". "
             f"**Contention:** {os.cpu_count()} CPU cores shared with other jobs; 1-minute load "
             f"average {min(loads):.0f}–{max(loads):.0f} during the run (per row in load.json).\n")
 
@@ -190,6 +221,9 @@ def main() -> None:
     ap.add_argument("--bon-n", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     ap.add_argument("--spr-n", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--with-128", action="store_true", help="Also best-of-128 and SpR N = 128.")
+    ap.add_argument("--limit-128", type=int, help="Prompts for the N = 128 pair (default --limit).")
+    ap.add_argument("--budget-min", type=float, help="Start no row after this many minutes "
+                    "(rows run most important first; the skipped ones are listed).")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--decision-tokens", type=int, default=8)
     ap.add_argument("--no-cd", dest="cd", action="store_false", help="Skip the blockwise CD rows.")
@@ -199,10 +233,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    rows = asyncio.run(main_async(args))
-    annotate(rows, args.in_flight)
-    write_results(args.out, "load", report(rows, args, time.perf_counter() - t0), rows)
-    plot(rows, args.out / "load.png")
+    args.skipped = []
+    rows = asyncio.run(main_async(args, t0))
+    finish(rows, args, t0)
 
 
 if __name__ == "__main__":
