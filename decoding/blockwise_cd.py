@@ -47,6 +47,7 @@ from .protocols import (
     DecodeResult,
     Objective,
     Sample,
+    Scored,
     Scorer,
     Timer,
 )
@@ -72,6 +73,7 @@ class BlockwiseCD:
         timer = Timer()
         blocks = generated = 0
         kl_estimate = 0.0
+        last: Scored | None = None  # the accepted block's verdict on the whole partial answer
         kv_block = getattr(ctx.engine, "block_size", None)  # optional: None, no alignment
         first = aligned_first_block(len(req.prompt_ids), block_tokens, kv_block)
         while not answer.done:
@@ -80,9 +82,9 @@ class BlockwiseCD:
                               seed=derive_seed(req.sampling.seed, "block", blocks))
             candidates = await ctx.generate(req.prompt_ids + answer.ids, k, sampling, timer)
             generated += sum(len(c.token_ids) for c in candidates)
-            scores = await self._scores(ctx, req, selection, answer, candidates, timer)
-            best = max(range(k), key=scores.__getitem__)  # first of equal scores
-            chosen = candidates[best]
+            verdicts = await self._scores(ctx, req, selection, answer, candidates, timer)
+            best = max(range(k), key=lambda i: verdicts[i].score)  # first of equal scores
+            chosen, last = candidates[best], verdicts[best]
             blocks += 1
             kept = answer.append(chosen.token_ids, chosen.logprobs, chosen.finish_reason)
             # ε of what was kept: a stop string may end the answer inside the block
@@ -96,18 +98,24 @@ class BlockwiseCD:
             scored_candidates=k * blocks, timer=timer,
             extra={"blocks": blocks, "block_tokens": block_tokens, "value": value.name},
         )
-        (final,) = await ctx.score_samples(req.objective, req, [result.sample], timer)
+        if value is req.objective.reward and last is not None and \
+                last.sample.text == result.sample.text:
+            # the reward on prefixes already judged this very text (and its cost): no second
+            # scorer round trip (a stop-string cut changes the text, and then it is rescored)
+            final = last
+        else:
+            (final,) = await ctx.score_samples(req.objective, req, [result.sample], timer)
         result.reward, result.cost = final.reward, final.cost
         return result
 
     async def _scores(self, ctx: DecodeContext, req: DecodeRequest, selection: Objective,
-                      answer: Committed, candidates: list[Sample], timer: Timer) -> list[float]:
+                      answer: Committed, candidates: list[Sample], timer: Timer) -> list[Scored]:
         """V(x, prefix + block) − w·cost for each candidate block: the scorers see the whole
         partial answer (exact ids for a TokenScorer, the decoding of the whole id list
         otherwise)."""
         partials = [Sample(answer.ids + c.token_ids, answer.preview(c.token_ids), [], None)
                     for c in candidates]
-        return [s.score for s in await ctx.score_samples(selection, req, partials, timer)]
+        return await ctx.score_samples(selection, req, partials, timer)
 
 
 def aligned_first_block(prompt_len: int, block_tokens: int, kv_block: int | None) -> int:

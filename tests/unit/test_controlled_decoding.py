@@ -89,6 +89,30 @@ async def test_blockwise_aligns_its_cuts_to_the_engines_kv_blocks():
     assert res.kl_bound == pytest.approx(4 * (math.log(4) - 3 / 4))
 
 
+class Counting(WordReward):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def score(self, prompt, responses):
+        self.calls += 1
+        return super().score(prompt, responses)
+
+
+async def test_blockwise_reuses_the_last_blocks_reward_as_the_answers():
+    reward = Counting()
+    req = DecodeRequest(PROMPT, "p", Sampling(max_tokens=20), n=4,
+                        objective=Objective(reward), options={"block_tokens": 8})
+    res = await BLOCKWISE.run(req, DecodeContext(FakeEngine(full_length=True, seed=3)))
+    assert res.extra["blocks"] == 3 and reward.calls == 3  # no fourth call for the answer
+    assert res.reward == res.sample.text.split().count("good")
+    # with a separate value, the objective scores the answer once more
+    head = FakeFudgeHead(tok=0)
+    req.value, reward.calls = head, 0
+    res = await BLOCKWISE.run(req, DecodeContext(FakeEngine(full_length=True, seed=3)))
+    assert reward.calls == 1 and res.reward == res.sample.text.split().count("good")
+
+
 async def test_blockwise_defaults_to_the_reward_on_partial_text():
     engine = Recording(full_length=True, seed=8)
     res = await BLOCKWISE.run(blockwise(k=3, block=5, max_tokens=10), DecodeContext(engine))
