@@ -85,13 +85,18 @@ def settings(args) -> list[tuple[str, dict, int, int]]:
         return (f"SpR α={args.alpha} N={n}" + (f" value={value}" if value else ""),
                 {**base, **spr, "n": n, **extra}, args.in_flight, args.limit)
 
-    rows = [bon(n) for n in args.bon_n if n <= 32] + [spr_row(n) for n in args.spr_n if n <= 32]
+    small = [n for n in args.bon_n if n <= 32]
+    rows = [bon(n) for n in small if n >= 8][:1]  # best-of-8 first: CD's reference too
     if args.cd:
         if args.in_flight != 8 or 8 not in args.bon_n:  # else best_of_n N=8 is the reference
             rows.append(("best_of_n N=8 (8 in flight)", {**base, "strategy": "best_of_n", "n": 8},
                          8, args.limit))
         rows.append(("blockwise_cd K=8 M=16", {**base, "strategy": "blockwise_cd", "n": 8,
                                                "block_tokens": 16}, 8, args.limit))
+    # then each SpR row with its best-of-N reference, then the rest of the best-of-n curve
+    for n in [n for n in args.spr_n if n <= 32]:
+        rows += [spr_row(n)] + ([bon(n)] if n in small else [])
+    rows += [bon(n) for n in sorted(small, reverse=True) if n not in args.spr_n and n != 8]
     if args.value:
         rows += [spr_row(n, args.value) for n in args.spr_n if n <= 32]
     rows += [bon(n) for n in args.bon_n if n > 32] + [spr_row(n) for n in args.spr_n if n > 32]
@@ -110,6 +115,7 @@ async def main_async(args, t_start: float) -> list[dict]:
 
     prompts = load_prompts(args.prompts, max(args.limit, args.limit_128 or 0), mixed=True)
     flags = [f for name_path in args.value_head for f in ("--value-head", name_path)]
+    flags += [f for kv in args.engine_arg for f in ("--engine-arg", kv)]
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     with alignserve_server(args.out / "load-server.log", *flags) as base:
@@ -230,6 +236,9 @@ def main() -> None:
     ap.add_argument("--value", help="Also SpR rows with this `alignment.value` (e.g. value:fudge).")
     ap.add_argument("--value-head", action="append", default=[], metavar="NAME=PATH",
                     help="A value head for the server (repeatable), served as value:NAME.")
+    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="A vLLM engine argument for the server (repeatable), e.g. "
+                         "enforce_eager=true (no torch.compile: starts in minutes on a busy CPU).")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     t0 = time.perf_counter()
