@@ -115,7 +115,7 @@ async def main_async(args, t_start: float) -> list[dict]:
 
     prompts = load_prompts(args.prompts, max(args.limit, args.limit_128 or 0), mixed=True)
     flags = [f for name_path in args.value_head for f in ("--value-head", name_path)]
-    flags += [f for kv in args.engine_arg for f in ("--engine-arg", kv)]
+    flags += ["--enforce-eager"] if args.enforce_eager else []
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     with alignserve_server(args.out / "load-server.log", *flags) as base:
@@ -236,9 +236,8 @@ def main() -> None:
     ap.add_argument("--value", help="Also SpR rows with this `alignment.value` (e.g. value:fudge).")
     ap.add_argument("--value-head", action="append", default=[], metavar="NAME=PATH",
                     help="A value head for the server (repeatable), served as value:NAME.")
-    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                    help="A vLLM engine argument for the server (repeatable), e.g. "
-                         "enforce_eager=true (no torch.compile: starts in minutes on a busy CPU).")
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="Serve without torch.compile (starts in minutes on a busy CPU).")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     t0 = time.perf_counter()
