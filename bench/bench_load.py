@@ -115,7 +115,7 @@ async def main_async(args, t_start: float) -> list[dict]:
 
     prompts = load_prompts(args.prompts, max(args.limit, args.limit_128 or 0), mixed=True)
     flags = [f for name_path in args.value_head for f in ("--value-head", name_path)]
-    flags += ["--enforce-eager"] if args.enforce_eager else []
+    flags += ["--enforce-eager", "true"] if args.enforce_eager else []
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     with alignserve_server(args.out / "load-server.log", *flags) as base:
