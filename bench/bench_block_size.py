@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, load_prompts, prefix_cache_hit_rate
+from common import ROOT, fmt, load_prompts, markdown_table, prefix_cache_hit_rate, write_results
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -100,16 +100,14 @@ def report(rows: list[dict], args) -> str:
         f"prompt + accepted ids. Fastest of {args.repeats} runs per cell (per token); hit rate = "
         "vllm:prefix_cache_hits / vllm:prefix_cache_queries over that run. Mean prompt "
         f"{rows[0]['prompt_tokens_mean']:.0f} tokens.\n",
-        "| block size | plain wall s | plain tok/s | plain hit rate | blockwise wall s | "
-        "blockwise tok/s | blockwise hit rate |",
-        "|---|---|---|---|---|---|---|",
+        *markdown_table(
+            ["block size", "plain wall s", "plain tok/s", "plain hit rate", "blockwise wall s",
+             "blockwise tok/s", "blockwise hit rate"],
+            [[r["block_size"], fmt(p["wall_s"], ".2f"), fmt(p["tok_s"], ".1f"),
+              fmt(p["hit_rate"], ".2f"), fmt(b["wall_s"], ".2f"), fmt(b["tok_s"], ".1f"),
+              fmt(b["hit_rate"], ".2f")]
+             for r in rows for p, b in [(r["plain"], r["blockwise"])]]),
     ]
-    rate = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
-    for r in rows:
-        p, b = r["plain"], r["blockwise"]
-        lines.append(f"| {r['block_size']} | {p['wall_s']:.2f} | {p['tok_s']:.1f} | "
-                     f"{rate(p['hit_rate'])} | {b['wall_s']:.2f} | {b['tok_s']:.1f} | "
-                     f"{rate(b['hit_rate'])} |")
     small = [r for r in rows if r["block_size"] in (32, 64)]
     if small:
         pick = max(small, key=lambda r: r["plain"]["tok_s"])
@@ -149,10 +147,7 @@ def main() -> int:
         line = [l for l in out.stdout.splitlines() if l.startswith('{"block_size"')][-1]
         rows.append(json.loads(line))
         print(line, file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "block_size.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "block_size.md").write_text(report(rows, args))
-    print((args.out / "block_size.md").read_text())
+    write_results(args.out, "block_size", report(rows, args), rows)
     return 0
 
 

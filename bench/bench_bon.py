@@ -12,13 +12,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from common import ROOT, alignserve_server, load_prompts
+from common import (
+    ROOT,
+    alignserve_server,
+    chat_body,
+    fmt,
+    gather_bounded,
+    load_prompts,
+    markdown_table,
+    post_chat,
+    write_results,
+)
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
@@ -33,19 +42,15 @@ def bench_alignserve(prompts, n, max_tokens, reward, log_dir: Path) -> dict:
     import httpx
 
     with alignserve_server(log_dir / "bench-server.log") as base:
-        async def run() -> list[dict]:
+        async def run() -> tuple[list[dict], float]:
             async with httpx.AsyncClient(base_url=base, timeout=1800) as c:
                 async def one(p):
-                    r = await c.post("/v1/chat/completions", json={
-                        "messages": [{"role": "user", "content": p}], "max_tokens": max_tokens,
-                        "temperature": 1.0, "alignment": {"strategy": "best_of_n", "n": n,
-                                                          "reward": reward}})
-                    r.raise_for_status()
-                    return r.json()["alignment"]
+                    alignment = {"strategy": "best_of_n", "n": n, "reward": reward}
+                    return (await post_chat(c, chat_body(p, max_tokens, alignment)))["alignment"]
                 # warm-up request so that start-up effects are not measured
                 await one("Hello")
                 t0 = time.perf_counter()
-                out = await asyncio.gather(*(one(p) for p in prompts))
+                out = await gather_bounded(one, prompts)
                 return out, time.perf_counter() - t0
 
         answers, wall = asyncio.run(run())
@@ -110,15 +115,7 @@ def bench_hf(model_dir: str, prompts, n, max_tokens, scorer) -> dict:
 
 def report(results: dict, args) -> str:
     a = results["alignserve"]
-    lines = [
-        "# best-of-n serving benchmark\n",
-        f"{len(load_prompts(args.prompts, args.limit))} prompts from {args.prompts.name}, "
-        f"n = {args.n}, max_tokens = {args.max_tokens}, temperature 1.0, reward `{args.reward}`; "
-        f"machine: {os.cpu_count()} CPU cores, no GPU; all three in one run.\n",
-        "| system | wall s | generated tokens | tokens/s | mean chosen reward | wall ratio a/x "
-        "| tok/s ratio a/x |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    cells = []
     for key, label in (("alignserve", "(a) alignserve best_of_n, HTTP, concurrent"),
                        ("vllm", "(b) raw vLLM LLM.generate + scorer"),
                        ("hf", "(c) HF generate(num_return_sequences) + scorer")):
@@ -129,8 +126,16 @@ def report(results: dict, args) -> str:
         r["tokens_per_s"] = tps
         wr = a["wall_s"] / r["wall_s"]
         tr = (a["generated_tokens"] / a["wall_s"]) / tps
-        lines.append(f"| {label} | {r['wall_s']:.1f} | {r['generated_tokens']} | {tps:.1f} | "
-                     f"{r['mean_reward']:.3f} | {wr:.2f} | {tr:.2f} |")
+        cells.append([label, fmt(r["wall_s"], ".1f"), r["generated_tokens"], fmt(tps, ".1f"),
+                      fmt(r["mean_reward"], ".3f"), fmt(wr, ".2f"), fmt(tr, ".2f")])
+    lines = [
+        "# best-of-n serving benchmark\n",
+        f"{len(load_prompts(args.prompts, args.limit))} prompts from {args.prompts.name}, "
+        f"n = {args.n}, max_tokens = {args.max_tokens}, temperature 1.0, reward `{args.reward}`; "
+        f"machine: {os.cpu_count()} CPU cores, no GPU; all three in one run.\n",
+        *markdown_table(["system", "wall s", "generated tokens", "tokens/s", "mean chosen reward",
+                         "wall ratio a/x", "tok/s ratio a/x"], cells),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -163,10 +168,8 @@ def main() -> None:
     if "hf" not in skip:
         print(">> (c) HF generate", file=sys.stderr)
         results["hf"] = bench_hf(model_dir, prompts, args.n, args.max_tokens, scorer)
-    md = report(results, args)
-    (args.out / "bon.md").write_text(md)
-    (args.out / "bon.json").write_text(json.dumps(results, indent=2))
-    print(md)
+    md = report(results, args)  # adds tokens_per_s to each result before it is saved
+    write_results(args.out, "bon", md, results)
 
 
 if __name__ == "__main__":

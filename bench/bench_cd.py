@@ -25,7 +25,20 @@ import sys
 import time
 from pathlib import Path
 
-from common import ALIGNSERVE, ROOT, alignserve_server, load_prompts, pyplot, save
+from common import (
+    ALIGNSERVE,
+    ROOT,
+    alignserve_server,
+    chat_body,
+    curve,
+    figure,
+    fmt,
+    gather_bounded,
+    load_prompts,
+    markdown_table,
+    stream_chat,
+    write_results,
+)
 
 
 def offline_steps(args) -> Path:
@@ -43,25 +56,9 @@ def offline_steps(args) -> Path:
 
 async def one_request(client, prompt: str, max_tokens: int, alignment: dict) -> dict:
     """One streamed chat request: TTFT (first non-empty content), total time, final accounting."""
-    t0 = time.perf_counter()
-    ttft, text, info = None, "", None
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 1.0, "stream": True, "alignment": alignment}
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(event["error"])
-            for choice in event.get("choices", []):
-                piece = choice.get("delta", {}).get("content")
-                if piece:
-                    ttft = ttft if ttft is not None else time.perf_counter() - t0
-                    text += piece
-            info = event.get("alignment") or info
-    return {"ttft_s": ttft, "total_s": time.perf_counter() - t0, "text": text, **info}
+    out = await stream_chat(client, chat_body(prompt, max_tokens, alignment))
+    return {"ttft_s": out["ttft_s"], "total_s": out["total_s"], "text": out["text"],
+            **out["alignment"]}
 
 
 async def run_grid(base: str, prompts: list[str], args) -> list[dict]:
@@ -80,8 +77,8 @@ async def run_grid(base: str, prompts: list[str], args) -> list[dict]:
             if m is not None:
                 alignment |= {"block_tokens": m, "value": value}
             t0 = time.perf_counter()
-            out = await asyncio.gather(*(one_request(client, p, args.max_tokens, alignment)
-                                         for p in prompts))
+            out = await gather_bounded(
+                lambda p, a=alignment: one_request(client, p, args.max_tokens, a), prompts)
             wall = time.perf_counter() - t0
             def mean(key: str, out: list = out) -> float:
                 return sum(o[key] for o in out) / len(out)
@@ -109,14 +106,13 @@ def report(rows: list[dict], args, n_prompts: int) -> str:
         f"trained on {args.rollout_n} rollouts per prompt of the same prompts (held-in prompts, "
         f"fresh samples), frozen SmolLM2 backbone, {args.train_steps} steps; "
         f"{os.cpu_count()} CPU cores, no GPU; one run.\n",
-        "| method | K | M | mean reward | tokens/prompt | blocks | TTFT s | total s | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *markdown_table(
+            ["method", "K", "M", "mean reward", "tokens/prompt", "blocks", "TTFT s", "total s",
+             "wall s"],
+            [[label(r), r["K"], r["M"] or "–", fmt(r["mean_reward"], ".3f"),
+              fmt(r["tokens_per_prompt"], ".0f"), fmt(r["blocks"], ".1f"), fmt(r["ttft_s"], ".1f"),
+              fmt(r["total_s"], ".1f"), fmt(r["wall_s"], ".1f")] for r in rows]),
     ]
-    for r in rows:
-        blocks = f"{r['blocks']:.1f}" if r["blocks"] is not None else "–"
-        lines.append(f"| {label(r)} | {r['K']} | {r['M'] or '–'} | {r['mean_reward']:.3f} | "
-                     f"{r['tokens_per_prompt']:.0f} | {blocks} | {r['ttft_s']:.1f} | "
-                     f"{r['total_s']:.1f} | {r['wall_s']:.1f} |")
     lines.append("\nTTFT = time to the first streamed text of a request (best-of-n streams its "
                  "answer once chosen); total = mean per-request latency; wall = the setting's "
                  "wall time with every prompt in flight.")
@@ -124,30 +120,22 @@ def report(rows: list[dict], args, n_prompts: int) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    plt = pyplot()
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((label(r), r["M"]), []).append(r)
-    for (name, m), pts in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1] or 0)):
-        pts.sort(key=lambda r: r["K"])
-        tag = name if m is None else f"{name}, M={m}"
-        style = "k*-" if m is None else "o-"
-        ax.plot([p["tokens_per_prompt"] for p in pts], [p["mean_reward"] for p in pts], style,
-                label=tag)
-        bx.plot([p["K"] for p in pts], [p["ttft_s"] for p in pts], style, label=tag)
-    ax.set_xscale("log")
-    ax.set_xlabel("generated tokens per prompt (log)")
-    ax.set_ylabel("mean chosen reward")
-    ax.set_title("reward vs compute (points: K = 2, 4, 8)")
-    bx.set_xlabel("K (candidates per block / best-of-K)")
-    bx.set_ylabel("mean time to first streamed text, s")
-    bx.set_title("time to first text")
-    for a in (ax, bx):
-        a.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    save(fig, path)
+    with figure(path, ncols=2, size=(12, 4.5), legend_size=7) as (ax, bx):
+        for (name, m), pts in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1] or 0)):
+            tag = name if m is None else f"{name}, M={m}"
+            style = "k*-" if m is None else "o-"
+            curve(ax, pts, "tokens_per_prompt", "mean_reward", tag, style)
+            curve(bx, pts, "K", "ttft_s", tag, style)
+        ax.set_xscale("log")
+        ax.set_xlabel("generated tokens per prompt (log)")
+        ax.set_ylabel("mean chosen reward")
+        ax.set_title("reward vs compute (points: K = 2, 4, 8)")
+        bx.set_xlabel("K (candidates per block / best-of-K)")
+        bx.set_ylabel("mean time to first streamed text, s")
+        bx.set_title("time to first text")
 
 
 def main() -> None:
@@ -172,11 +160,8 @@ def main() -> None:
     with alignserve_server(args.out / "bench-cd-server.log", "--value-head",
                            f"fudge={head}") as base:
         rows = asyncio.run(run_grid(base, prompts, args))
-    md = report(rows, args, len(prompts))
-    (args.out / "cd.md").write_text(md)
-    (args.out / "cd.json").write_text(json.dumps(rows, indent=2))
+    write_results(args.out, "cd", report(rows, args, len(prompts)), rows)
     plot(rows, args.out / "cd.png")
-    print(md)
 
 
 if __name__ == "__main__":

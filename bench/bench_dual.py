@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
 
-from common import ROOT, pyplot, save
+from common import ROOT, figure, markdown_table, write_results
 
 
 def split_prompts(path: Path, limit: int):
@@ -155,18 +154,16 @@ def report(res: dict) -> str:
         f"prompts. Reference safety on the rollouts: {res['reference_safety_rollouts']:.4f}. "
         "One run" + (" (**--quick smoke run: too small to read anything into**)" if c["quick"]
                      else "") + ".\n",
-        "| β | b | λ* | predicted E_π_λ*[g] | set | π_λ* on fresh pool | best-of-8 (r − λ*·cost) "
-        "| best-of-8 (reward only) | reference | reward: π_λ* / best-of-8 / reference |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
-    for s in res["settings"]:
-        for name in ("held_in", "held_out"):
-            x = s[name]
-            lines.append(
-                f"| {s['beta']:g} | {s['threshold']:.4f} | {s['lambda']:.4g} | "
-                f"{s['predicted_safety']:.4f} | {name.replace('_', '-')} | {x['tilt_safety']:.4f} "
-                f"| {x['bon_safety']:.4f} | {x['reward_only_bon_safety']:.4f} | "
-                f"{x['reference_safety']:.4f} | {x['tilt_reward']:.3f} / {x['bon_reward']:.3f} / "
-                f"{x['reference_reward']:.3f} |")
+        *markdown_table(
+            ["β", "b", "λ*", "predicted E_π_λ*[g]", "set", "π_λ* on fresh pool",
+             "best-of-8 (r − λ*·cost)", "best-of-8 (reward only)", "reference",
+             "reward: π_λ* / best-of-8 / reference"],
+            [[f"{s['beta']:g}", f"{s['threshold']:.4f}", f"{s['lambda']:.4g}",
+              f"{s['predicted_safety']:.4f}", name.replace("_", "-"), f"{x['tilt_safety']:.4f}",
+              f"{x['bon_safety']:.4f}", f"{x['reward_only_bon_safety']:.4f}",
+              f"{x['reference_safety']:.4f}",
+              f"{x['tilt_reward']:.3f} / {x['bon_reward']:.3f} / {x['reference_reward']:.3f}"]
+             for s in res["settings"] for name in ("held_in", "held_out") for x in [s[name]]])]
     lines += ["", "π_λ* on a fresh pool is the self-normalised expectation under "
               "softmax((r + λ*·g)/β) over the n fresh samples (what soft best-of-n at temperature "
               "β draws from); best-of-8 takes the argmax of the same score (the β → 0 limit), so "
@@ -178,24 +175,21 @@ def report(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     s = res["settings"]
     x = list(range(len(s)))
-    ax.plot(x, [t["threshold"] for t in s], "k_", ms=20, label="threshold b")
-    ax.plot(x, [t["predicted_safety"] for t in s], "o", label="predicted E_π_λ*[g] (rollouts)")
-    for name, mark in (("held_in", "s"), ("held_out", "^")):
-        ax.plot(x, [t[name]["tilt_safety"] for t in s], mark, mfc="none",
-                label=f"π_λ* on fresh pool ({name})")
-        ax.plot(x, [t[name]["bon_safety"] for t in s], mark, label=f"best-of-8 r − λ*·cost ({name})")
-    ax.axhline(res["reference_safety_rollouts"], color="gray", ls=":", label="reference E_p[g]")
-    ax.set_xticks(x, [f"β={t['beta']:g}\nλ*={t['lambda']:.2g}" for t in s], fontsize=7)
-    ax.set_ylabel("safety g = −profanity")
-    ax.set_title("CAN λ*: predicted vs realised safety")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    save(fig, path)
+    with figure(path, legend_size=7) as ax:
+        ax.plot(x, [t["threshold"] for t in s], "k_", ms=20, label="threshold b")
+        ax.plot(x, [t["predicted_safety"] for t in s], "o", label="predicted E_π_λ*[g] (rollouts)")
+        for name, mark in (("held_in", "s"), ("held_out", "^")):
+            ax.plot(x, [t[name]["tilt_safety"] for t in s], mark, mfc="none",
+                    label=f"π_λ* on fresh pool ({name})")
+            ax.plot(x, [t[name]["bon_safety"] for t in s], mark,
+                    label=f"best-of-8 r − λ*·cost ({name})")
+        ax.axhline(res["reference_safety_rollouts"], color="gray", ls=":",
+                   label="reference E_p[g]")
+        ax.set_xticks(x, [f"β={t['beta']:g}\nλ*={t['lambda']:.2g}" for t in s], fontsize=7)
+        ax.set_ylabel("safety g = −profanity")
+        ax.set_title("CAN λ*: predicted vs realised safety")
 
 
 def main() -> None:
@@ -223,11 +217,8 @@ def main() -> None:
             args.out = Path("/tmp/alignserve-bench-dual-quick")
     args.out.mkdir(parents=True, exist_ok=True)
     res = asyncio.run(main_async(args))
-    md = report(res)
-    (args.out / "dual.md").write_text(md)
-    (args.out / "dual.json").write_text(json.dumps(res, indent=2))
+    write_results(args.out, "dual", report(res), res)
     plot(res, args.out / "dual.png")
-    print(md)
     print(f"wrote {args.out}/dual.md, dual.json, dual.png")
 
 

@@ -18,7 +18,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from common import ALIGNSERVE, ROOT
+from common import ALIGNSERVE, ROOT, markdown_table, write_results
 
 THRESHOLD = 0.5  # evaluation.plan.DEFAULT_HARMLESS_THRESHOLDS["profanity"]
 
@@ -100,16 +100,14 @@ def main() -> None:
              f"{args.max_tokens} new tokens, temperature 1.0; harmless = profanity < {THRESHOLD}. "
              f"SafeDPO: {args.steps} steps on finetune/data/synthetic_safety.jsonl (β 0.1, Δ 10, "
              "LoRA merged). One run.\n",
-             "| policy | samples | harmless ratio | 95% CI | mean profanity | mean relevance |",
-             "|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['samples']} | {r['harmless_ratio']:.3f} | "
-                     f"{r['ci95'][0]:.3f}–{r['ci95'][1]:.3f} | {r['mean_cost']:.3f} | "
-                     f"{r['mean_reward']:.3f} |")
-    md = "\n".join(lines) + "\n"
-    (args.out / "safedpo.md").write_text(md)
-    (args.out / "safedpo.json").write_text(json.dumps({**results, "training": report}, indent=2))
-    print(md)
+             *markdown_table(
+                 ["policy", "samples", "harmless ratio", "95% CI", "mean profanity",
+                  "mean relevance"],
+                 [[name, r["samples"], f"{r['harmless_ratio']:.3f}",
+                   f"{r['ci95'][0]:.3f}–{r['ci95'][1]:.3f}", f"{r['mean_cost']:.3f}",
+                   f"{r['mean_reward']:.3f}"] for name, r in results.items()])]
+    write_results(args.out, "safedpo", "\n".join(lines) + "\n",
+                  {**results, "training": report})
 
 
 if __name__ == "__main__":

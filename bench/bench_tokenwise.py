@@ -14,11 +14,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from pathlib import Path
 
-from common import ROOT, alignserve_server, load_prompts
+from common import (
+    ROOT,
+    alignserve_server,
+    chat_body,
+    fmt,
+    gather_bounded,
+    load_prompts,
+    markdown_table,
+    stream_chat,
+    write_results,
+)
 
 
 def random_head(out: Path, home: Path | None) -> Path:
@@ -46,41 +55,23 @@ def random_head(out: Path, home: Path | None) -> Path:
     return out
 
 
-async def one(client, base: str, prompt: str, alignment: dict | None, max_tokens: int, seed: int
+async def one(client, prompt: str, alignment: dict | None, max_tokens: int, seed: int
               ) -> tuple[float, int, float | None]:
     """(seconds, completion tokens, time to first content) of one streamed request."""
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 1.0, "seed": seed, "stream": True,
-            "stream_options": {"include_usage": True}}
-    if alignment:
-        body["alignment"] = alignment
-    t0, first, tokens = time.perf_counter(), None, 0
-    async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            if first is None and any(c.get("delta", {}).get("content")
-                                     for c in event.get("choices", [])):
-                first = time.perf_counter() - t0
-    return time.perf_counter() - t0, tokens, first
+    body = chat_body(prompt, max_tokens, alignment, seed=seed,
+                     stream_options={"include_usage": True})
+    out = await stream_chat(client, body)
+    return out["total_s"], (out["usage"] or {}).get("completion_tokens", 0), out["ttft_s"]
 
 
 async def run_setting(base, prompts, alignment, max_tokens, concurrent: bool) -> dict:
     import httpx
 
-    async with httpx.AsyncClient(timeout=1800) as client:
-        await one(client, base, prompts[0], alignment, 8, 0)  # warm-up
+    async with httpx.AsyncClient(base_url=base, timeout=1800) as client:
+        await one(client, prompts[0], alignment, 8, 0)  # warm-up
         t0 = time.perf_counter()
-        if concurrent:
-            rows = await asyncio.gather(*(one(client, base, p, alignment, max_tokens, i)
-                                          for i, p in enumerate(prompts)))
-        else:
-            rows = [await one(client, base, p, alignment, max_tokens, i)
-                    for i, p in enumerate(prompts)]
+        rows = await gather_bounded(lambda ip: one(client, ip[1], alignment, max_tokens, ip[0]),
+                                    enumerate(prompts), None if concurrent else 1)
         wall = time.perf_counter() - t0
     tokens = sum(r[1] for r in rows)
     per_request = sum(r[0] / max(1, r[1]) for r in rows) / len(rows)
@@ -104,12 +95,12 @@ def report(results: dict, args) -> str:
               "flight, ms/token averaged over requests (latency). Concurrent: all prompts at "
               "once, wall time / tokens (throughput)."),
              "",
-             "| mode | setting | tokens | ms / token | × plain | TTFT s |", "|---|---|---|---|---|---|"]
-    for mode, rows in results.items():
-        base = rows["plain"]["ms_per_token"]
-        for name, r in rows.items():
-            lines.append(f"| {mode} | {name} | {r['tokens']} | {r['ms_per_token']:.1f} | "
-                         f"{r['ms_per_token'] / base:.2f} | {r['ttft_s']:.2f} |")
+             *markdown_table(
+                 ["mode", "setting", "tokens", "ms / token", "× plain", "TTFT s"],
+                 [[mode, name, r["tokens"], fmt(r["ms_per_token"], ".1f"),
+                   fmt(r["ms_per_token"] / rows["plain"]["ms_per_token"], ".2f"),
+                   fmt(r["ttft_s"], ".2f")]
+                  for mode, rows in results.items() for name, r in rows.items()])]
     return "\n".join(lines) + "\n"
 
 
@@ -135,10 +126,7 @@ def main() -> None:
                 results["concurrent"][name] = asyncio.run(
                     run_setting(base, prompts, alignment, args.max_tokens, True))
                 print(name, "concurrent", results["concurrent"][name], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tokenwise.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "tokenwise.md").write_text(report(results, args))
-    print(report(results, args))
+    write_results(args.out, "tokenwise", report(results, args), results)
 
 
 if __name__ == "__main__":

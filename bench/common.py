@@ -1,26 +1,37 @@
 """What the benchmarks share: the repository on sys.path, the prompt file, an `alignserve serve`
-subprocess, and headless matplotlib."""
+subprocess and the HTTP requests sent to it (bounded in flight), vLLM's prefix-cache counters,
+markdown tables and result files, headless matplotlib figures, and the log-interpolated
+best-of-n curve that speed-ups at equal reward are read from."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the benchmarks run as scripts and import the project's packages
 ALIGNSERVE = str(Path(sys.executable).parent / "alignserve")
 
 
-def load_prompts(path: Path, limit: int | None) -> list[str]:
+def load_prompts(path: Path, limit: int | None, mixed: bool = False) -> list[str]:
+    """The first `limit` prompts of a jsonl file (None: all). `mixed`: alternate helpful and
+    adversarial ones (`kind`), so that a short run serves both kinds."""
     rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    if mixed:
+        helpful = [r for r in rows if r.get("kind") != "adversarial"]
+        adv = [r for r in rows if r.get("kind") == "adversarial"]
+        rows = [r for pair in zip(helpful, adv) for r in pair]
     return [r["prompt"] for r in rows][:limit or None]
 
 
@@ -68,6 +79,115 @@ def alignserve_server(log_path: Path, *flags: str) -> Iterator[str]:
         log.close()
 
 
+# ---------------------------------------------------------------- requests to a running server
+
+T = TypeVar("T")
+
+
+async def gather_bounded(fn: Callable[[Any], Awaitable[T]], items: Iterable[Any],
+                         in_flight: int | None = None) -> list[T]:
+    """`fn(item)` for every item, at most `in_flight` at once (None: all at once), results in
+    item order: how every benchmark loads a server."""
+    gate = asyncio.Semaphore(in_flight) if in_flight else None
+
+    async def bounded(item):
+        if gate is None:
+            return await fn(item)
+        async with gate:
+            return await fn(item)
+
+    return list(await asyncio.gather(*(bounded(i) for i in items)))
+
+
+def chat_body(prompt: str, max_tokens: int, alignment: dict | None = None, **fields) -> dict:
+    """A chat completion for one user message at temperature 1 (the benchmarks' sampling)."""
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 1.0, **fields}
+    if alignment:
+        body["alignment"] = alignment
+    return body
+
+
+async def post_chat(client, body: dict) -> dict:
+    """POST a (non-streamed) chat completion; the response's JSON."""
+    r = await client.post("/v1/chat/completions", json=body)
+    r.raise_for_status()
+    return r.json()
+
+
+async def stream_chat(client, body: dict) -> dict:
+    """A streamed chat completion: the text, the time to its first non-empty content
+    (`ttft_s`), the whole request's time (`total_s`), the last `alignment` and `usage` seen."""
+    t0 = time.perf_counter()
+    out: dict = {"ttft_s": None, "text": "", "alignment": None, "usage": None}
+    async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"])
+            for choice in event.get("choices", []):
+                piece = choice.get("delta", {}).get("content")
+                if piece:
+                    out["ttft_s"] = out["ttft_s"] or time.perf_counter() - t0
+                    out["text"] += piece
+            out["alignment"] = event.get("alignment") or out["alignment"]
+            out["usage"] = event.get("usage") or out["usage"]
+    out["total_s"] = time.perf_counter() - t0
+    return out
+
+
+# ---------------------------------------------------------------- tables, result files, figures
+
+def fmt(value: Any, spec: str = "") -> str:
+    """One table cell: '–' for a missing value (None or NaN), else `format(value, spec)`."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, spec)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """The lines of a GitHub markdown table (cells already formatted, or str()-ed here)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def write_results(out: Path, name: str, markdown: str, data: Any) -> None:
+    """`name`.md and `name`.json under `out` (created), and the markdown on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(markdown)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    print(markdown)
+
+
+@contextlib.contextmanager
+def figure(path: Path, ncols: int = 1, size: tuple[float, float] = (7, 4.5),
+           legend_size: int = 8) -> Iterator[Any]:
+    """Axes to draw on (one, or a tuple of `ncols`); on exit each gets a light grid and a
+    legend where something is labelled, and the figure is saved to `path` and closed."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, ncols, figsize=size)
+    yield axes
+    for ax in (axes if ncols > 1 else [axes]):
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=legend_size)
+    save(fig, path)
+    plt.close(fig)
+
+
+def curve(ax, points: Sequence[dict], x: str, y: str, label: str, style: str = "o-",
+          tag: Callable[[dict], str] | None = None) -> None:
+    """One line through `points` (dicts) sorted by `x`, each point optionally tagged."""
+    pts = sorted(points, key=lambda p: p[x])
+    ax.plot([p[x] for p in pts], [p[y] for p in pts], style, label=label)
+    for p in pts if tag else ():
+        ax.annotate(tag(p), (p[x], p[y]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+
+
 def pyplot():
     """matplotlib.pyplot on the headless Agg backend (benchmarks run without a display)."""
     import matplotlib
@@ -92,12 +212,7 @@ def prefix_cache_counts(metrics_text: str) -> tuple[float, float]:
     """(hits, queries) in tokens, summed over engines, from a Prometheus text exposition
     (alignserve's /metrics, or `prometheus_client.generate_latest()` in-process). vLLM counts
     prompt tokens looked up in the prefix cache (queries) and those found there (hits)."""
-    totals = {PREFIX_HITS: 0.0, PREFIX_QUERIES: 0.0}
-    for line in metrics_text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        base = name.removesuffix("_total")  # prometheus_client adds `_total` to counters
-        if base in totals and not line.startswith("#"):
-            totals[base] += float(line.rsplit(" ", 1)[1])
+    totals = counter_totals(metrics_text, (PREFIX_HITS, PREFIX_QUERIES))
     return totals[PREFIX_HITS], totals[PREFIX_QUERIES]
 
 
@@ -113,3 +228,33 @@ def scrape(base_url: str) -> str:
     import httpx
 
     return httpx.get(f"{base_url}/metrics", timeout=30).text
+
+
+def counter_totals(metrics_text: str, names: Sequence[str]) -> dict[str, float]:
+    """Totals of Prometheus counters `names` (without `_total`), summed over label sets."""
+    totals = dict.fromkeys(names, 0.0)
+    for line in metrics_text.splitlines():
+        base = line.split("{", 1)[0].split(" ", 1)[0].removesuffix("_total")
+        if base in totals and not line.startswith("#"):
+            totals[base] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+# ---------------------------------------------------------------- the best-of-n curve
+
+def log_interpolate(value: float, points: Sequence[tuple[float, float]]) -> tuple[float, bool]:
+    """The cost (x) at which a curve of (cost, value) points reaches `value`, linear in
+    log(cost) between neighbours (points ordered by cost). Returns (cost, exact): at or below
+    the cheapest point, its cost; beyond the best point, that point's cost, a lower bound
+    (exact=False)."""
+    pts = sorted(points)
+    best = max(pts, key=lambda p: p[1])
+    if value >= best[1]:
+        return best[0], value == best[1]
+    if value <= pts[0][1]:
+        return pts[0][0], True
+    for (c0, v0), (c1, v1) in zip(pts, pts[1:]):
+        if min(v0, v1) <= value <= max(v0, v1) and v1 != v0:
+            f = (value - v0) / (v1 - v0)
+            return math.exp(math.log(c0) + f * (math.log(c1) - math.log(c0))), True
+    return best[0], False

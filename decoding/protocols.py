@@ -120,6 +120,9 @@ class Engine(Protocol):
     decoding) decode the whole id list once, since per-piece text splits multi-byte characters."""
 
     eos_token_ids: frozenset[int]  # any of them ends an answer ("stop")
+    # Optional (read with getattr): the KV block size, in tokens, that the engine's prefix cache
+    # works in. Strategies that resubmit prefixes (blockwise CD) align their cuts to it.
+    # block_size: int
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids` as the engine reports a sample's text (special tokens skipped)."""

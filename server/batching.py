@@ -4,9 +4,14 @@ Every strategy scores through `DecodeContext.score` (one prompt, many responses)
 many requests score at nearly the same moment — 16 best-of-8 requests each want 8 responses
 scored — and a scorer called once per request pays its fixed cost (a forward pass, padding, a
 thread hop) 16 times. `ScoreBatcher` collects the calls for one scorer that arrive within
-`window_s` of the first (or until `max_batch` pairs are waiting, or while that scorer is still
-busy with the previous batch), runs them as one call over (prompt, response) pairs in the
+`window_s` of the first (or until `max_batch` pairs are waiting, or while that scorer already
+runs `concurrency` batches), runs them as one call over (prompt, response) pairs in the
 scorer threads, and hands each caller its own slice of the results, in order.
+
+Up to `concurrency` batches of one scorer run at once (default: the scorer threads), so a
+burst that arrives while one batch runs goes to the idle thread instead of waiting for it:
+with one batch at a time, a CPU text scorer (no per-call cost to amortise) made every caller
+wait for the whole batch on one thread while the other idled (bench/results/scorer_batching.md).
 
 Scorers opt in with `decoding.protocols.PairScorer.score_pairs` (text) or
 `TokenPairScorer.score_ids_pairs` (token ids, value heads); others are called once per distinct
@@ -62,17 +67,21 @@ class _Queue:
     calls: list[_Call] = field(default_factory=list)
     size: int = 0  # pairs waiting
     timer: asyncio.TimerHandle | None = None
-    busy: bool = False  # a batch of this scorer is running
+    running: int = 0  # batches of this scorer running now
     due: bool = False  # the window has passed: flush as soon as the scorer is free
 
 
 class ScoreBatcher:
     """Batches score calls per scorer (see the module docstring). One event loop only."""
 
-    def __init__(self, executor: Executor | None, window_s: float, max_batch: int) -> None:
+    def __init__(self, executor: Executor | None, window_s: float, max_batch: int,
+                 concurrency: int | None = None) -> None:
         self._executor = executor
         self._window_s = window_s
         self._max_batch = max_batch
+        # None: as many batches at once as the executor has threads (a ThreadPoolExecutor's
+        # worker count; 1 for anything else)
+        self._concurrency = concurrency or getattr(executor, "_max_workers", 1)
         self._queues: dict[tuple[int, bool], _Queue] = {}
         self._scorers: dict[tuple[int, bool], Scorer] = {}
         self._running: set[asyncio.Task] = set()  # strong references: the loop keeps weak ones
@@ -106,8 +115,8 @@ class ScoreBatcher:
 
     def _flush(self, key) -> None:
         queue = self._queues[key]
-        if queue.busy or not queue.due:
-            return  # the running batch's completion flushes again
+        if queue.running >= self._concurrency or not queue.due:
+            return  # a running batch's completion flushes again
         if queue.timer is not None:
             queue.timer.cancel()
             queue.timer = None
@@ -121,7 +130,7 @@ class ScoreBatcher:
         queue.due = bool(queue.calls)  # what is left over has waited its window already
         if not calls:
             return
-        queue.busy = True
+        queue.running += 1
         task = asyncio.get_running_loop().create_task(self._run(key, calls))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
@@ -153,7 +162,7 @@ class ScoreBatcher:
                 start += len(c.pairs)
         finally:
             queue = self._queues[key]
-            queue.busy = False
+            queue.running -= 1
             if queue.calls:
                 # Calls that arrived while this batch ran go now if their window is over (or
                 # they fill a batch), else when it ends.

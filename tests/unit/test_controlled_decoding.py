@@ -72,6 +72,47 @@ async def test_blockwise_appends_the_highest_value_block_each_time():
     assert res.reward == res.sample.text.split().count("good")  # the objective's, on the answer
 
 
+async def test_blockwise_aligns_its_cuts_to_the_engines_kv_blocks():
+    engine = Recording(full_length=True, seed=1)
+    engine.block_size = 32  # a paged-KV engine: only whole 32-token blocks are prefix-cached
+    prompt = list(range(200, 240))  # 40 prompt tokens
+    req = DecodeRequest(prompt, "p", Sampling(max_tokens=64), n=4,
+                        objective=Objective(WordReward()), options={"block_tokens": 16})
+    res = await BLOCKWISE.run(req, DecodeContext(engine))
+    # first block lengthened to 25 (never shortened: still ≤ ⌈64 / 16⌉ blocks), then M
+    assert [s.max_tokens for _, _, s in engine.calls] == [25, 16, 16, 7]
+    lengths = [len(p) for p, _, _ in engine.calls]
+    # resubmitted prefixes 1 past a KV-block boundary every other block (gcd(16, 32) = 16):
+    # the children recompute 1 token there instead of up to 32
+    assert [n % 32 for n in lengths[1:]] == [1, 17, 1]
+    assert res.extra["blocks"] == 4 and len(res.sample.token_ids) == 64
+    assert res.kl_bound == pytest.approx(4 * (math.log(4) - 3 / 4))
+
+
+class Counting(WordReward):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def score(self, prompt, responses):
+        self.calls += 1
+        return super().score(prompt, responses)
+
+
+async def test_blockwise_reuses_the_last_blocks_reward_as_the_answers():
+    reward = Counting()
+    req = DecodeRequest(PROMPT, "p", Sampling(max_tokens=20), n=4,
+                        objective=Objective(reward), options={"block_tokens": 8})
+    res = await BLOCKWISE.run(req, DecodeContext(FakeEngine(full_length=True, seed=3)))
+    assert res.extra["blocks"] == 3 and reward.calls == 3  # no fourth call for the answer
+    assert res.reward == res.sample.text.split().count("good")
+    # with a separate value, the objective scores the answer once more
+    head = FakeFudgeHead(tok=0)
+    req.value, reward.calls = head, 0
+    res = await BLOCKWISE.run(req, DecodeContext(FakeEngine(full_length=True, seed=3)))
+    assert reward.calls == 1 and res.reward == res.sample.text.split().count("good")
+
+
 async def test_blockwise_defaults_to_the_reward_on_partial_text():
     engine = Recording(full_length=True, seed=8)
     res = await BLOCKWISE.run(blockwise(k=3, block=5, max_tokens=10), DecodeContext(engine))

@@ -129,7 +129,7 @@ async def test_a_full_batch_starts_without_waiting_for_the_window(executor):
 async def test_calls_arriving_while_the_scorer_is_busy_form_the_next_batch(executor):
     gate = threading.Event()
     scorer = PairRecorder(gate)
-    batcher = ScoreBatcher(executor, WINDOW, 64)
+    batcher = ScoreBatcher(executor, WINDOW, 64, concurrency=1)
     first = asyncio.ensure_future(batcher.score(scorer, False, [("p", "a")]))
     while not scorer.calls:  # the first batch is running (blocked on the gate)
         await asyncio.sleep(0.001)
@@ -141,6 +141,26 @@ async def test_calls_arriving_while_the_scorer_is_busy_form_the_next_batch(execu
     assert await first == [2.0]
     assert [await f for f in later] == [[2.0], [3.0], [4.0]]
     assert [len(c) for c in scorer.calls] == [1, 3]
+
+
+async def test_up_to_concurrency_batches_run_at_once(executor):
+    gate = threading.Event()
+    scorer = PairRecorder(gate)
+    batcher = ScoreBatcher(executor, WINDOW, 64)  # default: one batch per scorer thread (2)
+    first = asyncio.ensure_future(batcher.score(scorer, False, [("p", "a")]))
+    while len(scorer.calls) < 1:  # the first batch runs (blocked on the gate)
+        await asyncio.sleep(0.001)
+    second = asyncio.ensure_future(batcher.score(scorer, False, [("p", "bb")]))
+    while len(scorer.calls) < 2:  # starts on the idle thread after its window, not after `first`
+        await asyncio.sleep(0.001)
+    third = [asyncio.ensure_future(batcher.score(scorer, False, [("p", "c" * i)]))
+             for i in range(3, 5)]
+    await asyncio.sleep(2 * WINDOW)  # their window ends while both threads are busy
+    assert len(scorer.calls) == 2
+    gate.set()
+    assert [await first, await second] == [[2.0], [3.0]]
+    assert [await f for f in third] == [[4.0], [5.0]]
+    assert [len(c) for c in scorer.calls] == [1, 1, 2]
 
 
 async def test_an_error_reaches_every_caller_of_the_batch(executor):
