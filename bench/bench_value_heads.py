@@ -87,8 +87,8 @@ def write_report(metrics: dict[str, dict], args) -> str:
         f"held out (whole prompts). {os.cpu_count()} CPU cores shared with other jobs; one run.\n",
         "Pearson correlation over every (rollout, prefix t) pair in a bucket of t between the "
         "prediction at prefix t and the rollout's final reward r(x, y), on the held-out prompts. "
-        f"Baseline: the reward scorer itself applied to the decoded prefix, r(x, yᵗ) — what "
-        "blockwise CD with `value: " + args.reward + "` acts on.\n",
+        "Baseline: the reward scorer itself applied to the decoded prefix, r(x, yᵗ) — what "
+        f"blockwise CD with `value: {args.reward}` acts on.\n",
         table(metrics, args.reward), "",
         "![correlation](correlation.png)\n",
         "| head | train prompts / rows | val prompts / rows | val ½·MSE (normalised), "
