@@ -32,10 +32,16 @@ from pathlib import Path
 from common import ALIGNSERVE, ROOT, alignserve_server, load_prompts, pyplot, save
 
 
+def needed_heads(args) -> list[str]:
+    """The head methods the grid uses: `value:fudge` / `value:cdq` values, tokenwise CD-Q."""
+    methods = [v.split(":", 1)[1] for v in args.values if v.startswith("value:")]
+    return sorted(set(methods) | ({"cdq"} if args.lambdas else set()))
+
+
 def offline_steps(args) -> dict[str, Path]:
-    """Rollouts and the FUDGE and CD-Q heads (each reused when present, or given); returns
+    """Rollouts and the heads the grid needs (each reused when present, or given); returns
     method → head folder."""
-    given = {"fudge": args.fudge_head, "cdq": args.cdq_head}
+    given = {m: {"fudge": args.fudge_head, "cdq": args.cdq_head}[m] for m in needed_heads(args)}
     if all(given.values()):
         return given
     rollouts = args.work / "rollouts"
@@ -79,7 +85,7 @@ async def one_request(client, prompt: str, max_tokens: int, alignment: dict) -> 
 def grid(args) -> list[tuple[str, int, int | None, str | None, float | None]]:
     """(strategy, K, M, value, λ) of every setting, in the order they run."""
     settings = [("best_of_n", k, None, None, None) for k in args.bon_k]
-    for value in ("value:fudge", "value:cdq", args.reward):
+    for value in args.values:
         settings += [("blockwise_cd", k, m, value, None) for k in args.k for m in args.m]
     settings += [("tokenwise_cd", 1, None, "value:cdq", lam) for lam in args.lambdas]
     return settings
@@ -101,11 +107,12 @@ async def run_grid(base: str, prompts: list[str], args) -> list[dict]:
     rows = []
     async with httpx.AsyncClient(base_url=base, timeout=3600) as client:
         # warm-up: the heads' and the scorer's first call, and the engine's first batch
-        for value in ("value:fudge", "value:cdq"):
+        for value in (f"value:{m}" for m in needed_heads(args)):
             await one_request(client, "Hello", 8, {"strategy": "blockwise_cd", "n": 2,
                                                    "block_tokens": 4, "value": value})
-        await one_request(client, "Hello", 8, alignment_of("tokenwise_cd", 1, None, "value:cdq",
-                                                           1.0, args.reward))
+        if args.lambdas:
+            await one_request(client, "Hello", 8, alignment_of("tokenwise_cd", 1, None,
+                                                               "value:cdq", 1.0, args.reward))
         for strategy, k, m, value, lam in grid(args):
             alignment = alignment_of(strategy, k, m, value, lam, args.reward)
             t0 = time.perf_counter()
@@ -125,6 +132,8 @@ async def run_grid(base: str, prompts: list[str], args) -> list[dict]:
                    "blocks": mean("blocks") if m is not None else None}
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
+            # the rows so far, should a long grid be interrupted (bench/results/*.tmp: ignored)
+            (args.out / "cd.json.tmp").write_text(json.dumps(rows, indent=2))
     return rows
 
 
@@ -205,8 +214,10 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[8, 16, 32], help="Blockwise M.")
     ap.add_argument("--bon-k", type=int, nargs="+", default=[1, 2, 4, 8],
                     help="Best-of-n K (1: plain sampling).")
-    ap.add_argument("--lambdas", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0],
-                    help="Tokenwise CD-Q λ.")
+    ap.add_argument("--lambdas", type=float, nargs="*", default=[0.5, 1.0, 2.0, 4.0],
+                    help="Tokenwise CD-Q λ (none: no tokenwise rows).")
+    ap.add_argument("--values", nargs="+", default=None,
+                    help="Blockwise values (default: value:fudge value:cdq and the reward).")
     ap.add_argument("--fudge-head", type=Path, default=None, help="A trained FUDGE head.")
     ap.add_argument("--cdq-head", type=Path, default=None, help="A trained CD-Q head.")
     ap.add_argument("--rollout-n", type=int, default=16, help="Rollouts per prompt for the head.")
@@ -216,6 +227,7 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="Redo rollouts and training.")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
+    args.values = args.values or ["value:fudge", "value:cdq", args.reward]
     args.out.mkdir(parents=True, exist_ok=True)
     heads = offline_steps(args)
     prompts = load_prompts(args.prompts, args.limit)
