@@ -41,7 +41,10 @@ test-integration: install model
 bench: install model
 	$(PY) bench/bench_bon.py --out bench/results
 	$(PY) bench/bench_spr.py --out bench/results
-	$(PY) bench/bench_cd.py --out bench/results
+	$(PY) bench/bench_value_heads.py --out bench/results
+	VH=$${ALIGNSERVE_HOME:-$$HOME/.cache/alignserve}/value-heads; \
+	  $(PY) bench/bench_cd.py --out bench/results --k 4 --m 16 \
+	  --fudge-head $$VH/head-fudge --cdq-head $$VH/head-cdq
 	$(PY) bench/bench_load.py --out bench/results
 	$(PY) bench/bench_dual.py --out bench/results
 	$(PY) bench/bench_safedpo.py --out bench/results

@@ -1,17 +1,21 @@
-"""Blockwise controlled decoding vs best-of-n on the real engine, over HTTP, in one run.
+"""Controlled decoding (blockwise and tokenwise) vs best-of-n on the real engine, over HTTP,
+side by side in one run.
 
-Pipeline (a step is skipped when its output already exists under --work):
+Pipeline (a step is skipped when its output already exists under --work, or when the heads
+are given with --fudge-head / --cdq-head, e.g. the ones of docs/value-heads.md trained on
+valuenet/data/prompts-train.jsonl, which holds the dev prompts out):
   1. `alignserve rollouts`: K samples per dev prompt from the reference policy, scored by the reward;
-  2. `alignserve train-value --method fudge`: a prefix value head on those rollouts;
-  3. one `alignserve serve --value-head fudge=HEAD`, then for every setting all prompts are sent
-     at once, streamed:
-       blockwise_cd, K ∈ {2, 4, 8} × M ∈ {8, 16, 32}, value = the FUDGE head (`value:fudge`)
-                     and value = the reward scorer itself applied to the partial text;
-       best_of_n, K ∈ {2, 4, 8} (the same reward).
+  2. `alignserve train-value --method fudge` and `--method cdq`: prefix value heads on them;
+  3. one `alignserve serve --value-head fudge=HEAD --value-head cdq=HEAD`, then for every
+     setting all prompts are sent at once, streamed:
+       best_of_n, K ∈ --bon-k (K = 1 is plain sampling, scored);
+       blockwise_cd, K ∈ --k × M ∈ --m, value = the FUDGE head (`value:fudge`), the CD-Q head
+                     (`value:cdq`) and the reward scorer itself applied to the partial text;
+       tokenwise_cd, λ ∈ --lambdas, the CD-Q head in the engine's logits processor.
 Reports the mean chosen reward, generated tokens per prompt, time to the first streamed text
-(TTFT) and total time per request; writes cd.md, cd.json and cd.png. The head is trained on
-rollouts of the same prompts that are benchmarked (held-in prompts, fresh samples): say so
-when quoting it.
+(TTFT), total time per request, wall time per answer token and the KL estimate; writes cd.md,
+cd.json and cd.png. Without --fudge-head the heads are trained on rollouts of the benchmarked
+prompts themselves (held-in prompts, fresh samples): say so when quoting them.
 """
 
 from __future__ import annotations
@@ -41,17 +45,31 @@ from common import (
 )
 
 
-def offline_steps(args) -> Path:
-    """Rollouts and the FUDGE head (each reused when present); returns the head's folder."""
-    rollouts, head = args.work / "rollouts", args.work / "head-fudge"
+def needed_heads(args) -> list[str]:
+    """The head methods the grid uses: `value:fudge` / `value:cdq` values, tokenwise CD-Q."""
+    methods = [v.split(":", 1)[1] for v in args.values if v.startswith("value:")]
+    return sorted(set(methods) | ({"cdq"} if args.lambdas else set()))
+
+
+def offline_steps(args) -> dict[str, Path]:
+    """Rollouts and the heads the grid needs (each reused when present, or given); returns
+    method → head folder."""
+    given = {m: {"fudge": args.fudge_head, "cdq": args.cdq_head}[m] for m in needed_heads(args)}
+    if all(given.values()):
+        return given
+    rollouts = args.work / "rollouts"
     if not (rollouts / "manifest.json").is_file() or args.fresh:
         subprocess.run([ALIGNSERVE, "rollouts", "--prompts", str(args.prompts), "--n",
                         str(args.rollout_n), "--max-tokens", str(args.max_tokens), "--reward",
                         args.reward, "--out", str(rollouts)], check=True)
-    if not (head / "config.json").is_file() or args.fresh:
-        subprocess.run([ALIGNSERVE, "train-value", "--data", str(rollouts), "--method", "fudge",
-                        "--steps", str(args.train_steps), "--out", str(head)], check=True)
-    return head
+    heads = {}
+    for method, head in given.items():
+        heads[method] = head or args.work / f"head-{method}"
+        if head is None and (not (heads[method] / "config.json").is_file() or args.fresh):
+            subprocess.run([ALIGNSERVE, "train-value", "--data", str(rollouts), "--method",
+                            method, "--steps", str(args.train_steps), "--out",
+                            str(heads[method])], check=True)
+    return heads
 
 
 async def one_request(client, prompt: str, max_tokens: int, alignment: dict) -> dict:
@@ -61,79 +79,114 @@ async def one_request(client, prompt: str, max_tokens: int, alignment: dict) -> 
             **out["alignment"]}
 
 
+def grid(args) -> list[tuple[str, int, int | None, str | None, float | None]]:
+    """(strategy, K, M, value, λ) of every setting, in the order they run."""
+    settings = [("best_of_n", k, None, None, None) for k in args.bon_k]
+    for value in args.values:
+        settings += [("blockwise_cd", k, m, value, None) for k in args.k for m in args.m]
+    settings += [("tokenwise_cd", 1, None, "value:cdq", lam) for lam in args.lambdas]
+    return settings
+
+
+def alignment_of(strategy: str, k: int, m: int | None, value: str | None, lam: float | None,
+                 reward: str) -> dict:
+    alignment = {"strategy": strategy, "n": k, "reward": reward}
+    if strategy == "blockwise_cd":
+        alignment |= {"block_tokens": m, "value": value}
+    elif strategy == "tokenwise_cd":
+        alignment = {"strategy": strategy, "value": value, "lambda": lam, "reward": reward}
+    return alignment
+
+
 async def run_grid(base: str, prompts: list[str], args) -> list[dict]:
     import httpx
 
-    settings = [("best_of_n", k, None, None) for k in args.k]
-    for value in ("value:fudge", args.reward):
-        settings += [("blockwise_cd", k, m, value) for k in args.k for m in args.m]
     rows = []
     async with httpx.AsyncClient(base_url=base, timeout=3600) as client:
-        # warm-up: the head's and the scorer's first call, and the engine's first batch
-        await one_request(client, "Hello", 8, {"strategy": "blockwise_cd", "n": 2,
-                                               "block_tokens": 4, "value": "value:fudge"})
-        for strategy, k, m, value in settings:
-            alignment = {"strategy": strategy, "n": k, "reward": args.reward}
-            if m is not None:
-                alignment |= {"block_tokens": m, "value": value}
+        # warm-up: the heads' and the scorer's first call, and the engine's first batch
+        for value in (f"value:{m}" for m in needed_heads(args)):
+            await one_request(client, "Hello", 8, {"strategy": "blockwise_cd", "n": 2,
+                                                   "block_tokens": 4, "value": value})
+        if args.lambdas:
+            await one_request(client, "Hello", 8, alignment_of("tokenwise_cd", 1, None,
+                                                               "value:cdq", 1.0, args.reward))
+        for strategy, k, m, value, lam in grid(args):
+            alignment = alignment_of(strategy, k, m, value, lam, args.reward)
             t0 = time.perf_counter()
             out = await gather_bounded(
                 lambda p, a=alignment: one_request(client, p, args.max_tokens, a), prompts)
             wall = time.perf_counter() - t0
             def mean(key: str, out: list = out) -> float:
                 return sum(o[key] for o in out) / len(out)
-            row = {"strategy": strategy, "K": k, "M": m, "value": value, "wall_s": wall,
-                   "mean_reward": mean("reward"), "tokens_per_prompt": mean("generated_tokens"),
-                   "ttft_s": mean("ttft_s"), "total_s": mean("total_s"),
+            # wall time per answer token: every request's latency over its answer's tokens
+            # (generated tokens / K: best-of-n and blockwise CD generate K per answer token)
+            per_token = sum(o["total_s"] * k / max(1, o["generated_tokens"]) for o in out) / len(out)
+            row = {"strategy": strategy, "K": k, "M": m, "value": value, "lambda": lam,
+                   "wall_s": wall, "mean_reward": mean("reward"),
+                   "tokens_per_prompt": mean("generated_tokens"), "ttft_s": mean("ttft_s"),
+                   "total_s": mean("total_s"), "ms_per_answer_token": 1000 * per_token,
+                   "kl_estimate": mean("kl_estimate"), "kl_bound": mean("kl_bound"),
                    "blocks": mean("blocks") if m is not None else None}
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
+            # the rows so far, should a long grid be interrupted (bench/results/*.tmp: ignored)
+            (args.out / "cd.json.tmp").write_text(json.dumps(rows, indent=2))
     return rows
 
 
 def label(r: dict) -> str:
     if r["strategy"] == "best_of_n":
-        return "best_of_n"
-    return "blockwise, FUDGE head" if r["value"] == "value:fudge" else f"blockwise, {r['value']} on prefixes"
+        return "plain sampling" if r["K"] == 1 else "best_of_n"
+    if r["strategy"] == "tokenwise_cd":
+        return f"tokenwise CD-Q, λ={r['lambda']:g}"
+    heads = {"value:fudge": "FUDGE head", "value:cdq": "CD-Q head"}
+    return f"blockwise, {heads.get(r['value'], str(r['value']) + ' on prefixes')}"
 
 
 def report(rows: list[dict], args, n_prompts: int) -> str:
     lines = [
-        "# Blockwise controlled decoding vs best-of-n\n",
+        "# Controlled decoding (blockwise, tokenwise) vs best-of-n\n",
         f"The first {n_prompts} prompts of {args.prompts.name} (all in flight per setting, "
-        f"streamed), "
-        f"max_tokens {args.max_tokens}, temperature 1.0, reward `{args.reward}`; FUDGE head "
-        f"trained on {args.rollout_n} rollouts per prompt of the same prompts (held-in prompts, "
-        f"fresh samples), frozen SmolLM2 backbone, {args.train_steps} steps; "
-        f"{os.cpu_count()} CPU cores, no GPU; one run.\n",
+        f"streamed), max_tokens {args.max_tokens}, temperature 1.0, reward `{args.reward}`; "
+        + (f"heads: FUDGE `{args.fudge_head}`, CD-Q `{args.cdq_head}` (trained on other "
+           "prompts: see docs/value-heads.md)" if args.fudge_head and args.cdq_head else
+           f"heads trained on {args.rollout_n} rollouts per prompt of the same prompts "
+           f"(held-in prompts, fresh samples), {args.train_steps} steps")
+        + f"; frozen SmolLM2 backbone; {os.cpu_count()} CPU cores, no GPU; one run.\n",
         *markdown_table(
             ["method", "K", "M", "mean reward", "tokens/prompt", "blocks", "TTFT s", "total s",
-             "wall s"],
+             "ms/answer token", "KL est.", "wall s"],
             [[label(r), r["K"], r["M"] or "–", fmt(r["mean_reward"], ".3f"),
               fmt(r["tokens_per_prompt"], ".0f"), fmt(r["blocks"], ".1f"), fmt(r["ttft_s"], ".1f"),
-              fmt(r["total_s"], ".1f"), fmt(r["wall_s"], ".1f")] for r in rows]),
+              fmt(r["total_s"], ".1f"), fmt(r["ms_per_answer_token"], ".0f"),
+              fmt(r["kl_estimate"], ".2f"), fmt(r["wall_s"], ".1f")] for r in rows]),
     ]
     lines.append("\nTTFT = time to the first streamed text of a request (best-of-n streams its "
-                 "answer once chosen); total = mean per-request latency; wall = the setting's "
-                 "wall time with every prompt in flight.")
+                 "answer once chosen); total = mean per-request latency; ms/answer token = "
+                 "latency over the answer's tokens (generated / K); KL est. = the answer's "
+                 "`kl_estimate` (nats; best-of-n and blockwise: Beirami's estimator, tokenwise: "
+                 "Σₜ KL(πₜ‖pₜ) along the path); wall = the setting's wall time with every "
+                 "prompt in flight.")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((label(r), r["M"]), []).append(r)
+    groups: dict[str, list[dict]] = {}  # one curve per method: over K (best-of-n: 1 = plain)
+    for r in rows:                       # or over λ (tokenwise), per M (blockwise)
+        name = {"best_of_n": "best_of_n", "tokenwise_cd": "tokenwise CD-Q"}.get(
+            r["strategy"], f"{label(r)}, M={r['M']}")
+        groups.setdefault(name, []).append(r)
     with figure(path, ncols=2, size=(12, 4.5), legend_size=7) as (ax, bx):
-        for (name, m), pts in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1] or 0)):
-            tag = name if m is None else f"{name}, M={m}"
-            style = "k*-" if m is None else "o-"
+        for tag, pts in sorted(groups.items()):
+            pts.sort(key=lambda r: (r["K"], r["lambda"] or 0))
+            style = {"best_of_n": "k*-", "tokenwise CD-Q": "s--"}.get(tag, "o-")
             curve(ax, pts, "tokens_per_prompt", "mean_reward", tag, style)
             curve(bx, pts, "K", "ttft_s", tag, style)
         ax.set_xscale("log")
         ax.set_xlabel("generated tokens per prompt (log)")
         ax.set_ylabel("mean chosen reward")
-        ax.set_title("reward vs compute (points: K = 2, 4, 8)")
-        bx.set_xlabel("K (candidates per block / best-of-K)")
+        ax.set_title("reward vs compute (points: K, or λ for tokenwise)")
+        bx.set_xlabel("K (candidates per block / best-of-K; tokenwise: 1)")
         bx.set_ylabel("mean time to first streamed text, s")
         bx.set_title("time to first text")
 
@@ -145,8 +198,16 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=16, help="Prompts benchmarked (0: all).")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--reward", default="relevance")
-    ap.add_argument("--k", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--m", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="Blockwise K.")
+    ap.add_argument("--m", type=int, nargs="+", default=[8, 16, 32], help="Blockwise M.")
+    ap.add_argument("--bon-k", type=int, nargs="+", default=[1, 2, 4, 8],
+                    help="Best-of-n K (1: plain sampling).")
+    ap.add_argument("--lambdas", type=float, nargs="*", default=[0.5, 1.0, 2.0, 4.0],
+                    help="Tokenwise CD-Q λ (none: no tokenwise rows).")
+    ap.add_argument("--values", nargs="+", default=None,
+                    help="Blockwise values (default: value:fudge value:cdq and the reward).")
+    ap.add_argument("--fudge-head", type=Path, default=None, help="A trained FUDGE head.")
+    ap.add_argument("--cdq-head", type=Path, default=None, help="A trained CD-Q head.")
     ap.add_argument("--rollout-n", type=int, default=16, help="Rollouts per prompt for the head.")
     ap.add_argument("--train-steps", type=int, default=400)
     ap.add_argument("--work", type=Path, default=Path(os.environ.get(
@@ -154,11 +215,12 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="Redo rollouts and training.")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
+    args.values = args.values or ["value:fudge", "value:cdq", args.reward]
     args.out.mkdir(parents=True, exist_ok=True)
-    head = offline_steps(args)
+    heads = offline_steps(args)
     prompts = load_prompts(args.prompts, args.limit)
-    with alignserve_server(args.out / "bench-cd-server.log", "--value-head",
-                           f"fudge={head}") as base:
+    flags = [f for method, head in heads.items() for f in ("--value-head", f"{method}={head}")]
+    with alignserve_server(args.out / "bench-cd-server.log", *flags) as base:
         rows = asyncio.run(run_grid(base, prompts, args))
     write_results(args.out, "cd", report(rows, args, len(prompts)), rows)
     plot(rows, args.out / "cd.png")

@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--head", type=Path, default=None, help="a CD-Q checkpoint (default: random)")
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                    help="Settings to run (plain is always run: the ratios' base).")
     ap.add_argument("--work", type=Path, default=Path("/tmp/alignserve-bench-tokenwise"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
@@ -119,6 +121,8 @@ def main() -> None:
     results: dict = {"sequential": {}, "concurrent": {}}
     with alignserve_server(args.work / "server.log", "--value-head", f"cdq={head}") as base:
         for name, alignment in SETTINGS.items():
+            if name != "plain" and name not in args.settings:
+                continue
             results["sequential"][name] = asyncio.run(
                 run_setting(base, prompts, alignment, args.max_tokens, False))
             print(name, "sequential", results["sequential"][name], flush=True)

@@ -62,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CD-Q: target at the last token of a response cut by length: its reward "
                         "(terminal, default) or the bootstrapped value.")
     p.add_argument("--seed", type=int, default=0, help="Split and batch order seed.")
+    p.add_argument("--baseline", default=None, metavar="SCORER",
+                   help="Also report the correlation curve of this scorer (e.g. the rollouts' "
+                        "reward) applied to the validation prefixes: the baseline the head "
+                        "must beat (metrics.json, correlation.png).")
     p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
 
 
@@ -100,7 +104,8 @@ def run(ns: argparse.Namespace) -> int:
     cfg = TrainConfig(method=ns.method, steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr,
                       lora_lr=ns.lora_lr, lora_r=ns.lora_r, lora_alpha=2 * ns.lora_r,
                       tune=ns.tune, val_fraction=ns.val_fraction, ref_top_k=ns.ref_top_k,
-                      truncated=ns.truncated, seed=ns.seed, progress=not ns.no_progress)
+                      truncated=ns.truncated, seed=ns.seed, progress=not ns.no_progress,
+                      baseline=ns.baseline)
     home = Path(ns.home).expanduser() if ns.home else None
     t0 = time.perf_counter()
     try:
@@ -118,6 +123,10 @@ def run(ns: argparse.Namespace) -> int:
                                        "val_loss", "initial_val_value_mse", "val_value_mse")}
     summary["correlation_by_prefix_length"] = {
         f"{b['lo']}-{b['hi'] - 1}": b["pearson"] for b in metrics["correlation_by_prefix_length"]}
+    if metrics.get("baseline_correlation_by_prefix_length"):
+        summary["baseline_correlation_by_prefix_length"] = {
+            f"{b['lo']}-{b['hi'] - 1}": b["pearson"]
+            for b in metrics["baseline_correlation_by_prefix_length"]}
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     summary["out"] = str(Path(ns.out).expanduser())
     print(json.dumps(summary, indent=2))

@@ -65,16 +65,43 @@ def correlation_by_prefix_length(
     return out
 
 
-def plot_correlation(curve: list[dict], path: Path, title: str) -> None:
+def scorer_on_prefixes(scorer, decode, rows, batch_size: int = 256) -> list[list[float]]:
+    """values[i][t] = scorer(prompt_i, decode(y_i[:t])) for t = 0..len(y_i): the reward scorer
+    applied to partial answers, the baseline a value head must beat to be worth serving (it
+    is what blockwise CD with a text scorer as the value acts on; at t = len(y) it is the
+    reward itself). `rows` are Rollout-like (prompt, token_ids); `decode` maps ids to text."""
+    pairs = [(r.prompt, decode(r.token_ids[:t])) for r in rows for t in range(len(r.token_ids) + 1)]
+    flat: list[float] = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i : i + batch_size]
+        if hasattr(scorer, "score_pairs"):
+            flat.extend(scorer.score_pairs(chunk))
+        else:
+            flat.extend(s for p, text in chunk for s in scorer.score(p, [text]))
+    out, at = [], 0
+    for r in rows:
+        out.append(flat[at : at + len(r.token_ids) + 1])
+        at += len(r.token_ids) + 1
+    return out
+
+
+def plot_correlation(curve: list[dict], path: Path, title: str,
+                     others: dict[str, list[dict]] | None = None, label: str = "value head") -> None:
+    """The head's curve, and `others` (label → curve, e.g. the reward on prefixes) beside it."""
+    plot_correlations({label: curve, **(others or {})}, path, title)
+
+
+def plot_correlations(curves: dict[str, list[dict]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(b["lo"], b["pearson"]) for b in curve if b["pearson"] is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if pts:
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, curve in curves.items():
+        pts = [(b["lo"], b["pearson"]) for b in curve if b["pearson"] is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("prefix length t (bucket start, tokens)")
     ax.set_ylabel("Pearson(V(x, yᵗ), r(x, y))")
@@ -82,6 +109,8 @@ def plot_correlation(curve: list[dict], path: Path, title: str) -> None:
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

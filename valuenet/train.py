@@ -75,6 +75,7 @@ class TrainConfig:
     truncated: str = "terminal"  # CD-Q, rows cut by length: "terminal" | "bootstrap"
     normalize_rewards: bool = True
     eval_every: int = 0  # steps between validations; 0: about 10 per run
+    baseline: str | None = None  # scorer applied to validation prefixes (report only)
     cache_batch_size: int = 8
     seed: int = 0
     progress: bool = True
@@ -293,14 +294,54 @@ def evaluate(head, lm, exs: list[Example], cfg: TrainConfig, live: bool) -> dict
             "values": values}
 
 
-def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, backbone: str,
-          reference: str | None = None) -> dict:
-    """Train a head on the rollouts in `data_dir`; write the checkpoint, metrics.json and plots
-    to `out_dir`. `backbone` / `reference` are resolved folders or HF ids (see model.resolve_model);
-    reference None: the backbone is the policy. Returns the metrics."""
-    cfg.validate()
-    t_start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
+@dataclass
+class Prepared:
+    """Everything the loop needs, built once: the split, normalisation and cached passes."""
+
+    train_ex: list[Example]
+    val_ex: list[Example]
+    val_rows: list[Rollout]
+    train_prompts: int
+    val_prompts: int
+    mean: float  # reward normalisation (training rows)
+    std: float
+    temperature: float  # the rollouts' sampling distribution (π_ref of CD-Q)
+    top_p: float
+    rollouts_model: str
+    lm: torch.nn.Module  # the backbone
+    vocab: int
+    ref_mass: float  # CD-Q: π_ref probability kept by top-k
+    wall: dict[str, float]
+
+
+def _normalisation(rows: list[Rollout], enabled: bool) -> tuple[float, float]:
+    """(mean, std) of the training rewards; (0, 1) when disabled, std 1 for constant rewards."""
+    rewards = [r.reward for r in rows]
+    mean = sum(rewards) / len(rewards) if enabled else 0.0
+    var = sum((x - mean) ** 2 for x in rewards) / len(rewards)
+    std = var ** 0.5 if enabled and var > 1e-12 else 1.0
+    return mean, std
+
+
+def _load_backbones(backbone: str, reference: str, exs: list[Example], cfg: TrainConfig):
+    """(backbone LM, its vocabulary size, reference LM or None when it is the backbone);
+    refuses token ids outside the backbone's vocabulary (another tokenizer)."""
+    lm = load_causal_lm(backbone)
+    vocab = lm.get_output_embeddings().weight.shape[0]
+    too_big = max(max(e.seq) for e in exs)
+    if too_big >= vocab:
+        raise ValueError(f"token id {too_big} is outside the backbone's vocabulary ({vocab}): "
+                         "the backbone must share the policy's tokenizer")
+    ref_lm = None if reference == backbone else load_causal_lm(reference)
+    if cfg.method == "cdq" and ref_lm is not None and ref_lm.config.vocab_size != vocab:
+        raise ValueError("reference and backbone vocabularies differ")
+    return lm, vocab, ref_lm
+
+
+def prepare(data_dir: Path, cfg: TrainConfig, backbone: str, reference: str) -> Prepared:
+    """Rollouts → split by prompt → normalised examples → backbones loaded and checked →
+    cached hidden states (frozen) and π_ref top-k (CD-Q)."""
+    t0 = time.perf_counter()
     manifest, rows = read_rollouts(Path(data_dir))
     if not rows:
         raise ValueError(f"{data_dir} has no rollouts")
@@ -309,44 +350,53 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, backbone: str,
         raise ValueError(f"rollouts sampled at top_p {top_p}: CD-Q targets under a nucleus "
                          "are not implemented (sample the rollouts at top_p 1)")
     train_rows, val_rows = split_by_prompt(rows, cfg.val_fraction, cfg.seed)
-    rewards = [r.reward for r in train_rows]
-    mean = sum(rewards) / len(rewards) if cfg.normalize_rewards else 0.0
-    var = sum((x - mean) ** 2 for x in rewards) / len(rewards)
-    std = var ** 0.5 if cfg.normalize_rewards and var > 1e-12 else 1.0
+    mean, std = _normalisation(train_rows, cfg.normalize_rewards)
     train_ex = _examples(train_rows, mean, std, cfg.truncated)
     val_ex = _examples(val_rows, mean, std, cfg.truncated)
+    lm, vocab, ref_lm = _load_backbones(backbone, reference, train_ex + val_ex, cfg)
+    t1 = time.perf_counter()
+    ref_mass = _precompute(lm, ref_lm, train_ex + val_ex, cfg, temperature,
+                           cache_hidden=cfg.tune == "frozen")
+    return Prepared(train_ex, val_ex, val_rows, len({r.prompt_id for r in train_rows}),
+                    len({r.prompt_id for r in val_rows}), mean, std, temperature, top_p,
+                    manifest.model, lm, vocab, ref_mass,
+                    {"load": t1 - t0, "backbone_pass": time.perf_counter() - t1})
 
-    reference = reference or backbone
-    lm = load_causal_lm(backbone)
-    vocab = lm.get_output_embeddings().weight.shape[0]
-    too_big = max(max(e.seq) for e in train_ex + val_ex)
-    if too_big >= vocab:
-        raise ValueError(f"token id {too_big} is outside the backbone's vocabulary ({vocab}): "
-                         "the backbone must share the policy's tokenizer")
-    ref_lm = None if reference == backbone else load_causal_lm(reference)
-    if cfg.method == "cdq" and ref_lm is not None and ref_lm.config.vocab_size != vocab:
-        raise ValueError("reference and backbone vocabularies differ")
-    t_loaded = time.perf_counter()
-    frozen = cfg.tune == "frozen"
-    ref_mass = _precompute(lm, ref_lm, train_ex + val_ex, cfg, temperature, cache_hidden=frozen)
-    del ref_lm
-    t_cached = time.perf_counter()
 
-    seen = _compact_vocabulary(train_ex, val_ex) if cfg.method == "cdq" else None
-    head = ValueHead(cfg.method, lm.config.hidden_size, vocab if seen is None else len(seen) + 1)
+def _head_and_optimiser(p: Prepared, cfg: TrainConfig, seen: torch.Tensor | None):
+    """(head, backbone — wrapped in LoRA adapters when tuned —, AdamW, trainable parameters)."""
+    head = ValueHead(cfg.method, p.lm.config.hidden_size,
+                     p.vocab if seen is None else len(seen) + 1)
     params = [{"params": list(head.parameters()), "lr": cfg.lr}]
-    if not frozen:
+    lm = p.lm
+    if cfg.tune == "lora":
         from peft import LoraConfig, get_peft_model
 
         lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                            target_modules="all-linear", lora_dropout=0.0))
-        params.append({"params": [p for p in lm.parameters() if p.requires_grad], "lr": cfg.lora_lr})
+        params.append({"params": [q for q in lm.parameters() if q.requires_grad],
+                       "lr": cfg.lora_lr})
     else:
         lm.requires_grad_(False)
     opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
-    trainable = [p for g in params for p in g["params"]]
+    return head, lm, opt, [q for g in params for q in g["params"]]
 
-    initial = evaluate(head, lm, val_ex, cfg, live=not frozen)
+
+def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, backbone: str,
+          reference: str | None = None) -> dict:
+    """Train a head on the rollouts in `data_dir`; write the checkpoint, metrics.json and plots
+    to `out_dir`. `backbone` / `reference` are resolved folders or HF ids (see model.resolve_model);
+    reference None: the backbone is the policy. Returns the metrics."""
+    cfg.validate()
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    p = prepare(data_dir, cfg, backbone, reference or backbone)
+    seen = _compact_vocabulary(p.train_ex, p.val_ex) if cfg.method == "cdq" else None
+    head, lm, opt, trainable = _head_and_optimiser(p, cfg, seen)
+    live = cfg.tune != "frozen"  # LoRA: the backbone runs every step
+    t_loop = time.perf_counter()
+
+    initial = evaluate(head, lm, p.val_ex, cfg, live)
     best = (initial["value_mse"], 0)
     eval_every = cfg.eval_every or max(1, cfg.steps // 10)
     train_curve: list[tuple[int, float]] = []
@@ -356,10 +406,10 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, backbone: str,
     bar = tqdm(range(1, cfg.steps + 1), desc=f"train {cfg.method}", disable=not cfg.progress)
     for step in bar:
         if len(order) < cfg.batch_size:  # reshuffle per epoch; a step never repeats a row
-            order = list(range(len(train_ex)))
+            order = list(range(len(p.train_ex)))
             gen.shuffle(order)
-        picked = [train_ex[order.pop()] for _ in range(min(cfg.batch_size, len(order)))]
-        b = _batch(picked, None if frozen else _compact_hidden(lm, picked))
+        picked = [p.train_ex[order.pop()] for _ in range(min(cfg.batch_size, len(order)))]
+        b = _batch(picked, _compact_hidden(lm, picked) if live else None)
         loss = batch_loss(head, b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -367,7 +417,7 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, backbone: str,
         opt.step()
         train_curve.append((step, loss.item()))
         if step % eval_every == 0 or step == cfg.steps:
-            val = evaluate(head, lm, val_ex, cfg, live=not frozen)
+            val = evaluate(head, lm, p.val_ex, cfg, live)
             val_curve.append((step, val["loss"]))
             bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{val['loss']:.4f}")
             if val["value_mse"] < best[0]:
@@ -377,39 +427,71 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, backbone: str,
     # E(V − V*)² plus a constant; the CD-Q loss is smallest at the start, when every bootstrap
     # target equals its prediction). Selecting on it returned the untrained head on small sets:
     # most prefix states are barely predictable, so their noise hides gains at later states.
-    final = evaluate(head, lm, val_ex, cfg, live=not frozen)
-    t_trained = time.perf_counter()
+    final = evaluate(head, lm, p.val_ex, cfg, live)
+    p.wall["train"] = time.perf_counter() - t_loop
 
-    head_cfg = HeadConfig(method=cfg.method, backbone=backbone, reference=reference,
-                          hidden_size=lm.config.hidden_size, vocab_size=vocab,
-                          reward_mean=mean, reward_std=std, lora=not frozen,
-                          temperature=temperature, top_p=top_p,
-                          train={**asdict(cfg), "data": str(data_dir), "temperature": temperature,
-                                 "rollouts_model": manifest.model})
-    out_dir = Path(out_dir)
-    save_checkpoint(out_dir, head if seen is None else _full_head(head, seen, vocab), head_cfg,
-                    lm if not frozen else None)
-    val_values = [[v * std + mean for v in row] for row in final["values"]]
-    curve = report.correlation_by_prefix_length(val_values, [e.raw_reward for e in val_ex])
+    head = head if seen is None else _full_head(head, seen, p.vocab)
+    save_checkpoint(Path(out_dir), head, _head_config(p, cfg, data_dir, backbone,
+                                                      reference or backbone),
+                    lm if live else None)
+    p.wall["total"] = time.perf_counter() - t_start
+    return _write_report(Path(out_dir), p, cfg, backbone, reference or backbone, {
+        "initial": initial, "final": final, "best_step": best[1],
+        "train_curve": train_curve, "val_curve": val_curve})
+
+
+def _head_config(p: Prepared, cfg: TrainConfig, data_dir: Path, backbone: str,
+                 reference: str) -> HeadConfig:
+    return HeadConfig(method=cfg.method, backbone=backbone, reference=reference,
+                      hidden_size=p.lm.config.hidden_size, vocab_size=p.vocab,
+                      reward_mean=p.mean, reward_std=p.std, lora=cfg.tune != "frozen",
+                      temperature=p.temperature, top_p=p.top_p,
+                      train={**asdict(cfg), "data": str(data_dir), "temperature": p.temperature,
+                             "rollouts_model": p.rollouts_model})
+
+
+def _write_report(out_dir: Path, p: Prepared, cfg: TrainConfig, backbone: str, reference: str,
+                  run: dict) -> dict:
+    """metrics.json, correlation.png and loss.png in `out_dir`; returns the metrics."""
+    val_values = [[v * p.std + p.mean for v in row] for row in run["final"]["values"]]
+    curve = report.correlation_by_prefix_length(val_values, [e.raw_reward for e in p.val_ex])
+    cdq = cfg.method == "cdq"
+    baseline = _baseline_curve(p, cfg, backbone) if cfg.baseline else None
     metrics = {
         "method": cfg.method, "tune": cfg.tune, "backbone": backbone, "reference": reference,
-        "train_rows": len(train_ex), "val_rows": len(val_ex),
-        "train_prompts": len({r.prompt_id for r in train_rows}),
-        "val_prompts": len({r.prompt_id for r in val_rows}),
-        "reward_mean": mean, "reward_std": std,
-        "initial_val_loss": initial["loss"], "val_loss": final["loss"], "best_step": best[1],
+        "train_rows": len(p.train_ex), "val_rows": len(p.val_ex),
+        "train_prompts": p.train_prompts, "val_prompts": p.val_prompts,
+        "reward_mean": p.mean, "reward_std": p.std,
+        "initial_val_loss": run["initial"]["loss"], "val_loss": run["final"]["loss"],
+        "best_step": run["best_step"],
         # ½·MSE of V(prefix) vs r; the initial head predicts the training mean: the baseline
-        "initial_val_value_mse": initial["value_mse"], "val_value_mse": final["value_mse"],
-        "temperature": temperature, "top_p": top_p,
-        "ref_top_k": cfg.ref_top_k if cfg.method == "cdq" else None,
-        "ref_mass": ref_mass if cfg.method == "cdq" else None,
+        "initial_val_value_mse": run["initial"]["value_mse"],
+        "val_value_mse": run["final"]["value_mse"],
+        "temperature": p.temperature, "top_p": p.top_p,
+        "ref_top_k": cfg.ref_top_k if cdq else None, "ref_mass": p.ref_mass if cdq else None,
         "correlation_by_prefix_length": curve,
-        "train_loss": train_curve, "val_curve": val_curve,
-        "wall_s": {"load": t_loaded - t_start, "backbone_pass": t_cached - t_loaded,
-                   "train": t_trained - t_cached, "total": time.perf_counter() - t_start},
+        "baseline": cfg.baseline, "baseline_correlation_by_prefix_length": baseline,
+        "train_loss": run["train_curve"], "val_curve": run["val_curve"],
+        "wall_s": p.wall,
     }
     report.write_json(out_dir / "metrics.json", metrics)
-    title = f"{cfg.method} ({len(val_ex)} validation rollouts)"
-    report.plot_correlation(curve, out_dir / "correlation.png", title)
-    report.plot_losses(train_curve, val_curve, out_dir / "loss.png", title)
+    title = f"{cfg.method} ({len(p.val_ex)} validation rollouts)"
+    report.plot_correlation(curve, out_dir / "correlation.png", title,
+                            {f"{cfg.baseline} on prefixes": baseline} if baseline else None,
+                            f"{cfg.method} head")
+    report.plot_losses(run["train_curve"], run["val_curve"], out_dir / "loss.png", title)
     return metrics
+
+
+def _baseline_curve(p: Prepared, cfg: TrainConfig, backbone: str) -> list[dict]:
+    """The same correlation curve for the scorer `cfg.baseline` applied to the validation rows'
+    prefixes (decoded with the backbone's tokenizer, which is the policy's)."""
+    from transformers import AutoTokenizer
+
+    from server.scorers import ScorerRegistry, default_factories
+
+    scorer = ScorerRegistry(default_factories(64), None).load_now(cfg.baseline)
+    tok = AutoTokenizer.from_pretrained(backbone)
+    values = report.scorer_on_prefixes(
+        scorer, lambda ids: tok.decode(ids, skip_special_tokens=True), p.val_rows)
+    return report.correlation_by_prefix_length(values, [r.reward for r in p.val_rows])

@@ -178,6 +178,50 @@ def test_lora_backbone_overfits_first_tokens_rule(backbone, tmp_path):
     assert value_error(scorer, train_rows) < 0.5 * baseline_error(train_rows, train_rows)
 
 
+def test_scorer_on_prefixes_scores_every_decoded_prefix():
+    """The baseline curve's input: r(x, decode(y[:t])) for t = 0..len(y); at the full length it
+    is the reward itself, so its last bucket correlates perfectly when the scorer is the reward."""
+    from valuenet.report import correlation_by_prefix_length, scorer_on_prefixes
+
+    class CountA:  # reward: how many A tokens the text holds (no score_pairs: the fallback path)
+        def score(self, prompt, responses):
+            return [float(text.split().count(str(A))) for text in responses]
+
+    rng = random.Random(3)
+    rows = [Rollout(f"p{i}", f"prompt {i}", [1], 0, [rng.choice([A, 9]) for _ in range(5)],
+                    [0.0] * 5, "", "stop", 0.0) for i in range(12)]
+    values = scorer_on_prefixes(CountA(), lambda ids: " ".join(map(str, ids)), rows, batch_size=7)
+    assert [len(v) for v in values] == [6] * 12
+    for r, v in zip(rows, values):
+        assert v == [float(r.token_ids[:t].count(A)) for t in range(6)]
+    rewards = [float(r.token_ids.count(A)) for r in rows]
+    last = correlation_by_prefix_length([v[5:] for v in values], rewards)
+    assert last[0]["pearson"] == pytest.approx(1.0)
+
+
+def test_trainer_reports_the_baseline_curve(backbone, tmp_path, monkeypatch):
+    """--baseline SCORER: the same buckets as the head's curve, in metrics.json and the plot."""
+    import transformers as tf
+
+    from valuenet.train import TrainConfig, train
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    monkeypatch.setattr(tf.AutoTokenizer, "from_pretrained", lambda *a, **k: Tok())
+    write_rollouts(tmp_path / "data", "last", prompts=10)
+    metrics = train(tmp_path / "data", tmp_path / "out", TrainConfig(
+        method="fudge", steps=5, progress=False, baseline="length"), backbone=backbone)
+    head, base = metrics["correlation_by_prefix_length"], metrics["baseline_correlation_by_prefix_length"]
+    assert metrics["baseline"] == "length"
+    assert [(b["lo"], b["hi"], b["points"]) for b in base] == \
+        [(b["lo"], b["hi"], b["points"]) for b in head]
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["baseline_correlation_by_prefix_length"] == base
+    assert (tmp_path / "out" / "correlation.png").is_file()
+
+
 def test_split_needs_two_prompts(tmp_path):
     from valuenet.train import split_by_prompt
 
