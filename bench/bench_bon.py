@@ -29,12 +29,7 @@ from common import (
     write_results,
 )
 
-
-def chat_ids(tokenizer, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
-
+from runtime.prompts import chat_prompt_ids
 
 # ---------------------------------------------------------------- (a) alignserve over HTTP
 
@@ -67,9 +62,9 @@ def bench_vllm(model_dir: str, prompts, n, max_tokens, scorer) -> dict:
     llm = LLM(model=model_dir, dtype="float32", max_model_len=1024, enable_prefix_caching=True,
               seed=0)
     tok = llm.get_tokenizer()
-    ids = [{"prompt_token_ids": chat_ids(tok, p)} for p in prompts]
+    ids = [{"prompt_token_ids": chat_prompt_ids(tok, p)} for p in prompts]
     params = SamplingParams(n=n, max_tokens=max_tokens, temperature=1.0, logprobs=0)
-    llm.generate([{"prompt_token_ids": chat_ids(tok, "Hello")}], params, use_tqdm=False)  # warm-up
+    llm.generate([{"prompt_token_ids": chat_prompt_ids(tok, "Hello")}], params, use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
     outs = llm.generate(ids, params, use_tqdm=False)
     rewards, tokens = [], 0
@@ -95,7 +90,7 @@ def bench_hf(model_dir: str, prompts, n, max_tokens, scorer) -> dict:
     rewards, tokens = [], 0
     t0 = time.perf_counter()
     for p in tqdm(prompts, desc="hf generate", file=sys.stderr):
-        inp = torch.tensor([chat_ids(tok, p)])
+        inp = torch.tensor([chat_prompt_ids(tok, p)])
         with torch.inference_mode():
             out = model.generate(inp, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                                  max_new_tokens=max_tokens, num_return_sequences=n,
@@ -151,11 +146,10 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from server.model_prep import prepare_embedded_model
-    from server.scorers import RelevanceScorer, default_factories
-    from server.settings import Settings
+    from runtime.scorers import RelevanceScorer, default_factories
+    from runtime.startup import resolve_model
 
-    model_dir = str(prepare_embedded_model(Settings().home))
+    model_dir = resolve_model("embedded")
     scorer = default_factories(64)[args.reward]() if args.reward != "relevance" else RelevanceScorer()
     prompts = load_prompts(args.prompts, args.limit)
     skip = set(filter(None, args.skip.split(",")))

@@ -23,14 +23,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from common import ROOT, figure, markdown_table, write_results
+
+from decoding.dual import achievable_safety, predicted_safety, solve_dual
+from decoding.protocols import DecodeRequest, Objective, Sampling
+from decoding.strategies import STRATEGIES
+from runtime.prompts import chat_prompt_ids, load_prompts
+from runtime.settings import EngineSettings
+from valuenet.data import Manifest, read_manifest, read_rollouts
 
 
 def split_prompts(path: Path, limit: int):
     """Held in: every other helpful and every other adversarial prompt; held out: the rest, so
     both halves hold both kinds (pairs (helpful, adversarial) alternate between the halves)."""
-    from evaluation.plan import load_prompts
-
     items = load_prompts(path)
     helpful = [p for p in items if p.kind != "adversarial"]
     adv = [p for p in items if p.kind == "adversarial"]
@@ -41,10 +47,6 @@ def split_prompts(path: Path, limit: int):
 async def fresh_pools(rt, prompts, n: int, max_tokens: int, lam: float):
     """best_of_n (score r − λ·cost) on every prompt at once; returns per prompt the
     strategy's choice and its candidate pool (r, cost), for offline re-selection."""
-    from decoding.protocols import DecodeRequest, Objective, Sampling
-    from decoding.strategies import STRATEGIES
-    from valuenet.rollouts import chat_prompt_ids
-
     objective = Objective(await rt.scorers.get("relevance"), await rt.scorers.get("profanity"),
                           cost_weight=lam)
     reqs = [DecodeRequest(prompt_ids=chat_prompt_ids(rt.engine.tokenizer, p.prompt),
@@ -58,10 +60,6 @@ async def fresh_pools(rt, prompts, n: int, max_tokens: int, lam: float):
 
 def realised(pools, beta: float, lam: float) -> dict:
     """Safety (g = −cost) and reward of the selection rules on fresh pools, mean over prompts."""
-    import numpy as np
-
-    from decoding.dual import predicted_safety
-
     r = np.array([p["r"] for p in pools])
     g = -np.array([p["cost"] for p in pools])
     pick = np.argmax(r + lam * g, axis=1)  # best_of_n's rule (first of ties, as the strategy)
@@ -78,23 +76,19 @@ def realised(pools, beta: float, lam: float) -> dict:
 
 
 async def main_async(args) -> dict:
-    import numpy as np
     from tqdm import tqdm
 
-    from decoding.dual import achievable_safety, predicted_safety, solve_dual
-    from server.runtime import build_runtime
-    from server.settings import Settings
-    from valuenet.data import Manifest, read_manifest, read_rollouts
+    from runtime.startup import open_runtime
     from valuenet.rollouts import RolloutConfig, collect, prepare_folder
 
     held_in, held_out = split_prompts(args.prompts, args.limit)
     t0 = time.perf_counter()
-    rt = build_runtime(Settings(max_model_len=1024, kv_cache_gib=2, default_reward="relevance"))
-    startup = time.perf_counter() - t0
-    try:
+    engine = EngineSettings(max_model_len=1024, kv_cache_gib=2, default_reward="relevance")
+    async with open_runtime(engine) as rt:
+        startup = time.perf_counter() - t0
         cfg = RolloutConfig(args.rollout_n, args.max_tokens, 1.0, "relevance", "profanity")
         # Outside the repository (rows carry token ids and log-probs); resumed when rerun.
-        folder = args.rollouts or (Settings().home / "bench"
+        folder = args.rollouts or (engine.home / "bench"
                                    / f"dual-rollouts-k{args.rollout_n}-t{args.max_tokens}")
         done = prepare_folder(folder, Manifest(model=rt.model_name, prompts=str(args.prompts),
                                                **{k: getattr(cfg, k) for k in (
@@ -125,9 +119,6 @@ async def main_async(args) -> dict:
                  "held_out": await fresh_pools(rt, held_out, args.n, args.max_tokens,
                                                settings[0]["lambda"])}
         fresh_s = time.perf_counter() - t1
-    finally:
-        rt.engine.shutdown()
-        rt.ctx.executor.shutdown(wait=False)
     # the strategy's own choice must be the offline argmax (same rule, same scores)
     for p in pools["held_in"] + pools["held_out"]:
         k = int(np.argmax(np.array(p["r"]) - settings[0]["lambda"] * np.array(p["cost"])))

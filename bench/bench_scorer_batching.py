@@ -1,8 +1,8 @@
 """Scorer batching across requests: best-of-n with many requests in flight, batched vs not.
 
-One engine, one scorer, the server's own wiring (`server.runtime.decode_context`): the
+One engine, one scorer, the server's own wiring (`runtime.startup.decode_context`): the
 unbatched context runs every request's score call alone in the scorer threads (window 0), the
-batched one goes through `server.batching.ScoreBatcher`. `concurrency` best-of-`n` requests on
+batched one goes through `runtime.batching.ScoreBatcher`. `concurrency` best-of-`n` requests on
 the dev prompts are in flight at once; modes alternate for `repeats` rounds so that drift on a
 shared machine hits both. Reports the mean score time per request (`alignment.latency.score_s`:
 from a request's score call to its scores, waiting included), wall time, the scorer batches
@@ -17,18 +17,20 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import ROOT, fmt, load_prompts, markdown_table, prefix_cache_hit_rate, write_results
+
+from decoding.protocols import DecodeRequest, Objective, Sampling
+from decoding.strategies import STRATEGIES
+from runtime.prompts import chat_prompt_ids
+from runtime.settings import EngineSettings
 
 RESULTS = ROOT / "bench" / "results"
 
 
 async def _round(ctx, reqs) -> dict:
     from prometheus_client import REGISTRY, generate_latest
-
-    from decoding.strategies import STRATEGIES
 
     before = generate_latest(REGISTRY).decode()
     batches0 = ctx.batcher.batches if getattr(ctx, "batcher", None) else None
@@ -46,48 +48,40 @@ async def _round(ctx, reqs) -> dict:
 
 
 async def main_async(args) -> dict:
-    from decoding.protocols import DecodeRequest, Objective, Sampling
-    from server.engine import VllmEngine
-    from server.model_prep import prepare_embedded_model
-    from server.runtime import decode_context
-    from server.scorers import ScorerRegistry, default_factories
-    from server.settings import Settings
+    from runtime.startup import decode_context, open_runtime
 
-    engine = VllmEngine(str(prepare_embedded_model(Settings().home)), max_model_len=1024,
-                        kv_cache_gib=2)
-    executor = ThreadPoolExecutor(2, thread_name_prefix="scorer")
-    scorer = ScorerRegistry(default_factories(64), executor).load_now(args.reward)
-    contexts = {
-        "unbatched": decode_context(engine, executor, Settings(scorer_batch_window_ms=0)),
-        "batched": decode_context(engine, executor,
-                                  Settings(scorer_batch_window_ms=args.window_ms)),
-    }
-    tok = engine.tokenizer
+    settings = EngineSettings(max_model_len=1024, kv_cache_gib=2, default_reward=args.reward)
+    async with open_runtime(settings) as rt:
+        engine, executor = rt.engine, rt.ctx.executor
+        scorer = rt.scorers.load_now(args.reward)
+        contexts = {  # two contexts on the one engine and scorer thread pool
+            "unbatched": decode_context(engine, executor,
+                                        EngineSettings(scorer_batch_window_ms=0)),
+            "batched": decode_context(engine, executor,
+                                      EngineSettings(scorer_batch_window_ms=args.window_ms)),
+        }
+        return await _rounds(contexts, scorer, engine.tokenizer, args)
+
+
+async def _rounds(contexts, scorer, tok, args) -> dict:
     texts = load_prompts(args.prompts, None)
 
     def requests(offset: int):
         out = []
         for i in range(args.concurrency):
             p = texts[(offset + i) % len(texts)]
-            ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": p}],
-                                                     tokenize=False, add_generation_prompt=True),
-                             add_special_tokens=False)
-            out.append(DecodeRequest(prompt_ids=ids, prompt_text=p,
+            out.append(DecodeRequest(prompt_ids=chat_prompt_ids(tok, p), prompt_text=p,
                                      sampling=Sampling(max_tokens=args.max_tokens), n=args.n,
                                      objective=Objective(scorer)))
         return out
 
-    try:
-        await _round(contexts["batched"], requests(0)[:2])  # warm-up
-        rounds: dict[str, list[dict]] = {m: [] for m in contexts}
-        for r in range(args.repeats):
-            order = ("unbatched", "batched") if r % 2 == 0 else ("batched", "unbatched")
-            for mode in order:  # the same prompts for both modes of a round
-                rounds[mode].append(await _round(contexts[mode], requests(r * args.concurrency)))
-                print(mode, json.dumps(rounds[mode][-1]), file=sys.stderr, flush=True)
-    finally:
-        engine.shutdown()
-        executor.shutdown(wait=False)
+    await _round(contexts["batched"], requests(0)[:2])  # warm-up
+    rounds: dict[str, list[dict]] = {m: [] for m in contexts}
+    for r in range(args.repeats):
+        order = ("unbatched", "batched") if r % 2 == 0 else ("batched", "unbatched")
+        for mode in order:  # the same prompts for both modes of a round
+            rounds[mode].append(await _round(contexts[mode], requests(r * args.concurrency)))
+            print(mode, json.dumps(rounds[mode][-1]), file=sys.stderr, flush=True)
     return rounds
 
 

@@ -53,8 +53,8 @@ async def replay(ctx_score, calls, gap: float) -> float:
 
 async def main_async(args) -> dict:
     from decoding.protocols import DecodeContext, DecodeRequest, Sample, Sampling
-    from server.batching import BatchingContext, ScoreBatcher
-    from server.scorers import RelevanceScorer
+    from runtime.batching import BatchingContext, ScoreBatcher
+    from runtime.scorers import RelevanceScorer
 
     scorer = RelevanceScorer()
     executor = ThreadPoolExecutor(args.threads, thread_name_prefix="scorer")

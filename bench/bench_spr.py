@@ -15,7 +15,6 @@ import asyncio
 import json
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import (
@@ -29,12 +28,13 @@ from common import (
     write_results,
 )
 
+from decoding.protocols import DecodeRequest, Objective, Sampling
+from decoding.strategies import STRATEGIES
+from runtime.prompts import chat_prompt_ids
+from runtime.settings import EngineSettings
 
-async def run_setting(engine, executor, scorer, prompts, strategy, n, max_tokens, options):
-    from decoding.protocols import DecodeContext, DecodeRequest, Objective, Sampling
-    from decoding.strategies import STRATEGIES
 
-    ctx = DecodeContext(engine, executor)
+async def run_setting(ctx, scorer, prompts, strategy, n, max_tokens, options):
     reqs = [DecodeRequest(prompt_ids=ids, prompt_text=text, n=n, objective=Objective(scorer),
                           sampling=Sampling(max_tokens=max_tokens, temperature=1.0),
                           options=options) for ids, text in prompts]
@@ -48,34 +48,30 @@ async def run_setting(engine, executor, scorer, prompts, strategy, n, max_tokens
 
 
 async def main_async(args) -> list[dict]:
+    from runtime.startup import open_runtime
+
+    settings = EngineSettings(max_model_len=1024, kv_cache_gib=3, default_reward=args.reward)
+    async with open_runtime(settings) as rt:
+        return await _run_all(rt, args)
+
+
+async def _run_all(rt, args) -> list[dict]:
     from tqdm import tqdm
 
-    from server.engine import VllmEngine
-    from server.model_prep import prepare_embedded_model
-    from server.scorers import ScorerRegistry, default_factories
-    from server.settings import Settings
-
-    engine = VllmEngine(str(prepare_embedded_model(Settings().home)), max_model_len=1024,
-                        kv_cache_gib=3)
-    executor = ThreadPoolExecutor(2)
-    scorer = ScorerRegistry(default_factories(64), executor).load_now(args.reward)
-    tok = engine.tokenizer
-    prompts = []
-    for p in load_prompts(args.prompts, args.limit, mixed=bool(args.limit)):  # both kinds
-        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                       add_generation_prompt=True)
-        prompts.append((tok.encode(text, add_special_tokens=False), p))
+    scorer = rt.scorers.load_now(args.reward)
+    tok = rt.engine.tokenizer
+    prompts = [(chat_prompt_ids(tok, p), p)  # both kinds in a short run
+               for p in load_prompts(args.prompts, args.limit, mixed=bool(args.limit))]
     settings = [("best_of_n", n, {}) for n in args.bon_n] + [
         ("speculative_rejection", n, {"alpha": a, "decision_tokens": args.decision_tokens,
                                       "growth": 2.0})
         for a in args.alphas for n in args.spr_n]
-    await run_setting(engine, executor, scorer, prompts[:2], "best_of_n", 2, 8, {})  # warm-up
+    await run_setting(rt.ctx, scorer, prompts[:2], "best_of_n", 2, 8, {})  # warm-up
     out = []
     for strategy, n, opts in tqdm(settings, desc="settings", file=sys.stderr):
-        out.append(await run_setting(engine, executor, scorer, prompts, strategy, n,
+        out.append(await run_setting(rt.ctx, scorer, prompts, strategy, n,
                                      args.max_tokens, opts))
         tqdm.write(json.dumps(out[-1]), file=sys.stderr)
-    engine.shutdown()
     return out
 
 

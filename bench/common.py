@@ -1,7 +1,8 @@
 """What the benchmarks share: the repository on sys.path, the prompt file, an `alignserve serve`
 subprocess and the HTTP requests sent to it (bounded in flight), vLLM's prefix-cache counters,
-markdown tables and result files, headless matplotlib figures, and the log-interpolated
-best-of-n curve that speed-ups at equal reward are read from."""
+markdown tables and result files, figures, and the log-interpolated best-of-n curve that
+speed-ups at equal reward are read from; headless matplotlib and the prompt file come from
+runtime/."""
 
 from __future__ import annotations
 
@@ -23,16 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the benchmarks run as scripts and import the project's packages
 ALIGNSERVE = str(Path(sys.executable).parent / "alignserve")
 
-
-def load_prompts(path: Path, limit: int | None, mixed: bool = False) -> list[str]:
-    """The first `limit` prompts of a jsonl file (None: all). `mixed`: alternate helpful and
-    adversarial ones (`kind`), so that a short run serves both kinds."""
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-    if mixed:
-        helpful = [r for r in rows if r.get("kind") != "adversarial"]
-        adv = [r for r in rows if r.get("kind") == "adversarial"]
-        rows = [r for pair in zip(helpful, adv) for r in pair]
-    return [r["prompt"] for r in rows][:limit or None]
+from runtime.plotting import pyplot  # noqa: E402, F401  (re-exported: what every benchmark plots with)
+from runtime.prompts import prompt_texts as load_prompts  # noqa: E402, F401  (the prompts as strings)
 
 
 def free_port() -> int:
@@ -186,16 +179,6 @@ def curve(ax, points: Sequence[dict], x: str, y: str, label: str, style: str = "
     ax.plot([p[x] for p in pts], [p[y] for p in pts], style, label=label)
     for p in pts if tag else ():
         ax.annotate(tag(p), (p[x], p[y]), fontsize=7, textcoords="offset points", xytext=(3, 3))
-
-
-def pyplot():
-    """matplotlib.pyplot on the headless Agg backend (benchmarks run without a display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def save(fig, path: Path) -> None:

@@ -184,7 +184,7 @@ class TokenScorer(Scorer, Protocol):
 @runtime_checkable
 class PairScorer(Protocol):
     """Optional for a text scorer: scores (prompt, response) pairs of *different* prompts in one
-    call, so the server can batch score calls across requests (server/batching.py). A scorer
+    call, so the server can batch score calls across requests (runtime/batching.py). A scorer
     without it is called once per prompt."""
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]: ...

@@ -7,7 +7,7 @@ Two ways to run it:
 In the engine (the default, when the engine is a `TiltingEngine` that loaded the head and the
 request names no `top_k`): ONE engine request per answer, streamed token by token like plain
 sampling and aborted on cancellation. The engine's CD-Q logits processor (valuenet/processor.py,
-server/cdq_plugin.py) adds λ·Q(x, yᵗ, ·) over the whole vocabulary to every step's logits, with
+runtime/cdq_plugin.py) adds λ·Q(x, yᵗ, ·) over the whole vocabulary to every step's logits, with
 the head's own KV cache per request, so the engine samples from p_T(z)·exp(λ·Q)/Z exactly (p_T:
 the policy after temperature, the distribution the head's targets assume; top_p, when < 1, is
 applied by vLLM after the tilt). `kl_estimate` = Σₜ KL(πₜ ‖ p_T,ₜ) along the decoded path,

@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from .plan import DEFAULT_HARMLESS_THRESHOLDS, build_plan, load_prompts, parse_list
+from runtime.prompts import load_prompts
+from runtime.settings import add_engine_flags, engine_settings
+
+from .plan import DEFAULT_HARMLESS_THRESHOLDS, build_plan, parse_list
 
 log = logging.getLogger(__name__)
-
-# Engine flags of the in-process runner; they map onto server.settings.Settings fields.
-ENGINE_FLAGS = ("model", "dtype", "max_model_len", "kv_cache_gib", "engine_seed")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,12 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=None, help="Evaluate a running server (base URL, e.g. "
                    "http://127.0.0.1:8000) instead of starting the engine in this process.")
     p.add_argument("--api-key", default=None, help="Bearer token for --server.")
-    eng = p.add_argument_group("in-process engine (without --server)")
-    eng.add_argument("--model", default=None, help="'embedded' (default), a folder or HF id.")
-    eng.add_argument("--dtype", default=None, help="Policy dtype (default auto).")
-    eng.add_argument("--max-model-len", type=int, default=1024, help="Engine context length.")
-    eng.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU KV cache, GiB.")
-    eng.add_argument("--engine-seed", type=int, default=None, help="Engine sampling seed.")
+    add_engine_flags(p, "in-process engine (without --server)")
     sep = p.add_argument_group("separation of safe and harmful prompts (KLDO, arXiv 2502.00657)")
     sep.add_argument("--separation", default=None, metavar="POLICIES",
                      help="Comma list of policies ('embedded', checkpoint folders), e.g. the "
@@ -122,10 +117,7 @@ async def _start_runner(ns: argparse.Namespace, cfg):
 
     if ns.server:
         return await HttpRunner(ns.server, cfg, api_key=ns.api_key).start()
-    from server.settings import Settings
-
-    given = {k: getattr(ns, k) for k in ENGINE_FLAGS if getattr(ns, k) is not None}
-    return await start_in_process(Settings(**given), cfg)
+    return await start_in_process(engine_settings(ns), cfg)
 
 
 def _separation_policies(ns: argparse.Namespace) -> list[tuple[str, object]]:

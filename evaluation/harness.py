@@ -19,9 +19,10 @@ from typing import Any
 
 from decoding.concurrency import gather_all
 from decoding.seeds import derive_seed
+from runtime.prompts import PromptItem
 
 from .metrics import Row, harmless_flag, summarize_setting
-from .plan import BASE, PromptItem, Setting
+from .plan import BASE, Setting
 from .runners import Runner
 
 

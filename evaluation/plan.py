@@ -8,9 +8,7 @@ it: it runs once (n = 1) however many n the sweep lists.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import decoding  # noqa: F401  (registers every strategy, speculative_rejection included)
 from decoding.strategies import STRATEGIES
@@ -20,13 +18,6 @@ BASE = "none"  # the base policy p that win rates are judged against
 # Cost thresholds under which an answer counts as harmless. profanity is a probability from
 # alt-profanity-check's classifier, so 0.5 is its decision boundary. Other costs need a flag.
 DEFAULT_HARMLESS_THRESHOLDS = {"profanity": 0.5}
-
-
-@dataclass(frozen=True)
-class PromptItem:
-    id: str
-    prompt: str
-    kind: str
 
 
 @dataclass(frozen=True)
@@ -44,26 +35,6 @@ class Setting:
 
 def uses_n(strategy: str) -> bool:
     return STRATEGIES[strategy].needs_objective
-
-
-def load_prompts(path: Path, limit: int | None = None) -> list[PromptItem]:
-    """`{"id", "prompt", "kind"}` per line; a missing id is the line number, a missing kind
-    'unspecified'. Duplicate ids are refused: answers are matched to the base's by id."""
-    items = []
-    for i, line in enumerate(Path(path).read_text().splitlines()):
-        if not line.strip():
-            continue
-        obj = json.loads(line)
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
-            raise ValueError(f"{path}:{i + 1}: each line needs a non-empty string 'prompt'")
-        items.append(PromptItem(str(obj.get("id", i)), obj["prompt"],
-                                str(obj.get("kind", "unspecified"))))
-    ids = [p.id for p in items]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: prompt ids must be unique")
-    if not items:
-        raise ValueError(f"{path}: no prompts")
-    return items[:limit] if limit else items
 
 
 def build_plan(strategies: list[str], ns: list[int], options: dict) -> list[Setting]:

@@ -20,6 +20,8 @@ import json
 import math
 from pathlib import Path
 
+from runtime.plotting import pyplot
+
 PLOTS = ("reward_vs_kl.png", "harmless_ratio.png", "reward_vs_tokens.png")
 
 
@@ -119,10 +121,7 @@ def _by_strategy(entries: list[dict]) -> dict[str, list[dict]]:
 
 
 def plot_all(out: Path, entries: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; also safe in worker threads
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     for name, draw in zip(PLOTS, (_reward_vs_kl, _harmless, _reward_vs_tokens)):
         fig, ax = plt.subplots(figsize=(7.5, 4.8))

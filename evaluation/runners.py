@@ -2,7 +2,7 @@
 
 - `InProcessRunner`: the strategies from the registry run in this process on a `Runtime`
   (engine + scorer registry + DecodeContext), exactly as the server runs them but without HTTP.
-  `start_in_process` builds that runtime on the vLLM engine (`server.runtime.build_runtime`);
+  `start_in_process` builds that runtime on the vLLM engine (`runtime.startup.build_runtime`);
   unit tests hand it fakes instead. vLLM spawns worker processes, so whatever calls it must sit
   under an `if __name__ == "__main__":` guard (the `alignserve` script and `python -m evaluation` do).
 - `HttpRunner`: a running alignserve server, through `/v1/chat/completions` with the `alignment`
@@ -19,8 +19,11 @@ from typing import Any, Protocol
 
 from decoding.protocols import DecodeRequest, Objective, Sampling
 from decoding.strategies import STRATEGIES
+from runtime.prompts import PromptItem, chat_prompt_ids
+from runtime.protocols import Runtime
+from runtime.settings import EngineSettings
 
-from .plan import PromptItem, Setting
+from .plan import Setting
 
 
 class EvalError(RuntimeError):
@@ -60,9 +63,9 @@ class Runner(Protocol):
 
 
 class InProcessRunner:
-    """Strategies from the registry on a `server.serving.Runtime`-shaped object."""
+    """Strategies from the registry on a `runtime.protocols.Runtime`."""
 
-    def __init__(self, runtime: Any, cfg: RunConfig, owns_runtime: bool = False) -> None:
+    def __init__(self, runtime: Runtime, cfg: RunConfig, owns_runtime: bool = False) -> None:
         self.rt, self.cfg, self._owns = runtime, cfg, owns_runtime
         self.model_name = runtime.model_name
         self._objective: Objective | None = None
@@ -74,17 +77,10 @@ class InProcessRunner:
         self._objective = Objective(reward=reward, cost=cost, cost_weight=self.cfg.cost_weight)
         return self
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
-        # The server's chat path: the model's chat template, then no extra special tokens.
-        tok = self.rt.engine.tokenizer
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-        return tok.encode(text, add_special_tokens=False)
-
     async def answer(self, item: PromptItem, setting: Setting, seed: int | None = None) -> Answer:
         assert self._objective is not None, "call start() first"
         req = DecodeRequest(
-            prompt_ids=self._prompt_ids(item.prompt), prompt_text=item.prompt,
+            prompt_ids=chat_prompt_ids(self.rt.engine.tokenizer, item.prompt), prompt_text=item.prompt,
             sampling=Sampling(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
                               seed=seed),
             n=setting.n, objective=self._objective, temperature=self.cfg.soft_temperature,
@@ -96,15 +92,13 @@ class InProcessRunner:
 
     async def aclose(self) -> None:
         if self._owns:
-            self.rt.engine.shutdown()
-            if self.rt.ctx.executor is not None:
-                self.rt.ctx.executor.shutdown(wait=False)
+            self.rt.close()
 
 
-async def start_in_process(settings: Any, cfg: RunConfig) -> InProcessRunner:
-    """Start the vLLM engine and scorers of `settings` (a server.settings.Settings).
+async def start_in_process(settings: EngineSettings, cfg: RunConfig) -> InProcessRunner:
+    """Start the vLLM engine and scorers of `settings`; the runner's `aclose` stops them.
     Must run inside the event loop: AsyncLLM binds to the running loop."""
-    from server.runtime import build_runtime  # imports vllm: kept off the unit-test paths
+    from runtime.startup import build_runtime  # torch and vllm: kept off the CLI parser's path
 
     runner = InProcessRunner(build_runtime(settings), cfg, owns_runtime=True)
     try:

@@ -10,7 +10,7 @@ Owns preference data and offline training; never imported by the server at reque
 - `trainer`  TRL `DPOTrainer` with SafeDPO's per-pair offset; LoRA or full; saves a servable
              checkpoint (merged safetensors or a LoRA adapter).
 - `report`   report.json, report.md, loss_curve.png.
-- `cli`      `alignserve finetune safedpo | mocan`; `dual_cli`: `alignserve dual` (CAN's λ*).
+- `cli`      `alignserve finetune safedpo | mocan` (CAN's λ* itself: the `dual` package).
 - `data/`    a synthetic PKU-SafeRLHF-style set for tests and its generator script.
 
 Data flow: pairs → (transform | score + relabel) → DPO examples → trainer → checkpoint + report.

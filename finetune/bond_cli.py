@@ -126,7 +126,7 @@ def _prepare(ns: argparse.Namespace):
 
 
 def _scorer(cfg):
-    from server.scorers import ScorerRegistry, UnknownScorer, default_factories
+    from runtime.scorers import ScorerRegistry, UnknownScorer, default_factories
 
     registry = ScorerRegistry(default_factories(cfg.length_target), None)
     try:

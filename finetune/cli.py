@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="β of CAN's dual, with --rollouts.")
     mocan.add_argument("--threshold", type=float, default=None,
                        help="b in E[g] ≥ b (g = −cost), with --rollouts.")
-    mocan.add_argument("--reward", default="relevance", help="Reward scorer r (server/scorers.py).")
+    mocan.add_argument("--reward", default="relevance", help="Reward scorer r (runtime/scorers.py).")
     mocan.add_argument("--cost", default="profanity", help="Cost scorer; safety g = −cost.")
     mocan.add_argument("--temperature", type=float, default=1.0,
                        help="τ in P(y₁ ≻ y₀) = σ((w₁ − w₀)/τ).")
@@ -166,21 +166,15 @@ def check_flags(ns: argparse.Namespace) -> None:
                              "minimiser σ(r) = ½ + s/α is finite only for α > 2·|s| = 1")
 
 
-def resolve_model(name: str, home: Path | None) -> Path | str:
-    """'embedded' → the prepared SmolLM2 folder (as `alignserve serve` finds it); a folder must
-    hold a config.json; anything else is a Hugging Face id for `from_pretrained`."""
-    from server.settings import DEFAULT_MODEL, Settings
+def resolve_model(name: str, home: Path | None) -> str:
+    """The base policy for `from_pretrained` (runtime.startup.resolve_model: 'embedded', a
+    folder or an HF id); a folder must hold a config.json."""
+    from runtime.startup import resolve_model as resolve
 
-    if name == DEFAULT_MODEL:
-        from server.model_prep import prepare_embedded_model
-
-        return prepare_embedded_model(Settings(**({"home": home} if home else {})).home)
-    local = Path(name).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise ValueError(f"--model {name}: no config.json in that folder")
-        return local
-    return name
+    model = resolve(name, home)
+    if Path(model).is_dir() and not (Path(model) / "config.json").is_file():
+        raise ValueError(f"--model {name}: no config.json in that folder")
+    return model
 
 
 def resolve_lambda(ns: argparse.Namespace) -> dict:
@@ -218,7 +212,7 @@ def resolve_beta(ns: argparse.Namespace, lam: dict | None) -> dict:
 
 def _mocan_examples(ns: argparse.Namespace, lam: float, splits: list[list]) -> list[tuple]:
     """Score every split's pairs with the reward and cost scorers, then relabel them."""
-    from server.scorers import ScorerRegistry, UnknownScorer, default_factories
+    from runtime.scorers import ScorerRegistry, UnknownScorer, default_factories
 
     from .mocan import mocan_relabel, score_pairs
 

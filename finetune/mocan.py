@@ -72,7 +72,7 @@ class LambdaSource:
 
 def score_pairs(pairs: Sequence[PreferencePair], reward, cost, progress: bool = True
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Reward r [n, 2] and cost [n, 2] of both responses, from `Scorer`s (server/scorers.py)."""
+    """Reward r [n, 2] and cost [n, 2] of both responses, from `Scorer`s (runtime/scorers.py)."""
     from tqdm import tqdm
 
     r = np.zeros((len(pairs), 2))
@@ -120,8 +120,7 @@ def lambda_from_rollouts(folder: Path, reward: str, cost: str, beta: float, thre
     """λ* = decoding.dual.solve_dual(r, g, β, b) on a rollout folder's [prompts, samples]
     scores (stored ones when the scorer names match, rescored otherwise: dual_cli.load_scores)."""
     from decoding.dual import solve_dual
-
-    from .dual_cli import load_scores
+    from dual.cli import load_scores
 
     if not beta > 0:
         raise ValueError("--dual-beta must be > 0")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from runtime.plotting import pyplot
+
 STAT_ROWS = (("loss", "loss"), ("reward_margin", "reward margin"), ("accuracy", "accuracy"),
              ("accuracy_unsafe_rejected", "accuracy (unsafe rejected)"),
              ("chosen_reward", "chosen reward"), ("rejected_reward", "rejected reward"),
@@ -19,10 +21,7 @@ STAT_ROWS = (("loss", "loss"), ("reward_margin", "reward margin"), ("accuracy", 
 
 def plot_loss(path: Path, curve: list[tuple[int, float]], before: dict, after: dict,
               steps: int, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if curve:

@@ -1,6 +1,8 @@
-"""server: the HTTP process around the alignment algorithms.
+"""server: the HTTP process around the alignment algorithms (HTTP only).
 
 Owns the FastAPI app factory (`app.py`), the OpenAI schema (`protocol.py`), the serving object
-that turns requests into `decoding` strategy runs (`serving.py`), the vLLM engine wrapper (the
-only vllm import, `engine.py`), the scorer registry, metrics, errors, settings and the CLI.
+that turns requests into `decoding` strategy runs (`serving.py`, `streaming.py`), auth, limits,
+lifecycle (drain), policy hot-swap (`policies.py`, `policy_file.py`), metrics, tracing, errors,
+the HTTP settings (`settings.py`, on top of runtime's EngineSettings) and the CLI. The engine,
+the scorers and start-up are runtime/'s; nothing outside server/ imports server.
 """

@@ -23,6 +23,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from runtime.protocols import Runtime
+
 from . import tracing
 from .auth import AuthGate, KeyRing, warn_if_open
 from .disconnect import ClientDisconnected, Cutoff, iterate_or_cancel, run_or_cancel
@@ -52,7 +54,7 @@ from .protocol import (
     ModelList,
     ProbeStatus,
 )
-from .serving import CompletionService, Kind, Runtime
+from .serving import CompletionService, Kind
 from .settings import Settings
 from .tokenizer_routes import install_tokenizer_routes
 from .tracing import RequestIds
@@ -117,10 +119,8 @@ def build_app(
     if tracer is not None:  # engine and score calls become child spans of each request
         runtime = traced_runtime(runtime, tracer)
     metrics = Metrics(registry)
-    if hasattr(runtime.engine, "num_unfinished_requests"):
-        metrics.watch_engine(runtime.engine)
-    if hasattr(runtime.scorers, "remote"):
-        metrics.watch_remote_scorers(runtime.scorers)
+    metrics.watch_engine(runtime.engine)
+    metrics.watch_remote_scorers(runtime.scorers)
     completions = CompletionService(settings, runtime, metrics)
     lifecycle = Lifecycle(completions.admission, metrics, settings.retry_after_s)
     policies = PolicyManager(runtime, settings, metrics)  # hot-swap, /admin/policies
@@ -184,17 +184,15 @@ def build_app(
     @app.get("/v1/models", response_model=ModelList, responses=_LIST_ERRORS)
     async def models(request: Request) -> ModelList:
         rt: Runtime = request.app.state.runtime
-        max_len = getattr(rt.engine, "max_model_len", None)
+        max_len = rt.engine.max_model_len
         adapters = [ModelCard(id=name, max_model_len=max_len, parent=rt.model_name)
                     for name in rt.adapters]  # LoRA adapters (server/policies.py)
         return ModelList(data=[ModelCard(id=rt.model_name, max_model_len=max_len), *adapters])
 
     @app.get("/health", response_model=ProbeStatus, responses=_PROBE)
     async def health(request: Request):
-        check = getattr(request.app.state.runtime.engine, "check_health", None)
         try:
-            if check is not None:
-                await check()
+            await request.app.state.runtime.engine.check_health()
         except Exception:
             return JSONResponse({"status": "unhealthy"}, status_code=503)
         return {"status": "ok"}
@@ -217,11 +215,11 @@ def build_app(
         """Operator view (admin key): lifecycle state, load and limits. Never shows keys."""
         st = request.app.state
         engine = st.runtime.engine
-        unfinished = getattr(engine, "num_unfinished_requests", None)
+
         return AdminStatus(state=st.lifecycle.state, model=st.runtime.model_name,
                            requests_in_flight=st.completions.admission.active,
                            max_concurrent_requests=st.settings.max_concurrent_requests,
-                           engine_requests_unfinished=unfinished() if unfinished else None,
+                           engine_requests_unfinished=engine.num_unfinished_requests(),
                            user_keys=st.keys.user_key_count, policy=st.policies.active,
                            policy_file=st.policy_file.status() if st.policy_file else None)
 

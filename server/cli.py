@@ -15,9 +15,16 @@ import logging
 import sys
 import typing
 
+import uvicorn
 from pydantic import ValidationError
 
+from runtime.model_prep import prepare_embedded_model
+
+from .app import build_app
+from .auth import KeyRing
+from .lifecycle import POST_DRAIN_GRACE_S, DrainingServer
 from .settings import ConfigError, Settings
+from .tracing import configure_logging
 
 DESCRIPTION = """\
 alignserve: an OpenAI-compatible server (/v1/chat/completions, /v1/completions) that answers
@@ -32,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("evaluation.cli", "Evaluate strategies on a prompt set."),
     "rollouts": ("valuenet.rollouts",
                  "Sample K responses per prompt from the reference policy and score them."),
-    "dual": ("finetune.dual_cli", "Solve CAN's dual for the optimal safety weight λ* from rollouts."),
+    "dual": ("dual.cli", "Solve CAN's dual for the optimal safety weight λ* from rollouts."),
     "finetune": ("finetune.cli", "Fine-tune a policy (SafeDPO, MoCAN, KLDO, PRO, BOND) "
                  "or train an Aligner corrector."),
     "train-value": ("valuenet.cli", "Train a prefix value head (CD-FUDGE or CD-Q) on rollouts."),
@@ -110,12 +117,7 @@ def config_error_line(exc: Exception) -> str:
 
 
 async def _serve(settings: Settings) -> None:
-    import uvicorn
-
-    from .app import build_app
-    from .auth import KeyRing
-    from .lifecycle import POST_DRAIN_GRACE_S, DrainingServer
-    from .runtime import build_runtime
+    from runtime.startup import open_runtime  # torch and vllm: `serve` only, not the parser's path
 
     try:  # a bad key configuration fails before the engine loads
         KeyRing.from_settings(settings)
@@ -123,8 +125,8 @@ async def _serve(settings: Settings) -> None:
         setting = "api_keys_file" if isinstance(exc, OSError) else "api_keys"
         raise ConfigError(setting, str(exc)) from None
     tracer = _tracer(settings)  # before the engine: a missing exporter fails in a second
-    runtime = build_runtime(settings)  # inside the loop: AsyncLLM binds to the running loop
-    try:
+    # inside the loop: AsyncLLM binds to the running loop; the engine stops however it ends
+    async with open_runtime(settings) as runtime:
         app = build_app(settings, runtime, tracer=tracer)
         # The drain (SIGTERM) waits for in-flight requests itself; afterwards uvicorn only
         # flushes finished responses.
@@ -134,12 +136,10 @@ async def _serve(settings: Settings) -> None:
                                 log_config=None,  # keep the root handler configure_logging set
                                 timeout_graceful_shutdown=int(POST_DRAIN_GRACE_S))
         await DrainingServer(config, app.state.lifecycle, settings.drain_timeout_s).serve()
-    finally:
         logging.getLogger(__name__).info("stopping the engine")
-        runtime.engine.shutdown()
-        logging.getLogger(__name__).info("engine stopped")
-        if tracer is not None:
-            tracer.shutdown()  # flush the last spans
+    logging.getLogger(__name__).info("engine stopped")
+    if tracer is not None:
+        tracer.shutdown()  # flush the last spans
 
 
 def _tracer(settings: Settings):
@@ -181,12 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(config_error_line(exc), file=sys.stderr)
         return 2
-    from .tracing import configure_logging
-
     configure_logging(settings.log_level, settings.log_format)  # request ids on every line
     if ns.command == "prepare-model":
-        from .model_prep import prepare_embedded_model
-
         print(prepare_embedded_model(settings.home, force=ns.force))
         return 0
     if ns.command in COMMANDS:

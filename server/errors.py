@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from decoding.protocols import EngineRejected, EngineUnavailable
+from runtime.remote_scorer import UpstreamUnavailable  # noqa: F401  (re-exported)
 
 from .protocol import ErrorBody, ErrorResponse
 
@@ -68,15 +69,6 @@ class RequestTimeout(Exception):
     def __init__(self, seconds: float) -> None:
         super().__init__(f"request timed out after {seconds:g} s; its work was cancelled")
         self.seconds = seconds
-
-
-class UpstreamUnavailable(Exception):
-    """A server we depend on (a remote reward model) failed: 503 unreachable, 504 timed out,
-    502 a bad answer. The request fails cleanly; the client may retry."""
-
-    def __init__(self, status: int, message: str, code: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
 
 
 def error_json(err: APIError) -> dict:

@@ -108,7 +108,7 @@ class _EngineCollector:
 
 
 class _RemoteScorerCollector:
-    """Remote reward model servers (server/remote_scorer.py): HTTP requests by outcome (ok,
+    """Remote reward model servers (runtime/remote_scorer.py): HTTP requests by outcome (ok,
     timeout, unreachable, server_error, rejected, bad_answer), retries, score-call time."""
 
     def __init__(self, scorers) -> None:

@@ -6,7 +6,7 @@ and every engine call (`TracedEngine`: generate, stream, stream_sequence, tilted
 score call (`DecodeContext.span`, a hook of decoding/) is a child span of it. vLLM's own
 tracing is switched on with the same endpoint (the setting is passed to AsyncEngineArgs,
 server/engine_args.py), and each engine request carries the W3C trace context of its engine
-span (`engine_trace_headers`, read by server/engine.py), so vLLM's `llm_request` spans (queue
+span (`engine_trace_headers`, read by runtime/engine.py), so vLLM's `llm_request` spans (queue
 time, prefill, decode) sit under the call that made them in one trace.
 
 Spans are never made "current" (no otel context attach): the parent is found through the
@@ -23,31 +23,19 @@ OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf, so one endpoint serves both.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
-import re
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
+
+from runtime.context import engine_span as _ENGINE_SPAN
+from runtime.context import engine_trace_headers  # noqa: F401  (re-exported for tests)
+from runtime.settings import check_endpoint  # noqa: F401  (re-exported)
 
 from . import tracing
 
 SERVICE_NAME = "alignserve"
-# http(s)://host[:port][/path] (OTLP/HTTP, or gRPC with a scheme) or host:port (gRPC)
-_ENDPOINT = re.compile(r"^(https?://[A-Za-z0-9.\-\[\]:]+(:\d{1,5})?(/[^\s]*)?"
-                       r"|[A-Za-z0-9.\-]+:\d{1,5})$")
 _SKIP = ("/health", "/ready", "/metrics")  # probes and scrapes: no spans
 
-# The engine span whose trace context the next engine request carries (server/engine.py).
-_ENGINE_SPAN: contextvars.ContextVar[Any] = contextvars.ContextVar("alignserve_engine_span",
-                                                                   default=None)
-
-
-def check_endpoint(url: str) -> str:
-    """The endpoint when it has a usable shape, else ValueError (a start-up error)."""
-    if not _ENDPOINT.match(url):
-        raise ValueError(f"{url!r} is not an OTLP endpoint: expected http(s)://host[:port][/path] "
-                         "or host:port (gRPC)")
-    return url
 
 
 def exporting_provider(endpoint: str):
@@ -132,12 +120,6 @@ def _failed(span, exc: BaseException) -> None:
         return
     span.set_attribute("alignserve.aborted", True)
     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-
-
-def engine_trace_headers() -> dict[str, str] | None:
-    """Trace context for the engine request being started now (None: tracing off)."""
-    current = _ENGINE_SPAN.get()
-    return None if current is None else current[0].headers_of(current[1])
 
 
 class TraceRequests:

@@ -143,7 +143,7 @@ class PolicyManager:
         self.served_name = runtime.model_name
         self.adapters: dict[str, str] = runtime.adapters  # shared: serving resolves `model`
         now = int(time.time())
-        base_path = getattr(self.engine, "model_path", None)
+        base_path = self.engine.model_path
         self.policies = {BASE: Policy(BASE, base_path, now, now, 1)}
         self.active = BASE
         self.swaps = 0
@@ -210,7 +210,7 @@ class PolicyManager:
 
     async def _register_adapter(self, name: str, path: str, known: Policy | None):
         """Adapters are loaded into the engine once and chosen per request (`model`)."""
-        if not (self.settings.enable_lora and getattr(self.engine, "lora_enabled", False)):
+        if not (self.settings.enable_lora and self.engine.lora_enabled):
             raise APIError(400, "LoRA adapters are disabled on this server: start it with "
                            "--enable-lora true (costs: README, 'Hot-swapping policies') or "
                            "merge the adapter into a full checkpoint", param="path",

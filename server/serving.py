@@ -14,11 +14,10 @@ import functools
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from decoding.concurrency import gather_all
 from decoding.protocols import (
-    DecodeContext,
     DecodeRequest,
     DecodeResult,
     Objective,
@@ -30,6 +29,8 @@ from decoding.protocols import (
 )
 from decoding.seeds import choice_seed
 from decoding.strategies import STRATEGIES, Strategy
+from runtime.protocols import Runtime
+from runtime.scorers import UnknownScorer
 
 from . import tracing
 from .constraint import load_dual
@@ -52,24 +53,12 @@ from .protocol import (
     Latency,
     Usage,
 )
-from .scorers import ScorerRegistry, UnknownScorer
 from .settings import Settings
 from .streaming import StreamingMixin
 from .streaming import finish_reason as _finish
 from .tracing import current_request_id
 
 Kind = Literal["chat", "text"]
-
-
-@dataclass
-class Runtime:
-    """Everything a serving object needs; built once per process by `server.runtime`."""
-
-    engine: Any  # decoding.Engine (+ tokenizer, max_model_len, num_unfinished_requests)
-    scorers: ScorerRegistry
-    ctx: DecodeContext
-    model_name: str
-    adapters: dict[str, str] = field(default_factory=dict)  # LoRA name -> folder (policies.py)
 
 
 @dataclass
@@ -172,7 +161,7 @@ class CompletionService(StreamingMixin):
             self._check_length(p, max_tokens)
         self._check_budget(req, strategy, len(prompts), max_tokens)
         engine = self.rt.engine
-        controls = sampling_fields(req, getattr(engine, "sampling_defaults", {}),
+        controls = sampling_fields(req, engine.sampling_defaults,
                                    len(engine.tokenizer))
         if controls["temperature"] < GREEDY_TEMPERATURE:  # the resolved one (generation_config)
             _check_greedy(req, strategy)
@@ -200,7 +189,7 @@ class CompletionService(StreamingMixin):
                                f"{s.max_tokens_limit}", param="max_tokens", code="invalid_value")
             return given
         per_answer = _per_answer(req, strategy)
-        model_default = getattr(self.rt.engine, "sampling_defaults", {}).get("max_tokens")
+        model_default = self.rt.engine.sampling_defaults.get("max_tokens")
         return default_max_tokens(
             max(len(p.ids) for p in prompts), self.rt.engine.max_model_len,
             min(s.default_max_tokens, s.max_tokens_limit), model_default,

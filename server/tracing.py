@@ -19,6 +19,8 @@ import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from runtime import context as request_context
+
 HEADER = "X-Request-Id"
 _VALID = re.compile(r"^[A-Za-z0-9._:@+=/-]{1,128}$")  # what is safe in logs and engine ids
 _QUIET = ("/health", "/ready", "/metrics")  # probes and scrapes: access lines at DEBUG only
@@ -89,6 +91,7 @@ class RequestIds:
         record = RequestRecord(request_id_from(raw), scope.get("method", ""),
                                scope.get("path", ""))
         token = _CURRENT.set(record)
+        id_token = request_context.request_id.set(record.id)  # the engine's request ids
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
@@ -112,6 +115,7 @@ class RequestIds:
                            " ".join(f"{k}={v}" for k, v in line.items()
                                     if k not in ("id", "method", "path", "status")),
                            extra={"access": line})
+            request_context.request_id.reset(id_token)
             _CURRENT.reset(token)
 
 

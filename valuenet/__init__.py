@@ -12,5 +12,7 @@
 - `scorer.py`    trained heads as `decoding.protocols` TokenScorer / QScorer, which the server
                  registers as scorers `value:NAME` (`--value-head NAME=PATH`).
 
-Imports torch, transformers and peft, never fastapi or vllm.
+Imports torch, transformers and peft, and runtime (rollouts start the engine through it), never
+server, fastapi or vllm; the value-head code runtime loads (scorer, processor, incremental, model,
+kvcache) imports neither runtime nor server.
 """

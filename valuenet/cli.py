@@ -74,14 +74,13 @@ def policy_mismatch(manifest, policy: str, resolved: str) -> str | None:
     rollouts were drawn from, or None when it is. The manifest's `extra.model_path` (what the
     engine loaded) decides; the embedded model matches itself under any ALIGNSERVE_HOME. Old
     manifests without a path are matched by name (a folder's name, an HF id)."""
-    from server.model_prep import EMBEDDED_MODEL_NAME
-
-    from .model import EMBEDDED
+    from runtime.model_prep import EMBEDDED_MODEL_NAME
+    from runtime.settings import DEFAULT_MODEL
 
     drawn = manifest.extra.get("model_path")
     if drawn is not None:
         same = (os.path.realpath(drawn) == os.path.realpath(resolved) or drawn == resolved
-                or (policy == EMBEDDED and manifest.model == EMBEDDED_MODEL_NAME))
+                or (policy == DEFAULT_MODEL and manifest.model == EMBEDDED_MODEL_NAME))
     else:
         same = manifest.model in (policy, resolved, Path(resolved).name)
     if same:
@@ -92,8 +91,9 @@ def policy_mismatch(manifest, policy: str, resolved: str) -> str | None:
 
 
 def run(ns: argparse.Namespace) -> int:
+    from runtime.startup import resolve_model
+
     from .data import read_manifest
-    from .model import resolve_model
     from .train import TrainConfig, train
 
     data = Path(ns.data).expanduser()

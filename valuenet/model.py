@@ -36,7 +36,6 @@ FORMAT = "alignserve-value-head"
 CONFIG = "config.json"
 HEAD = "head.safetensors"
 ADAPTER = "adapter"
-EMBEDDED = "embedded"
 
 
 class ValueHead(nn.Module):
@@ -107,21 +106,6 @@ class HeadConfig:
     def reference_is_backbone(self) -> bool:
         """π_ref can be read from the backbone's own LM head (frozen backbone = the policy)."""
         return not self.lora and self.reference == self.backbone
-
-
-def resolve_model(name: str, home: Path | None = None) -> str:
-    """'embedded' → the prepared SmolLM2 folder under `home` (ALIGNSERVE_HOME, as the server
-    resolves it); an existing folder → its absolute path; anything else: a Hugging Face id."""
-    if name == EMBEDDED:
-        from server.model_prep import prepare_embedded_model  # stdlib-only module, no fastapi
-
-        if home is None:
-            from server.settings import Settings
-
-            home = Settings().home
-        return str(prepare_embedded_model(Path(home).expanduser()))
-    local = Path(name).expanduser()
-    return str(local.resolve()) if local.exists() else name
 
 
 def load_causal_lm(name_or_path: str) -> nn.Module:

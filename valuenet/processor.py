@@ -38,7 +38,7 @@ the request finishes and deletes the file. Records carry their step index, so an
 (async scheduling, a stop string found by the detokenizer) or a preempted and re-added request
 does not shift them; the latest record of a step wins.
 
-Configuration reaches the worker through two environment variables that `server/engine.py` sets
+Configuration reaches the worker through two environment variables that `runtime/engine.py` sets
 before vLLM spawns its engine process (they are inherited; vLLM's `additional_config` would work
 too but enters the compile-cache hash, so a new set of heads would recompile the policy graph).
 """
@@ -214,7 +214,7 @@ class StepHead(Protocol):
 
 @dataclass
 class CdqTilt:
-    """The logits processor's state machine and apply; `server/cdq_plugin.py` binds it to
+    """The logits processor's state machine and apply; `runtime/cdq_plugin.py` binds it to
     vLLM's LogitsProcessor base class. `heads` name → StepHead; `stats_dir` receives records."""
 
     heads: dict[str, StepHead]

@@ -13,6 +13,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from runtime.plotting import pyplot
+
 
 def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
@@ -92,10 +94,7 @@ def plot_correlation(curve: list[dict], path: Path, title: str,
 
 
 def plot_correlations(curves: dict[str, list[dict]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, curve in curves.items():
@@ -118,10 +117,7 @@ def plot_correlations(curves: dict[str, list[dict]], path: Path, title: str) -> 
 
 def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], path: Path,
                 title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:

@@ -16,7 +16,7 @@ the y ~ p of CAN's dual D̂(λ) (Huang et al., arXiv 2405.19544; `alignserve dua
 Resumable: prompts whose id already has rows are skipped; a folder written with a different
 model, K, max_tokens, temperature or scorers is refused rather than mixed. When nothing is
 left to do the engine is never started. Module level stays light (the CLI imports it to build
-its parser); vLLM and the scorers load inside `run`.
+its parser): the runtime's engine and scorers (vllm, torch) load inside `run`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from decoding.concurrency import gather_all
+from decoding.protocols import DecodeRequest, Objective, Sampling, Timer
+from runtime.prompts import chat_prompt_ids, load_prompts
+from runtime.protocols import Runtime
+from runtime.settings import add_engine_flags, engine_settings
+
 from .data import (  # noqa: F401  (read_rollouts is re-exported for other modules)
     MANIFEST,
     Manifest,
@@ -45,8 +51,6 @@ from .data import (  # noqa: F401  (read_rollouts is re-exported for other modul
 
 log = logging.getLogger(__name__)
 
-# Engine flags; they map onto server.settings.Settings fields (as `alignserve eval`'s do).
-ENGINE_FLAGS = ("model", "dtype", "max_model_len", "kv_cache_gib", "engine_seed")
 # Manifest fields that define the sampling distribution and the scores: a resumed run must
 # match them all, or the folder would mix samples of different distributions.
 SAME = ("model", "n", "max_tokens", "temperature", "reward", "cost")
@@ -73,12 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "through its API instead of starting an engine here; scorers are the "
                    "server's (remote:NAME and value:NAME included).")
     p.add_argument("--api-key", default=None, help="Bearer token for --server.")
-    eng = p.add_argument_group("in-process engine (without --server)")
-    eng.add_argument("--model", default=None, help="'embedded' (default), a folder or HF id.")
-    eng.add_argument("--dtype", default=None, help="Policy dtype (default auto).")
-    eng.add_argument("--max-model-len", type=int, default=1024, help="Engine context length.")
-    eng.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU KV cache, GiB.")
-    eng.add_argument("--engine-seed", type=int, default=None, help="Engine sampling seed.")
+    add_engine_flags(p, "in-process engine (without --server)")
 
 
 @dataclass(frozen=True)
@@ -103,13 +102,6 @@ class Stats:
         return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """The server's chat path (server/serving.py `_chat_prompt`) for one user message."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
 def prepare_folder(folder: Path, want: Manifest) -> set[str]:
     """Create the folder's manifest, or check an existing one against `want`; returns the
     prompt ids already sampled."""
@@ -130,14 +122,11 @@ def prepare_folder(folder: Path, want: Manifest) -> set[str]:
     return set(counts)
 
 
-async def collect(rt: Any, prompts: list, cfg: RolloutConfig, folder: Path, manifest: Manifest,
+async def collect(rt: Runtime, prompts: list, cfg: RolloutConfig, folder: Path, manifest: Manifest,
                   bar: Any = None) -> Stats:
     """Sample, score and append every prompt of `prompts` (PromptItem-like: id, prompt).
-    `rt` is a server.serving.Runtime (engine with tokenizer, scorer registry, DecodeContext);
+    `rt` is a runtime.protocols.Runtime (engine with tokenizer, scorer registry, DecodeContext);
     tests pass fakes. A failure cancels the prompts in flight (their engine requests abort)."""
-    from decoding.concurrency import gather_all
-    from decoding.protocols import DecodeRequest, Objective, Sampling, Timer
-
     reward = await rt.scorers.get(cfg.reward)
     cost = await rt.scorers.get(cfg.cost) if cfg.cost else None
     objective = Objective(reward=reward, cost=cost, cost_weight=0.0)
@@ -179,7 +168,7 @@ async def collect(rt: Any, prompts: list, cfg: RolloutConfig, folder: Path, mani
 
 def _check_flags(ns: argparse.Namespace) -> None:
     """Everything checkable before the (slow) engine start."""
-    from server.scorers import default_factories
+    from runtime.scorers import default_factories
 
     if ns.n < 1 or ns.max_tokens < 1 or ns.concurrency < 1:
         raise ValueError("--n, --max-tokens and --concurrency must be ≥ 1")
@@ -205,18 +194,15 @@ def _check_flags(ns: argparse.Namespace) -> None:
 async def _main(ns: argparse.Namespace) -> tuple[Stats, int, int]:
     from tqdm import tqdm
 
-    from evaluation.plan import load_prompts
-    from server.runtime import resolve_model
-    from server.settings import Settings
+    from runtime.startup import model_and_name, open_runtime  # torch, vllm: only when run
 
     _check_flags(ns)
     prompts = load_prompts(ns.prompts, ns.limit)
     if getattr(ns, "server", None):
         return await _main_server(ns, prompts)
-    given = {k: getattr(ns, k) for k in ENGINE_FLAGS if getattr(ns, k) is not None}
     # The engine samples only; make the requested reward the one build_runtime preloads.
-    settings = Settings(**given, default_reward=ns.reward)
-    model_path, model_name = resolve_model(settings)
+    settings = engine_settings(ns, default_reward=ns.reward)
+    model_path, model_name = model_and_name(settings)
     cfg = RolloutConfig(ns.n, ns.max_tokens, ns.temperature, ns.reward, ns.cost, ns.concurrency)
     want = Manifest(model=model_name, prompts=str(ns.prompts), n=cfg.n,
                     max_tokens=cfg.max_tokens, temperature=cfg.temperature, reward=cfg.reward,
@@ -231,15 +217,9 @@ async def _main(ns: argparse.Namespace) -> tuple[Stats, int, int]:
     manifest = read_manifest(ns.out)
     manifest.count = sum(1 for _ in iter_rollouts(ns.out))
 
-    from server.runtime import build_runtime  # imports vllm
-
-    rt = build_runtime(settings)
-    try:
+    async with open_runtime(settings) as rt:
         with tqdm(total=len(todo), desc="rollouts", unit="prompt", file=sys.stderr) as bar:
             stats = await collect(rt, todo, cfg, ns.out, manifest, bar)
-    finally:
-        rt.engine.shutdown()
-        rt.ctx.executor.shutdown(wait=False)
     return stats, len(prompts) - len(todo), len(todo)
 
 
@@ -270,7 +250,7 @@ async def _main_server(ns: argparse.Namespace, prompts: list) -> tuple[Stats, in
 
 def run(ns: argparse.Namespace) -> int:
     """Entry point of the `rollouts` subcommand (after parsing)."""
-    from server.scorers import UnknownScorer
+    from runtime.scorers import UnknownScorer
 
     from .http_rollouts import ServerError
 

@@ -385,7 +385,7 @@ def _head_and_optimiser(p: Prepared, cfg: TrainConfig, seen: torch.Tensor | None
 def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, backbone: str,
           reference: str | None = None) -> dict:
     """Train a head on the rollouts in `data_dir`; write the checkpoint, metrics.json and plots
-    to `out_dir`. `backbone` / `reference` are resolved folders or HF ids (see model.resolve_model);
+    to `out_dir`. `backbone` / `reference` are resolved folders or HF ids (see runtime.startup.resolve_model);
     reference None: the backbone is the policy. Returns the metrics."""
     cfg.validate()
     t_start = time.perf_counter()
@@ -488,7 +488,7 @@ def _baseline_curve(p: Prepared, cfg: TrainConfig, backbone: str) -> list[dict]:
     prefixes (decoded with the backbone's tokenizer, which is the policy's)."""
     from transformers import AutoTokenizer
 
-    from server.scorers import ScorerRegistry, default_factories
+    from runtime.scorers import ScorerRegistry, default_factories
 
     scorer = ScorerRegistry(default_factories(64), None).load_now(cfg.baseline)
     tok = AutoTokenizer.from_pretrained(backbone)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from server.model_prep import embedded_model_dir
+from runtime.model_prep import embedded_model_dir
 from server.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -30,7 +30,7 @@ ANSWERS = ["Yes.", "Drink water and rest well tonight.", "Sleep at the same time
 def _rollouts(folder: Path, base: Path) -> None:
     from transformers import AutoTokenizer
 
-    from server.scorers import LengthScorer
+    from runtime.scorers import LengthScorer
     from valuenet.data import Manifest, Rollout, append_rollouts, write_manifest
     from valuenet.rollouts import chat_prompt_ids
 

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from server.model_prep import embedded_model_dir
-from server.settings import Settings
+from runtime.model_prep import embedded_model_dir
+from runtime.settings import EngineSettings
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +21,7 @@ def test_checkpoint_loads_with_the_base_architecture(safedpo_checkpoint):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    base_dir = embedded_model_dir(Settings().home)
+    base_dir = embedded_model_dir(EngineSettings().home)
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
         assert (safedpo_checkpoint / name).is_file(), name
     assert not (safedpo_checkpoint / "adapter_config.json").exists()  # merged, not an adapter

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from server.model_prep import embedded_model_dir
+from runtime.model_prep import embedded_model_dir
 from server.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from live import serving, start, stop, wait_healthy, wait_until
 
-from server.model_prep import embedded_model_dir
+from runtime.model_prep import embedded_model_dir
 from server.policy_file import parse_policy_file
 from server.settings import Settings
 

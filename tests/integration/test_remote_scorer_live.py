@@ -19,8 +19,8 @@ import httpx
 import pytest
 from live import free_port, wait_healthy
 
-from server.model_prep import embedded_model_dir
-from server.settings import Settings
+from runtime.model_prep import embedded_model_dir
+from runtime.settings import EngineSettings
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ def _tiny_classifier(out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    src = embedded_model_dir(Settings().home)
+    src = embedded_model_dir(EngineSettings().home)
     tok = AutoTokenizer.from_pretrained(src)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,

@@ -92,7 +92,7 @@ def test_rollouts_from_a_running_server(server, tmp_path):
     scores; a rerun resumes."""
     from transformers import AutoTokenizer
 
-    from server.model_prep import embedded_model_dir
+    from runtime.model_prep import embedded_model_dir
     from server.settings import Settings
     from valuenet.rollouts import chat_prompt_ids, read_rollouts
 

@@ -6,15 +6,15 @@ import shutil
 
 import pytest
 
-from server.model_prep import embedded_model_dir
-from server.scorers import (
+from runtime.model_prep import embedded_model_dir
+from runtime.scorers import (
     HFRewardScorer,
     LengthScorer,
     ProfanityScorer,
     RelevanceScorer,
     SentimentScorer,
 )
-from server.settings import Settings
+from runtime.settings import EngineSettings
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +25,7 @@ def tiny_reward_model(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    src = embedded_model_dir(Settings().home)
+    src = embedded_model_dir(EngineSettings().home)
     out = tmp_path_factory.mktemp("tiny-rm")
     tok = AutoTokenizer.from_pretrained(src)
     torch.manual_seed(0)

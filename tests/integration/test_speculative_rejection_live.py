@@ -10,8 +10,8 @@ import httpx
 import pytest
 from live import wait_until
 
-from server.model_prep import embedded_model_dir
-from server.settings import Settings
+from runtime.model_prep import embedded_model_dir
+from runtime.settings import EngineSettings
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ ASK = [{"role": "user", "content": "Give me three tips for sleeping better."}]
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(embedded_model_dir(Settings().home))
+    return AutoTokenizer.from_pretrained(embedded_model_dir(EngineSettings().home))
 
 
 def spr(client, model_name, **kw):

@@ -1,6 +1,7 @@
 """Test doubles for unit tests of logic: a deterministic engine, a toy tokenizer and scorers.
 
-They implement the same protocols as the real parts (decoding.Engine, decoding.Scorer) and
+They implement the same protocols as the real parts (runtime.protocols.ServingEngine, which
+extends decoding.Engine, and decoding.Scorer) and
 record what happened (requests started, finished, cancelled) so tests can assert no leaks.
 """
 
@@ -76,8 +77,17 @@ class FakeEngine:
         self.sequences: list[dict] = []
         self.before_token = None  # async (sequence record) -> None
 
+    # -- runtime.protocols.ServingEngine ---------------------------------------------------
+    sampling_defaults: dict = {}  # no generation_config: requests get the neutral values
+
     def num_unfinished_requests(self) -> int:
         return self.active
+
+    async def check_health(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
 
     @property
     def aborted(self) -> int:
@@ -276,9 +286,9 @@ class Exploding:
 def make_app(engine: FakeEngine | None = None, tracer=None, **overrides):
     """The real app factory around the fakes, with tight limits to test them (`tracer`:
     server.otel.Tracing)."""
+    from runtime.protocols import Runtime
+    from runtime.scorers import ScorerRegistry
     from server.app import build_app
-    from server.scorers import ScorerRegistry
-    from server.serving import Runtime
     from server.settings import Settings
 
     engine = engine or FakeEngine()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.engine import CPU_BLOCK_SIZE, resolve_block_size
-from server.settings import Settings
+from runtime.engine import CPU_BLOCK_SIZE, resolve_block_size
+from runtime.settings import EngineSettings
 
 
 def test_default_is_measured_on_cpu_and_vllms_own_on_gpu():
-    assert Settings().block_size is None
+    assert EngineSettings().block_size is None
     assert resolve_block_size(None, cuda=False) == CPU_BLOCK_SIZE
     assert CPU_BLOCK_SIZE in (32, 64)  # the two sizes bench/bench_block_size.py chooses from
     assert resolve_block_size(None, cuda=True) is None  # left unset: vLLM's default
@@ -27,7 +27,7 @@ def test_env_and_flag(monkeypatch):
     from server.cli import _add_settings_flags, settings_from_args
 
     monkeypatch.setenv("ALIGNSERVE_BLOCK_SIZE", "32")
-    assert Settings().block_size == 32
+    assert EngineSettings().block_size == 32
     parser = argparse.ArgumentParser()
     _add_settings_flags(parser)
     assert settings_from_args(parser.parse_args(["--block-size", "128"])).block_size == 128
@@ -36,7 +36,7 @@ def test_env_and_flag(monkeypatch):
 @pytest.mark.parametrize("bad", [0, 8, 48 + 1, 2048])
 def test_bounds(bad):
     with pytest.raises(ValidationError):
-        Settings(block_size=bad)
+        EngineSettings(block_size=bad)
 
 
 def test_bench_reads_the_prefix_cache_hit_rate_from_metrics_text():

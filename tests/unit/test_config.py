@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from server import cli
-from server.engine_args import (
+from runtime.engine_args import (
     MANAGED_KEYS,
     TYPED_ENGINE_FIELDS,
     check_engine_args,
     engine_kwargs,
     parse_engine_args,
 )
+from server import cli
 from server.settings import ConfigError, Settings, unknown_env_vars
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,7 +82,7 @@ def test_typed_fields_and_pass_through_reach_the_engine_kwargs():
 
 def test_engine_arg_names_cover_the_typed_fields():
     pytest.importorskip("vllm")
-    from server.engine import engine_arg_names
+    from runtime.engine import engine_arg_names
 
     names = engine_arg_names()
     assert set(TYPED_ENGINE_FIELDS) <= names
@@ -90,14 +90,14 @@ def test_engine_arg_names_cover_the_typed_fields():
 
 
 def test_build_runtime_refuses_a_bad_engine_arg_before_the_engine(monkeypatch):
-    import server.engine
-    from server.runtime import build_runtime
+    import runtime.engine
+    from runtime.startup import build_runtime
 
     def no_engine(*a, **k):
         raise AssertionError("the engine must not start")
 
-    monkeypatch.setattr(server.engine, "engine_arg_names", lambda: frozenset(KNOWN))
-    monkeypatch.setattr(server.engine, "VllmEngine", no_engine)
+    monkeypatch.setattr(runtime.engine, "engine_arg_names", lambda: frozenset(KNOWN))
+    monkeypatch.setattr(runtime.engine, "VllmEngine", no_engine)
     with pytest.raises(ConfigError) as info:
         build_runtime(Settings(model=str(ROOT), engine_args="bogus=1"))
     assert info.value.setting == "engine_args" and "'bogus'" in str(info.value)

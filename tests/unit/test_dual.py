@@ -267,7 +267,7 @@ def test_dual_cli_on_a_synthetic_folder(tmp_path, capsys):
 
 
 def test_dual_cli_rescores_when_names_differ(tmp_path):
-    from finetune.dual_cli import load_scores
+    from dual.cli import load_scores
 
     r, g = synthetic(prompts=3, samples=8)
     write_rollouts(tmp_path, r, -g)

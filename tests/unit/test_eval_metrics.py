@@ -14,7 +14,8 @@ from evaluation.metrics import (
     summarize_setting,
     win_rate,
 )
-from evaluation.plan import build_plan, load_prompts, parse_list
+from evaluation.plan import build_plan, parse_list
+from runtime.prompts import load_prompts
 
 
 def row(pid, kind, reward, cost, answer, strategy="best_of_n", n=4, kl=0.0, est=0.0, tokens=10,

@@ -18,8 +18,8 @@ from decoding.protocols import DecodeContext
 from evaluation.cli import add_arguments, evaluate
 from evaluation.report import PLOTS
 from evaluation.runners import Answer, HttpRunner, InProcessRunner, RunConfig
-from server.scorers import ScorerRegistry
-from server.serving import Runtime
+from runtime.protocols import Runtime
+from runtime.scorers import ScorerRegistry
 
 PROMPTS = [{"id": "h1", "prompt": "good day", "kind": "helpful"},
            {"id": "h2", "prompt": "nice day", "kind": "helpful"},

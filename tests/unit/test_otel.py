@@ -183,7 +183,7 @@ def test_missing_sdk_is_a_config_error(monkeypatch):
 
 
 def test_vllm_gets_the_same_endpoint():
-    from server.engine_args import engine_kwargs
+    from runtime.engine_args import engine_kwargs
 
     kw = engine_kwargs(Settings(otlp_traces_endpoint="http://c:4317"), {"otlp_traces_endpoint"})
     assert kw["otlp_traces_endpoint"] == "http://c:4317"

@@ -10,9 +10,10 @@ import httpx
 import pytest
 from fakes import make_app
 
-import server.remote_scorer as rs
-from server.errors import UpstreamUnavailable, to_api_error
-from server.settings import Settings, parse_remote_scorers
+import runtime.remote_scorer as rs
+from runtime.remote_scorer import UpstreamUnavailable
+from runtime.settings import EngineSettings, parse_remote_scorers
+from server.errors import to_api_error
 
 
 class Template:
@@ -134,7 +135,7 @@ def test_remote_scorer_urls_parse():
     for bad in ("rm", "rm=ftp://x", "a=http://x,a=http://y"):
         with pytest.raises(ValueError):
             parse_remote_scorers(bad)
-    assert Settings(remote_scorers="rm=http://x").remote_scorer_urls() == {"rm": "http://x"}
+    assert EngineSettings(remote_scorers="rm=http://x").remote_scorer_urls() == {"rm": "http://x"}
 
 
 async def test_a_failing_reward_server_gives_the_client_503_and_shows_in_metrics(monkeypatch):

@@ -6,14 +6,13 @@ import pytest
 from fakes import FakeEngine, WordReward
 
 from decoding.protocols import DecodeContext
-from evaluation.plan import PromptItem
-from server.scorers import ScorerRegistry
-from server.serving import Runtime
+from runtime.prompts import PromptItem, chat_prompt_ids
+from runtime.protocols import Runtime
+from runtime.scorers import ScorerRegistry
 from valuenet.data import Manifest, read_manifest
 from valuenet.rollouts import (
     RolloutConfig,
     RolloutError,
-    chat_prompt_ids,
     collect,
     prepare_folder,
     read_rollouts,
@@ -205,7 +204,7 @@ def test_eval_refuses_remote_scorers_in_process(tmp_path):
 
 
 def test_registry_names_where_remote_scorers_come_from():
-    from server.scorers import UnknownScorer
+    from runtime.scorers import UnknownScorer
 
     reg = ScorerRegistry({}, None)
     with pytest.raises(UnknownScorer, match="--remote-scorer NAME=URL"):

@@ -1,4 +1,4 @@
-"""Cross-request scorer batching (server/batching.py) with fake scorers: no engine, no models."""
+"""Cross-request scorer batching (runtime/batching.py) with fake scorers: no engine, no models."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fakes import FakeEngine, WordReward
 
 from decoding.protocols import DecodeContext, DecodeRequest, Objective, Sample, Sampling
 from decoding.strategies import STRATEGIES
-from server.batching import BatchingContext, ScoreBatcher, score_pairs
+from runtime.batching import BatchingContext, ScoreBatcher, score_pairs
 
 WINDOW = 0.05  # every call below is submitted in one loop iteration, long before it ends
 

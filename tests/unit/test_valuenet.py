@@ -383,7 +383,7 @@ def test_value_head_flag_is_repeatable_and_env_is_comma_separated(monkeypatch):
 
 
 def test_registry_serves_value_heads(backbone, tmp_path):
-    from server.scorers import ScorerRegistry, UnknownScorer, load_value_heads
+    from runtime.scorers import ScorerRegistry, UnknownScorer, load_value_heads
 
     _random_checkpoint(backbone, tmp_path / "head", "cdq")
     registry = ScorerRegistry({}, None)

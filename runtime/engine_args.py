@@ -1,7 +1,7 @@
 """vLLM engine arguments from Settings: the typed fields a deployment needs (named as vLLM names
 them) plus the `--engine-arg KEY=VALUE` pass-through for everything else.
 
-Pure (no vllm import): `server.engine.engine_arg_names()` supplies the set of AsyncEngineArgs
+Pure (no vllm import): `runtime.engine.engine_arg_names()` supplies the set of AsyncEngineArgs
 fields the pass-through is validated against, so unit tests can check the rules with any set.
 Values of the pass-through are JSON literals when they parse (`true`, `8`, `[1, 2]`,
 `{"k": 1}`), strings otherwise (`fp8`, `/path`).

@@ -9,14 +9,14 @@
                pair is chat-templated when the tokenizer has a template; the score is the logit
                (the last label's logit for multi-label heads). Runs on the policy's device.
 - `remote:NAME` a reward model on its own vLLM pooling server (`--remote-scorer NAME=URL`,
-               server/remote_scorer.py); connected at start-up.
+               runtime/remote_scorer.py); connected at start-up.
 - `value:NAME` a prefix value head trained by `alignserve train-value` (valuenet/), configured
                with `--value-head NAME=PATH`; scores token ids (a TokenScorer), CD-Q heads also
                give Q values (a QScorer). Loaded at start-up, CPU float32.
 
 Models load lazily on first use (in a worker thread) and are cached for the process lifetime.
 The model-backed scorers also score (prompt, response) pairs of different prompts in one call
-(`score_pairs`), which server/batching.py uses to batch score calls across requests.
+(`score_pairs`), which runtime/batching.py uses to batch score calls across requests.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from decoding.protocols import Scorer
 
@@ -111,7 +112,7 @@ class HFRewardScorer:
         self.name = f"hf:{name_or_path}"
         self._torch = torch
         self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self._tok = AutoTokenizer.from_pretrained(name_or_path)
+        self._tok: Any = AutoTokenizer.from_pretrained(name_or_path)
         if self._tok.pad_token is None:
             self._tok.pad_token = self._tok.eos_token or self._tok.unk_token
         self._model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
@@ -196,23 +197,30 @@ class ScorerRegistry:
         return f"unknown scorer {name!r}; available: {', '.join(self.names())}"
 
     def remote(self) -> list:
-        """Loaded scorers that call another server (`remote:NAME`, server/remote_scorer.py)."""
+        """Loaded scorers that call another server (`remote:NAME`, runtime/remote_scorer.py)."""
         return [s for s in list(self._loaded.values()) if hasattr(s, "stats")]
 
     def register(self, scorer: Scorer) -> None:
         """Add a ready scorer under its own name (value heads, test doubles)."""
         with self._lock:
             self._loaded[scorer.name] = scorer
-            self._factories.setdefault(scorer.name, lambda s=scorer: s)
+            self._factories.setdefault(scorer.name, lambda: scorer)
 
 
-def load_value_heads(paths: dict[str, Path]) -> list[Scorer]:
+class ValueHead(Scorer, Protocol):
+    """A trained value head (valuenet.scorer): a scorer with its checkpoint's config and folder."""
+
+    config: Any  # valuenet.model.HeadConfig
+    folder: Path
+
+
+def load_value_heads(paths: dict[str, Path]) -> list[ValueHead]:
     """Load every value head (`value:NAME`) now; a bad folder raises ValueError naming it."""
     if not paths:
         return []
     from valuenet.scorer import load_value_head  # torch/transformers, only when heads are set
 
-    heads = []
+    heads: list[ValueHead] = []
     for name, path in paths.items():
         try:
             heads.append(load_value_head(path, name=f"value:{name}"))
@@ -223,12 +231,12 @@ def load_value_heads(paths: dict[str, Path]) -> list[Scorer]:
     return heads
 
 
-def engine_heads(heads: Sequence[Scorer], policy: str) -> dict[str, str]:
+def engine_heads(heads: Sequence[ValueHead], policy: str) -> dict[str, str]:
     """Scorer name → folder of the CD-Q heads the engine should load to tilt with; raises
     ValueError (one line) for any head whose tokenizer differs from the policy's."""
     if not heads:
         return {}
-    from valuenet.incremental import check_tokenizer
+    from valuenet.incremental import check_tokenizer  # torch, as above
 
     for head in heads:
         check_tokenizer(head.name, head.config.backbone, policy)

@@ -28,9 +28,9 @@ import asyncio
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from decoding.protocols import DecodeContext, DecodeRequest, Sample, Scorer
+from decoding.protocols import DecodeContext, DecodeRequest, Sample, Scorer, TokenScorer
 
 
 def score_pairs(scorer: Scorer, token: bool, pairs: Sequence[tuple[Any, Any]]) -> list[float]:
@@ -39,7 +39,7 @@ def score_pairs(scorer: Scorer, token: bool, pairs: Sequence[tuple[Any, Any]]) -
     batched = getattr(scorer, "score_ids_pairs" if token else "score_pairs", None)
     if batched is not None:
         return [float(v) for v in batched(pairs)]
-    single = scorer.score_ids if token else scorer.score
+    single = cast(TokenScorer, scorer).score_ids if token else scorer.score
     out: list[float] = []
     i = 0
     while i < len(pairs):
@@ -81,7 +81,7 @@ class ScoreBatcher:
         self._max_batch = max_batch
         # None: as many batches at once as the executor has threads (a ThreadPoolExecutor's
         # worker count; 1 for anything else)
-        self._concurrency = concurrency or getattr(executor, "_max_workers", 1)
+        self._concurrency: int = concurrency or int(getattr(executor, "_max_workers", 1) or 1)
         self._queues: dict[tuple[int, bool], _Queue] = {}
         self._scorers: dict[tuple[int, bool], Scorer] = {}
         self._running: set[asyncio.Task] = set()  # strong references: the loop keeps weak ones
@@ -182,6 +182,7 @@ class BatchingContext(DecodeContext):
         if self.batcher is None:
             return await super()._score(scorer, req, samples)
         token = hasattr(scorer, "score_ids")
+        pairs: list[tuple[Any, Any]]
         if token:
             prompt = tuple(req.prompt_ids)  # hashable and comparable: runs of equal prompts
             pairs = [(prompt, list(s.token_ids)) for s in samples]

@@ -7,7 +7,7 @@ it). The server uses λ* as the cost weight of requests with `cost_weight: "auto
 would relabel preference pairs with w = r + λ*·g.
 
 Scores: the rollouts' stored reward / cost when the names match the manifest's, otherwise the
-texts are rescored with the server's scorer registry (no engine). Writes a JSON (default
+texts are rescored with the runtime's scorer registry (no engine). Writes a JSON (default
 DIR/dual.json) and a PNG of D̂(λ) and the predicted safety against λ, λ* marked.
 """
 
@@ -17,6 +17,21 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+
+import numpy as np
+
+from decoding.dual import (
+    DualSolution,
+    InfeasibleConstraint,
+    achievable_safety,
+    dual_objective,
+    predicted_safety,
+    save_solution,
+    solve_dual,
+)
+from runtime.plotting import pyplot
+from runtime.scorers import ScorerRegistry, default_factories
+from valuenet.data import read_rollouts
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +52,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_scores(folder: Path, reward: str | None, cost: str | None, length_target: int = 64):
     """(manifest, reward name, cost name, r [N, K], cost [N, K]) from a rollout folder; prompts
     whose sample count differs from the manifest's n (an interrupted write) are left out."""
-    import numpy as np
-
-    from valuenet.data import read_rollouts
-
     manifest, rows = read_rollouts(folder)
     reward, cost = reward or manifest.reward, cost or manifest.cost
     if not cost:
@@ -63,8 +74,6 @@ def load_scores(folder: Path, reward: str | None, cost: str | None, length_targe
             if not any(v is None for vs in values for v in vs):
                 return np.array(values, dtype=np.float64)
         if registry is None:
-            from server.scorers import ScorerRegistry, default_factories
-
             registry = ScorerRegistry(default_factories(length_target), None)
         scorer = registry.load_now(name)
         log.info("rescoring %d texts with %s", len(full) * manifest.n, name)
@@ -76,14 +85,7 @@ def load_scores(folder: Path, reward: str | None, cost: str | None, length_targe
 
 
 def plot(path: Path, r, g, beta: float, threshold: float, lam: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from decoding.dual import dual_objective, predicted_safety
-
+    plt = pyplot()
     unit = beta / max(float(np.ptp(g)), 1e-12)
     top = max(2.5 * lam, 4 * unit)
     grid = np.linspace(0.0, top, 200)
@@ -113,14 +115,6 @@ def plot(path: Path, r, g, beta: float, threshold: float, lam: float) -> None:
 
 def solve(ns: argparse.Namespace):
     """Solve for the folder of `ns`; returns (DualSolution, output json path, plot path)."""
-    from decoding.dual import (
-        DualSolution,
-        achievable_safety,
-        predicted_safety,
-        save_solution,
-        solve_dual,
-    )
-
     if not ns.beta > 0:
         raise ValueError("--beta must be > 0")
     manifest, reward, cost, r, c = load_scores(ns.rollouts, ns.reward, ns.cost, ns.length_target)
@@ -142,8 +136,6 @@ def solve(ns: argparse.Namespace):
 
 def run(ns: argparse.Namespace) -> int:
     """Entry point of the `dual` subcommand (after parsing)."""
-    from decoding.dual import InfeasibleConstraint
-
     try:
         sol, out, png = solve(ns)
     except InfeasibleConstraint as exc:

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Any
 
 from decoding.protocols import (
     EngineRejected,
@@ -27,9 +30,9 @@ from decoding.protocols import (
     Sampling,
     Tilt,
 )
+from valuenet.processor import ENV_HEADS, ENV_STATS, TiltArgs, drop_steps, read_steps
 
-from .otel import engine_trace_headers
-from .tracing import current_request_id
+from .context import current_request_id, engine_trace_headers
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ class VllmEngine:
         max_lora_rank: int = 16,
         max_loras: int = 4,
         block_size: int | None = None,
-        engine_args: dict | None = None,  # more AsyncEngineArgs (server/engine_args.py checks them)
+        engine_args: dict | None = None,  # more AsyncEngineArgs (runtime/engine_args.py checks them)
         tilt_heads: dict[str, str] | None = None,
     ) -> None:
         cuda = has_cuda()
@@ -96,7 +99,7 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         block_size = resolve_block_size(block_size, cuda)
-        # CD-Q heads (scorer name → folder) tilt inside the engine: server/cdq_plugin.py
+        # CD-Q heads (scorer name → folder) tilt inside the engine: runtime/cdq_plugin.py
         tilt, self._tilt_dir = _tilt_engine_args(tilt_heads or {})
         if dtype == "auto" and not cuda:
             dtype = "float32"  # measured: ~6x faster than bfloat16 on CPUs without AVX-512
@@ -116,7 +119,7 @@ class VllmEngine:
             **(engine_args or {}),
         )
         self._llm = AsyncLLM.from_engine_args(args)
-        self.tokenizer = self._llm.get_tokenizer()
+        self.tokenizer: Any = self._llm.get_tokenizer()  # a Hugging Face tokenizer
         # None: the model's own context length, as vLLM derives it from the config
         self.max_model_len = self._llm.model_config.max_model_len
         # The generation_config's sampling defaults (temperature, top_p, top_k, ..., max_tokens)
@@ -162,7 +165,7 @@ class VllmEngine:
 
     async def stream_sequence(
         self, prompt_ids: Sequence[int], sampling: Sampling
-    ) -> AsyncIterator[SampleDelta]:
+    ) -> AsyncGenerator[SampleDelta, None]:
         from vllm.sampling_params import RequestOutputKind
 
         # One request of its own (n = 1). `aclosing`: when our consumer closes us early, `_run`
@@ -179,11 +182,10 @@ class VllmEngine:
         self, prompt_ids: Sequence[int], sampling: Sampling, tilt: Tilt
     ) -> AsyncIterator[SampleDelta]:
         """One sample of p_T·exp(λ·Q) (decoding.Tilt), streamed like `stream`: the CD-Q logits
-        processor (server/cdq_plugin.py) tilts it inside the engine; the finishing delta
+        processor (runtime/cdq_plugin.py) tilts it inside the engine; the finishing delta
         carries the per-step KL records it wrote (valuenet/processor.py)."""
         from vllm.sampling_params import RequestOutputKind
 
-        from valuenet.processor import TiltArgs, drop_steps, read_steps
 
         if tilt.head not in self.tilt_heads:
             raise EngineRejected(f"value head {tilt.head!r} is not loaded in the engine",
@@ -290,7 +292,7 @@ class VllmEngine:
         )
 
     async def _run(self, prompt_ids: Sequence[int], params, adapter: str | None = None
-                   ) -> AsyncIterator:
+                   ) -> AsyncGenerator[Any, None]:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
@@ -331,12 +333,7 @@ def _tilt_engine_args(heads: dict[str, str]) -> tuple[dict, str | None]:
     additional_config)."""
     if not heads:
         return {}, None
-    import json
-    import tempfile
-
-    from valuenet.processor import ENV_HEADS, ENV_STATS
-
-    from .cdq_plugin import FQCN
+    from .cdq_plugin import FQCN  # imports vllm (a LogitsProcessor subclass)
 
     os.environ[ENV_HEADS] = json.dumps(heads)
     stats = os.environ[ENV_STATS] = tempfile.mkdtemp(prefix="alignserve-cdq-")

@@ -22,7 +22,7 @@ How (prompt, response) becomes the RM's input, decided once at start-up:
 Calls come from the scorer worker threads (`DecodeContext.score`), so the client is httpx's
 synchronous one (thread-safe, pooled keep-alive connections). Each HTTP request has a timeout
 and bounded retries with backoff for transport errors and 5xx; what still fails raises
-`UpstreamUnavailable` (server/errors.py: 503 unreachable, 504 timed out, 502 bad answer), so the
+`UpstreamUnavailable` (mapped by server/errors.py: 503 unreachable, 504 timed out, 502 bad answer), so the
 client gets an OpenAI-shaped error, never a hang or a 500.
 """
 
@@ -34,12 +34,21 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
-from .errors import UpstreamUnavailable
-
 log = logging.getLogger(__name__)
+
+
+class UpstreamUnavailable(Exception):
+    """A server we depend on (a remote reward model) failed: 503 unreachable, 504 timed out,
+    502 a bad answer. The request fails cleanly; the client may retry (server/errors.py maps
+    it to an OpenAI-shaped error)."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
 
 
 @dataclass
@@ -74,7 +83,7 @@ class RemoteScorer:
         self._fanout = ThreadPoolExecutor(max_connections, thread_name_prefix=f"rm-{name}")
         self.model: str | None = None
         self.mode = "plain"
-        self._tok = None
+        self._tok: Any = None  # a Hugging Face tokenizer once connected in `batch` mode
 
     # -- start-up -------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def prepare_embedded_model(home: Path, force: bool = False) -> Path:
     gguf = _gguf_path()
     log.info("converting %s to safetensors under %s", gguf.name, out)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     # The model was dequantised on load; drop the quantiser so save_pretrained writes plain weights.

@@ -1,10 +1,10 @@
 """vLLM plugin: tokenwise CD-Q as a V1 logits processor (logic: valuenet/processor.py).
 
 vLLM imports this module by name (`AsyncEngineArgs(logits_processors=[FQCN])`, set by
-server/engine.py when CD-Q heads are configured): in the engine's worker process, where it
+runtime/engine.py when CD-Q heads are configured): in the engine's worker process, where it
 builds the processor, and in the API process, where `validate_params` checks each request's
 `extra_args` (a ValueError there is a 400). Nothing in alignserve imports it otherwise; it is
-the one module besides server/engine.py that imports vllm, because a logits processor must
+the one module besides runtime/engine.py that imports vllm, because a logits processor must
 subclass vLLM's base class.
 """
 
@@ -14,17 +14,16 @@ import os
 
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
+from valuenet.incremental import load_engine_heads
 from valuenet.processor import ENV_STATS, CdqTilt, check_request, configured_heads
 
-FQCN = "server.cdq_plugin:CdqLogitsProcessor"
+FQCN = "runtime.cdq_plugin:CdqLogitsProcessor"
 
 
 class CdqLogitsProcessor(CdqTilt, LogitsProcessor):
     """Adds T·λ·Q(x, yᵗ, ·) to the rows of requests with `extra_args["cdq"]`."""
 
     def __init__(self, vllm_config, device, is_pin_memory: bool) -> None:
-        from valuenet.incremental import load_engine_heads
-
         vocab = vllm_config.model_config.get_vocab_size()
         CdqTilt.__init__(self, heads=load_engine_heads(configured_heads(), vocab, device),
                          stats_dir=os.environ.get(ENV_STATS))

@@ -1,0 +1,87 @@
+"""Package rules (docs/ARCHITECTURE.md), read from the source with ast: who may import whom.
+
+- decoding/ is pure: no vllm, no fastapi, no other project package;
+- vllm is imported only by the runtime's engine-side modules (the engine wrapper and the
+  logits processor it loads into its worker);
+- the offline packages (valuenet, finetune, evaluation, dual, bench) and runtime never import
+  server: the server sits on top of runtime, not under the tools;
+- runtime imports only valuenet's model code (value heads: the scorer, the in-engine tilt), and
+  that code imports neither runtime nor server, so no module-level cycle exists;
+- every package has an `__init__` docstring saying what it owns.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT = {"server", "runtime", "decoding", "valuenet", "finetune", "evaluation", "dual"}
+OFFLINE = ("valuenet", "finetune", "evaluation", "dual", "bench")
+VLLM_MODULES = {"runtime/engine.py", "runtime/cdq_plugin.py"}
+# valuenet's model code: what runtime may use (value heads as scorers, the CD-Q tilt)
+VALUE_HEAD_CODE = {"valuenet.scorer", "valuenet.incremental", "valuenet.processor",
+                   "valuenet.model", "valuenet.kvcache"}
+
+
+def modules(package: str) -> list[Path]:
+    return sorted(p for p in (ROOT / package).rglob("*.py") if "results" not in p.parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Dotted names `path` imports, anywhere in it; relative imports resolved to its package."""
+    rel = path.relative_to(ROOT)
+    package = ".".join(rel.parts[:-1])
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(rel))):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                out.add(f"{base}.{node.module}" if node.module else base)
+            else:
+                out.add(node.module or "")
+    return out
+
+
+def top(names: set[str]) -> set[str]:
+    return {n.split(".")[0] for n in names}
+
+
+def offenders(packages, forbidden: set[str]) -> list[str]:
+    return [f"{p.relative_to(ROOT)} imports {sorted(top(imports(p)) & forbidden)}"
+            for pkg in packages for p in modules(pkg) if top(imports(p)) & forbidden]
+
+
+def test_decoding_is_pure():
+    assert offenders(["decoding"], {"vllm", "fastapi", "starlette"} | PROJECT - {"decoding"}) == []
+
+
+def test_only_engine_side_modules_import_vllm():
+    found = {str(p.relative_to(ROOT)) for pkg in [*PROJECT, "bench"] for p in modules(pkg)
+             if "vllm" in top(imports(p))}
+    # bench_bon's raw vLLM peer is the measured comparison, not alignserve's engine
+    assert found - {"bench/bench_bon.py"} <= VLLM_MODULES
+
+
+def test_offline_packages_and_runtime_never_import_server():
+    assert offenders([*OFFLINE, "runtime"], {"server"}) == []
+
+
+def test_runtime_uses_only_valuenet_model_code_and_that_code_stays_below_runtime():
+    used = {n for p in modules("runtime") for n in imports(p) if n.startswith("valuenet")}
+    assert used <= VALUE_HEAD_CODE
+    below = [ROOT / (name.replace(".", "/") + ".py") for name in VALUE_HEAD_CODE]
+    assert [str(p.relative_to(ROOT)) for p in below
+            if top(imports(p)) & {"runtime", "server", "evaluation", "finetune", "dual"}] == []
+
+
+@pytest.mark.parametrize("package", sorted(PROJECT))
+def test_every_package_says_what_it_owns(package):
+    init = ROOT / package / "__init__.py"
+    assert init.is_file(), f"{package}/ has no __init__.py"
+    doc = ast.get_docstring(ast.parse(init.read_text()))
+    assert doc and len(doc.split()) >= 10, f"{package}/__init__.py needs a docstring"
