@@ -41,12 +41,12 @@ def bon_tokens_for(reward: float, bon: list[dict]) -> tuple[float, bool]:
 
 async def run_setting(engine, executor, scorer, prompts, strategy, n, max_tokens, options):
     from decoding.protocols import DecodeContext, DecodeRequest, Objective, Sampling
-    from decoding.strategies import STRATEGIES
+    from decoding.strategies import STRATEGIES, options_for
 
     ctx = DecodeContext(engine, executor)
     reqs = [DecodeRequest(prompt_ids=ids, prompt_text=text, n=n, objective=Objective(scorer),
                           sampling=Sampling(max_tokens=max_tokens, temperature=1.0),
-                          options=options) for ids, text in prompts]
+                          options=options_for(strategy, options)) for ids, text in prompts]
     t0 = time.perf_counter()
     results = await asyncio.gather(*(STRATEGIES[strategy].run(r, ctx) for r in reqs))
     wall = time.perf_counter() - t0

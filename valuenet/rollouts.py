@@ -95,7 +95,7 @@ class Stats:
 
 
 def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """The server's chat path (server/serving.py `_chat_prompt`) for one user message."""
+    """The server's chat path (server/serving/endpoints.py `chat_prompt`) for one user message."""
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
