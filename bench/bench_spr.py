@@ -29,7 +29,7 @@ from common import (
 )
 
 from decoding.protocols import DecodeRequest, Objective, Sampling
-from decoding.strategies import STRATEGIES
+from decoding.strategies import STRATEGIES, options_for
 from runtime.prompts import chat_prompt_ids
 from runtime.settings import EngineSettings
 
@@ -37,7 +37,7 @@ from runtime.settings import EngineSettings
 async def run_setting(ctx, scorer, prompts, strategy, n, max_tokens, options):
     reqs = [DecodeRequest(prompt_ids=ids, prompt_text=text, n=n, objective=Objective(scorer),
                           sampling=Sampling(max_tokens=max_tokens, temperature=1.0),
-                          options=options) for ids, text in prompts]
+                          options=options_for(strategy, options)) for ids, text in prompts]
     t0 = time.perf_counter()
     results = await asyncio.gather(*(STRATEGIES[strategy].run(r, ctx) for r in reqs))
     wall = time.perf_counter() - t0

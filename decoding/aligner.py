@@ -49,6 +49,8 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+from pydantic import Field
+
 from .protocols import (
     DecodeContext,
     DecodeRequest,
@@ -57,6 +59,7 @@ from .protocols import (
     Sample,
     Sampling,
     Scored,
+    StrategyOptions,
     Timer,
 )
 from .strategies import register
@@ -87,17 +90,26 @@ def encode_prompt(tokenizer: _Tokenizer, question: str, answer: str) -> list[int
 class Aligner:
     """Draft (plain policy sample), then one corrector generation conditioned on it."""
 
+    class Options(StrategyOptions):
+        corrector: str | None = Field(
+            None, min_length=1, max_length=256,
+            description="aligner: the registered LoRA adapter that rewrites the policy's draft "
+            "(required; an unknown name is a 400 on alignment.corrector).")
+
     name = "aligner"
     needs_objective = False  # a reward is optional: when named, draft and correction are scored
     streams_tokens = False
     streams_text = True
     adapter_option = "corrector"  # the option naming a registered LoRA adapter (checked upstream)
     generations_per_answer = 2  # draft + correction, each up to max_tokens (the token budget)
+    value_protocol = None
+    value_required = False
+    needs_sampling = False  # the draft is one policy sample: greedy is allowed
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         """Needs an engine that also has `tokenizer.encode` (the vLLM engine and the unit
         tests' FakeEngine do): the corrector prompt is built from the draft's text."""
-        corrector = req.options.get("corrector")
+        corrector = self.Options.of(req).corrector
         if not corrector:
             raise EngineRejected("aligner needs alignment.corrector (a LoRA adapter name)",
                                  param="alignment.corrector")

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import math
 
+from pydantic import Field
+
 from .committed import Committed, capped
 from .kl import bon_kl_bound, bon_kl_estimate
 from .protocols import (
@@ -49,6 +51,7 @@ from .protocols import (
     Sample,
     Scored,
     Scorer,
+    StrategyOptions,
     Timer,
 )
 from .seeds import derive_seed
@@ -57,18 +60,25 @@ from .strategies import register
 
 @register
 class BlockwiseCD:
+    class Options(StrategyOptions):
+        block_tokens: int = Field(16, ge=1, le=1024, description="Tokens per block.")
+
     name = "blockwise_cd"
     needs_objective = True  # the default value, and the reward/cost of the final answer
     streams_tokens = False
     streams_text = True  # accepted blocks are final: `emit` streams them
     value_protocol = Scorer  # any scorer: a value head (token ids) or a text scorer
+    value_required = False
+    needs_sampling = False
+    adapter_option = None
+    generations_per_answer = 1
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         assert req.objective is not None
         value = req.value or req.objective.reward
         # blocks are selected by V − cost_weight·cost (the request's objective, V for r)
         selection = Objective(value, req.objective.cost, req.objective.cost_weight)
-        k, block_tokens = req.n, int(req.options.get("block_tokens", 16))
+        k, block_tokens = req.n, self.Options.of(req).block_tokens
         answer = Committed(req, ctx.engine)
         timer = Timer()
         blocks = generated = 0

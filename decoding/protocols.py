@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,8 @@ class Engine(Protocol):
 
     def stream(
         self, prompt_ids: Sequence[int], n: int, sampling: Sampling
-    ) -> AsyncIterator[SampleDelta]:
-        """Like `generate`, but yields deltas as tokens are produced."""
+    ) -> AsyncGenerator[SampleDelta, None]:
+        """Like `generate`, but yields deltas as tokens are produced; closing it early aborts."""
         ...
 
     def stream_sequence(
@@ -235,10 +237,6 @@ class Timer:
     generate_s: float = 0.0
     score_s: float = 0.0
 
-    def add(self, other: Timer) -> None:
-        self.generate_s += other.generate_s
-        self.score_s += other.score_s
-
 
 @dataclass
 class DecodeContext:
@@ -262,6 +260,30 @@ class DecodeContext:
             return await self.engine.generate(prompt_ids, n, sampling)
         finally:
             timer.generate_s += time.perf_counter() - t0
+
+    async def stream(
+        self, prompt_ids: Sequence[int], sampling: Sampling, timer: Timer,
+        on_delta: Callable[[SampleDelta], None],
+    ) -> Sample:
+        """One sample, streamed: each engine delta goes to `on_delta` as it arrives, and the
+        assembled sample is returned; wall time is added to `timer.generate_s`. Cancelling
+        the call closes the engine stream, which aborts the request."""
+        t0 = time.perf_counter()
+        s = Sample([], "", [], None)
+        deltas = self.engine.stream(prompt_ids, 1, sampling)
+        try:
+            async for d in deltas:
+                s.token_ids += d.token_ids
+                s.text += d.text
+                s.logprobs += d.logprobs
+                if d.top_logprobs is not None:
+                    s.top_logprobs = (s.top_logprobs or []) + d.top_logprobs
+                s.finish_reason = d.finish_reason
+                on_delta(d)
+        finally:
+            await deltas.aclose()
+            timer.generate_s += time.perf_counter() - t0
+        return s
 
     async def score(
         self, scorer: Scorer, req: DecodeRequest, samples: Sequence[Sample]
@@ -325,6 +347,24 @@ class DecodeContext:
         ]
 
 
+class StrategyOptions(BaseModel):
+    """Base of every strategy's `Options`: the strategy-specific fields of a request's
+    `alignment` block (decoding/strategies.py). Frozen, and an unknown key is refused, so a
+    field of another strategy never passes silently; JSON names may differ from the Python
+    names through aliases (tokenwise_cd's "lambda")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @classmethod
+    def of(cls, req: DecodeRequest) -> Self:
+        """`req.options` as this strategy's options (its defaults when the request has none)."""
+        if req.options is None:
+            return cls()
+        if not isinstance(req.options, cls):
+            raise TypeError(f"expected {cls.__qualname__}, got {type(req.options).__qualname__}")
+        return req.options
+
+
 @dataclass
 class DecodeRequest:
     """One aligned answer to produce (one OpenAI choice)."""
@@ -334,14 +374,17 @@ class DecodeRequest:
     sampling: Sampling
     n: int = 1
     objective: Objective | None = None
-    temperature: float = 1.0  # soft best-of-n λ
     return_candidates: bool = False
     seed: int | None = None  # for the strategy's own randomness (soft best-of-n's draw)
-    options: dict[str, Any] = field(default_factory=dict)  # strategy-specific, validated upstream
+    # The strategy's own `Options` (validated upstream); None: its defaults.
+    options: StrategyOptions | None = None
     value: Scorer | None = None  # controlled decoding's value function (checked upstream)
     # Called with each committed piece of the answer's text, in order, by strategies that
     # commit text before they finish (`streams_text`); the server streams the pieces.
     emit: Callable[[str], None] | None = None
+    # Called with each engine delta of the answer's one sample, by strategies whose answer is
+    # one plain engine sample (`streams_tokens`); the server streams tokens and log-probs.
+    on_delta: Callable[[SampleDelta], None] | None = None
 
 
 @dataclass

@@ -43,9 +43,20 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from pydantic import Field
+
 from .committed import capped
 from .kl import bon_win_rate_bound, selection_kl_bound
-from .protocols import DecodeContext, DecodeRequest, DecodeResult, Sample, Scored, Scorer, Timer
+from .protocols import (
+    DecodeContext,
+    DecodeRequest,
+    DecodeResult,
+    Sample,
+    Scored,
+    Scorer,
+    StrategyOptions,
+    Timer,
+)
 from .seeds import derive_seed
 from .strategies import register
 
@@ -91,10 +102,23 @@ def decision_points(first: int, growth: float, budget: int) -> Iterator[int]:
 
 @register
 class SpeculativeRejection:
+    class Options(StrategyOptions):
+        alpha: float = Field(0.5, ge=0.0, lt=1.0, description="Share of the pool rejected "
+                             "per round.")
+        decision_tokens: int = Field(16, ge=1, description="Tokens before the first decision "
+                                     "point.")
+        growth: float = Field(2.0, ge=1.0, le=16.0, description="Each later round's length "
+                              "multiplier.")
+
     name = "speculative_rejection"
     needs_objective = True
     streams_tokens = False
+    streams_text = False
     value_protocol = Scorer  # `alignment.value`: any scorer (value head or text scorer)
+    value_required = False
+    needs_sampling = False
+    adapter_option = None
+    generations_per_answer = 1
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         assert req.objective is not None
@@ -149,10 +173,10 @@ class SpeculativeRejection:
     async def _decide(self, ctx: DecodeContext, req: DecodeRequest, tracks: list[_Track],
                       timer: Timer) -> tuple[list[_Track], list[int]]:
         """Run the decision points; returns the survivors and how many each point rejected."""
-        alpha = float(req.options.get("alpha", 0.5))
+        opts = self.Options.of(req)
+        alpha = opts.alpha
         pool, rejected = list(tracks), []
-        points = decision_points(int(req.options.get("decision_tokens", 16)),
-                                 float(req.options.get("growth", 2.0)), req.sampling.max_tokens)
+        points = decision_points(opts.decision_tokens, opts.growth, req.sampling.max_tokens)
         for p in points:
             if len(pool) == 1 or all(t.finished_by(p) for t in pool):
                 break  # nothing left to decide

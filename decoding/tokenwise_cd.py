@@ -47,6 +47,8 @@ import math
 import random
 import time
 
+from pydantic import Field
+
 from .committed import Committed, capped
 from .kl import within
 from .protocols import (
@@ -54,6 +56,7 @@ from .protocols import (
     DecodeRequest,
     DecodeResult,
     QScorer,
+    StrategyOptions,
     Tilt,
     TiltingEngine,
     Timer,
@@ -80,6 +83,16 @@ def _log_softmax(xs: list[float]) -> list[float]:
 
 @register
 class TokenwiseCD:
+    class Options(StrategyOptions):
+        # vLLM returns at most `max_logprobs` (20 by default) alternatives per position.
+        top_k: int | None = Field(
+            None, ge=1, le=20, description="Unset, the whole vocabulary is tilted inside the "
+            "engine (one engine request per answer); k, FUDGE-style rescoring of the policy's "
+            "top k with one engine round trip per token (the default, 10, where the engine "
+            "cannot tilt).")
+        lambda_: float = Field(1.0, ge=0.0, le=1e4, allow_inf_nan=False, alias="lambda",
+                               description="λ in p(z)·exp(λ·V(x, yᵗ, z)).")
+
     name = "tokenwise_cd"
     needs_objective = False  # guided by the Q head; the reward is reported when one is named
     streams_tokens = False
@@ -87,12 +100,15 @@ class TokenwiseCD:
     value_protocol = QScorer  # needs V(x, yᵗ, z) for every candidate z at once
     value_required = True
     needs_sampling = True  # it draws from softmax(log p + λ·Q): greedy (T = 0) is refused
+    adapter_option = None
+    generations_per_answer = 1
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         q = req.value
         if not isinstance(q, QScorer):  # the server checks this at the edge (a 400)
             raise ValueError("tokenwise_cd needs a CD-Q value head (a QScorer)")
-        top_k, lam = req.options.get("top_k"), float(req.options.get("lambda", 1.0))
+        opts = self.Options.of(req)
+        top_k, lam = opts.top_k, opts.lambda_
         if top_k is None and q.name in getattr(ctx.engine, "tilt_heads", ()):
             result = await self._in_engine(req, ctx, q.name, lam)
         else:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from decoding.protocols import DecodeRequest, Objective, Sampling
-from decoding.strategies import STRATEGIES
+from decoding.strategies import STRATEGIES, option_keys, options_for
 from runtime.prompts import PromptItem, chat_prompt_ids
 from runtime.protocols import Runtime
 from runtime.settings import EngineSettings
@@ -83,8 +83,9 @@ class InProcessRunner:
             prompt_ids=chat_prompt_ids(self.rt.engine.tokenizer, item.prompt), prompt_text=item.prompt,
             sampling=Sampling(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
                               seed=seed),
-            n=setting.n, objective=self._objective, temperature=self.cfg.soft_temperature,
-            options=dict(setting.options))
+            n=setting.n, objective=self._objective,
+            options=options_for(setting.strategy, {"selection_temperature": self.cfg.soft_temperature,
+                                                   **setting.options}))
         t0 = time.perf_counter()
         r = await STRATEGIES[setting.strategy].run(req, self.rt.ctx)
         return Answer(r.sample.text, r.reward, r.cost, r.kl_bound, r.kl_estimate,
@@ -128,9 +129,12 @@ class HttpRunner:
         return self
 
     def _body(self, item: PromptItem, setting: Setting, seed: int | None = None) -> dict:
+        # only the options this strategy declares: the server refuses another strategy's
+        options = {"selection_temperature": self.cfg.soft_temperature, **setting.options}
+        keys = option_keys(setting.strategy)
         alignment = {"strategy": setting.strategy, "n": setting.n, "reward": self.cfg.reward,
                      "cost": self.cfg.cost, "cost_weight": self.cfg.cost_weight,
-                     "temperature": self.cfg.soft_temperature, **setting.options}
+                     **{k: v for k, v in options.items() if k in keys}}
         body = {"model": self.model_name,
                 "messages": [{"role": "user", "content": item.prompt}],
                 "max_tokens": self.cfg.max_tokens, "temperature": self.cfg.temperature,

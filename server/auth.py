@@ -92,7 +92,7 @@ def _bearer(scope) -> bytes | None:
     return None
 
 
-# Outside /v1 but served to users as vLLM serves them (server/tokenizer_routes.py): same key.
+# Outside /v1 but served to users as vLLM serves them (server/routes/tokenizer.py): same key.
 USER_ROUTES = frozenset({"/tokenize", "/detokenize"})
 
 

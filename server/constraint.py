@@ -17,7 +17,7 @@ from pathlib import Path
 from decoding.dual import DualSolution, load_solution
 
 from .errors import APIError
-from .protocol import Alignment
+from .protocol import AlignmentBase
 
 
 def load_dual(path: Path | None) -> DualSolution | None:
@@ -33,7 +33,7 @@ class ObjectiveNames:
     cost_weight: float
 
 
-def resolve(a: Alignment, dual: DualSolution | None, default_reward: str | None) -> ObjectiveNames:
+def resolve(a: AlignmentBase, dual: DualSolution | None, default_reward: str | None) -> ObjectiveNames:
     """Scorer names and the numeric cost weight of a request's objective."""
     if a.cost_weight != "auto":
         return ObjectiveNames(a.reward or default_reward, a.cost, float(a.cost_weight))

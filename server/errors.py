@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from decoding.protocols import EngineRejected, EngineUnavailable
+from decoding.strategies import STRATEGIES
 from runtime.remote_scorer import UpstreamUnavailable  # noqa: F401  (re-exported)
 
 from .protocol import ErrorBody, ErrorResponse
@@ -85,6 +86,18 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return APIError(400, f"Invalid JSON body: {first.get('msg')}", code="invalid_json")
+    if first.get("type") == "unknown_strategy":  # the `alignment` union's tag (protocol.py)
+        given = first.get("input")
+        name = given.get("strategy") if isinstance(given, dict) else given
+        return APIError(400, f"unknown alignment strategy {name!r}; available: "
+                        f"{', '.join(sorted(STRATEGIES))}", param="alignment.strategy",
+                        code="unknown_strategy")
+    if len(loc) > 2 and loc[0] == "alignment" and loc[1] in STRATEGIES:
+        strategy = loc.pop(1)  # the union member's tag: the field is alignment.<name>
+        if first.get("type") == "extra_forbidden":
+            param = ".".join(loc)
+            return APIError(400, f"{param} is not an option of strategy {strategy!r}",
+                            param=param, code="invalid_value")
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     return APIError(

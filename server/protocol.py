@@ -5,15 +5,18 @@ it (`server/fields.py`: tools, and fields a strategy cannot honour); undeclared 
 400 too (`extra="forbid"`). A deliberate allow-list of SDK fields that cannot change the
 answer (`user`, `metadata`, `store`, ...) is declared and marked "accepted, no effect".
 Sampling fields default to None (omitted), so the model's generation_config can fill them.
-Limits that depend on settings (max n, max_tokens, prompt length) are checked in `serving.py`.
+Limits that depend on settings (max n, max_tokens, prompt length) are checked in `serving/resolve.py`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model, field_validator
+
+from decoding.protocols import StrategyOptions
+from decoding.strategies import STRATEGIES
 
 # --------------------------------------------------------------------------------------------
 # Requests
@@ -122,8 +125,9 @@ class _SamplingFields(BaseModel):
     )
 
 
-class Alignment(BaseModel):
-    """The `alignment` extension of a request."""
+class AlignmentBase(BaseModel):
+    """The `alignment` fields every strategy takes; each strategy adds its own `Options`
+    (decoding/strategies.py), flat in the same object: see `Alignment`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -134,32 +138,41 @@ class Alignment(BaseModel):
     cost_weight: Annotated[float, Field(ge=0.0)] | Literal["auto"] = Field(
         1.0, description="λ in score = reward − λ·cost; 'auto': the server's CAN dual λ* "
         "(setting `dual`, solved by `alignserve dual`).")
-    temperature: float = Field(1.0, gt=0.0, description="Soft best-of-n λ: softmax(score/λ).")
     return_candidates: bool = False
-    # speculative_rejection
-    alpha: float = Field(0.5, ge=0.0, lt=1.0, description="Share of the pool rejected per round.")
-    decision_tokens: int = Field(16, ge=1, description="Tokens before the first decision point.")
-    growth: float = Field(2.0, ge=1.0, le=16.0, description="Each later round's length multiplier.")
-    # controlled decoding (blockwise_cd, tokenwise_cd)
-    value: str | None = Field(None, description="Value scorer guiding controlled decoding: a "
-                              "`value:NAME` head or any scorer (blockwise default: the reward).")
-    block_tokens: int = Field(16, ge=1, le=1024, description="blockwise_cd: tokens per block.")
-    # vLLM returns at most `max_logprobs` (20 by default) alternatives per position.
-    top_k: int | None = Field(None, ge=1, le=20, description="tokenwise_cd: unset, the whole "
-                              "vocabulary is tilted inside the engine (one engine request per "
-                              "answer); k, FUDGE-style rescoring of the policy's top k with one "
-                              "engine round trip per token (the default, 10, where the engine "
-                              "cannot tilt).")
-    lambda_: float = Field(1.0, ge=0.0, le=1e4, allow_inf_nan=False, alias="lambda",
-                           description="tokenwise_cd: λ in p(z)·exp(λ·V(x, yᵗ, z)).")
-    # aligner
-    corrector: str | None = Field(None, max_length=64, description="aligner: the registered "
-                                  "LoRA adapter (/admin/policies) that rewrites the draft.")
+    value: str | None = Field(None, description="Value scorer guiding the strategy (controlled "
+                              "decoding, speculative rejection's decisions): a `value:NAME` head "
+                              "or any scorer (blockwise default: the reward).")
 
-    def options(self) -> dict:
-        """The strategy-specific fields, passed to the strategy untouched."""
-        return self.model_dump(include={"alpha", "decision_tokens", "growth", "block_tokens",
-                                        "top_k", "lambda_", "corrector"}, by_alias=True)
+    def options(self) -> StrategyOptions:
+        """The strategy's own fields, as its typed `Options` (what `DecodeRequest` carries)."""
+        cls = STRATEGIES[self.strategy].Options
+        return cls.model_construct(**{name: getattr(self, name) for name in cls.model_fields})
+
+
+def _alignment_model(name: str, options: type[StrategyOptions]) -> type[AlignmentBase]:
+    """`alignment` for strategy `name`: the common fields plus its own options."""
+    title = "".join(part.title() for part in name.split("_")) + "Alignment"
+    return create_model(title, __base__=(AlignmentBase, options),
+                        __doc__=f"`alignment` with strategy {name!r}.",
+                        strategy=(Literal[name], Field(name, description="The strategy.")))
+
+
+def _strategy_tag(value) -> str | None:
+    """The union's tag: the `strategy` key (absent: "none"); None for an unknown name."""
+    name = value.get("strategy", "none") if isinstance(value, dict) else getattr(
+        value, "strategy", None)
+    return name if isinstance(name, str) and name in STRATEGIES else None
+
+
+# One model per registered strategy, chosen by `strategy`: a field of another strategy is a
+# 400 naming it (extra="forbid"), an unknown strategy a 400 with code unknown_strategy
+# (server/errors.py). Adding a strategy adds its member here; nothing to edit.
+Alignment = Annotated[
+    Union[tuple(Annotated[_alignment_model(name, s.Options), Tag(name)]  # noqa: UP007
+                for name, s in STRATEGIES.items())],
+    Discriminator(_strategy_tag, custom_error_type="unknown_strategy",
+                  custom_error_message="unknown alignment strategy"),
+]
 
 
 class ChatCompletionRequest(_SamplingFields):

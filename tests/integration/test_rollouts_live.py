@@ -11,7 +11,6 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -34,7 +33,7 @@ def test_rows_match_the_server_prompt_and_the_samples(folder):
     from transformers import AutoTokenizer
 
     from server.protocol import ChatCompletionRequest
-    from server.serving import CompletionService
+    from server.serving import chat_prompt
     from valuenet.rollouts import read_rollouts
 
     manifest, rows = read_rollouts(folder)
@@ -45,10 +44,9 @@ def test_rows_match_the_server_prompt_and_the_samples(folder):
         ("dev-h00", 0), ("dev-h00", 1), ("dev-h01", 0), ("dev-h01", 1)]
     tok = AutoTokenizer.from_pretrained(manifest.extra["model_path"])
     # The server's own chat path, on the engine's tokenizer (vLLM loads the same HF tokenizer).
-    service = SimpleNamespace(rt=SimpleNamespace(engine=SimpleNamespace(tokenizer=tok)))
     for row in rows:
         req = ChatCompletionRequest(messages=[{"role": "user", "content": row.prompt}])
-        (prompt,) = CompletionService._chat_prompt(service, req)
+        (prompt,) = chat_prompt(tok, req)
         assert row.prompt_ids == prompt.ids
         assert 1 <= len(row.token_ids) <= 8 and len(row.logprobs) == len(row.token_ids)
         assert all(lp <= 0 and math.isfinite(lp) for lp in row.logprobs)

@@ -204,3 +204,23 @@ async def test_speculative_rejection_over_http(client):
         assert a["rounds"] >= 1 and isinstance(a["rejected"], list)
         assert len(a["candidates"]) == 8
         assert choice["message"]["content"] in {c["text"] for c in a["candidates"]}
+
+
+async def test_an_option_of_another_strategy_is_a_400_naming_it(client):
+    r = await client.post("/v1/chat/completions", json={
+        **CHAT, "alignment": {"strategy": "best_of_n", "n": 2, "alpha": 0.5}})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "alignment.alpha" and "best_of_n" in err["message"]
+    r = await client.post("/v1/chat/completions", json={
+        **CHAT, "alignment": {"strategy": "magic"}})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "alignment.strategy"
+    assert err["code"] == "unknown_strategy" and "'magic'" in err["message"]
+
+
+async def test_soft_best_of_n_accepts_the_deprecated_temperature_alias(client):
+    for key in ("selection_temperature", "temperature"):
+        r = await client.post("/v1/chat/completions", json={
+            **CHAT, "alignment": {"strategy": "soft_best_of_n", "n": 2, key: 0.5}})
+        assert r.status_code == 200, r.text

@@ -262,7 +262,8 @@ class TiltingFake(FakeEngine):
 
 
 def request(options, emit=None, max_tokens=12):
-    return DecodeRequest(prompt_ids=[1, 2], prompt_text="hi", seed=3, options=options,
+    return DecodeRequest(prompt_ids=[1, 2], prompt_text="hi", seed=3,
+                         options=STRATEGIES["tokenwise_cd"].Options.model_validate(options),
                          sampling=Sampling(max_tokens=max_tokens, seed=3), value=FakeQHead({}),
                          emit=emit)
 

@@ -35,14 +35,14 @@ class Recording(FakeEngine):
 
 def blockwise(k=4, block=8, max_tokens=20, value=None, stop=(), emit=None, seed=None):
     return DecodeRequest(PROMPT, "p", Sampling(max_tokens=max_tokens, stop=stop, seed=seed), n=k,
-                         objective=Objective(WordReward()), options={"block_tokens": block},
+                         objective=Objective(WordReward()), options=BLOCKWISE.Options(block_tokens=block),
                          value=value, emit=emit)
 
 
 def tokenwise(q, top_k=3, lam=1.0, max_tokens=1, seed=0, stop=(), emit=None, objective=None):
     return DecodeRequest(PROMPT, "p", Sampling(max_tokens=max_tokens, stop=stop), n=1,
                          objective=objective, seed=seed, value=q,
-                         options={"top_k": top_k, "lambda": lam}, emit=emit)
+                         options=TOKENWISE.Options(top_k=top_k, lambda_=lam), emit=emit)
 
 
 # ------------------------------------------------------------------------------ blockwise
@@ -335,10 +335,11 @@ async def test_streamed_text_arrives_before_the_answer_is_done_and_close_aborts(
 
     engine = FakeEngine(full_length=True)
     app = make_app(engine)
-    svc = app.state.completions
-    prep = await svc.prepare(CompletionRequest(prompt="hi", max_tokens=12, stream=True, alignment={
-        "strategy": "blockwise_cd", "n": 2, "block_tokens": 4}), "text")
-    stream = svc.stream(prep, time.perf_counter())
+    core = app.state.serving
+    prep = await core.resolve(CompletionRequest(prompt="hi", max_tokens=12, stream=True, alignment={
+        "strategy": "blockwise_cd", "n": 2, "block_tokens": 4}), "completions",
+        app.state.completions.prompts)
+    stream = core.stream(prep, time.perf_counter())
     first = await anext(stream)
     engine.gate = asyncio.Event()  # the second block hangs in the engine
     assert json.loads(first[len("data: "):])["choices"][0]["text"].strip()

@@ -110,7 +110,8 @@ class Costly:
 
 def blockwise_request(engine_seed: int, cost_weight: float) -> DecodeRequest:
     return DecodeRequest(
-        prompt_ids=[1], prompt_text="hi", n=6, seed=3, options={"block_tokens": 4},
+        prompt_ids=[1], prompt_text="hi", n=6, seed=3,
+        options=STRATEGIES["blockwise_cd"].Options(block_tokens=4),
         sampling=Sampling(max_tokens=12, seed=3),
         objective=Objective(WordReward(), Costly(), cost_weight))
 
@@ -127,7 +128,8 @@ def test_blockwise_cd_selects_blocks_by_reward_minus_weighted_cost():
 
 
 def test_blockwise_kl_bound_covers_every_block_the_answer_could_use():
-    req = DecodeRequest(prompt_ids=[1], prompt_text="hi", n=3, options={"block_tokens": 4},
+    req = DecodeRequest(prompt_ids=[1], prompt_text="hi", n=3,
+                        options=STRATEGIES["blockwise_cd"].Options(block_tokens=4),
                         sampling=Sampling(max_tokens=10),
                         objective=Objective(WordReward()))
     res = asyncio.run(STRATEGIES["blockwise_cd"].run(req, DecodeContext(FakeEngine(seed=1))))

@@ -35,7 +35,8 @@ def request(strategy: str, n: int, max_tokens: int, stop, seed, temperature, opt
                         seed=seed)
     return DecodeRequest(prompt_ids=[1, 2], prompt_text="hi", sampling=sampling, n=n,
                          objective=Objective(WordReward(), WordReward("bad", "bad_count"), 0.5),
-                         return_candidates=True, seed=seed, options=options or {}, value=value)
+                         return_candidates=True, seed=seed, value=value,
+                         options=STRATEGIES[strategy].Options.model_validate(options or {}))
 
 
 def run(strategy: str, req: DecodeRequest, engine: FakeEngine):

@@ -103,9 +103,11 @@ async def test_controls_reach_every_engine_call(engine, alignment):
 
 @pytest.mark.parametrize("strategy", ["speculative_rejection", "blockwise_cd"])
 async def test_continuing_strategies_carry_the_stateless_controls(engine, strategy):
+    # each strategy's own option only: another strategy's is a 400 (test_api.py)
+    option = {"speculative_rejection": {"decision_tokens": 4}, "blockwise_cd": {"block_tokens": 4}}
     body = {**CHAT, "max_tokens": 12, "logit_bias": {"3": -100}, "top_k": 5, "min_p": 0.05,
             "repetition_penalty": 1.1, "stop_token_ids": [7], "response_format": {"type": "text"},
-            "alignment": {"strategy": strategy, "n": 2, "decision_tokens": 4, "block_tokens": 4}}
+            "alignment": {"strategy": strategy, "n": 2, **option[strategy]}}
     async with _client(make_app(FakeEngine(seed=3, full_length=True))) as c:
         app = c._transport.app
         r = await c.post("/v1/chat/completions", json=body)
@@ -274,9 +276,10 @@ async def test_keep_alives_while_best_of_n_chooses():
     engine = FakeEngine(seed=1)
     engine.gate = asyncio.Event()
     app = make_app(engine, sse_keepalive_s=0.01)
-    svc = app.state.completions
-    prep = await svc.prepare(ChatCompletionRequest(**CHAT, stream=True, alignment=BON), "chat")
-    events = svc.stream(prep, time.perf_counter())
+    core = app.state.serving
+    prep = await core.resolve(ChatCompletionRequest(**CHAT, stream=True, alignment=BON), "chat",
+                              app.state.chat.prompts)
+    events = core.stream(prep, time.perf_counter())
     first = await events.__anext__()
     assert '"role":"assistant"' in first  # the role chunk at once, before any engine work
     assert await events.__anext__() == ": keep-alive\n\n"

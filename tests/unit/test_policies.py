@@ -298,7 +298,7 @@ async def test_swap_waits_for_in_flight_requests_and_queues_new_ones(client, app
         assert r.status_code == 200 and r.headers["x-alignserve-policy"] == "tuned"
         assert '"error"' not in r.text
     assert engine.mixed_weights == 0 and engine.cancelled == 0
-    assert gate.held == 0 and app.state.completions.admission.active == 0
+    assert gate.held == 0 and app.state.admission.active == 0
 
 
 async def test_swap_that_cannot_drain_is_cancelled_and_nothing_fails(engine, tuned):

@@ -28,7 +28,7 @@ class Inline(Executor):
 def request(n, alpha, decision, growth=2.0, max_tokens=64, objective=None, seed=None, **kw):
     return DecodeRequest(PROMPT, "p", Sampling(max_tokens=max_tokens, seed=seed), n=n,
                          objective=objective or Objective(WordReward()), return_candidates=True,
-                         options={"alpha": alpha, "decision_tokens": decision, "growth": growth},
+                         options=SPR.Options(alpha=alpha, decision_tokens=decision, growth=growth),
                          **kw)
 
 

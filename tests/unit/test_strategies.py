@@ -72,7 +72,8 @@ async def test_soft_best_of_n_draws_from_the_softmax():
     trials = 3000
     for seed in range(trials):
         res = await STRATEGIES["soft_best_of_n"].run(
-            request(n=3, objective=obj, temperature=0.5, return_candidates=True, seed=seed),
+            request(n=3, objective=obj, return_candidates=True, seed=seed,
+                    options=STRATEGIES["soft_best_of_n"].Options(selection_temperature=0.5)),
             DecodeContext(engine))
         picks[[c.sample for c in res.candidates].index(res.sample)] += 1
     expected = soft_weights(scores, 0.5)

@@ -1,0 +1,45 @@
+"""The OpenAI endpoints: /v1/chat/completions, /v1/completions and /v1/models."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from runtime.protocols import Runtime
+
+from ..protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+
+# Declared in the OpenAPI schema (the fuzz tests hold the app to it).
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503, 504)}
+_COMPLETION = {**_ERRORS, 200: {"content": {"text/event-stream": {}},
+                                "description": "JSON, or SSE chunks with `stream: true`"}}
+_LIST_ERRORS = {code: {"model": ErrorResponse} for code in (401, 503)}
+
+router = APIRouter(tags=["openai"])
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses=_COMPLETION)
+async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response):
+    return await request.app.state.chat.create(body, request, response)
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_COMPLETION)
+async def completions(body: CompletionRequest, request: Request, response: Response):
+    return await request.app.state.completions.create(body, request, response)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_LIST_ERRORS)
+async def models(request: Request) -> ModelList:
+    rt: Runtime = request.app.state.runtime
+    max_len = rt.engine.max_model_len
+    adapters = [ModelCard(id=name, max_model_len=max_len, parent=rt.model_name)
+                for name in rt.adapters]  # LoRA adapters (server/policies.py)
+    return ModelList(data=[ModelCard(id=rt.model_name, max_model_len=max_len), *adapters])

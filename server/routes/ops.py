@@ -1,0 +1,51 @@
+"""Operations (not OpenAI): probes, Prometheus metrics and the admin status."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ..lifecycle import Lifecycle
+from ..protocol import AdminStatus, ErrorResponse, ProbeStatus
+
+_ADMIN_ERRORS = {code: {"model": ErrorResponse} for code in (401, 403)}
+_PROBE = {503: {"model": ProbeStatus}}
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", response_model=ProbeStatus, responses=_PROBE)
+async def health(request: Request):
+    try:
+        await request.app.state.runtime.engine.check_health()
+    except Exception:
+        return JSONResponse({"status": "unhealthy"}, status_code=503)
+    return {"status": "ok"}
+
+
+@router.get("/ready", response_model=ProbeStatus, responses=_PROBE)
+async def ready(request: Request):
+    """Readiness: 200 once warmed up, 503 while loading, draining or unhealthy."""
+    lc: Lifecycle = request.app.state.lifecycle
+    if lc.state != "ready":
+        return JSONResponse({"status": lc.state}, status_code=503)
+    return await health(request)
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def prometheus(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/admin/status", response_model=AdminStatus, responses=_ADMIN_ERRORS)
+async def admin_status(request: Request) -> AdminStatus:
+    """Operator view (admin key): lifecycle state, load and limits. Never shows keys."""
+    st = request.app.state
+    return AdminStatus(state=st.lifecycle.state, model=st.runtime.model_name,
+                       requests_in_flight=st.admission.active,
+                       max_concurrent_requests=st.settings.max_concurrent_requests,
+                       engine_requests_unfinished=st.runtime.engine.num_unfinished_requests(),
+                       user_keys=st.keys.user_key_count, policy=st.policies.active,
+                       policy_file=st.policy_file.status() if st.policy_file else None)

@@ -1,0 +1,103 @@
+"""The serving objects: one per endpoint, each owning `create()` end to end.
+
+admit (429) → resolve (every 4xx, server/serving/resolve.py) → policy lease → the strategy's
+run, or its stream (server/serving/core.py) → the response body (server/serving/render.py).
+The endpoints differ only in how a prompt becomes token ids and how the answer is rendered.
+"""
+
+from __future__ import annotations
+
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
+
+from ..errors import APIError
+from ..protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+)
+from . import render
+from .core import ServingCore
+from .data import Prompt
+from .ticket import Ticket
+
+
+class ChatServing:
+    """POST /v1/chat/completions."""
+
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+
+    def prompts(self, req: ChatCompletionRequest) -> list[Prompt]:
+        return chat_prompt(self.core.rt.engine.tokenizer, req)
+
+    async def create(self, body: ChatCompletionRequest, request: Request, response: Response
+                     ) -> ChatCompletionResponse | StreamingResponse | Response:
+        core = self.core
+        with Ticket(core, request, body.alignment.strategy if body.alignment else "none") as t:
+            rr = await core.resolve(body, "chat", self.prompts)
+            await t.start(rr, response)
+            if rr.stream:
+                return t.stream(rr)
+            answers = await t.run(core.answers(rr))
+            if answers is None:
+                return Response(status_code=499)  # nobody is listening; engine work aborted
+            return render.chat_response(rr, answers, t.finish(rr, answers), core.rt.model_name,
+                                        core.token_text)
+
+
+class CompletionServing:
+    """POST /v1/completions."""
+
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+
+    def prompts(self, req: CompletionRequest) -> list[Prompt]:
+        return text_prompts(self.core.rt.engine.tokenizer, req)
+
+    async def create(self, body: CompletionRequest, request: Request, response: Response
+                     ) -> CompletionResponse | StreamingResponse | Response:
+        core = self.core
+        with Ticket(core, request, body.alignment.strategy if body.alignment else "none") as t:
+            rr = await core.resolve(body, "completions", self.prompts)
+            await t.start(rr, response)
+            if rr.stream:
+                return t.stream(rr)
+            answers = await t.run(core.answers(rr))
+            if answers is None:
+                return Response(status_code=499)  # nobody is listening; engine work aborted
+            return render.completion_response(rr, answers, t.finish(rr, answers),
+                                              core.rt.model_name, core.token_text)
+
+
+def chat_prompt(tok, req: ChatCompletionRequest) -> list[Prompt]:
+    """The model's chat template over the messages; scorers see the last user message."""
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                for m in req.messages]
+    try:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # the template itself may reject role orders (jinja raise)
+        raise APIError(400, f"messages rejected by the chat template: {exc}",
+                       param="messages", code="invalid_messages") from exc
+    users = [m.text() for m in req.messages if m.role == "user"]
+    scorer_text = users[-1] if users else req.messages[-1].text()
+    return [Prompt(tok.encode(text, add_special_tokens=False), scorer_text)]
+
+
+def text_prompts(tok, req: CompletionRequest) -> list[Prompt]:
+    """One prompt per item of `prompt` (a string, token ids, or a batch of either)."""
+    p = req.prompt
+    batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
+    vocab = len(tok)
+    out = []
+    for item in batch:
+        if isinstance(item, str):
+            out.append(Prompt(tok.encode(item, add_special_tokens=True), item, item))
+        else:
+            if any(t < 0 or t >= vocab for t in item):
+                raise APIError(400, f"prompt token ids must lie in [0, {vocab})",
+                               param="prompt", code="invalid_value")
+            text = tok.decode(item)
+            out.append(Prompt(list(item), text, text))
+    return out
