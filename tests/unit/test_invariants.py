@@ -126,8 +126,9 @@ def test_api_usage_and_choice_seeds(choices, n, seed, strategy):
     draw from disjoint seeds (choice c of best-of-n starts at seed + c·n)."""
     engine = FakeEngine()
     body = {"prompt": "hi", "max_tokens": 6, "n": choices, "seed": seed,
-            "alignment": {"strategy": strategy, "n": n, "block_tokens": 3,
-                          "return_candidates": True}}
+            "alignment": {"strategy": strategy, "n": n, "return_candidates": True,
+                          # an option of blockwise_cd only: another strategy refuses it
+                          **({"block_tokens": 3} if strategy == "blockwise_cd" else {})}}
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_app(engine)),
