@@ -22,7 +22,7 @@ QUESTION = "say something nice"
 def request(engine: FakeEngine, **kw) -> DecodeRequest:
     prompt = engine.tokenizer.encode(QUESTION)
     base = dict(prompt_ids=prompt, prompt_text=QUESTION, sampling=Sampling(max_tokens=6, seed=3),
-                options={"corrector": "fixer"})
+                options=STRATEGIES["aligner"].Options(corrector="fixer"))
     return DecodeRequest(**{**base, **kw})
 
 

@@ -77,7 +77,7 @@ async def test_blockwise_aligns_its_cuts_to_the_engines_kv_blocks():
     engine.block_size = 32  # a paged-KV engine: only whole 32-token blocks are prefix-cached
     prompt = list(range(200, 240))  # 40 prompt tokens
     req = DecodeRequest(prompt, "p", Sampling(max_tokens=64), n=4,
-                        objective=Objective(WordReward()), options={"block_tokens": 16})
+                        objective=Objective(WordReward()), options=BLOCKWISE.Options(block_tokens=16))
     res = await BLOCKWISE.run(req, DecodeContext(engine))
     # first block lengthened to 25 (never shortened: still ≤ ⌈64 / 16⌉ blocks), then M
     assert [s.max_tokens for _, _, s in engine.calls] == [25, 16, 16, 7]
@@ -102,7 +102,7 @@ class Counting(WordReward):
 async def test_blockwise_reuses_the_last_blocks_reward_as_the_answers():
     reward = Counting()
     req = DecodeRequest(PROMPT, "p", Sampling(max_tokens=20), n=4,
-                        objective=Objective(reward), options={"block_tokens": 8})
+                        objective=Objective(reward), options=BLOCKWISE.Options(block_tokens=8))
     res = await BLOCKWISE.run(req, DecodeContext(FakeEngine(full_length=True, seed=3)))
     assert res.extra["blocks"] == 3 and reward.calls == 3  # no fourth call for the answer
     assert res.reward == res.sample.text.split().count("good")
