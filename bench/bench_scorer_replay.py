@@ -1,6 +1,6 @@
 """Scorer batching without an engine: the score calls of 16 best-of-8 requests, replayed.
 
-Isolates what `server/batching.py` can win for a CPU text scorer (no engine sharing the cores,
+Isolates what `runtime/batching.py` can win for a CPU text scorer (no engine sharing the cores,
 no generation noise): 16 callers each score 8 responses (texts from a rollout folder, or the
 dev prompts as stand-ins) with the `relevance` scorer, arriving all at once ("burst") or one
 every `gap` seconds ("spread", the gap = one unbatched call's time / threads, so the unbatched

@@ -6,7 +6,7 @@
   unit tests hand it fakes instead. vLLM spawns worker processes, so whatever calls it must sit
   under an `if __name__ == "__main__":` guard (the `alignserve` script and `python -m evaluation` do).
 - `HttpRunner`: a running alignserve server, through `/v1/chat/completions` with the `alignment`
-  extension (see README); everything it reports comes from the response's `alignment` block.
+  extension (see docs/api.md); everything it reports comes from the response's `alignment` block.
 
 Both send the prompt as one user chat message; the scorers see the prompt text itself.
 """

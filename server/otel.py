@@ -5,7 +5,7 @@ the request id, strategy, model, policy, status and token counts as attributes o
 and every engine call (`TracedEngine`: generate, stream, stream_sequence, tilted) and every
 score call (`DecodeContext.span`, a hook of decoding/) is a child span of it. vLLM's own
 tracing is switched on with the same endpoint (the setting is passed to AsyncEngineArgs,
-server/engine_args.py), and each engine request carries the W3C trace context of its engine
+runtime/engine_args.py), and each engine request carries the W3C trace context of its engine
 span (`engine_trace_headers`, read by runtime/engine.py), so vLLM's `llm_request` spans (queue
 time, prefill, decode) sit under the call that made them in one trace.
 

@@ -212,7 +212,7 @@ class PolicyManager:
         """Adapters are loaded into the engine once and chosen per request (`model`)."""
         if not (self.settings.enable_lora and self.engine.lora_enabled):
             raise APIError(400, "LoRA adapters are disabled on this server: start it with "
-                           "--enable-lora true (costs: README, 'Hot-swapping policies') or "
+                           "--enable-lora true (costs: docs/operations.md, 'LoRA adapters') or "
                            "merge the adapter into a full checkpoint", param="path",
                            code="lora_disabled")
         if name == self.served_name:

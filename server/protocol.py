@@ -242,7 +242,7 @@ class Candidate(BaseModel):
 
 
 class AlignmentInfo(BaseModel):
-    """Accounting of one aligned answer (see README: KL accounting)."""
+    """Accounting of one aligned answer (see docs/strategies.md: KL accounting)."""
 
     model_config = ConfigDict(extra="allow")  # strategy-specific fields (rounds, blocks, ...)
 

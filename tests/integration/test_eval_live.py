@@ -1,6 +1,6 @@
 """`alignserve eval` on the real engine: two dev prompts × 2 seeded samples, small n and budget,
 over HTTP against the session's server (the in-process path is the same harness on the same strategies; its
-engine wiring is exercised by the full dev-prompt run, see README)."""
+engine wiring is exercised by the full dev-prompt run, see docs/offline.md)."""
 
 from __future__ import annotations
 

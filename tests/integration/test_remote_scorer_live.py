@@ -2,7 +2,7 @@
 here: best-of-n and speculative rejection score through it; when it dies the client gets a clean
 503 (never a hang or a 500); when it comes back on the same URL, requests succeed again.
 Also compares remote scoring with the same model in-process (`hf:PATH`): same scores, and the
-per-request overhead of the HTTP hop (printed; README 'Remote reward models')."""
+per-request overhead of the HTTP hop (printed; docs/strategies.md 'Remote reward models')."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_remote_reward_model_kill_and_recover(reward_server, launch_server, tmp_
         assert [c["reward"] for c in remote["candidates"]] == pytest.approx(
             [c["reward"] for c in local["candidates"]], abs=1e-3)
 
-        # Overhead of the HTTP hop per request (score time of 4 candidates), printed for the README.
+        # Overhead of the HTTP hop per request (score time of 4 candidates), printed for docs/strategies.md.
         times = {}
         for name in ("remote:rm", hf):
             times[name] = [_ask(srv.base_url, name).json()["alignment"]["latency"]["score_s"]

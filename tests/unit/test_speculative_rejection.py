@@ -183,7 +183,7 @@ async def test_finished_sequences_compete_and_can_be_rejected():
     assert res.sample.text.split() == ["good"] * 16 and res.reward == 16
     assert res.sample.finish_reason == "length"
     bad = res.candidates[:2]
-    # rejected, though they had finished: reported unfinished (README), with their reward
+    # rejected, though they had finished: reported unfinished (docs/strategies.md), with their reward
     assert all(c.sample.finish_reason is None and c.reward == 0 for c in bad)
     assert engine.active == 0 and len(engine.calls) == 4
 
