@@ -106,7 +106,8 @@ class BlockwiseCD:
             strategy=self.name, n=k, sample=answer.sample(), kl_bound=kl_bound,
             kl_estimate=min(kl_estimate, kl_bound), generated_tokens=generated,
             scored_candidates=k * blocks, timer=timer,
-            extra={"blocks": blocks, "block_tokens": block_tokens, "value": value.name},
+            extra={"blocks": blocks, "block_tokens": block_tokens, "first_block_tokens": first,
+                   "value": value.name},
         )
         if value is req.objective.reward and last is not None and \
                 last.sample.text == result.sample.text:
