@@ -114,8 +114,13 @@ register(policy_row("mocan", "MoCAN, λ* = 0.4191 (bench/results/dual.md, β 0.1
 register(policy_row("bond", "BOND-distilled best-of-8 (bench_bond.py), one sample",
                     lambda ctx: bond_checkpoint(ctx.work, 8, ctx.steps, ctx.max_tokens)))
 register(bon_row(8))
-# At merge: KLDO / PRO (`alignserve finetune kldo | pro`) and Aligner rows, e.g.
-# register(policy_row("kldo", "KLDO …", finetune_checkpoint("kldo", ["--data", SYNTHETIC])))
+register(policy_row("kldo", "KLDO (β 0.1, EMA 0.1) on the synthetic pairs, 20 steps",
+                    finetune_checkpoint("kldo", ["--data", SYNTHETIC, "--steps", "20"])))
+register(policy_row("pro", "PRO, binary feedback (α 2) on the synthetic pairs, 20 steps",
+                    finetune_checkpoint("pro", ["--data", SYNTHETIC, "--feedback", "binary",
+                                                "--steps", "20"])))
+# Aligner-corrected answers need a server with the corrector registered: bench/bench_aligner.py
+# (`measure()`) reports them on the same prompts and scorers.
 
 
 def summarise(answers: list[Answer]) -> dict:
