@@ -148,7 +148,7 @@ class VllmEngine:
 
     async def stream(
         self, prompt_ids: Sequence[int], n: int, sampling: Sampling
-    ) -> AsyncIterator[SampleDelta]:
+    ) -> AsyncGenerator[SampleDelta, None]:
         from vllm.sampling_params import RequestOutputKind
 
         params = self._params(n, sampling, RequestOutputKind.DELTA)
