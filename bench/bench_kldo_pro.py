@@ -14,13 +14,10 @@ moves the policy, not a safety benchmark.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from pathlib import Path
 
-from bench_safedpo import THRESHOLD, sample
-from common import ROOT
+from bench_safedpo import THRESHOLD, fine_tuning_args, sample
 
 METHODS = {  # name → (finetune method, its flags)
     "kldo": ("kldo", ()),
@@ -41,23 +38,10 @@ def train(name: str, out: Path, steps: int = 20) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=Path, default=ROOT / "bench" / "prompts-dev.jsonl")
-    ap.add_argument("--methods", default=",".join(METHODS), help="Comma list of METHODS.")
-    ap.add_argument("--n", type=int, default=8, help="Samples per prompt and policy.")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=20, help="Fine-tuning steps per method.")
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get(
-        "ALIGNSERVE_HOME", Path.home() / ".cache" / "alignserve")) / "bench-kldo-pro")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    args = ap.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    adversarial = args.work / "adversarial.jsonl"
-    rows = [json.loads(l) for l in args.prompts.read_text().splitlines() if l.strip()]
-    adversarial.write_text("".join(json.dumps(r) + "\n" for r in rows
-                                   if r.get("kind") == "adversarial"))
+    args, adversarial = fine_tuning_args(
+        __doc__, "bench-kldo-pro", "Fine-tuning steps per method.",
+        lambda ap: ap.add_argument("--methods", default=",".join(METHODS),
+                                   help="Comma list of METHODS."))
     names = [m for m in args.methods.split(",") if m]
     # every training first: no engine holds memory meanwhile, and a failed rollout keeps them
     ckpts = {name: train(name, args.work / name, args.steps) for name in names}

@@ -73,24 +73,32 @@ def safedpo_checkpoint(work: Path, steps: int) -> Path:
     return ckpt
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+def fine_tuning_args(doc: str, work: str, steps_help: str,
+                     extra=lambda ap: None) -> tuple[argparse.Namespace, Path]:
+    """The fine-tuning benchmarks' flags (parsed, folders made) and the adversarial dev prompts
+    written to WORK/adversarial.jsonl."""
+    ap = argparse.ArgumentParser(description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=Path, default=ROOT / "bench" / "prompts-dev.jsonl")
     ap.add_argument("--n", type=int, default=8, help="Samples per prompt and policy.")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=20, help="SafeDPO steps.")
+    ap.add_argument("--steps", type=int, default=20, help=steps_help)
     ap.add_argument("--work", type=Path, default=Path(os.environ.get(
-        "ALIGNSERVE_HOME", Path.home() / ".cache" / "alignserve")) / "bench-safedpo")
+        "ALIGNSERVE_HOME", Path.home() / ".cache" / "alignserve")) / work)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    extra(ap)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-
     adversarial = args.work / "adversarial.jsonl"
     rows = [json.loads(l) for l in args.prompts.read_text().splitlines() if l.strip()]
     adversarial.write_text("".join(json.dumps(r) + "\n" for r in rows
                                    if r.get("kind") == "adversarial"))
+    return args, adversarial
+
+
+def main() -> None:
+    args, adversarial = fine_tuning_args(__doc__, "bench-safedpo", "SafeDPO steps.")
     ckpt = safedpo_checkpoint(args.work, args.steps)
     results = {"base": sample("embedded", adversarial, args.work / "rollouts-base", args),
                "safedpo": sample(str(ckpt), adversarial, args.work / "rollouts-safedpo", args)}

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .data import Manifest, Rollout, append_rollouts, write_manifest
+from .data import Manifest, Rollout
 
 # The reference distribution: temperature only, no other control (vLLM's neutral values).
 NEUTRAL = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
@@ -110,7 +110,7 @@ async def collect_http(client: RolloutClient, prompts: list, cfg, folder: Path,
     (a prompt is complete on disk or absent), `cfg.concurrency` prompts in flight."""
     from decoding.concurrency import gather_all
 
-    from .rollouts import Stats
+    from .rollouts import Stats, record_prompt
 
     gate = asyncio.Semaphore(cfg.concurrency)
     stats = Stats()
@@ -125,15 +125,7 @@ async def collect_http(client: RolloutClient, prompts: list, cfg, folder: Path,
                         text=c["text"], finish_reason=c["finish_reason"], reward=c["reward"],
                         cost=c["cost"])
                 for k, c in enumerate(candidates)]
-        append_rollouts(folder, rows)
-        stats.prompts += 1
-        stats.rows += len(rows)
-        stats.tokens += sum(len(r.token_ids) for r in rows)
-        manifest.count += len(rows)
-        write_manifest(folder, manifest)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(tok_s=f"{stats.tokens / (time.perf_counter() - t0):.0f}")
+        record_prompt(folder, manifest, stats, rows, bar, t0)
 
     await gather_all(one(p) for p in prompts)
     stats.wall_s = time.perf_counter() - t0

@@ -122,6 +122,34 @@ def prepare_folder(folder: Path, want: Manifest) -> set[str]:
     return set(counts)
 
 
+def record_prompt(folder: Path, manifest: Manifest, stats: Stats, rows: list, bar: Any,
+                  t0: float) -> None:
+    """One prompt's rows on disk, the manifest's count and the progress bar. One synchronous
+    append per prompt on the event loop: rows of two prompts never interleave, and a prompt is
+    either complete on disk or absent after a crash (short of a crash inside this very write)."""
+    append_rollouts(folder, rows)
+    stats.prompts += 1
+    stats.rows += len(rows)
+    stats.tokens += sum(len(r.token_ids) for r in rows)
+    manifest.count += len(rows)
+    write_manifest(folder, manifest)
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{stats.tokens / (time.perf_counter() - t0):.0f}")
+
+
+def _pending(folder: Path, prompts: list, want: Manifest) -> tuple[list, Manifest | None]:
+    """The prompts not yet in `folder` (checked against `want`) and its manifest (None when
+    nothing is left to draw)."""
+    done = prepare_folder(folder, want)
+    todo = [p for p in prompts if p.id not in done]
+    if not todo:
+        return todo, None
+    manifest = read_manifest(folder)
+    manifest.count = sum(1 for _ in iter_rollouts(folder))
+    return todo, manifest
+
+
 async def collect(rt: Runtime, prompts: list, cfg: RolloutConfig, folder: Path, manifest: Manifest,
                   bar: Any = None) -> Stats:
     """Sample, score and append every prompt of `prompts` (PromptItem-like: id, prompt).
@@ -148,18 +176,7 @@ async def collect(rt: Runtime, prompts: list, cfg: RolloutConfig, folder: Path, 
                         text=s.sample.text, finish_reason=s.sample.finish_reason,
                         reward=s.reward, cost=s.cost)
                 for k, s in enumerate(scored)]
-        # One synchronous append per prompt on the event loop: rows of two prompts never
-        # interleave, and a prompt is either complete on disk or absent after a crash
-        # (short of a crash inside this very write).
-        append_rollouts(folder, rows)
-        stats.prompts += 1
-        stats.rows += len(rows)
-        stats.tokens += sum(len(r.token_ids) for r in rows)
-        manifest.count += len(rows)
-        write_manifest(folder, manifest)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(tok_s=f"{stats.tokens / (time.perf_counter() - t0):.0f}")
+        record_prompt(folder, manifest, stats, rows, bar, t0)
 
     await gather_all(one(p) for p in prompts)
     stats.wall_s = time.perf_counter() - t0
@@ -210,12 +227,9 @@ async def _main(ns: argparse.Namespace) -> tuple[Stats, int, int]:
                     extra={"model_path": model_path, "top_p": 1.0,  # Sampling's default
                            "engine_seed": settings.engine_seed,
                            "dtype": settings.dtype, "chat_template": True})
-    done = prepare_folder(ns.out, want)
-    todo = [p for p in prompts if p.id not in done]
-    if not todo:
+    todo, manifest = _pending(ns.out, prompts, want)
+    if manifest is None:
         return Stats(), len(prompts), 0
-    manifest = read_manifest(ns.out)
-    manifest.count = sum(1 for _ in iter_rollouts(ns.out))
 
     async with open_runtime(settings) as rt:
         with tqdm(total=len(todo), desc="rollouts", unit="prompt", file=sys.stderr) as bar:
@@ -235,12 +249,9 @@ async def _main_server(ns: argparse.Namespace, prompts: list) -> tuple[Stats, in
         await client.start()
         want = server_manifest(client, ns.prompts, cfg,
                                datetime.now(UTC).isoformat(timespec="seconds"))
-        done = prepare_folder(ns.out, want)
-        todo = [p for p in prompts if p.id not in done]
-        if not todo:
+        todo, manifest = _pending(ns.out, prompts, want)
+        if manifest is None:
             return Stats(), len(prompts), 0
-        manifest = read_manifest(ns.out)
-        manifest.count = sum(1 for _ in iter_rollouts(ns.out))
         with tqdm(total=len(todo), desc="rollouts", unit="prompt", file=sys.stderr) as bar:
             stats = await collect_http(client, todo, cfg, ns.out, manifest, bar)
     finally:

@@ -7,6 +7,8 @@ The endpoints differ only in how a prompt becomes token ids and how the answer i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
@@ -19,8 +21,23 @@ from ..protocol import (
 )
 from . import render
 from .core import ServingCore
-from .data import Prompt
+from .data import Kind, Prompt
 from .ticket import Ticket
+
+
+async def _create(core: ServingCore, kind: Kind, prompts_of: Callable, render_response: Callable,
+                  body, request: Request, response: Response):
+    """What both endpoints do: resolve, admit, then stream or run and render."""
+    with Ticket(core, request, body.alignment.strategy if body.alignment else "none") as t:
+        rr = await core.resolve(body, kind, prompts_of)
+        await t.start(rr, response)
+        if rr.stream:
+            return t.stream(rr)
+        answers = await t.run(core.answers(rr))
+        if answers is None:
+            return Response(status_code=499)  # nobody is listening; engine work aborted
+        return render_response(rr, answers, t.finish(rr, answers), core.rt.model_name,
+                               core.token_text)
 
 
 class ChatServing:
@@ -34,17 +51,8 @@ class ChatServing:
 
     async def create(self, body: ChatCompletionRequest, request: Request, response: Response
                      ) -> ChatCompletionResponse | StreamingResponse | Response:
-        core = self.core
-        with Ticket(core, request, body.alignment.strategy if body.alignment else "none") as t:
-            rr = await core.resolve(body, "chat", self.prompts)
-            await t.start(rr, response)
-            if rr.stream:
-                return t.stream(rr)
-            answers = await t.run(core.answers(rr))
-            if answers is None:
-                return Response(status_code=499)  # nobody is listening; engine work aborted
-            return render.chat_response(rr, answers, t.finish(rr, answers), core.rt.model_name,
-                                        core.token_text)
+        return await _create(self.core, "chat", self.prompts, render.chat_response,
+                             body, request, response)
 
 
 class CompletionServing:
@@ -58,17 +66,8 @@ class CompletionServing:
 
     async def create(self, body: CompletionRequest, request: Request, response: Response
                      ) -> CompletionResponse | StreamingResponse | Response:
-        core = self.core
-        with Ticket(core, request, body.alignment.strategy if body.alignment else "none") as t:
-            rr = await core.resolve(body, "completions", self.prompts)
-            await t.start(rr, response)
-            if rr.stream:
-                return t.stream(rr)
-            answers = await t.run(core.answers(rr))
-            if answers is None:
-                return Response(status_code=499)  # nobody is listening; engine work aborted
-            return render.completion_response(rr, answers, t.finish(rr, answers),
-                                              core.rt.model_name, core.token_text)
+        return await _create(self.core, "completions", self.prompts, render.completion_response,
+                             body, request, response)
 
 
 def chat_prompt(tok, req: ChatCompletionRequest) -> list[Prompt]:

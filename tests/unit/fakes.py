@@ -299,3 +299,15 @@ def make_app(engine: FakeEngine | None = None, tracer=None, **overrides):
                         max_tokens_limit=64, max_prompt_tokens=40, **overrides)
     runtime = Runtime(engine=engine, scorers=scorers, ctx=DecodeContext(engine), model_name="fake")
     return build_app(settings, runtime, registry=CollectorRegistry(), tracer=tracer)
+
+
+def finetune_cli(argv, capsys) -> tuple[int, str]:
+    """`alignserve finetune *argv` in process: (exit status, stderr)."""
+    from server.cli import main
+
+    try:
+        rc = main(["finetune", *argv])
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    return rc, capsys.readouterr().err
+

@@ -8,6 +8,7 @@ import random
 from collections import Counter
 
 import pytest
+from fakes import finetune_cli as _cli
 
 from finetune.bond import (
     BondGroup,
@@ -144,16 +145,6 @@ def test_split_groups_is_seeded_and_keeps_a_training_prompt():
 
 
 # --- CLI errors (one line, before any model is loaded) ------------------------------------
-
-def _cli(argv, capsys) -> tuple[int, str]:
-    from server.cli import main
-
-    try:
-        rc = main(["finetune", *argv])
-    except SystemExit as exc:  # argparse
-        rc = exc.code
-    return rc, capsys.readouterr().err
-
 
 @pytest.mark.parametrize("extra, message", [
     (["--n", "1"], "--n must be ≥ 2"),

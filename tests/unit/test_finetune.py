@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fakes import finetune_cli as _cli
 
 from finetune.mocan import (
     lambda_from_dual_file,
@@ -267,16 +268,6 @@ def test_synthetic_set_is_reproducible_and_exercises_every_branch():
 
 
 # --- CLI errors (no model is loaded: every check runs before) -----------------------------
-
-def _cli(argv, capsys) -> tuple[int, str]:
-    from server.cli import main
-
-    try:
-        rc = main(["finetune", *argv])
-    except SystemExit as exc:  # argparse
-        rc = exc.code
-    return rc, capsys.readouterr().err
-
 
 @pytest.mark.parametrize("extra, message", [
     (["--beta", "0"], "--beta must be > 0"),

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+from fakes import finetune_cli as _cli
 
 from finetune import feedback
 from finetune.pairs import PreferencePair, load_pairs
@@ -158,16 +159,6 @@ def test_feedback_on_the_shipped_pairs():
 
 
 # --- CLI flags (no model is loaded: every check runs before) --------------------------------
-
-def _cli(argv, capsys) -> tuple[int, str]:
-    from server.cli import main
-
-    try:
-        rc = main(["finetune", *argv])
-    except SystemExit as exc:  # argparse
-        rc = exc.code
-    return rc, capsys.readouterr().err
-
 
 @pytest.mark.parametrize("argv, message", [
     (["kldo", "--ema-rate", "1.5"], "--ema-rate must lie in [0, 1]"),
