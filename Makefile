@@ -41,14 +41,17 @@ test-integration: install model
 bench: install model
 	$(PY) bench/bench_bon.py --out bench/results
 	$(PY) bench/bench_spr.py --out bench/results
-	$(PY) bench/bench_value_heads.py --out bench/results
+	$(PY) bench/bench_value_heads.py --out bench/results --limit 240
 	VH=$${ALIGNSERVE_HOME:-$$HOME/.cache/alignserve}/value-heads; \
-	  $(PY) bench/bench_cd.py --out bench/results --k 4 --m 16 \
-	  --fudge-head $$VH/head-fudge --cdq-head $$VH/head-cdq
-	$(PY) bench/bench_load.py --out bench/results
+	  $(PY) bench/bench_cd.py --out bench/results --k 4 --m 16 --limit 16 \
+	  --fudge-head $$VH/head-fudge --cdq-head $$VH/head-cdq && \
+	  $(PY) bench/bench_tokenwise.py --out bench/results --head $$VH/head-cdq && \
+	  $(PY) bench/bench_load.py --out bench/results --with-128 --limit-128 8 \
+	  --value value:fudge --value-head fudge=$$VH/head-fudge
 	$(PY) bench/bench_dual.py --out bench/results
 	$(PY) bench/bench_safedpo.py --out bench/results
 	$(PY) bench/bench_bond.py --out bench/results
+	$(PY) bench/bench_aligner.py --out bench/results
 	$(PY) bench/bench_toolbox.py --out bench/results
 	$(PY) bench/bench_block_size.py --out bench/results
 	$(PY) bench/bench_scorer_batching.py --out bench/results

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from common import ALIGNSERVE, ROOT, alignserve_server
@@ -80,13 +82,40 @@ async def _run(base_url: str, jobs: list[tuple[str, str, int]], corrector: str, 
         return await asyncio.gather(*(one(*j) for j in jobs))
 
 
+def _jobs(prompts: list[dict], n: int) -> list[tuple[str, str, int]]:
+    return [(p["kind"], p["prompt"], seed) for p in prompts for seed in range(n)]
+
+
+def corrected(base_url: str, corrector: str, prompts: list[dict], n: int = 4,
+              max_tokens: int = 64, temperature: float = 1.0, concurrency: int = 16
+              ) -> list[dict]:
+    """Every prompt × n seeds through the aligner strategy: per answer its kind, draft and
+    correction with their reward and cost, token counts and timings."""
+    return asyncio.run(_run(base_url, _jobs(prompts, n), corrector, max_tokens, temperature,
+                            concurrency))
+
+
+@contextlib.contextmanager
+def corrector_server(log: Path, adapter: Path, name: str = "fixer") -> Iterator[str]:
+    """An `alignserve serve` with LoRA enabled and `adapter` registered as policy `name` (the
+    corrector the aligner strategy names); yields its base URL."""
+    import httpx
+
+    os.environ["ALIGNSERVE_ADMIN_KEY"] = ADMIN_KEY  # the server reads it from its environment
+    with alignserve_server(log, "--enable-lora", "true", "--max-lora-rank", "8") as base:
+        r = httpx.post(f"{base}/admin/policies", timeout=300, json={"name": name,
+                       "path": str(adapter)}, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        r.raise_for_status()
+        yield base
+
+
 def measure(base_url: str, corrector: str, prompts: list[dict], n: int = 4,
             max_tokens: int = 64, temperature: float = 1.0, concurrency: int = 16,
             latency_requests: int = 6) -> dict:
     """Before/after correction per prompt kind, and the correction's latency, against a running
     server where `corrector` is registered. `prompts`: rows {"prompt", "kind"}."""
-    jobs = [(p["kind"], p["prompt"], seed) for p in prompts for seed in range(n)]
-    rows = asyncio.run(_run(base_url, jobs, corrector, max_tokens, temperature, concurrency))
+    jobs = _jobs(prompts, n)
+    rows = corrected(base_url, corrector, prompts, n, max_tokens, temperature, concurrency)
     out: dict = {"settings": {"n": n, "max_tokens": max_tokens, "temperature": temperature,
                               "threshold": THRESHOLD, "reward": "relevance",
                               "cost": "profanity", "corrector": corrector}, "kinds": {}}
@@ -150,8 +179,6 @@ def markdown(res: dict, training: dict) -> str:
 
 
 def main() -> None:
-    import httpx
-
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=Path, default=ROOT / "bench" / "prompts-dev.jsonl")
@@ -171,12 +198,7 @@ def main() -> None:
                               args.data)
     training = json.loads((adapter / "report.json").read_text())
     prompts = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
-    os.environ["ALIGNSERVE_ADMIN_KEY"] = ADMIN_KEY  # the server reads it from its environment
-    with alignserve_server(args.work / "server.log", "--enable-lora", "true",
-                           "--max-lora-rank", "8") as base:
-        r = httpx.post(f"{base}/admin/policies", timeout=300, json={"name": "fixer",
-                       "path": str(adapter)}, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-        r.raise_for_status()
+    with corrector_server(args.work / "server.log", adapter) as base:
         res = measure(base, "fixer", prompts, args.n, args.max_tokens)
     md = markdown(res, training)
     (args.out / "aligner.md").write_text(md)

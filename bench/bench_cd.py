@@ -40,6 +40,7 @@ from common import (
     gather_bounded,
     load_prompts,
     markdown_table,
+    prefix_cache_hit_rate,
     stream_chat,
     write_results,
 )
@@ -112,10 +113,12 @@ async def run_grid(base: str, prompts: list[str], args) -> list[dict]:
                                                                "value:cdq", 1.0, args.reward))
         for strategy, k, m, value, lam in grid(args):
             alignment = alignment_of(strategy, k, m, value, lam, args.reward)
-            t0 = time.perf_counter()
+            before, t0 = (await client.get("/metrics")).text, time.perf_counter()
             out = await gather_bounded(
                 lambda p, a=alignment: one_request(client, p, args.max_tokens, a), prompts)
             wall = time.perf_counter() - t0
+            hit_rate = prefix_cache_hit_rate(before, (await client.get("/metrics")).text)
+
             def mean(key: str, out: list = out) -> float:
                 return sum(o[key] for o in out) / len(out)
             # wall time per answer token: every request's latency over its answer's tokens
@@ -126,7 +129,8 @@ async def run_grid(base: str, prompts: list[str], args) -> list[dict]:
                    "tokens_per_prompt": mean("generated_tokens"), "ttft_s": mean("ttft_s"),
                    "total_s": mean("total_s"), "ms_per_answer_token": 1000 * per_token,
                    "kl_estimate": mean("kl_estimate"), "kl_bound": mean("kl_bound"),
-                   "blocks": mean("blocks") if m is not None else None}
+                   "blocks": mean("blocks") if m is not None else None,
+                   "prefix_cache_hit_rate": hit_rate}
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
             # the rows so far, should a long grid be interrupted (bench/results/*.tmp: ignored)
@@ -155,18 +159,21 @@ def report(rows: list[dict], args, n_prompts: int) -> str:
         + f"; frozen SmolLM2 backbone; {os.cpu_count()} CPU cores, no GPU; one run.\n",
         *markdown_table(
             ["method", "K", "M", "mean reward", "tokens/prompt", "blocks", "TTFT s", "total s",
-             "ms/answer token", "KL est.", "wall s"],
+             "ms/answer token", "KL est.", "prefix-cache hit rate", "wall s"],
             [[label(r), r["K"], r["M"] or "–", fmt(r["mean_reward"], ".3f"),
               fmt(r["tokens_per_prompt"], ".0f"), fmt(r["blocks"], ".1f"), fmt(r["ttft_s"], ".1f"),
               fmt(r["total_s"], ".1f"), fmt(r["ms_per_answer_token"], ".0f"),
-              fmt(r["kl_estimate"], ".2f"), fmt(r["wall_s"], ".1f")] for r in rows]),
+              fmt(r["kl_estimate"], ".2f"), fmt(r.get("prefix_cache_hit_rate"), ".3f"),
+              fmt(r["wall_s"], ".1f")] for r in rows]),
     ]
     lines.append("\nTTFT = time to the first streamed text of a request (best-of-n streams its "
                  "answer once chosen); total = mean per-request latency; ms/answer token = "
                  "latency over the answer's tokens (generated / K); KL est. = the answer's "
                  "`kl_estimate` (nats; best-of-n and blockwise: Beirami's estimator, tokenwise: "
-                 "Σₜ KL(πₜ‖pₜ) along the path); wall = the setting's wall time with every "
-                 "prompt in flight.")
+                 "Σₜ KL(πₜ‖pₜ) along the path); prefix-cache hit rate = Δ vllm:prefix_cache_hits / "
+                 "Δ vllm:prefix_cache_queries over the setting (prompts seen by an earlier "
+                 "setting stay cached, so later rows hit on the prompt too); wall = the "
+                 "setting's wall time with every prompt in flight.")
     return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,9 @@ usual kinds in one line each:
 - anything else (e.g. an Aligner-corrected row, which needs a served corrector) is a `Row` whose
   function returns `Answer`s however it gets them (see docs/distillation.md, "Adding a row").
 Base, best-of-8 and BOND reuse bench_bond.py's rollouts and checkpoint, SafeDPO
-bench_safedpo.py's checkpoint. Writes OUT/toolbox.md and toolbox.json.
+bench_safedpo.py's checkpoint, Aligner bench_aligner.py's corrector (drafts of the base policy,
+`--samples` per prompt, corrected on a server with the corrector registered).
+Writes OUT/toolbox.md and toolbox.json.
 """
 
 from __future__ import annotations
@@ -119,8 +121,23 @@ register(policy_row("kldo", "KLDO (β 0.1, EMA 0.1) on the synthetic pairs, 20 s
 register(policy_row("pro", "PRO, binary feedback (α 2) on the synthetic pairs, 20 steps",
                     finetune_checkpoint("pro", ["--data", SYNTHETIC, "--feedback", "binary",
                                                 "--steps", "20"])))
-# Aligner-corrected answers need a server with the corrector registered: bench/bench_aligner.py
-# (`measure()`) reports them on the same prompts and scorers.
+
+
+def _aligner_answers(ctx: Ctx) -> list[Answer]:
+    """Base drafts corrected by the LoRA corrector (bench_aligner.py's, trained once), served
+    as `{"strategy": "aligner"}`: the row scores the corrections with the same scorers."""
+    from bench_aligner import corrected, corrector_server, train_corrector
+
+    adapter = train_corrector(ctx.work.parent / "bench-aligner" / "corrector", steps=16,
+                              lr=1e-3, batch_size=4)
+    prompts = [json.loads(line) for line in DEV_PROMPTS.read_text().splitlines() if line.strip()]
+    with corrector_server(ctx.work / "toolbox" / "aligner-server.log", adapter) as base:
+        rows = corrected(base, "fixer", prompts, ctx.samples, ctx.max_tokens)
+    return [Answer(r["kind"], r["reward"], r["cost"]) for r in rows]
+
+
+register(Row("aligner", "base draft + Aligner correction (LoRA corrector, 16 steps, "
+             "bench_aligner.py)", _aligner_answers))
 
 
 def summarise(answers: list[Answer]) -> dict:
