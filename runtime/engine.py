@@ -244,6 +244,10 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+        # AsyncLLM.__del__ shuts down again when the object is collected; at interpreter exit
+        # vLLM's module globals are already None there and it prints a TypeError traceback
+        # after every offline command. Once shut down, a second shutdown has nothing to do.
+        self._llm.shutdown = lambda *args, **kwargs: None
         if self._tilt_dir:
             shutil.rmtree(self._tilt_dir, ignore_errors=True)
 
