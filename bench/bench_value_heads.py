@@ -48,29 +48,40 @@ def offline_steps(args) -> dict[str, dict]:
     return out
 
 
+CURVES = {  # column → (head, metrics key)
+    "FUDGE head": ("fudge", "correlation_by_prefix_length"),
+    "CD-Q head": ("cdq", "correlation_by_prefix_length"),
+    "reward on prefixes": ("fudge", "baseline_correlation_by_prefix_length"),
+    "FUDGE, within prompt": ("fudge", "within_prompt_correlation_by_prefix_length"),
+    "CD-Q, within prompt": ("cdq", "within_prompt_correlation_by_prefix_length"),
+    "reward on prefixes, within prompt": ("fudge",
+                                          "baseline_within_prompt_correlation_by_prefix_length"),
+}
+
+
 def table(metrics: dict[str, dict], reward: str) -> str:
-    fudge, cdq = metrics["fudge"], metrics["cdq"]
-    base = fudge["baseline_correlation_by_prefix_length"]
-    lines = ["| prefix length t | points | FUDGE head | CD-Q head | "
-             f"`{reward}` on prefixes |", "|---|---|---|---|---|"]
+    """One row per prefix-length bucket, one column per curve the heads' metrics hold (the
+    within-prompt curves exist for heads trained since train-value reports them)."""
+    cols = {name: metrics[m][key] for name, (m, key) in CURVES.items() if metrics[m].get(key)}
+    names = [n.replace("reward", f"`{reward}`") for n in cols]
+    lines = ["| prefix length t | points | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(cols)]
 
     def fmt(x):
         return "–" if x is None else f"{x:.3f}"
 
-    for f, q, b in zip(fudge["correlation_by_prefix_length"], cdq["correlation_by_prefix_length"],
-                       base):
+    for i, f in enumerate(metrics["fudge"]["correlation_by_prefix_length"]):
         span = f"{f['lo']}" if f["hi"] - f["lo"] == 1 else f"{f['lo']}–{f['hi'] - 1}"
-        lines.append(f"| {span} | {f['points']} | {fmt(f['pearson'])} | {fmt(q['pearson'])} | "
-                     f"{fmt(b['pearson'])} |")
+        lines.append(f"| {span} | {f['points']} | "
+                     + " | ".join(fmt(c[i]["pearson"]) for c in cols.values()) + " |")
     return "\n".join(lines)
 
 
 def write_report(metrics: dict[str, dict], args) -> str:
     fudge, cdq = metrics["fudge"], metrics["cdq"]
     report.plot_correlations(
-        {"FUDGE head": fudge["correlation_by_prefix_length"],
-         "CD-Q head": cdq["correlation_by_prefix_length"],
-         f"{args.reward} on prefixes (baseline)": fudge["baseline_correlation_by_prefix_length"]},
+        {name.replace("reward", args.reward): metrics[m][key]
+         for name, (m, key) in CURVES.items() if metrics[m].get(key)},
         args.out / "correlation.png",
         f"held-out prompts: {fudge['val_prompts']} ({fudge['val_rows']} rollouts)")
     heads = "\n".join(
@@ -86,7 +97,9 @@ def write_report(metrics: dict[str, dict], args) -> str:
         f"{args.steps} steps, batch 16; validation: {args.val_fraction:.0%} of the prompts "
         f"held out (whole prompts). {os.cpu_count()} CPU cores shared with other jobs; one run.\n",
         "Pearson correlation over every (rollout, prefix t) pair in a bucket of t between the "
-        "prediction at prefix t and the rollout's final reward r(x, y), on the held-out prompts. "
+        "prediction at prefix t and the rollout's final reward r(x, y), on the held-out prompts; "
+        "'within prompt': each point centred on its prompt's means first, i.e. how well a value "
+        "ranks the candidates of one prompt, which is what blockwise CD and SpR ask of it. "
         "Baseline: the reward scorer itself applied to the decoded prefix, r(x, yᵗ) — what "
         f"blockwise CD with `value: {args.reward}` acts on.\n",
         table(metrics, args.reward), "",

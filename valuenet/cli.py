@@ -121,12 +121,11 @@ def run(ns: argparse.Namespace) -> int:
         return 1
     summary = {k: metrics[k] for k in ("method", "train_rows", "val_rows", "initial_val_loss",
                                        "val_loss", "initial_val_value_mse", "val_value_mse")}
-    summary["correlation_by_prefix_length"] = {
-        f"{b['lo']}-{b['hi'] - 1}": b["pearson"] for b in metrics["correlation_by_prefix_length"]}
-    if metrics.get("baseline_correlation_by_prefix_length"):
-        summary["baseline_correlation_by_prefix_length"] = {
-            f"{b['lo']}-{b['hi'] - 1}": b["pearson"]
-            for b in metrics["baseline_correlation_by_prefix_length"]}
+    for key in ("correlation_by_prefix_length", "within_prompt_correlation_by_prefix_length",
+                "baseline_correlation_by_prefix_length",
+                "baseline_within_prompt_correlation_by_prefix_length"):
+        if metrics.get(key):
+            summary[key] = {f"{b['lo']}-{b['hi'] - 1}": b["pearson"] for b in metrics[key]}
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     summary["out"] = str(Path(ns.out).expanduser())
     print(json.dumps(summary, indent=2))

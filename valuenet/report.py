@@ -44,27 +44,44 @@ def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
 
 
 def correlation_by_prefix_length(
-    values: Sequence[Sequence[float]], rewards: Sequence[float]
+    values: Sequence[Sequence[float]], rewards: Sequence[float],
+    groups: Sequence[str] | None = None,
 ) -> list[dict]:
     """values[i][t] = V(x_i, y_i^t) for t = 0..len(y_i); rewards[i] = r(x_i, y_i).
 
     Every (row, t) pair lands in its bucket of t, so a bucket pools several prefixes of a row;
-    `rows` says how many distinct responses a bucket saw.
+    `rows` says how many distinct responses a bucket saw. With `groups` (row i's prompt), each
+    point is first centred on its prompt's means within the bucket: the within-prompt
+    correlation, which is what ranks the candidates of one prompt (blockwise CD, SpR); the
+    pooled one also credits a value for telling easy prompts from hard ones.
     """
     max_len = max((len(v) - 1 for v in values), default=0)
     edges = bucket_edges(max_len)
     out = []
     for lo, hi in zip(edges, edges[1:]):
-        xs, ys, rows = [], [], 0
-        for vals, r in zip(values, rewards):
+        xs, ys, gs, rows = [], [], [], 0
+        for i, (vals, r) in enumerate(zip(values, rewards)):
             chunk = vals[lo:hi]
             xs.extend(chunk)
             ys.extend([r] * len(chunk))
+            gs.extend([groups[i] if groups is not None else ""] * len(chunk))
             rows += bool(chunk)
+        if groups is not None:
+            xs, ys = _centred(xs, gs), _centred(ys, gs)
         if xs:
             out.append({"lo": lo, "hi": hi, "points": len(xs), "rows": rows,
                         "pearson": pearson(xs, ys)})
     return out
+
+
+def _centred(xs: Sequence[float], groups: Sequence[str]) -> list[float]:
+    """xs minus the mean of their group."""
+    sums: dict[str, list[float]] = {}
+    for x, g in zip(xs, groups):
+        acc = sums.setdefault(g, [0.0, 0.0])
+        acc[0] += x
+        acc[1] += 1
+    return [x - sums[g][0] / sums[g][1] for x, g in zip(xs, groups)]
 
 
 def scorer_on_prefixes(scorer, decode, rows, batch_size: int = 256) -> list[list[float]]:

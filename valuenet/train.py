@@ -454,9 +454,12 @@ def _write_report(out_dir: Path, p: Prepared, cfg: TrainConfig, backbone: str, r
                   run: dict) -> dict:
     """metrics.json, correlation.png and loss.png in `out_dir`; returns the metrics."""
     val_values = [[v * p.std + p.mean for v in row] for row in run["final"]["values"]]
-    curve = report.correlation_by_prefix_length(val_values, [e.raw_reward for e in p.val_ex])
+    rewards, prompts = [e.raw_reward for e in p.val_ex], [r.prompt_id for r in p.val_rows]
+    curve = report.correlation_by_prefix_length(val_values, rewards)
+    within = report.correlation_by_prefix_length(val_values, rewards, prompts)
     cdq = cfg.method == "cdq"
-    baseline = _baseline_curve(p, cfg, backbone) if cfg.baseline else None
+    baseline, baseline_within = (_baseline_curves(p, cfg, backbone) if cfg.baseline
+                                 else (None, None))
     metrics = {
         "method": cfg.method, "tune": cfg.tune, "backbone": backbone, "reference": reference,
         "train_rows": len(p.train_ex), "val_rows": len(p.val_ex),
@@ -470,7 +473,9 @@ def _write_report(out_dir: Path, p: Prepared, cfg: TrainConfig, backbone: str, r
         "temperature": p.temperature, "top_p": p.top_p,
         "ref_top_k": cfg.ref_top_k if cdq else None, "ref_mass": p.ref_mass if cdq else None,
         "correlation_by_prefix_length": curve,
+        "within_prompt_correlation_by_prefix_length": within,
         "baseline": cfg.baseline, "baseline_correlation_by_prefix_length": baseline,
+        "baseline_within_prompt_correlation_by_prefix_length": baseline_within,
         "train_loss": run["train_curve"], "val_curve": run["val_curve"],
         "wall_s": p.wall,
     }
@@ -483,9 +488,11 @@ def _write_report(out_dir: Path, p: Prepared, cfg: TrainConfig, backbone: str, r
     return metrics
 
 
-def _baseline_curve(p: Prepared, cfg: TrainConfig, backbone: str) -> list[dict]:
-    """The same correlation curve for the scorer `cfg.baseline` applied to the validation rows'
-    prefixes (decoded with the backbone's tokenizer, which is the policy's)."""
+def _baseline_curves(p: Prepared, cfg: TrainConfig, backbone: str
+                     ) -> tuple[list[dict], list[dict]]:
+    """The same correlation curves (pooled, within-prompt) for the scorer `cfg.baseline`
+    applied to the validation rows' prefixes (decoded with the backbone's tokenizer, which is
+    the policy's)."""
     from transformers import AutoTokenizer
 
     from runtime.scorers import ScorerRegistry, default_factories
@@ -494,4 +501,7 @@ def _baseline_curve(p: Prepared, cfg: TrainConfig, backbone: str) -> list[dict]:
     tok = AutoTokenizer.from_pretrained(backbone)
     values = report.scorer_on_prefixes(
         scorer, lambda ids: tok.decode(ids, skip_special_tokens=True), p.val_rows)
-    return report.correlation_by_prefix_length(values, [r.reward for r in p.val_rows])
+    rewards = [r.reward for r in p.val_rows]
+    return (report.correlation_by_prefix_length(values, rewards),
+            report.correlation_by_prefix_length(values, rewards,
+                                                [r.prompt_id for r in p.val_rows]))

@@ -199,6 +199,22 @@ def test_scorer_on_prefixes_scores_every_decoded_prefix():
     assert last[0]["pearson"] == pytest.approx(1.0)
 
 
+def test_within_prompt_correlation_ignores_what_separates_prompts():
+    """Centred per prompt: a value that only knows the prompt's mean reward has no within-prompt
+    correlation (pooled: 0.95), one that ranks each prompt's candidates scores 1 within them."""
+    from valuenet.report import correlation_by_prefix_length
+
+    rewards = [0.1, 0.3, 0.7, 0.9]            # prompt a: 0.1 < 0.3, prompt b: 0.7 < 0.9
+    groups = ["a", "a", "b", "b"]
+    prompt_mean = [[0.2], [0.2], [0.8], [0.8]]
+    ranks = [[5.0], [6.0], [1.0], [2.0]]      # right order within each prompt, wrong across
+    assert correlation_by_prefix_length(prompt_mean, rewards)[0]["pearson"] > 0.9
+    assert correlation_by_prefix_length(prompt_mean, rewards, groups)[0]["pearson"] is None
+    assert correlation_by_prefix_length(ranks, rewards)[0]["pearson"] < 0
+    assert correlation_by_prefix_length(ranks, rewards, groups)[0]["pearson"] == \
+        pytest.approx(1.0)
+
+
 def test_trainer_reports_the_baseline_curve(backbone, tmp_path, monkeypatch):
     """--baseline SCORER: the same buckets as the head's curve, in metrics.json and the plot."""
     import transformers as tf
@@ -219,6 +235,9 @@ def test_trainer_reports_the_baseline_curve(backbone, tmp_path, monkeypatch):
         [(b["lo"], b["hi"], b["points"]) for b in head]
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["baseline_correlation_by_prefix_length"] == base
+    within = saved["baseline_within_prompt_correlation_by_prefix_length"]
+    assert [b["points"] for b in within] == [b["points"] for b in base]
+    assert len(saved["within_prompt_correlation_by_prefix_length"]) == len(head)
     assert (tmp_path / "out" / "correlation.png").is_file()
 
 
