@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -201,11 +202,9 @@ def report(rows: list[dict], args, elapsed: float) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[dict]] = {}  # one curve per label without its N (and in flight)
     for r in rows:
-        key = r["label"].rsplit(" N=", 1)[0] if "N=" in r["label"] else r["label"]
-        if " value=" in r["label"]:
-            key += " value=" + r["label"].split(" value=", 1)[1]
+        key = re.sub(r" N=\d+", "", r["label"])
         key += " (8 in flight)" if r["in_flight"] == 8 and "in flight" not in key else ""
         groups.setdefault(key, []).append(r)
     with figure(path) as ax:
