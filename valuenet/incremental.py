@@ -1,19 +1,21 @@
-"""A CD-Q head that decodes incrementally: per-request KV caches, one token per step, batched.
+"""A CD-Q head that decodes incrementally: one token per request per step, batched, no copies.
 
 Used by the engine-side tilt (valuenet/processor.py): at every engine step each tilted request
-has one new token (after its prompt was prefilled once), so the head's backbone runs one
-decode step over the batch instead of a forward over the whole prefix (Mudgal et al. 2024,
+has one new token (after its prompt was prefilled once), so the head's backbone runs one decode
+step over the batch instead of a forward over the whole prefix (Mudgal et al. 2024,
 arXiv 2310.17022: Q(x, yᵗ, ·) for all next tokens from the hidden state at the last position).
 
-Batching requests whose caches have different lengths: the caches are left-padded to the
-longest, with an attention mask over past + new positions and explicit position ids (each
-request's own length), so every real token keeps its position and padding is never attended.
-Requests with new tokens other than exactly one (the first step: the prompt; a re-added
-request) are prefilled or extended one by one.
+The keys and values live in a `SlotCache` (valuenet/slots.py): row i of every layer's buffer is
+one request's cache, so a step's batch is a view of rows 0 .. n − 1 and each row's new key is
+written at that row's own position. transformers' forward cannot attend over such a layout
+(its caches hold one length for the whole batch), so `_forward` runs the decoder layers itself:
+the same modules (norms, projections, rotary embedding, MLP), our attention over the buffer
+with a per-row causal mask. That fixes the layer layout to the Llama family (Llama, Mistral,
+Qwen2 without sliding windows), checked at load; the unit tests hold it equal to transformers'
+own forward.
 
-Shapes: a request's cache is a transformers DynamicCache whose layers hold keys and values
-[1, kv_heads, length, head_dim]. A request decoded alone keeps its cache object (one append per
-layer per step); a batch is assembled from the layers' tensors and split back into new caches.
+Rows of live requests that take no part in a step (not in this apply) get a placeholder token
+at their next position, which their own next token overwrites; their length does not move.
 """
 
 from __future__ import annotations
@@ -22,8 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
 from .model import load_checkpoint
+from .slots import SlotCache
+
+# decoder layouts `_forward` reproduces (q/k/v/o projections, rotary, pre-norm, gated MLP)
+_LAYOUTS = ("llama", "mistral", "qwen2")
 
 
 class IncrementalQ:
@@ -34,11 +41,16 @@ class IncrementalQ:
         if self.config.method != "cdq":
             raise ValueError(f"{folder}: a {self.config.method} head has no per-token Q values "
                              "(train it with --method cdq)")
+        _check_layout(folder, lm.config)
         self.device = torch.device(device)
         self.head = head.to(self.device)
         self.decoder = lm.get_decoder().to(self.device)  # hidden states only, no LM head
         self.vocab_size = self.config.vocab_size
         self._std, self._mean = self.config.reward_std, self.config.reward_mean
+        attn = self.decoder.layers[0].self_attn
+        self.kv = SlotCache(len(self.decoder.layers), lm.config.num_key_value_heads,
+                            attn.head_dim, dtype=self.decoder.embed_tokens.weight.dtype,
+                            device=self.device)
 
     @torch.inference_mode()
     def step(self, reqs: Sequence) -> torch.Tensor:
@@ -47,11 +59,13 @@ class IncrementalQ:
         one: list[int] = []
         for i, r in enumerate(reqs):
             new = r.unseen()
-            if r.cache is not None and len(new) == 1 and len(reqs) > 1:
-                one.append(i)
-            elif not new:  # nothing new (an extra apply in the same step): recompute last
+            if not new:  # an extra apply in the same step would tilt by a stale Q
                 raise RuntimeError("CD-Q tilt: a request has no token the head has not seen")
-            else:
+            if r.cache is not None and len(new) == 1:
+                one.append(i)
+            else:  # the prompt, or a request that missed steps: its own forward
+                if r.cache is None:
+                    r.cache = self.kv.acquire()
                 hidden[i] = self._extend(r, new)
         if one:
             hidden[one] = self._decode([reqs[i] for i in one])
@@ -60,53 +74,72 @@ class IncrementalQ:
     # -- internals ----------------------------------------------------------------------------
 
     def _extend(self, r, new: list[int]) -> torch.Tensor:
-        """Feed `new` after r's cache (or from scratch); hidden state at the last position [H]."""
-        from transformers import DynamicCache
-
-        past = r.cache if r.cache is not None else DynamicCache()
+        """Feed `new` after r's cached tokens; hidden state at the last position [H]."""
+        slot = r.cache
         ids = torch.tensor([new], device=self.device)
-        pos = torch.arange(r.seen, r.seen + len(new), device=self.device)[None]
-        out = self.decoder(input_ids=ids, position_ids=pos, past_key_values=past, use_cache=True)
-        r.cache = out.past_key_values  # the same object, appended to in place
-        r.seen += len(new)
-        return out.last_hidden_state[0, -1]
+        start = torch.tensor([slot.length], device=self.device)
+        h = self._forward(slice(slot.index, slot.index + 1), ids, start)
+        slot.length += len(new)
+        r.seen = slot.length
+        return h[0, -1]
 
     def _decode(self, reqs: Sequence) -> torch.Tensor:
-        """One new token for each request, in one batched forward; hidden states [b, H]."""
-        from transformers import DynamicCache
+        """One new token for each request, one forward over all live slots; hidden [b, H]."""
+        slots = self.kv.slots
+        ids = torch.zeros(len(slots), 1, dtype=torch.long, device=self.device)
+        rows = [r.cache.index for r in reqs]
+        ids[rows, 0] = torch.tensor([r.unseen()[0] for r in reqs], device=self.device)
+        start = torch.tensor([s.length for s in slots], device=self.device)
+        h = self._forward(slice(0, len(slots)), ids, start)
+        for r in reqs:
+            r.cache.length += 1
+            r.seen = r.cache.length
+        return h[rows, -1]
 
-        caches = [[(layer.keys, layer.values) for layer in r.cache.layers] for r in reqs]
-        lengths = [r.seen for r in reqs]
-        width = max(lengths)
-        b = len(reqs)
-        ids = torch.tensor([r.unseen() for r in reqs], device=self.device)  # [b, 1]
-        pos = torch.tensor(lengths, device=self.device)[:, None]  # [b, 1]
-        if len(set(lengths)) == 1:  # the common case (n choices of one prompt): no padding
-            mask = None
-            layers = [tuple(torch.cat([c[li][j] for c in caches]) for j in (0, 1))
-                      for li in range(len(caches[0]))]
-        else:
-            mask = torch.zeros(b, width + 1, dtype=torch.long, device=self.device)
-            layers = []
-            for li in range(len(caches[0])):
-                k0 = caches[0][li][0]
-                shape = (b, k0.shape[1], width, k0.shape[3])
-                k, v = k0.new_zeros(shape), k0.new_zeros(shape)
-                for i, (r, c) in enumerate(zip(reqs, caches)):
-                    k[i, :, width - r.seen:] = c[li][0][0]
-                    v[i, :, width - r.seen:] = c[li][1][0]
-                layers.append((k, v))
-            for i, r in enumerate(reqs):
-                mask[i, width - r.seen:] = 1
-        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos,
-                           past_key_values=DynamicCache(ddp_cache_data=layers), use_cache=True)
-        new_layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        for i, r in enumerate(reqs):
-            start = width - r.seen  # drop this request's left padding again
-            r.cache = DynamicCache(ddp_cache_data=[(k[i:i + 1, :, start:], v[i:i + 1, :, start:])
-                                                   for k, v in new_layers])
-            r.seen += 1
-        return out.last_hidden_state[:, -1]
+    def _forward(self, rows: slice, ids: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """Tokens ids [n, T] at positions start + 0 .. T − 1 of the slots `rows`, written into
+        their caches; final hidden states [n, T, H]."""
+        n, t = ids.shape
+        pos = start[:, None] + torch.arange(t, device=self.device)  # [n, T]
+        width = int(pos.max()) + 1
+        self.kv.reserve(width)
+        # row i's query at position p attends to its own keys at positions ≤ p
+        allowed = (torch.arange(width, device=self.device) <= pos[..., None])[:, None]
+        x = self.decoder.embed_tokens(ids)
+        cos, sin = self.decoder.rotary_emb(x, position_ids=pos)
+        at = torch.arange(n, device=self.device)[:, None]
+        for layer, keys, values in zip(self.decoder.layers, self.kv.keys, self.kv.values):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = (proj(h).view(n, t, -1, attn.head_dim).transpose(1, 2)
+                       for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            q, k = _rotary(q, k, cos, sin)
+            past_k, past_v = keys[rows], values[rows]  # views of the live rows
+            past_k[at, :, pos] = k.transpose(1, 2)  # [n, T, kv_heads, d] at each row's positions
+            past_v[at, :, pos] = v.transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, past_k[:, :, :width], past_v[:, :, :width],
+                                               attn_mask=allowed, scale=attn.scaling,
+                                               enable_gqa=True)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(n, t, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.decoder.norm(x)
+
+
+def _rotary(q, k, cos, sin):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def _check_layout(folder, config) -> None:
+    kind = getattr(config, "model_type", None)
+    window = getattr(config, "sliding_window", None)
+    sliding = (window is not None and getattr(config, "use_sliding_window", True)
+               and window < config.max_position_embeddings)
+    if kind not in _LAYOUTS or sliding:
+        raise ValueError(f"{folder}: the in-engine tilt decodes {', '.join(_LAYOUTS)} backbones "
+                         f"without sliding-window attention; this head's backbone is {kind!r}"
+                         + (" with a sliding window" if sliding else ""))
 
 
 def load_engine_heads(heads: dict[str, str], vocab_size: int, device) -> dict[str, IncrementalQ]:

@@ -186,7 +186,7 @@ class _Req:
     output: list[int]
     temperature: float
     seen: int = 0  # tokens of prompt + output the head's KV cache holds
-    cache: Any = None  # the head's per-request KV cache (owned by the head)
+    cache: Any = None  # the head's per-request KV slot (owned by the head; has release())
     fd: int | None = None  # the step-record file, opened on the first record
 
     def unseen(self) -> list[int]:
@@ -200,7 +200,9 @@ class _Req:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        self.cache = None
+        if self.cache is not None:
+            self.cache.release()  # the head's slot goes back to its pool
+            self.cache = None
 
 
 class StepHead(Protocol):

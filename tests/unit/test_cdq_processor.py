@@ -53,6 +53,14 @@ def params(key: str | None = None, lam: float = 1.0, temperature: float = 1.0, h
     return SimpleNamespace(extra_args=extra, temperature=temperature)
 
 
+class FakeSlot:
+    def __init__(self, head: TableHead, key: str) -> None:
+        self.head, self.key = head, key
+
+    def release(self) -> None:
+        self.head.released.append(self.key)
+
+
 class TableHead:
     """Q(x, yᵗ, z) = table[z] + 0.1·t (t = tokens seen): values that move with the prefix."""
 
@@ -61,6 +69,7 @@ class TableHead:
     def __init__(self) -> None:
         self.table = torch.tensor([0.0, 1.0, -1.0, 2.0, 0.5, -0.5])
         self.batches: list[list[int]] = []  # unseen-token counts of every step call
+        self.released: list[str] = []  # keys of the requests whose slot was given back
 
     def q_of(self, seen: int) -> torch.Tensor:
         return self.table + 0.1 * seen
@@ -69,7 +78,7 @@ class TableHead:
         self.batches.append([len(r.unseen()) for r in reqs])
         for r in reqs:
             r.seen += len(r.unseen())
-            r.cache = ("kv", r.seen)
+            r.cache = r.cache or FakeSlot(self, r.args.key)
         return torch.stack([self.q_of(r.seen) for r in reqs])
 
 
@@ -137,7 +146,7 @@ def test_apply_tilts_selected_rows_only_and_records_each_step(tmp_path):
 
 
 def test_state_follows_removed_added_moved(tmp_path):
-    tilt, _ = make(tmp_path)
+    tilt, head = make(tmp_path)
     tilt.update_state(Update(3, [], [(0, params(KEY_A), [1], []), (1, params(KEY_B), [2], []),
                                      (2, params(KEY_C), [3], [])], []))
     tilt.apply(torch.zeros(3, V))  # opens the three record files
@@ -146,7 +155,8 @@ def test_state_follows_removed_added_moved(tmp_path):
     tilt.update_state(Update(2, [1], [], [(2, 1, Move.UNIDIRECTIONAL)]))
     assert {i: r.args.key for i, r in tilt.reqs.items()} == {0: KEY_A, 1: KEY_C}
     with pytest.raises(OSError):
-        os.fstat(fds[KEY_B])  # the leaver's file is closed
+        os.fstat(fds[KEY_B])  # the leaver's file is closed, its slot given back
+    assert head.released == [KEY_B]
     tilt.update_state(Update(2, [], [], [(0, 1, Move.SWAP)]))
     assert {i: r.args.key for i, r in tilt.reqs.items()} == {0: KEY_C, 1: KEY_A}
     # an added request replaces whatever sat at its index; one without the tilt clears it
@@ -155,7 +165,7 @@ def test_state_follows_removed_added_moved(tmp_path):
     with pytest.raises(OSError):
         os.fstat(fds[KEY_C])
     tilt.close()
-    assert tilt.reqs == {}
+    assert tilt.reqs == {} and head.released == [KEY_B, KEY_C, KEY_A]
 
 
 def test_a_re_added_request_reprefills_and_its_records_keep_their_steps(tmp_path):
@@ -188,17 +198,21 @@ def test_requests_are_checked_at_the_engine_edge(monkeypatch):
 
 # ------------------------------------------------------------------------ the incremental head
 
-@pytest.fixture(scope="module")
-def tiny_head(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_backbone(kind: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    sizes = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if kind == "qwen2":  # biased q/k/v projections, the other layout the tilt decodes
+        return Qwen2ForCausalLM(Qwen2Config(**sizes, use_sliding_window=False))
+    return LlamaForCausalLM(LlamaConfig(**sizes))
+
+
+def _save_tiny_head(root, kind: str):
     from valuenet.model import HeadConfig, ValueHead, save_checkpoint
 
     torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("tiny")
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    lm = LlamaForCausalLM(cfg).eval()
+    lm = _tiny_backbone(kind).eval()
     lm.save_pretrained(root / "lm")
     head = ValueHead("cdq", 32, 50)
     for p in head.parameters():
@@ -208,18 +222,32 @@ def tiny_head(tmp_path_factory):
     return root / "head", lm, head
 
 
-def test_incremental_q_equals_a_full_forward_for_mixed_batches(tiny_head):
+@pytest.fixture(scope="module")
+def tiny_head(tmp_path_factory):
+    return _save_tiny_head(tmp_path_factory.mktemp("tiny"), "llama")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_incremental_q_equals_a_full_forward_as_requests_come_and_go(tmp_path, kind):
     from valuenet.incremental import IncrementalQ
     from valuenet.model import hidden_states, pad_batch
     from valuenet.processor import _Req
+    from valuenet.slots import SlotCache
 
-    folder, lm, head = tiny_head
+    folder, lm, head = _save_tiny_head(tmp_path, kind)
     inc = IncrementalQ(folder)
-    # two prompts of equal length (unpadded batch) and two of other lengths (left-padded)
+    # start small: the slot buffers must grow in both slots and positions on the way
+    inc.kv = SlotCache(2, 2, 8, dtype=torch.float32, device=torch.device("cpu"), slots=1,
+                       capacity=4)
     prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9, 10, 11], [12]]
     reqs = [_Req(TiltArgs("h", 1.0, KEY_A), p, [], 1.0) for p in prompts]
-    for step in range(5):
-        active = {2: reqs[:2], 3: reqs[:1]}.get(step, reqs)  # steps without some requests
+    live = list(reqs)
+    for step in range(7):
+        if step == 3:  # request 1 leaves: the last slot moves into its row
+            reqs[1].close()
+            live.remove(reqs[1])
+        # steps 2 and 5 leave some live requests out: their rows get a placeholder
+        active = {2: live[:2], 5: live[1:]}.get(step, live)
         q = inc.step(active)
         seqs = [r.prompt + r.output for r in active]
         ids, mask = pad_batch(seqs)
@@ -230,6 +258,22 @@ def test_incremental_q_equals_a_full_forward_for_mixed_batches(tiny_head):
         assert torch.allclose(q, ref, atol=1e-4), step
         for i, r in enumerate(active):
             r.output.append((step * 7 + i) % 50)
+    assert [s.index for s in inc.kv.slots] == [0, 1, 2] and inc.kv.capacity >= 12
+    for r in live:
+        r.close()
+    assert inc.kv.slots == [] and inc.kv.capacity == 4  # the burst's memory is given back
+
+
+def test_backbones_the_tilt_cannot_decode_are_refused():
+    from transformers import GPT2Config, MistralConfig
+
+    from valuenet.incremental import _check_layout
+
+    with pytest.raises(ValueError, match="backbone is 'gpt2'"):
+        _check_layout("h", GPT2Config())
+    with pytest.raises(ValueError, match="sliding window"):
+        _check_layout("h", MistralConfig(sliding_window=16, max_position_embeddings=128))
+    _check_layout("h", MistralConfig(sliding_window=None))
 
 
 def test_a_head_with_another_vocabulary_is_refused(tiny_head):
