@@ -61,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncated", choices=("terminal", "bootstrap"), default="terminal",
                    help="CD-Q: target at the last token of a response cut by length: its reward "
                         "(terminal, default) or the bootstrapped value.")
+    p.add_argument("--target", choices=("reward", "advantage"), default="reward",
+                   help="What the head fits: the rollout's reward (default), or its advantage "
+                        "r − (the prompt's mean rollout reward): the within-prompt part, which "
+                        "is all blockwise CD, SpR and the tilt rank by.")
     p.add_argument("--seed", type=int, default=0, help="Split and batch order seed.")
     p.add_argument("--baseline", default=None, metavar="SCORER",
                    help="Also report the correlation curve of this scorer (e.g. the rollouts' "
@@ -105,7 +109,7 @@ def run(ns: argparse.Namespace) -> int:
                       lora_lr=ns.lora_lr, lora_r=ns.lora_r, lora_alpha=2 * ns.lora_r,
                       tune=ns.tune, val_fraction=ns.val_fraction, ref_top_k=ns.ref_top_k,
                       truncated=ns.truncated, seed=ns.seed, progress=not ns.no_progress,
-                      baseline=ns.baseline)
+                      baseline=ns.baseline, target=ns.target)
     home = Path(ns.home).expanduser() if ns.home else None
     t0 = time.perf_counter()
     try:

@@ -14,12 +14,19 @@ with a per-row causal mask. That fixes the layer layout to the Llama family (Lla
 Qwen2 without sliding windows), checked at load; the unit tests hold it equal to transformers'
 own forward.
 
+The projections run as `_Linear`s: q/k/v and gate/up fused into one product each, and on CPU
+the weights reordered once into oneDNN's blocked layout (what inductor's weight freezing does,
+and why vLLM's own CPU step is faster than eager transformers). Measured on one core, 30 layers'
+projections at batch 8: 72 ms with aten, 42 ms packed. The decoder's own Linear modules are
+dropped afterwards, so the weights are held once.
+
 Rows of live requests that take no part in a step (not in this apply) get a placeholder token
 at their next position, which their own next token overwrites; their length does not move.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +38,45 @@ from .slots import SlotCache
 
 # decoder layouts `_forward` reproduces (q/k/v/o projections, rotary, pre-norm, gated MLP)
 _LAYOUTS = ("llama", "mistral", "qwen2")
+_PACK_BATCH = 8  # oneDNN's batch-size hint for the reordered weights; any batch runs on them
+
+
+class _Linear:
+    """x·Wᵀ + b over the last axis of x, with W reordered for oneDNN on CPU (module docstring)."""
+
+    def __init__(self, *parts: torch.nn.Linear) -> None:
+        weight = torch.cat([p.weight.detach() for p in parts])
+        biases = [p.bias for p in parts]
+        self.bias = None if all(b is None for b in biases) else torch.cat([
+            b.detach() if b is not None else weight.new_zeros(p.out_features)
+            for p, b in zip(parts, biases)])
+        self.sizes = [p.out_features for p in parts]
+        packable = (weight.device.type == "cpu" and weight.dtype == torch.float32
+                    and torch.backends.mkldnn.is_available())
+        self.weight = (torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_BATCH)
+                       if packable else weight)
+        self._packed = packable
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._packed:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight,
+                                               self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class _Layer:
+    """One decoder layer's parts as `_forward` uses them."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.norm_in, self.norm_mlp = layer.input_layernorm, layer.post_attention_layernorm
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.qkv = _Linear(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.o = _Linear(attn.o_proj)
+        self.gate_up = _Linear(mlp.gate_proj, mlp.up_proj)
+        self.down = _Linear(mlp.down_proj)
+        self.act = mlp.act_fn
 
 
 class IncrementalQ:
@@ -43,14 +89,18 @@ class IncrementalQ:
                              "(train it with --method cdq)")
         _check_layout(folder, lm.config)
         self.device = torch.device(device)
-        self.head = head.to(self.device)
         self.decoder = lm.get_decoder().to(self.device)  # hidden states only, no LM head
         self.vocab_size = self.config.vocab_size
         self._std, self._mean = self.config.reward_std, self.config.reward_mean
-        attn = self.decoder.layers[0].self_attn
-        self.kv = SlotCache(len(self.decoder.layers), lm.config.num_key_value_heads,
-                            attn.head_dim, dtype=self.decoder.embed_tokens.weight.dtype,
-                            device=self.device)
+        with torch.inference_mode():
+            self._layers = [_Layer(layer) for layer in self.decoder.layers]
+            head = head.to(self.device)
+            self._q = _Linear(head.state, head.token)  # [s(h), W·h + b] in one product
+        for layer in self.decoder.layers:  # their weights now live in _layers only
+            layer.self_attn = layer.mlp = None
+        self.kv = SlotCache(len(self._layers), lm.config.num_key_value_heads,
+                            self._layers[0].head_dim,
+                            dtype=self.decoder.embed_tokens.weight.dtype, device=self.device)
 
     @torch.inference_mode()
     def step(self, reqs: Sequence) -> torch.Tensor:
@@ -69,7 +119,8 @@ class IncrementalQ:
                 hidden[i] = self._extend(r, new)
         if one:
             hidden[one] = self._decode([reqs[i] for i in one])
-        return self.head.q_all(hidden) * self._std + self._mean
+        sq = self._q(hidden)  # Q = s(h) + W·h + b (model.ValueHead.q_all)
+        return (sq[:, 1:] + sq[:, :1]) * self._std + self._mean
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -103,25 +154,27 @@ class IncrementalQ:
         pos = start[:, None] + torch.arange(t, device=self.device)  # [n, T]
         width = int(pos.max()) + 1
         self.kv.reserve(width)
-        # row i's query at position p attends to its own keys at positions ≤ p
-        allowed = (torch.arange(width, device=self.device) <= pos[..., None])[:, None]
+        # row i's query at position p attends to its own keys at positions ≤ p (an additive
+        # mask, built once per step: SDPA on CPU is faster with it than with a boolean one)
         x = self.decoder.embed_tokens(ids)
+        allowed = (torch.arange(width, device=self.device) <= pos[..., None])[:, None]
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=self.device)
+        mask.masked_fill_(~allowed, -math.inf)
         cos, sin = self.decoder.rotary_emb(x, position_ids=pos)
         at = torch.arange(n, device=self.device)[:, None]
-        for layer, keys, values in zip(self.decoder.layers, self.kv.keys, self.kv.values):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q, k, v = (proj(h).view(n, t, -1, attn.head_dim).transpose(1, 2)
-                       for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        for layer, keys, values in zip(self._layers, self.kv.keys, self.kv.values):
+            q, k, v = (y.view(n, t, -1, layer.head_dim).transpose(1, 2)
+                       for y in layer.qkv(layer.norm_in(x)).split(layer.qkv.sizes, -1))
             q, k = _rotary(q, k, cos, sin)
             past_k, past_v = keys[rows], values[rows]  # views of the live rows
             past_k[at, :, pos] = k.transpose(1, 2)  # [n, T, kv_heads, d] at each row's positions
             past_v[at, :, pos] = v.transpose(1, 2)
             o = F.scaled_dot_product_attention(q, past_k[:, :, :width], past_v[:, :, :width],
-                                               attn_mask=allowed, scale=attn.scaling,
+                                               attn_mask=mask, scale=layer.scaling,
                                                enable_gqa=True)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(n, t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + layer.o(o.transpose(1, 2).reshape(n, t, -1))
+            gate, up = layer.gate_up(layer.norm_mlp(x)).chunk(2, -1)
+            x = x + layer.down(layer.act(gate) * up)
         return self.decoder.norm(x)
 
 

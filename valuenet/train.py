@@ -74,6 +74,7 @@ class TrainConfig:
     ref_top_k: int = 64  # CD-Q: tokens of π_ref kept per position (≥ vocab: exact)
     truncated: str = "terminal"  # CD-Q, rows cut by length: "terminal" | "bootstrap"
     normalize_rewards: bool = True
+    target: str = "reward"  # "reward" | "advantage": r − its prompt's mean reward (see _examples)
     eval_every: int = 0  # steps between validations; 0: about 10 per run
     baseline: str | None = None  # scorer applied to validation prefixes (report only)
     cache_batch_size: int = 8
@@ -85,6 +86,7 @@ class TrainConfig:
             (self.method in ("fudge", "cdq"), f"method must be fudge or cdq, not {self.method!r}"),
             (self.tune in ("frozen", "lora"), f"tune must be frozen or lora, not {self.tune!r}"),
             (self.truncated in ("terminal", "bootstrap"), "truncated must be terminal or bootstrap"),
+            (self.target in ("reward", "advantage"), "target must be reward or advantage"),
             (self.steps >= 1, "steps must be ≥ 1"),
             (self.batch_size >= 1, "batch_size must be ≥ 1"),
             (self.lr > 0 and self.lora_lr > 0, "learning rates must be > 0"),
@@ -121,11 +123,15 @@ def rollout_sampling(manifest) -> tuple[float, float]:
     return temperature, top_p
 
 
+def _prompt_key(r: Rollout) -> str:
+    return r.prompt_id or repr(r.prompt_ids)
+
+
 def split_by_prompt(rows: list[Rollout], val_fraction: float, seed: int):
     """(train, val): whole prompts go to one side, so no prompt leaks into validation."""
     groups: dict[str, list[Rollout]] = {}
     for r in rows:
-        groups.setdefault(r.prompt_id or repr(r.prompt_ids), []).append(r)
+        groups.setdefault(_prompt_key(r), []).append(r)
     keys = sorted(groups)
     if len(keys) < 2:
         raise ValueError(f"need rollouts of at least 2 prompts for a train/validation split, got {len(keys)}")
@@ -136,7 +142,18 @@ def split_by_prompt(rows: list[Rollout], val_fraction: float, seed: int):
     return train, val
 
 
-def _examples(rows: list[Rollout], mean: float, std: float, truncated: str) -> list[Example]:
+def _examples(rows: list[Rollout], mean: float, std: float, truncated: str,
+              target: str = "reward") -> list[Example]:
+    """Normalised examples. target "advantage" replaces `mean` by each prompt's own mean
+    reward over its rollouts (a Monte Carlo V(x)): the head then fits r − V(x), the part of the
+    reward that differs between answers to one prompt. With a frozen backbone and a linear head
+    a reward target is mostly spent on telling easy prompts from hard ones (its correlation is as
+    high at prefix length 0, where the answers do not exist yet, as at 32); every consumer of a
+    value ranks or tilts candidates of one prompt, to which a per-prompt constant is invisible."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(_prompt_key(r), []).append(r.reward)
+    base = {k: sum(v) / len(v) if target == "advantage" else mean for k, v in groups.items()}
     out = []
     for r in rows:
         if not r.prompt_ids:
@@ -145,7 +162,7 @@ def _examples(rows: list[Rollout], mean: float, std: float, truncated: str) -> l
         start = len(r.prompt_ids) - 1
         terminal = r.finish_reason == "stop" or truncated == "terminal"
         out.append(Example(seq, start, torch.tensor(seq[start:], dtype=torch.long),
-                           (r.reward - mean) / std, r.reward, terminal))
+                           (r.reward - base[_prompt_key(r)]) / std, r.reward, terminal))
     return out
 
 
@@ -351,8 +368,8 @@ def prepare(data_dir: Path, cfg: TrainConfig, backbone: str, reference: str) -> 
                          "are not implemented (sample the rollouts at top_p 1)")
     train_rows, val_rows = split_by_prompt(rows, cfg.val_fraction, cfg.seed)
     mean, std = _normalisation(train_rows, cfg.normalize_rewards)
-    train_ex = _examples(train_rows, mean, std, cfg.truncated)
-    val_ex = _examples(val_rows, mean, std, cfg.truncated)
+    train_ex = _examples(train_rows, mean, std, cfg.truncated, cfg.target)
+    val_ex = _examples(val_rows, mean, std, cfg.truncated, cfg.target)
     lm, vocab, ref_lm = _load_backbones(backbone, reference, train_ex + val_ex, cfg)
     t1 = time.perf_counter()
     ref_mass = _precompute(lm, ref_lm, train_ex + val_ex, cfg, temperature,

@@ -424,6 +424,25 @@ def test_registry_serves_value_heads(backbone, tmp_path):
 # -- sampling temperature of the targets and of the requests (issue 11, items 3 and 9) ---------
 
 
+def test_advantage_targets_are_centred_on_each_prompts_mean_reward(tmp_path):
+    from valuenet.data import read_rollouts
+    from valuenet.train import TrainConfig, _examples
+
+    write_rollouts(tmp_path / "data", "last", prompts=3, k=4)
+    _, rows = read_rollouts(tmp_path / "data")
+    rows[0].prompt_id = rows[1].prompt_id = ""  # unnamed prompts group by their ids
+    plain = _examples(rows, 0.5, 2.0, "terminal")
+    adv = _examples(rows, 0.5, 2.0, "terminal", "advantage")
+    assert [e.reward for e in plain] == [(r.reward - 0.5) / 2.0 for r in rows]
+    for e, r in zip(adv, rows):
+        group = [o.reward for o in rows if (o.prompt_id or repr(o.prompt_ids))
+                 == (r.prompt_id or repr(r.prompt_ids))]
+        assert e.reward == pytest.approx((r.reward - sum(group) / len(group)) / 2.0)
+        assert e.raw_reward == r.reward  # reports keep the reward itself
+    with pytest.raises(ValueError, match="target"):
+        TrainConfig(target="value").validate()
+
+
 def test_policy_probs_is_the_greedy_policy_at_temperature_zero():
     from valuenet.model import policy_probs
 
