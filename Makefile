@@ -44,7 +44,8 @@ bench: install model
 	$(PY) bench/bench_value_heads.py --out bench/results --limit 240
 	VH=$${ALIGNSERVE_HOME:-$$HOME/.cache/alignserve}/value-heads; \
 	  $(PY) bench/bench_cd.py --out bench/results --k 4 --m 16 --limit 16 \
-	  --fudge-head $$VH/head-fudge --cdq-head $$VH/head-cdq && \
+	  --values value:fudge value:fudge-adv value:cdq relevance --head fudge=$$VH/head-fudge \
+	  --head fudge-adv=$$VH/head-fudge-adv --head cdq=$$VH/head-cdq && \
 	  $(PY) bench/bench_tokenwise.py --out bench/results --head $$VH/head-cdq && \
 	  $(PY) bench/bench_load.py --out bench/results --with-128 --limit-128 8 \
 	  --value value:fudge --value-head fudge=$$VH/head-fudge

@@ -2,19 +2,21 @@
 side by side in one run.
 
 Pipeline (a step is skipped when its output already exists under --work, or when the heads
-are given with --fudge-head / --cdq-head, e.g. the ones of docs/value-heads.md trained on
+are given with --head NAME=PATH, e.g. the ones of docs/value-heads.md trained on
 valuenet/data/prompts-train.jsonl, which holds the dev prompts out):
   1. `alignserve rollouts`: K samples per dev prompt from the reference policy, scored by the reward;
-  2. `alignserve train-value --method fudge` and `--method cdq`: prefix value heads on them;
-  3. one `alignserve serve --value-head fudge=HEAD --value-head cdq=HEAD`, then for every
+  2. `alignserve train-value` (bench_value_heads.HEADS: fudge, cdq, fudge-adv): prefix value
+     heads on them;
+  3. one `alignserve serve --value-head NAME=HEAD ...`, then for every
      setting all prompts are sent at once, streamed:
        best_of_n, K ∈ --bon-k (K = 1 is plain sampling, scored);
-       blockwise_cd, K ∈ --k × M ∈ --m, value = the FUDGE head (`value:fudge`), the CD-Q head
-                     (`value:cdq`) and the reward scorer itself applied to the partial text;
+       blockwise_cd, K ∈ --k × M ∈ --m, value ∈ --values: a head (`value:fudge`,
+                     `value:cdq`, `value:fudge-adv`) or the reward scorer itself applied to the
+                     partial text;
        tokenwise_cd, λ ∈ --lambdas, the CD-Q head in the engine's logits processor.
 Reports the mean chosen reward, generated tokens per prompt, time to the first streamed text
 (TTFT), total time per request, wall time per answer token and the KL estimate; writes cd.md,
-cd.json and cd.png. Without --fudge-head the heads are trained on rollouts of the benchmarked
+cd.json and cd.png. Without --head the heads are trained on rollouts of the benchmarked
 prompts themselves (held-in prompts, fresh samples): say so when quoting them.
 """
 
@@ -29,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench_value_heads import HEADS
 from common import (
     ALIGNSERVE,
     ROOT,
@@ -47,30 +50,41 @@ from common import (
 
 
 def needed_heads(args) -> list[str]:
-    """The head methods the grid uses: `value:fudge` / `value:cdq` values, tokenwise CD-Q."""
-    methods = [v.split(":", 1)[1] for v in args.values if v.startswith("value:")]
-    return sorted(set(methods) | ({"cdq"} if args.lambdas else set()))
+    """The heads the grid uses: its `value:NAME` values, and cdq for tokenwise CD-Q."""
+    names = [v.split(":", 1)[1] for v in args.values if v.startswith("value:")]
+    return sorted(set(names) | ({"cdq"} if args.lambdas else set()))
 
 
 def offline_steps(args) -> dict[str, Path]:
-    """Rollouts and the heads the grid needs (each reused when present, or given); returns
-    method → head folder."""
-    given = {m: {"fudge": args.fudge_head, "cdq": args.cdq_head}[m] for m in needed_heads(args)}
+    """Rollouts and the heads the grid needs (each reused when present, or given with --head);
+    returns head name → folder."""
+    given = {name: args.head.get(name) for name in needed_heads(args)}
     if all(given.values()):
         return given
+    unknown = sorted(set(given) - set(HEADS) - set(args.head))
+    if unknown:
+        raise SystemExit(f"bench_cd: no --head for {', '.join(unknown)} and no recipe to train "
+                         f"it (known: {', '.join(HEADS)})")
     rollouts = args.work / "rollouts"
     if not (rollouts / "manifest.json").is_file() or args.fresh:
         subprocess.run([ALIGNSERVE, "rollouts", "--prompts", str(args.prompts), "--n",
                         str(args.rollout_n), "--max-tokens", str(args.max_tokens), "--reward",
                         args.reward, "--out", str(rollouts)], check=True)
     heads = {}
-    for method, head in given.items():
-        heads[method] = head or args.work / f"head-{method}"
-        if head is None and (not (heads[method] / "config.json").is_file() or args.fresh):
-            subprocess.run([ALIGNSERVE, "train-value", "--data", str(rollouts), "--method",
-                            method, "--steps", str(args.train_steps), "--out",
-                            str(heads[method])], check=True)
+    for name, head in given.items():
+        heads[name] = head or args.work / f"head-{name}"
+        if head is None and (not (heads[name] / "config.json").is_file() or args.fresh):
+            subprocess.run([ALIGNSERVE, "train-value", "--data", str(rollouts), *HEADS[name],
+                            "--steps", str(args.train_steps), "--out", str(heads[name])],
+                           check=True)
     return heads
+
+
+def head_option(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--head takes NAME=PATH, got {text!r}")
+    return name, Path(path).expanduser()
 
 
 async def one_request(client, prompt: str, max_tokens: int, alignment: dict) -> dict:
@@ -143,7 +157,8 @@ def label(r: dict) -> str:
         return "plain sampling" if r["K"] == 1 else "best_of_n"
     if r["strategy"] == "tokenwise_cd":
         return f"tokenwise CD-Q, λ={r['lambda']:g}"
-    heads = {"value:fudge": "FUDGE head", "value:cdq": "CD-Q head"}
+    heads = {"value:fudge": "FUDGE head", "value:cdq": "CD-Q head",
+             "value:fudge-adv": "FUDGE advantage head"}
     return f"blockwise, {heads.get(r['value'], str(r['value']) + ' on prefixes')}"
 
 
@@ -152,8 +167,8 @@ def report(rows: list[dict], args, n_prompts: int) -> str:
         "# Controlled decoding (blockwise, tokenwise) vs best-of-n\n",
         f"The first {n_prompts} prompts of {args.prompts.name} (all in flight per setting, "
         f"streamed), max_tokens {args.max_tokens}, temperature 1.0, reward `{args.reward}`; "
-        + (f"heads: FUDGE `{args.fudge_head}`, CD-Q `{args.cdq_head}` (trained on other "
-           "prompts: see docs/value-heads.md)" if args.fudge_head and args.cdq_head else
+        + ("heads: " + ", ".join(f"{n} `{p}`" for n, p in sorted(args.head.items()))
+           + " (trained on other prompts: see docs/value-heads.md)" if args.head else
            f"heads trained on {args.rollout_n} rollouts per prompt of the same prompts "
            f"(held-in prompts, fresh samples), {args.train_steps} steps")
         + f"; frozen SmolLM2 backbone; {os.cpu_count()} CPU cores, no GPU; one run.\n",
@@ -213,8 +228,10 @@ def main() -> None:
                     help="Tokenwise CD-Q λ (none: no tokenwise rows).")
     ap.add_argument("--values", nargs="+", default=None,
                     help="Blockwise values (default: value:fudge value:cdq and the reward).")
-    ap.add_argument("--fudge-head", type=Path, default=None, help="A trained FUDGE head.")
-    ap.add_argument("--cdq-head", type=Path, default=None, help="A trained CD-Q head.")
+    ap.add_argument("--head", type=head_option, action="append", default=[], metavar="NAME=PATH",
+                    help="A trained head, used as value:NAME (repeatable; cdq is tokenwise's). "
+                         "A missing fudge, cdq or fudge-adv head is trained on rollouts of the "
+                         "benchmarked prompts.")
     ap.add_argument("--rollout-n", type=int, default=16, help="Rollouts per prompt for the head.")
     ap.add_argument("--train-steps", type=int, default=400)
     ap.add_argument("--work", type=Path, default=Path(os.environ.get(
@@ -223,10 +240,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     args.values = args.values or ["value:fudge", "value:cdq", args.reward]
+    args.head = dict(args.head)
     args.out.mkdir(parents=True, exist_ok=True)
     heads = offline_steps(args)
     prompts = load_prompts(args.prompts, args.limit)
-    flags = [f for method, head in heads.items() for f in ("--value-head", f"{method}={head}")]
+    flags = [f for name, head in heads.items() for f in ("--value-head", f"{name}={head}")]
     with alignserve_server(args.out / "bench-cd-server.log", *flags) as base:
         rows = asyncio.run(run_grid(base, prompts, args))
     write_results(args.out, "cd", report(rows, args, len(prompts)), rows)

@@ -6,10 +6,11 @@ baseline a head must beat to be worth serving; Mudgal et al. 2024, arXiv 2310.17
 Pipeline (each step reused when its output exists under --work):
   1. `alignserve rollouts --prompts valuenet/data/prompts-train.jsonl --n 8 --max-tokens 64`
      (resumable; --limit takes a balanced subset: the file alternates helpful / adversarial);
-  2. `alignserve train-value --method fudge --baseline REWARD` and `--method cdq`, same seed and
-     validation fraction, hence the same held-out prompts; the correlation curves are the
-     trainer's own (valuenet/report.py), the baseline is computed there once;
-  3. one correlation.png with the three curves and value_heads.md with the table.
+  2. `alignserve train-value --method fudge --baseline REWARD`, `--method cdq` and
+     `--method fudge --target advantage` (HEADS), same seed and validation fraction, hence the
+     same held-out prompts; the correlation curves are the trainer's own (valuenet/report.py),
+     the baseline is computed there once;
+  3. one correlation.png with the curves and value_heads.md with the table.
 The dev prompts (bench/prompts-dev.jsonl) are not in the training set, so bench_cd.py can
 benchmark these heads on prompts neither head has seen.
 """
@@ -36,16 +37,23 @@ def offline_steps(args) -> dict[str, dict]:
                "0", "--out", str(rollouts)]
         subprocess.run(cmd + (["--limit", str(args.limit)] if args.limit else []), check=True)
     out = {}
-    for method in ("fudge", "cdq"):
-        head = args.work / f"head-{method}"
+    for name, flags in HEADS.items():
+        head = args.work / f"head-{name}"
         if not (head / "metrics.json").is_file() or args.fresh:
-            cmd = [ALIGNSERVE, "train-value", "--data", str(rollouts), "--method", method,
+            cmd = [ALIGNSERVE, "train-value", "--data", str(rollouts), *flags,
                    "--steps", str(args.steps), "--val-fraction", str(args.val_fraction),
                    "--out", str(head), "--no-progress"]
-            subprocess.run(cmd + (["--baseline", args.reward] if method == "fudge" else []),
+            subprocess.run(cmd + (["--baseline", args.reward] if name == "fudge" else []),
                            check=True)
-        out[method] = json.loads((head / "metrics.json").read_text())
+        out[name] = json.loads((head / "metrics.json").read_text())
     return out
+
+
+HEADS = {  # checkpoint name → train-value flags; same seed and split, so the same held-out prompts
+    "fudge": ["--method", "fudge"],
+    "cdq": ["--method", "cdq"],
+    "fudge-adv": ["--method", "fudge", "--target", "advantage"],
+}
 
 
 CURVES = {  # column → (head, metrics key)
@@ -54,6 +62,7 @@ CURVES = {  # column → (head, metrics key)
     "reward on prefixes": ("fudge", "baseline_correlation_by_prefix_length"),
     "FUDGE, within prompt": ("fudge", "within_prompt_correlation_by_prefix_length"),
     "CD-Q, within prompt": ("cdq", "within_prompt_correlation_by_prefix_length"),
+    "FUDGE advantage, within prompt": ("fudge-adv", "within_prompt_correlation_by_prefix_length"),
     "reward on prefixes, within prompt": ("fudge",
                                           "baseline_within_prompt_correlation_by_prefix_length"),
 }
@@ -62,7 +71,8 @@ CURVES = {  # column → (head, metrics key)
 def table(metrics: dict[str, dict], reward: str) -> str:
     """One row per prefix-length bucket, one column per curve the heads' metrics hold (the
     within-prompt curves exist for heads trained since train-value reports them)."""
-    cols = {name: metrics[m][key] for name, (m, key) in CURVES.items() if metrics[m].get(key)}
+    cols = {name: metrics[m][key] for name, (m, key) in CURVES.items()
+            if metrics.get(m, {}).get(key)}
     names = [n.replace("reward", f"`{reward}`") for n in cols]
     lines = ["| prefix length t | points | " + " | ".join(names) + " |",
              "|---|---|" + "---|" * len(cols)]
@@ -78,16 +88,17 @@ def table(metrics: dict[str, dict], reward: str) -> str:
 
 
 def write_report(metrics: dict[str, dict], args) -> str:
-    fudge, cdq = metrics["fudge"], metrics["cdq"]
+    fudge = metrics["fudge"]
     report.plot_correlations(
         {name.replace("reward", args.reward): metrics[m][key]
-         for name, (m, key) in CURVES.items() if metrics[m].get(key)},
+         for name, (m, key) in CURVES.items() if metrics.get(m, {}).get(key)},
         args.out / "correlation.png",
         f"held-out prompts: {fudge['val_prompts']} ({fudge['val_rows']} rollouts)")
     heads = "\n".join(
-        f"| {m['method']} | {m['train_prompts']} / {m['train_rows']} | {m['val_prompts']} / "
-        f"{m['val_rows']} | {m['initial_val_value_mse']:.3f} → {m['val_value_mse']:.3f} | "
-        f"{m['wall_s']['total']:.0f} |" for m in (fudge, cdq))
+        f"| {m['method']}, {m.get('target', 'reward')} | {m['train_prompts']} / "
+        f"{m['train_rows']} | {m['val_prompts']} / {m['val_rows']} | "
+        f"{m['initial_val_value_mse']:.3f} → {m['val_value_mse']:.3f} | "
+        f"{m['wall_s']['total']:.0f} |" for m in metrics.values())
     md = [
         "# Value heads: correlation with the final reward by prefix length\n",
         f"Rollouts: `alignserve rollouts` over {args.prompts.relative_to(ROOT)} "
@@ -104,7 +115,7 @@ def write_report(metrics: dict[str, dict], args) -> str:
         f"blockwise CD with `value: {args.reward}` acts on.\n",
         table(metrics, args.reward), "",
         "![correlation](correlation.png)\n",
-        "| head | train prompts / rows | val prompts / rows | val ½·MSE (normalised), "
+        "| head (method, target) | train prompts / rows | val prompts / rows | val ½·MSE (normalised), "
         "mean predictor → trained | train-value wall s |", "|---|---|---|---|---|", heads, "",
     ]
     text = "\n".join(md)

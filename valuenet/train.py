@@ -478,7 +478,8 @@ def _write_report(out_dir: Path, p: Prepared, cfg: TrainConfig, backbone: str, r
     baseline, baseline_within = (_baseline_curves(p, cfg, backbone) if cfg.baseline
                                  else (None, None))
     metrics = {
-        "method": cfg.method, "tune": cfg.tune, "backbone": backbone, "reference": reference,
+        "method": cfg.method, "target": cfg.target, "tune": cfg.tune, "backbone": backbone,
+        "reference": reference,
         "train_rows": len(p.train_ex), "val_rows": len(p.val_ex),
         "train_prompts": p.train_prompts, "val_prompts": p.val_prompts,
         "reward_mean": p.mean, "reward_std": p.std,
