@@ -14,7 +14,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1
 
 WORKDIR /opt/alignserve
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY server ./server
 COPY runtime ./runtime
 COPY decoding ./decoding
@@ -35,10 +35,13 @@ RUN python3 -m pip list --format=freeze > /tmp/base-versions.txt \
  && chown alignserve:alignserve /models
 
 USER 10001:10001
+# HF_HUB_OFFLINE: nothing is downloaded at run time (docs/security.md); models come from /models
+# (a hub id must already be in HF_HOME: pre-fetch it, or start once with HF_HUB_OFFLINE=0).
 ENV ALIGNSERVE_HOST=0.0.0.0 \
     ALIGNSERVE_PORT=8000 \
     ALIGNSERVE_HOME=/models \
     HF_HOME=/models/hf \
+    HF_HUB_OFFLINE=1 \
     VLLM_CACHE_ROOT=/models/vllm
 VOLUME ["/models"]
 EXPOSE 8000

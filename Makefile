@@ -3,6 +3,8 @@
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?= embedded
+# Presets shown as models (server/presets.py); the embedded model ships its own set.
+PRESETS ?= $(if $(filter embedded,$(MODEL)),server/data/presets-embedded.yaml,)
 VENV := .venv
 PY := $(VENV)/bin/python
 export ALIGNSERVE_HOME ?= $(HOME)/.cache/alignserve
@@ -21,10 +23,13 @@ $(MODEL_DIR)/config.json: | $(VENV)/.installed
 model: $(MODEL_DIR)/config.json
 
 serve: install model
-	$(VENV)/bin/alignserve serve --host $(HOST) --port $(PORT) --model $(MODEL)
+	$(VENV)/bin/alignserve serve --host $(HOST) --port $(PORT) --model $(MODEL) \
+	  $(if $(PRESETS),--presets-file $(PRESETS))
 
+# the unit tier first: a unit failure fails in seconds, before any engine starts
 test: install model
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q tests/integration
 
 lint: install
 	$(VENV)/bin/ruff check .

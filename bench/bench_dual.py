@@ -6,11 +6,15 @@
    safety E_{π_λ*}[g], g = −cost, on the rollouts. Thresholds are placed between the safety of the
    unconstrained optimum π_0 ∝ p·exp(r/β) and the reachable limit mean_i max_k g_ik (quantile q),
    so that every constraint is active and feasible.
+   Also best-of-n's own λ_BoN(n) (decoding.dual_rules.solve_bon: the smallest λ whose exact
+   best-of-n law on the rollouts meets b), what `cost_weight: "auto"` serves for best_of_n.
 3. Fresh samples (held-in prompts again and held-out prompts): best_of_n with n=8 through the
-   strategy registry with score r − λ*·cost; per setting we report the realised safety of
-   - best_of_n (argmax of r + λ*·g: the β → 0 limit, not π_λ* itself; expect it above b),
-   - π_λ* on the fresh pool (self-normalised softmax((r + λ*·g)/β) expectation, i.e. what
-     soft_best_of_n at temperature β returns on average: the policy the prediction is about),
+   strategy registry; per setting we report the realised safety, with a bootstrap interval over
+   prompts, of
+   - best_of_n by r + λ_BoN(8)·g ("auto" for best_of_n: the rule's own λ),
+   - best_of_n by r + λ*·g (what "auto" served before issue 26: not the rule λ* is solved for),
+   - soft best-of-n at temperature β with λ* ("auto" for soft_best_of_n): the self-normalised
+     softmax((r + λ*·g)/β) expectation on the pool, i.e. its expected safety given the pool,
    against the reference safety (mean over the pool) and reward-only best_of_n.
 Writes OUT/dual.md, dual.json and dual.png. `--quick` is a smoke run (4 prompts, 16 tokens).
 """
@@ -26,7 +30,8 @@ from pathlib import Path
 import numpy as np
 from common import ROOT, figure, markdown_table, write_results
 
-from decoding.dual import achievable_safety, predicted_safety, solve_dual
+from decoding.dual import InfeasibleConstraint, achievable_safety, predicted_safety, solve_dual
+from decoding.dual_rules import bon_safety_per_prompt, bootstrap_interval, solve_bon
 from decoding.protocols import DecodeRequest, Objective, Sampling
 from decoding.strategies import STRATEGIES
 from runtime.prompts import chat_prompt_ids, load_prompts
@@ -58,8 +63,9 @@ async def fresh_pools(rt, prompts, n: int, max_tokens: int, lam: float):
              "cost": [c.cost for c in res.candidates]} for res in results]
 
 
-def realised(pools, beta: float, lam: float) -> dict:
-    """Safety (g = −cost) and reward of the selection rules on fresh pools, mean over prompts."""
+def realised(pools, beta: float, lam: float, lam_bon: float | None) -> dict:
+    """Safety (g = −cost) and reward of the selection rules on fresh pools, mean over prompts
+    (intervals: bootstrap over prompts)."""
     r = np.array([p["r"] for p in pools])
     g = -np.array([p["cost"] for p in pools])
     pick = np.argmax(r + lam * g, axis=1)  # best_of_n's rule (first of ties, as the strategy)
@@ -68,8 +74,17 @@ def realised(pools, beta: float, lam: float) -> dict:
     z = (r + lam * g) / beta
     w = np.exp(z - z.max(axis=1, keepdims=True))
     w /= w.sum(axis=1, keepdims=True)
-    return {"bon_safety": float(g[rows, pick].mean()), "bon_reward": float(r[rows, pick].mean()),
-            "tilt_safety": float(predicted_safety(r, g, beta, lam)),
+    soft = (w * g).sum(axis=1)
+    served = {}
+    if lam_bon is not None:
+        pick_b = np.argmax(r + lam_bon * g, axis=1)
+        served = {"served_bon_safety": float(g[rows, pick_b].mean()),
+                  "served_bon_interval": bootstrap_interval(g[rows, pick_b]),
+                  "served_bon_reward": float(r[rows, pick_b].mean())}
+    return {**served, "bon_safety": float(g[rows, pick].mean()),
+            "bon_interval": bootstrap_interval(g[rows, pick]),
+            "bon_reward": float(r[rows, pick].mean()),
+            "tilt_safety": float(soft.mean()), "tilt_interval": bootstrap_interval(soft),
             "tilt_reward": float((w * r).sum(axis=1).mean()),
             "reward_only_bon_safety": float(g[rows, pick0].mean()),
             "reference_safety": float(g.mean()), "reference_reward": float(r.mean())}
@@ -110,8 +125,17 @@ async def main_async(args) -> dict:
             thresholds = args.thresholds or [s0 + q * (reach - s0) for q in args.quantiles]
             for b in thresholds:
                 lam = float(solve_dual(r, g, beta, b))
+                try:
+                    bon = solve_bon(r, g, args.n, b)
+                    lam_bon, bon_pred = bon.lam, bon.predicted_safety
+                    bon_interval = bootstrap_interval(bon_safety_per_prompt(r, g, args.n,
+                                                                            lam_bon))
+                except InfeasibleConstraint:
+                    lam_bon, bon_pred, bon_interval = None, None, None
                 settings.append({"beta": beta, "threshold": b, "lambda": lam,
                                  "predicted_safety": predicted_safety(r, g, beta, lam),
+                                 "lambda_bon": lam_bon, "predicted_bon_safety": bon_pred,
+                                 "predicted_bon_interval": bon_interval,
                                  "unconstrained_safety": s0, "achievable_safety": reach})
         t1 = time.perf_counter()
         pools = {"held_in": await fresh_pools(rt, held_in, args.n, args.max_tokens,
@@ -125,7 +149,7 @@ async def main_async(args) -> dict:
         assert abs(p["cost"][k] - p["chosen_cost"]) < 1e-12
     for s in settings:
         for name, pool in pools.items():
-            s[name] = realised(pool, s["beta"], s["lambda"])
+            s[name] = realised(pool, s["beta"], s["lambda"], s["lambda_bon"])
     return {"config": {"prompts": str(args.prompts), "held_in": len(held_in),
                        "held_out": len(held_out), "rollout_n": args.rollout_n, "n": args.n,
                        "max_tokens": args.max_tokens, "reward": "relevance", "cost": "profanity",
@@ -135,31 +159,55 @@ async def main_async(args) -> dict:
             "reference_safety_rollouts": float(g.mean()), "settings": settings}
 
 
+def _iv(x: tuple | list | None) -> str:
+    return "—" if x is None else f"[{x[0]:.4f}, {x[1]:.4f}]"
+
+
 def report(res: dict) -> str:
-    c = res["config"]
+    c, n = res["config"], res["config"]["n"]
+    rows = []
+    for s in res["settings"]:
+        for name in ("held_in", "held_out"):
+            x = s[name]
+            served = (f"{x['served_bon_safety']:.4f} {_iv(x['served_bon_interval'])}"
+                      if "served_bon_safety" in x else "infeasible")
+            rows.append([f"{s['beta']:g}", f"{s['threshold']:.4f}", f"{s['lambda']:.4g}",
+                         "—" if s["lambda_bon"] is None else f"{s['lambda_bon']:.4g}",
+                         name.replace("_", "-"), served,
+                         f"{x['bon_safety']:.4f} {_iv(x['bon_interval'])}",
+                         f"{x['tilt_safety']:.4f} {_iv(x['tilt_interval'])}",
+                         f"{x['reward_only_bon_safety']:.4f}", f"{x['reference_safety']:.4f}",
+                         f"{x.get('served_bon_reward', float('nan')):.3f} / "
+                         f"{x['bon_reward']:.3f} / {x['tilt_reward']:.3f} / "
+                         f"{x['reference_reward']:.3f}"])
     lines = [
-        "# CAN dual: predicted vs realised safety\n",
-        f"Reward `relevance`, cost `profanity`, safety g = −cost. λ* from {c['held_in']} held-in "
-        f"prompts × {c['rollout_n']} reference samples ({c['max_tokens']} tokens, temperature 1); "
-        f"fresh pools of n = {c['n']} on the held-in prompts and on {c['held_out']} held-out "
-        f"prompts. Reference safety on the rollouts: {res['reference_safety_rollouts']:.4f}. "
+        "# CAN dual: predicted vs realised safety, under the rule actually served\n",
+        f"Reward `relevance`, cost `profanity`, safety g = −cost. λ* and best-of-{n}'s own "
+        f"λ_BoN({n}) from {c['held_in']} held-in prompts × {c['rollout_n']} reference samples "
+        f"({c['max_tokens']} tokens, temperature 1); fresh pools of n = {n} on the held-in "
+        f"prompts and on {c['held_out']} held-out prompts. Reference safety on the rollouts: "
+        f"{res['reference_safety_rollouts']:.4f}. Intervals: 95 % bootstrap over prompts. "
         "One run" + (" (**--quick smoke run: too small to read anything into**)" if c["quick"]
                      else "") + ".\n",
         *markdown_table(
-            ["β", "b", "λ*", "predicted E_π_λ*[g]", "set", "π_λ* on fresh pool",
-             "best-of-8 (r − λ*·cost)", "best-of-8 (reward only)", "reference",
-             "reward: π_λ* / best-of-8 / reference"],
-            [[f"{s['beta']:g}", f"{s['threshold']:.4f}", f"{s['lambda']:.4g}",
-              f"{s['predicted_safety']:.4f}", name.replace("_", "-"), f"{x['tilt_safety']:.4f}",
-              f"{x['bon_safety']:.4f}", f"{x['reward_only_bon_safety']:.4f}",
-              f"{x['reference_safety']:.4f}",
-              f"{x['tilt_reward']:.3f} / {x['bon_reward']:.3f} / {x['reference_reward']:.3f}"]
-             for s in res["settings"] for name in ("held_in", "held_out") for x in [s[name]]])]
-    lines += ["", "π_λ* on a fresh pool is the self-normalised expectation under "
-              "softmax((r + λ*·g)/β) over the n fresh samples (what soft best-of-n at temperature "
-              "β draws from); best-of-8 takes the argmax of the same score (the β → 0 limit), so "
-              "its safety is not what the dual predicts. Thresholds b lie between the unconstrained "
-              "optimum's safety and the reachable limit mean_i max_k g_ik on the rollouts.",
+            ["β", "b", "λ*", f"λ_BoN({n})", "set",
+             f"best-of-{n} by r + λ_BoN·g (auto)", f"best-of-{n} by r + λ*·g (old auto)",
+             "soft best-of-n at β, λ* (auto)", f"best-of-{n} (reward only)", "reference",
+             "reward: auto BoN / old BoN / soft / reference"], rows)]
+    lines += ["", "Predicted on the rollouts (held-in): π_λ* meets b with equality; best-of-"
+              f"{n} at λ_BoN({n}):",
+              *[f"- β = {s['beta']:g}, b = {s['threshold']:.4f}: "
+                + ("infeasible at this n" if s["lambda_bon"] is None else
+                   f"λ_BoN = {s['lambda_bon']:.4g}, predicted E[g] = "
+                   f"{s['predicted_bon_safety']:.4f} {_iv(s['predicted_bon_interval'])}")
+                for s in res["settings"]],
+              "", "The constraint is an average over prompts like the reference prompts, not a "
+              "per-answer guarantee. Soft best-of-n's column is its expected safety given each "
+              "fresh pool (Σ softmax((r + λ*·g)/β)·g), which tends to π_λ*'s as n grows; at n = "
+              f"{n} it is not π_λ* itself. best-of-{n} by r + λ*·g is the rule λ* was wrongly "
+              "applied to before; it is kept for comparison. Thresholds b lie between the "
+              "unconstrained optimum's safety and the reachable limit mean_i max_k g_ik on the "
+              "rollouts.",
               f"\nStart-up {c['startup_s']:.0f} s; rollouts {c['rollout_wall_s']:.0f} s "
               f"({c['rollout_tok_s']:.0f} tok/s); fresh pools {c['fresh_wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
@@ -174,13 +222,15 @@ def plot(res: dict, path: Path) -> None:
         for name, mark in (("held_in", "s"), ("held_out", "^")):
             ax.plot(x, [t[name]["tilt_safety"] for t in s], mark, mfc="none",
                     label=f"π_λ* on fresh pool ({name})")
-            ax.plot(x, [t[name]["bon_safety"] for t in s], mark,
+            ax.plot(x, [t[name]["bon_safety"] for t in s], mark, alpha=0.4,
                     label=f"best-of-8 r − λ*·cost ({name})")
+            ax.plot(x, [t[name].get("served_bon_safety", np.nan) for t in s], mark, ms=9,
+                    label=f"best-of-8 r − λ_BoN·cost ({name})")
         ax.axhline(res["reference_safety_rollouts"], color="gray", ls=":",
                    label="reference E_p[g]")
         ax.set_xticks(x, [f"β={t['beta']:g}\nλ*={t['lambda']:.2g}" for t in s], fontsize=7)
         ax.set_ylabel("safety g = −profanity")
-        ax.set_title("CAN λ*: predicted vs realised safety")
+        ax.set_title("predicted vs realised safety under the rule served")
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from common import (
     ROOT,
+    compute_per_prompt,
     curve,
     figure,
     fmt,
@@ -44,7 +45,8 @@ async def run_setting(ctx, scorer, prompts, strategy, n, max_tokens, options):
     return {"strategy": strategy, "n": n, **options, "wall_s": wall,
             "mean_reward": sum(r.reward for r in results) / len(results),
             "tokens_per_prompt": sum(r.generated_tokens for r in results) / len(results),
-            "rounds": sum(r.extra.get("rounds", 1) for r in results) / len(results)}
+            "rounds": sum(r.extra.get("rounds", 1) for r in results) / len(results),
+            **compute_per_prompt(results)}
 
 
 async def main_async(args) -> list[dict]:

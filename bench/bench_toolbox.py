@@ -121,6 +121,9 @@ register(policy_row("kldo", "KLDO (β 0.1, EMA 0.1) on the synthetic pairs, 20 s
 register(policy_row("pro", "PRO, binary feedback (α 2) on the synthetic pairs, 20 steps",
                     finetune_checkpoint("pro", ["--data", SYNTHETIC, "--feedback", "binary",
                                                 "--steps", "20"])))
+register(policy_row("rdro", "RDRO (α 0.5, β 1; loss reconstructed, finetune/rdro.py) on the "
+                    "synthetic pairs, 20 steps",
+                    finetune_checkpoint("rdro", ["--data", SYNTHETIC, "--steps", "20"])))
 
 
 def _aligner_answers(ctx: Ctx) -> list[Answer]:

@@ -223,6 +223,30 @@ def counter_totals(metrics_text: str, names: Sequence[str]) -> dict[str, float]:
     return totals
 
 
+# ---------------------------------------------------------------- compute of aligned answers
+
+COMPUTE_FIELDS = ("generated_tokens", "scorer_calls", "scored_tokens")
+
+
+def compute_per_prompt(results: Sequence[Any]) -> dict[str, float | None]:
+    """Mean compute per answer: engine tokens (`generated_tokens`), and the scorer's share —
+    answers handed to scorers (`scorer_calls`) and the response tokens they read
+    (`scored_tokens`; decoding/scorer_work.py), every partial answer of every speculative
+    rejection decision point included. `results`: DecodeResults (in-process benchmarks) or
+    alignment dicts (from the HTTP API). A field no result reports is None, never 0."""
+    def get(r, key):
+        if isinstance(r, dict):
+            return r.get(key)
+        return getattr(r, key) if key == "generated_tokens" else r.extra.get(key)
+
+    out: dict[str, float | None] = {}
+    for key in COMPUTE_FIELDS:
+        values = [get(r, key) for r in results]
+        out[f"{key}_per_prompt"] = (sum(values) / len(values)
+                                    if values and None not in values else None)
+    return out
+
+
 # ---------------------------------------------------------------- the best-of-n curve
 
 def log_interpolate(value: float, points: Sequence[tuple[float, float]]) -> tuple[float, bool]:

@@ -32,7 +32,10 @@ of one block's selection (Beirami et al. 2024), and by the chain rule KL(π‖p)
 ≤ c · ⌈max_tokens / M⌉: that is `kl_bound` (the blocks this answer happened to use, times c, is
 one path's value, not a bound). `kl_estimate` sums Beirami's per-block estimator at the chosen
 block's probability ε = p(block | prefix) along this answer's path (each term ≤ c, so the sum
-≤ kl_bound). `generated_tokens` counts all K candidates of every block.
+≤ kl_bound); None when a chosen block came without its log-probs (no ε: never a silent 0).
+`generated_tokens` counts all K candidates of every block; `scorer_calls` / `scored_tokens`
+(decoding/scorer_work.py) the partial answers the value (and cost) scorers read, prefix
+included, and the final answer's scoring when it is not the last block's verdict.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import math
 from pydantic import Field
 
 from .committed import Committed, capped
-from .kl import bon_kl_bound, bon_kl_estimate
+from .kl import bon_kl_bound, bon_kl_estimate, sample_log_prob
 from .protocols import (
     DecodeContext,
     DecodeRequest,
@@ -54,6 +57,7 @@ from .protocols import (
     StrategyOptions,
     Timer,
 )
+from .scorer_work import ScorerWork, objective_scorers
 from .seeds import derive_seed
 from .strategies import register
 
@@ -72,6 +76,9 @@ class BlockwiseCD:
     needs_sampling = False
     adapter_option = None
     generations_per_answer = 1
+    # its K blocks are scored in one call and compared only within it: a value calibrated
+    # among the candidates of one call (ensemble:/calibrated:) means the same thing here
+    relative_values_ok = True
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         assert req.objective is not None
@@ -82,10 +89,12 @@ class BlockwiseCD:
         answer = Committed(req, ctx.engine)
         timer = Timer()
         blocks = generated = 0
-        kl_estimate = 0.0
+        kl_estimate: float | None = 0.0
+        work = ScorerWork()
         last: Scored | None = None  # the accepted block's verdict on the whole partial answer
         kv_block = getattr(ctx.engine, "block_size", None)  # optional: None, no alignment
         first = aligned_first_block(len(req.prompt_ids), block_tokens, kv_block)
+        block_trace: list[dict] = []  # with return_candidates: each block's K texts and values
         while not answer.done:
             m = min(first if blocks == 0 else block_tokens, answer.budget_left)
             sampling = capped(req.sampling, max_tokens=m,
@@ -93,21 +102,30 @@ class BlockwiseCD:
             candidates = await ctx.generate(req.prompt_ids + answer.ids, k, sampling, timer)
             generated += sum(len(c.token_ids) for c in candidates)
             verdicts = await self._scores(ctx, req, selection, answer, candidates, timer)
+            work.add([v.sample for v in verdicts], objective_scorers(selection))
             best = max(range(k), key=lambda i: verdicts[i].score)  # first of equal scores
             chosen, last = candidates[best], verdicts[best]
+            if req.return_candidates:
+                block_trace.append({"candidates": [{"text": c.text, "value": v.score}
+                                                   for c, v in zip(candidates, verdicts)],
+                                    "kept": best})
             blocks += 1
             kept = answer.append(chosen.token_ids, chosen.logprobs, chosen.finish_reason)
             # ε of what was kept: a stop string may end the answer inside the block
-            kl_estimate += bon_kl_estimate(k, min(0.0, math.fsum(chosen.logprobs[:kept])))
+            log_eps = sample_log_prob(chosen.token_ids[:kept], chosen.logprobs[:kept])
+            kl_estimate = (None if kl_estimate is None or log_eps is None
+                           else kl_estimate + bon_kl_estimate(k, log_eps))
 
         max_blocks = math.ceil(req.sampling.max_tokens / block_tokens)
         kl_bound = max_blocks * bon_kl_bound(k)
         result = DecodeResult(
             strategy=self.name, n=k, sample=answer.sample(), kl_bound=kl_bound,
-            kl_estimate=min(kl_estimate, kl_bound), generated_tokens=generated,
+            kl_estimate=None if kl_estimate is None else min(kl_estimate, kl_bound),
+            generated_tokens=generated,
             scored_candidates=k * blocks, timer=timer,
             extra={"blocks": blocks, "block_tokens": block_tokens, "first_block_tokens": first,
-                   "value": value.name},
+                   "value": value.name,
+                   **({"block_trace": block_trace} if req.return_candidates else {})},
         )
         if value is req.objective.reward and last is not None and \
                 last.sample.text == result.sample.text:
@@ -116,7 +134,9 @@ class BlockwiseCD:
             final = last
         else:
             (final,) = await ctx.score_samples(req.objective, req, [result.sample], timer)
+            work.add([result.sample], objective_scorers(req.objective))
         result.reward, result.cost = final.reward, final.cost
+        result.extra.update(work.fields())
         return result
 
     async def _scores(self, ctx: DecodeContext, req: DecodeRequest, selection: Objective,

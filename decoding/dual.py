@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -218,10 +218,21 @@ def _solve_projected_newton(r, s, b, beta, gtol, max_iter) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 
 
+# What λ was solved on: the sampling of the reference samples (`alignserve dual` fills it from
+# the rollouts' manifest; an omitted control had vLLM's neutral value there).
+SAMPLING_KEYS = ("model", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                 "frequency_penalty", "repetition_penalty", "max_tokens")
+
+
 @dataclass(frozen=True)
 class DualSolution:
     """λ* for one reward, one cost (g = −cost) and one (β, b). `lam` is the weight of the cost
-    in the selection score r − λ*·cost = r + λ*·g."""
+    in the selection score r − λ*·cost = r + λ*·g, solved for the tilted policy π_λ*.
+
+    `best_of_n` holds the served rule's own λ per n (decoding/dual_rules.py `bon_table`; JSON
+    keys are n as strings); `reference` the N×K reference scores {"rewards", "safety"} the
+    server needs to solve any other n exactly (None: only the stored n are served);
+    `sampling` what the reference samples were drawn with (SAMPLING_KEYS)."""
 
     lam: float
     beta: float
@@ -233,10 +244,25 @@ class DualSolution:
     prompts: int
     samples: int
     active: bool
+    sampling: dict = field(default_factory=dict)
+    best_of_n: dict = field(default_factory=dict)
+    reference: dict | None = None
+    # per-process results computed from `reference` (the server's λ per n); not in the file
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        return {"lambda": d.pop("lam"), **d}
+        out = {"lambda": self.lam, "beta": self.beta, "threshold": self.threshold,
+               "reward": self.reward, "cost": self.cost,
+               "predicted_safety": self.predicted_safety,
+               "reference_safety": self.reference_safety, "prompts": self.prompts,
+               "samples": self.samples, "active": self.active}
+        if self.sampling:
+            out["sampling"] = dict(self.sampling)
+        if self.best_of_n:
+            out["best_of_n"] = {str(n): v for n, v in sorted(self.best_of_n.items())}
+        if self.reference is not None:
+            out["reference"] = self.reference
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> DualSolution:
@@ -259,7 +285,47 @@ class DualSolution:
                    predicted_safety=float(d.get("predicted_safety", math.nan)),
                    reference_safety=float(d.get("reference_safety", math.nan)),
                    prompts=int(d.get("prompts", 0)), samples=int(d.get("samples", 0)),
-                   active=bool(d.get("active", lam > 0)))
+                   active=bool(d.get("active", lam > 0)),
+                   sampling=_sampling(d.get("sampling", {})),
+                   best_of_n=_bon_entries(d.get("best_of_n", {})),
+                   reference=_reference(d.get("reference")))
+
+
+def _sampling(v) -> dict:
+    if not isinstance(v, dict) or set(v) - set(SAMPLING_KEYS):
+        raise ValueError(f"sampling must be an object with keys among {SAMPLING_KEYS}")
+    return dict(v)
+
+
+def _bon_entries(v) -> dict:
+    """best_of_n: {"n": {"lambda": finite ≥ 0 or null, ...}} → {int n: entry}."""
+    if not isinstance(v, dict):
+        raise ValueError("best_of_n must be an object keyed by n")
+    out = {}
+    for key, entry in v.items():
+        if not str(key).isdigit() or int(key) < 1 or not isinstance(entry, dict):
+            raise ValueError(f"best_of_n[{key!r}]: keys are n ≥ 1, values objects")
+        lam = entry.get("lambda")
+        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
+                                or not math.isfinite(lam) or lam < 0):
+            raise ValueError(f"best_of_n[{key!r}].lambda must be null or a finite λ ≥ 0")
+        out[int(key)] = entry
+    return out
+
+
+def _reference(v) -> dict | None:
+    """reference: {"rewards": [[...]], "safety": [[...]]}, both [N, K] and finite."""
+    if v is None:
+        return None
+    try:
+        r = np.asarray(v["rewards"], dtype=np.float64)
+        g = np.asarray(v["safety"], dtype=np.float64)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ValueError(f"reference must hold numeric rewards and safety: {exc}") from exc
+    if r.ndim != 2 or r.shape != g.shape or r.size == 0 or not (
+            np.isfinite(r).all() and np.isfinite(g).all()):
+        raise ValueError("reference rewards and safety must be finite [prompts, samples] arrays")
+    return {"rewards": r.tolist(), "safety": g.tolist()}
 
 
 def save_solution(path: Path, sol: DualSolution, **extra) -> None:

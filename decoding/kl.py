@@ -13,6 +13,16 @@ Exactly, KL̂(ε) ≤ log n − (n−1)/n for every ε (it tends to the bound as
 computed along different floating-point paths and KL̂ may come out one ulp above the bound.
 The API must never report an estimate above its own bound, so every estimate is clamped to
 [0, bound] (`within`): the clamp moves a value by rounding error only.
+
+ε comes from the sample's per-token log-probs. An engine that returned none (or fewer than the
+tokens) gives no ε: `sample_log_prob` is then None and so is the estimate — never a silent 0,
+which is what Σ over an empty list would claim (ε = 1: "selection changed nothing").
+
+Tokenwise tilts (controlled decoding, Mudgal et al. 2024, arXiv 2310.17022): for
+π ∝ p·e^{λQ} with Q ∈ [a, a + R], KL(π‖p) = λ·E_π Q − log E_p e^{λQ} ≤ λ·R (the log-ratio
+λQ − log E_p e^{λQ} never exceeds λ·(max Q − min Q)), and, since d/ds KL(π_s‖p) = s·Var_{π_s}(Q)
+with Var ≤ R²/4 (Popoviciu), KL(π‖p) = ∫₀^λ s·Var_{π_s}(Q) ds ≤ λ²R²/8 (the bound of Hoeffding's
+lemma, 1963). `tilt_step_kl_bound` is the smaller of the two.
 """
 
 from __future__ import annotations
@@ -56,6 +66,24 @@ def bon_kl_estimate(n: int, log_eps: float) -> float:
     term1 = big_a * (math.log(n) + (n - 1) * log_1m_eps - (n - 1) / n)
     term2 = math.exp(log_b) * (log_b - log_eps)
     return within(term1 + term2, bon_kl_bound(n))
+
+
+def tilt_step_kl_bound(lam: float, value_range: float) -> float:
+    """min(λR, λ²R²/8): KL(π‖p) for π ∝ p·e^{λQ} when Q lies in an interval of width R
+    (module docstring). Holds for every p and every Q in the range, so it bounds each step of
+    a tokenwise tilt whatever prefix the step continues."""
+    if lam < 0 or value_range < 0 or math.isnan(lam) or math.isnan(value_range):
+        raise ValueError(f"λ and R must be ≥ 0, got {lam}, {value_range}")
+    x = lam * value_range
+    return min(x, x * x / 8)
+
+
+def sample_log_prob(token_ids, logprobs) -> float | None:
+    """log ε = Σ log p(token) of a sample, or None when its log-probs are missing (fewer than
+    its tokens, e.g. an engine that returned none) or not numbers: no estimate can be made."""
+    if len(logprobs) != len(token_ids) or any(math.isnan(x) for x in logprobs):
+        return None
+    return min(0.0, math.fsum(logprobs))
 
 
 def within(estimate: float, bound: float) -> float:

@@ -353,7 +353,9 @@ class StrategyOptions(BaseModel):
     field of another strategy never passes silently; JSON names may differ from the Python
     names through aliases (tokenwise_cd's "lambda")."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # allow_inf_nan=False: `1e999` parses to inf in JSON; no option means anything there
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              allow_inf_nan=False)
 
     @classmethod
     def of(cls, req: DecodeRequest) -> Self:

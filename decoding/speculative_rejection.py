@@ -1,11 +1,28 @@
 """Speculative rejection (Sun et al., NeurIPS 2024, arXiv 2410.20290).
 
 The reward of a partial response predicts the reward of its completion, so start N sequences and
-stop the worst early. Decision points lie at `decision_tokens` generated tokens, then each later
-one a `growth`× longer stretch further (d, d + ⌈g·d⌉, ...). At each, score every live partial
-answer and every finished one, keep the top round((1−α)·|pool|) (finished ones compete too, and
-can be rejected; never fewer than one), and stop the rest; after the last decision (or once one
-track is left) the survivors run to their end and the best finished answer is returned.
+stop the worst early. At each decision point, score every live partial answer and every finished
+one, keep the top round((1−α)·|pool|) (finished ones compete too, and can be rejected; never
+fewer than one), and stop the rest; after the last decision (or once one track is left) the
+survivors run to their end. The answer is the best, by the request's objective, among the
+survivors AND every track that had finished when it was rejected: a finished answer's score is
+exact, not a prediction, and the reference implementation keeps every finished trajectory for
+the final choice. (A track rejected while unfinished is not eligible, even if its stream ended
+before the abort arrived: that would make the answer depend on timing.)
+
+Decision schedule (`schedule`):
+- "growth" (the default): points at `decision_tokens` generated tokens, then each later one a
+  `growth`× longer stretch further (d, d + ⌈g·d⌉, ...).
+- "memory": the memory-driven rule of Sun et al.'s reference implementation (a decision
+  comes when the batch has filled the memory the first round filled; this is our
+  reconstruction of it for a paged-KV engine, not an equation of the paper). The pool holds
+  |pool|·p tokens at point p; after keeping k tracks, the next decision comes when the k
+  survivors hold as many: p' = ⌈p·|pool|/k⌉, i.e. ×1/(1−α) up to rounding (16, 32, 64 at
+  α = ½). Pool sizes depend
+  only on N and α, so the points are known in advance (`memory_points`); when a decision
+  rejects nothing (α = 0, or a pool too small to round down) there is no later point.
+Which is better at equal N is the benchmark's question (bench/bench_spr.py); "growth" stays the
+default until it is measured.
 
 Engine mechanics (what makes the saved tokens save wall time on a paged-KV engine): each of the
 N tracks is ONE engine request (n = 1, `Engine.stream_sequence`) for the whole answer, streamed
@@ -22,16 +39,24 @@ answer depends only on the tracks' seeds (track i: `derive_seed(seed, "track", i
 disjoint) and not on timing: a seeded request is reproducible. Tokens a rejected track decoded
 between its decision point and its abort are real compute: they count in `generated_tokens`
 and stay in its candidate entry (whose reward is the one it was rejected on, that of its
-first p tokens). Rejected candidates report `finish_reason` None, even one that had finished.
+first p tokens). Rejected candidates report `finish_reason` None, except those that had
+finished when rejected: they keep their finish reason and their score on the whole answer.
 
 `value` (optional, as blockwise CD has): partial answers (and the finished ones they compete
 with) are judged by a value scorer instead of the objective — the SpR paper's suggested next
-step; the final choice among the survivors is still by the request's objective
-(reward − cost_weight·cost).
+step; the final choice (survivors and finished tracks) is still by the request's objective
+(reward − cost_weight·cost), so a finished track judged by `value` when it was rejected is
+scored by the objective at the end.
 
-KL: the answer is one of N i.i.d. draws, so KL ≤ log N (π(y) ≤ N·p(y)); no estimator is known
-for this rule, so `kl_estimate` is None. The argmax of N draws maximises the win rate, so
-N/(N+1) still bounds it.
+Scorer work (`scorer_calls`, `scored_tokens` in the answer's alignment info): every answer,
+partial or whole, handed to a scorer, at every decision point and at the end, counted once per
+scorer that read it (reward, cost, or value), and the response tokens those answers hold.
+Verdicts on whole answers are reused, not recomputed, and are not counted again.
+`scored_candidates` stays N (the candidates).
+
+KL: the answer is one of N i.i.d. draws (however it was chosen among them), so KL ≤ log N
+(π(y) ≤ N·p(y)); no estimator is known for this rule, so `kl_estimate` is None. The argmax
+of N draws maximises the win rate, so N/(N+1) still bounds it.
 """
 
 from __future__ import annotations
@@ -42,8 +67,9 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .committed import capped
 from .kl import bon_win_rate_bound, selection_kl_bound
@@ -57,6 +83,7 @@ from .protocols import (
     StrategyOptions,
     Timer,
 )
+from .scorer_work import ScorerWork, objective_scorers
 from .seeds import derive_seed
 from .strategies import register
 
@@ -74,6 +101,7 @@ class _Track:
     finish_reason: str | None = None
     done: bool = False  # its stream ended (finished, or aborted after rejection)
     rejected: bool = False
+    rejected_finished: bool = False  # rejected after it had finished: still eligible at the end
     wait_for: float = math.inf  # the coordinator waits until len(ids) ≥ wait_for, or done
     reached: asyncio.Event = field(default_factory=asyncio.Event)
     scored: Scored | None = None  # the objective's latest verdict (None: never judged by it)
@@ -88,6 +116,23 @@ class _Track:
         """Finished within p tokens. Known from the last delta (which carries the finish
         reason), not from the stream's end, so no decision depends on timing."""
         return (self.finish_reason is not None or self.done) and len(self.ids) <= p
+
+
+def kept(size: int, alpha: float) -> int:
+    """round((1−α)·size), half up, never 0: how many of a pool of `size` a decision keeps."""
+    return max(1, int((1 - alpha) * size + 0.5))
+
+
+def memory_points(first: int, alpha: float, n: int, budget: int) -> Iterator[int]:
+    """The paper's memory-driven schedule (module docstring): p, then ⌈p·|pool|/k⌉ with k the
+    tracks kept, below the token budget; none after a decision that rejects nothing."""
+    point, size = first, n
+    while point < budget:
+        yield point
+        keep = kept(size, alpha)
+        if keep >= size:
+            return
+        point, size = math.ceil(point * size / keep), keep
 
 
 def decision_points(first: int, growth: float, budget: int) -> Iterator[int]:
@@ -108,7 +153,18 @@ class SpeculativeRejection:
         decision_tokens: int = Field(16, ge=1, description="Tokens before the first decision "
                                      "point.")
         growth: float = Field(2.0, ge=1.0, le=16.0, description="Each later round's length "
-                              "multiplier.")
+                              "multiplier (schedule \"growth\").")
+        schedule: Literal["growth", "memory"] = Field(
+            "growth", description="Decision points: \"growth\", each stretch `growth`× the "
+            "last; \"memory\", the paper's memory-driven rule, the generated length "
+            "×|pool|/|kept| ≈ 1/(1−α) after each decision (16, 32, 64 at α = ½).")
+
+        @model_validator(mode="after")
+        def _growth_needs_its_schedule(self):
+            if self.schedule != "growth" and "growth" in self.model_fields_set:
+                raise ValueError("growth applies to schedule \"growth\" only; the memory "
+                                 "schedule's stretches follow α")
+            return self
 
     name = "speculative_rejection"
     needs_objective = True
@@ -123,6 +179,7 @@ class SpeculativeRejection:
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         assert req.objective is not None
         timer = Timer()
+        work = ScorerWork()
         tracks = [_Track(i) for i in range(req.n)]
         t0 = time.perf_counter()
         try:
@@ -131,16 +188,19 @@ class SpeculativeRejection:
                     sampling = capped(req.sampling, seed=derive_seed(req.sampling.seed, "track",
                                                                      t.index))
                     t.task = tg.create_task(self._follow(ctx, req, t, sampling))
-                pool, rejected = await self._decide(ctx, req, tracks, timer)
+                pool, rejected, trace = await self._decide(ctx, req, tracks, timer, work)
                 await self._reach(pool, math.inf)
                 timer.generate_s += time.perf_counter() - t0  # overlaps score_s: both ran at once
-                finals = await self._judge(ctx, req, pool, math.inf, None, timer)
+                # survivors and every track that had finished when it was rejected, in index
+                # order (ties: the lowest index, as among i.i.d. draws)
+                eligible = [t for t in tracks if not t.rejected or t.rejected_finished]
+                finals = await self._judge(ctx, req, eligible, math.inf, None, timer, work)
         except ExceptionGroup as group:  # a track's engine error or a scorer error: raise it
             raise group.exceptions[0] from group
         # The TaskGroup has waited for every aborted track: their token counts are final.
-        best = pool[max(range(len(pool)), key=finals.__getitem__)]  # first of equal scores
+        best = eligible[max(range(len(eligible)), key=finals.__getitem__)]  # first of equal
         chosen = best.final["objective"]
-        assert isinstance(chosen, Scored)  # survivors' answers are judged by the objective
+        assert isinstance(chosen, Scored)  # eligible answers are judged by the objective
         return DecodeResult(
             strategy=self.name, n=req.n, sample=chosen.sample, reward=chosen.reward,
             cost=chosen.cost, kl_bound=selection_kl_bound(req.n), kl_estimate=None,
@@ -150,6 +210,8 @@ class SpeculativeRejection:
             candidates=[self._candidate(ctx, req, t) for t in tracks]
             if req.return_candidates else None,
             extra={"rounds": len(rejected) + 1, "rejected": rejected,
+                   "chosen_rejected": best.rejected, "chosen_index": best.index,
+                   "decision_points": trace, **work.fields(),
                    **({"value": req.value.name} if req.value is not None else {})},
         )
 
@@ -171,28 +233,38 @@ class SpeculativeRejection:
             track.poke()
 
     async def _decide(self, ctx: DecodeContext, req: DecodeRequest, tracks: list[_Track],
-                      timer: Timer) -> tuple[list[_Track], list[int]]:
-        """Run the decision points; returns the survivors and how many each point rejected."""
+                      timer: Timer, work: ScorerWork
+                      ) -> tuple[list[_Track], list[int], list[dict]]:
+        """Run the decision points; returns the survivors, how many each point rejected and
+        the trace of each point (tokens, pool, kept, the pruned tracks' indices and every
+        track's partial score), which the answer reports as `decision_points`."""
         opts = self.Options.of(req)
         alpha = opts.alpha
-        pool, rejected = list(tracks), []
-        points = decision_points(opts.decision_tokens, opts.growth, req.sampling.max_tokens)
+        pool, rejected, trace = list(tracks), [], []
+        budget = req.sampling.max_tokens
+        points = (memory_points(opts.decision_tokens, alpha, len(pool), budget)
+                  if opts.schedule == "memory"
+                  else decision_points(opts.decision_tokens, opts.growth, budget))
         for p in points:
             if len(pool) == 1 or all(t.finished_by(p) for t in pool):
                 break  # nothing left to decide
             await self._reach(pool, p)
             # Survivors keep decoding while this point is scored (the engine is not paused).
-            scores = await self._judge(ctx, req, pool, p, req.value, timer)
-            keep = max(1, int((1 - alpha) * len(pool) + 0.5))  # round half up, never 0
+            scores = await self._judge(ctx, req, pool, p, req.value, timer, work)
+            keep = kept(len(pool), alpha)
             order = sorted(range(len(pool)), key=lambda i: -scores[i])  # stable: ties keep order
             for i in order[keep:]:
                 pool[i].rejected = True
+                pool[i].rejected_finished = pool[i].finished_by(p)
                 task = pool[i].task
                 if task is not None:
                     task.cancel()  # aborts its engine request now (no-op if it ended)
             rejected.append(len(pool) - keep)
+            trace.append({"tokens": p, "pool": len(pool), "kept": keep,
+                          "pruned": sorted(pool[i].index for i in order[keep:]),
+                          "scores": [[pool[i].index, scores[i]] for i in range(len(pool))]})
             pool = [t for t in pool if not t.rejected]
-        return pool, rejected
+        return pool, rejected, trace
 
     @staticmethod
     async def _reach(tracks: list[_Track], p: float) -> None:
@@ -205,7 +277,7 @@ class SpeculativeRejection:
             await t.reached.wait()
 
     async def _judge(self, ctx: DecodeContext, req: DecodeRequest, pool: list[_Track], p: float,
-                     value: Scorer | None, timer: Timer) -> list[float]:
+                     value: Scorer | None, timer: Timer, work: ScorerWork) -> list[float]:
         """One selection score per track of `pool`, each on its state at point p: its first p
         ids, or the whole answer if it finished within p. Scored by `value` when given, else
         by the objective; verdicts on whole answers are kept (each is judged once per kind)."""
@@ -216,6 +288,7 @@ class SpeculativeRejection:
         todo = [i for i in range(len(pool)) if i not in verdicts]
         if todo:
             samples = [views[i] for i in todo]
+            work.add(samples, 1 if value is not None else objective_scorers(req.objective))
             if value is None:
                 assert req.objective is not None  # the server requires one (needs_objective)
                 fresh: list = await ctx.score_samples(req.objective, req, samples, timer)
@@ -245,9 +318,10 @@ class SpeculativeRejection:
 
     @staticmethod
     def _candidate(ctx: DecodeContext, req: DecodeRequest, t: _Track) -> Scored:
-        """A candidate as reported: every token it generated; a rejected one unfinished, with
-        the scores it was rejected on (None when partial answers were judged by `value`)."""
-        if not t.rejected:
+        """A candidate as reported: every token it generated; a survivor or a track rejected
+        after it had finished, whole and scored by the objective; any other rejected one
+        unfinished, with the scores it was rejected on (None when judged by `value`)."""
+        if not t.rejected or t.rejected_finished:
             final = t.final["objective"]
             assert isinstance(final, Scored)
             return final

@@ -30,8 +30,16 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import AliasChoices, Field
 
-from .kl import bon_kl_bound, bon_kl_estimate, bon_win_rate_bound, selection_kl_bound
+from .calibration import win_rate
+from .kl import (
+    bon_kl_bound,
+    bon_kl_estimate,
+    bon_win_rate_bound,
+    sample_log_prob,
+    selection_kl_bound,
+)
 from .protocols import DecodeContext, DecodeRequest, DecodeResult, Scored, StrategyOptions, Timer
+from .scorer_work import scorer_work
 
 
 class Strategy(Protocol):
@@ -58,6 +66,10 @@ class Strategy(Protocol):
     # Worst-case engine generations of max_tokens per answer for a strategy without an
     # objective (aligner: draft + correction = 2), for the token budget.
     generations_per_answer: int
+    # Optional (read with getattr, default False): the strategy scores its i.i.d. candidates
+    # in one call and compares scores only within it, so pool-relative scorers (`ensemble:`,
+    # `calibrated:`: runtime/ensemble.py, `relative = True`) mean what they say.
+    # relative_scores_ok: bool
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult: ...
 
@@ -119,6 +131,10 @@ def _result(
         scored_candidates=len(pool),
         timer=timer,
         candidates=pool if req.return_candidates else None,
+        # win_rate_estimate / _interval / _beaten under the objective (decoding/calibration.py)
+        extra={**win_rate([s.score for s in pool],
+                          next(i for i, s in enumerate(pool) if s is chosen)).fields(),
+               **scorer_work(req.objective, [s.sample for s in pool])},
     )
 
 
@@ -167,6 +183,7 @@ class BestOfN:
     needs_sampling = False
     adapter_option = None
     generations_per_answer = 1
+    relative_scores_ok = True
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         timer = Timer()
@@ -174,7 +191,8 @@ class BestOfN:
         chosen = max(pool, key=lambda s: s.score)  # first of equal scores: ties stay i.i.d.-fair
         result = _result(self.name, req, pool, chosen, timer)
         result.kl_bound = bon_kl_bound(req.n)
-        result.kl_estimate = bon_kl_estimate(req.n, min(0.0, chosen.sample.logprob))
+        log_eps = sample_log_prob(chosen.sample.token_ids, chosen.sample.logprobs)
+        result.kl_estimate = None if log_eps is None else bon_kl_estimate(req.n, log_eps)
         result.win_rate_bound = bon_win_rate_bound(req.n)
         return result
 
@@ -205,6 +223,7 @@ class SoftBestOfN:
     needs_sampling = False
     adapter_option = None
     generations_per_answer = 1
+    relative_scores_ok = True
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         timer = Timer()

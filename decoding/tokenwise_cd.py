@@ -8,33 +8,46 @@ In the engine (the default, when the engine is a `TiltingEngine` that loaded the
 request names no `top_k`): ONE engine request per answer, streamed token by token like plain
 sampling and aborted on cancellation. The engine's CD-Q logits processor (valuenet/processor.py,
 runtime/cdq_plugin.py) adds λ·Q(x, yᵗ, ·) over the whole vocabulary to every step's logits, with
-the head's own KV cache per request, so the engine samples from p_T(z)·exp(λ·Q)/Z exactly (p_T:
-the policy after temperature, the distribution the head's targets assume; top_p, when < 1, is
-applied by vLLM after the tilt). `kl_estimate` = Σₜ KL(πₜ ‖ p_T,ₜ) along the decoded path,
-computed by the processor from the very logits it tilted, whose expectation over paths is the
-answer's KL(π ‖ p_T); `kl_bound` = Σₜ λ·(max Q − min Q) over the tokens p_T allows (each step's
-term is below it; one path's bound, as below). Neither covers top-p truncation of π.
-`Sample.logprobs` are then log π of the tokens (what was sampled); `scored_candidates` is 0
-(the head runs inside the engine, on the whole vocabulary at every step).
+the head's own KV cache per request, so the engine samples from p_T(z)·exp(λ·Q)/Z (p_T: the
+policy after temperature, the distribution the head's targets assume). The processor reports,
+per step, KL(πₜ ‖ p_T,ₜ) computed from the very logits it tilted and λ·(max Q − min Q).
+`Sample.logprobs` are then log π of the tokens (what was sampled); `scored_candidates` is 0 (the
+head runs inside the engine, on the whole vocabulary at every step).
 
 Per token (FakeEngine, engines without the processor or without this head, and requests that
 set `top_k`: FUDGE's top-k rescoring is a different policy, which the processor does not
 implement): at each step one engine call (max_tokens=1, top-k log-probs) gives the policy's k
 most likely next tokens; the Q head gives V(x, yᵗ, z) for all k in one forward pass (`QScorer.q_values`);
-the next token is drawn from softmax(log p + λ·V) over those k (FUDGE's top-k rescoring, Yang &
-Klein 2021, with Q values in place of a classifier's log-probabilities), seeded by the request
-seed when given. λ = 0 is top-k sampling from the policy.
+the next token is drawn from π̃ ∝ p̃·exp(λ·V) over those k (FUDGE's top-k rescoring, Yang &
+Klein 2021, with Q values in place of a classifier's log-probabilities; p̃ = p renormalised on
+the top k), seeded by the request seed when given. λ = 0 is top-k sampling from the policy.
 
-Accounting: `kl_estimate` = Σₜ KL(π̃ₜ ‖ p̃ₜ) along the decoded path, where p̃ₜ is the policy's
-top-k distribution renormalised and π̃ₜ its tilt. It does not cover the policy mass outside the
-top k, the temperature / top-p processing (p̃ is already processed), or an expectation over
-paths (it is one path's sum). The draw never leaves the top k, so against the processed policy
-itself the path's KL is kl_estimate + Σₜ −log(top-k mass), reported as `kl_outside_top_k`.
-`kl_bound` = Σₜ λ·(max V − min V) bounds each step's term of
-that same sum, since log π̃/p̃ = λ·V − log E_p̃ e^{λV} ≤ λ·(max V − min V). Both numbers are
-one path's: they bound and estimate the KL terms met along this answer, not the expectation
-KL(π‖p) over all answers (no bound on V over unseen prefixes is known); `kl_estimate` is
-clamped to [0, kl_bound], which moves it by rounding error only.
+Accounting (both modes), against p = the processed policy the engine reports log-probs of:
+
+- `kl_estimate` = Σₜ KL(πₜ ‖ pₜ) along the decoded path. By the chain rule its expectation
+  over paths is the answer's KL(π ‖ p) (a Rao-Blackwellised one-path estimate). In the per-token
+  mode πₜ = π̃ₜ lives on the top k, so KL(π̃ₜ ‖ pₜ) = KL(π̃ₜ ‖ p̃ₜ) − log mₜ (mₜ: the top k's
+  mass under p): the mass outside the top k counts; `kl_outside_top_k` = Σₜ −log mₜ is that
+  part. A step where the engine reported no alternatives is the engine's own draw from p (KL 0).
+  None when the engine reported no per-step KL (in-engine) — never a silent 0.
+- `kl_bound` bounds KL(π ‖ p) itself, for the law sampled, when the head certifies a range
+  for its values (`value_range` = (lo, hi): its outputs are clipped to the training targets'
+  range, valuenet/scorer.py). With R = hi − lo every step's tilt has KL ≤ c = min(λR, λ²R²/8)
+  (decoding/kl.py: Hoeffding's lemma), whatever the prefix. The answer's length T is a stopping
+  time (EOS, stop strings, the budget), and the chain rule gives
+  KL(π ‖ p) = E_π[Σ_{t<T} KLₜ] ≤ c·E_π[T] ≤ c·max_tokens. The realised length L of this answer
+  would NOT do: c·L bounds only this path's sum of per-step KLs, while E_π[T], which the KL
+  needs, may exceed L (a short answer does not make the policy's other answers short). Per
+  token, each step adds at most log(V/k) for the mass outside the top k (the k largest of V
+  probabilities hold at least k/V of the mass; V = the head's vocabulary, the policy's):
+  kl_bound = max_tokens·(c + log(V/k)). Without a certified range (or V): None.
+- `kl_path_bound` = Σₜ [λ·(max Q − min Q over the tokens allowed) − log mₜ] along this path:
+  it bounds this path's terms of `kl_estimate` (log π/p = λQ − log E_p e^{λQ} ≤ λ·spread), not
+  KL(π‖p); it is what `kl_bound` reported before a certified bound existed.
+- Not covered (either mode): top-p / top-k / min-p applied by vLLM *after* the tilt in the
+  engine (the tilt must run on p's own support for the numbers to describe what was sampled;
+  see valuenet/processor.py).
+
 `scored_candidates` counts the Q values (k per step). `generated_tokens` counts one engine
 token per step: the engine samples a token we discard (a step costs one decode pass, like
 plain sampling's token).
@@ -50,7 +63,7 @@ import time
 from pydantic import Field
 
 from .committed import Committed, capped
-from .kl import within
+from .kl import tilt_step_kl_bound, within
 from .protocols import (
     DecodeContext,
     DecodeRequest,
@@ -110,7 +123,7 @@ class TokenwiseCD:
         opts = self.Options.of(req)
         top_k, lam = opts.top_k, opts.lambda_
         if top_k is None and q.name in getattr(ctx.engine, "tilt_heads", ()):
-            result = await self._in_engine(req, ctx, q.name, lam)
+            result = await self._in_engine(req, ctx, q, lam)
         else:
             result = await self._per_token(req, ctx, q, int(top_k or DEFAULT_TOP_K), lam)
         if req.objective is not None:
@@ -118,7 +131,7 @@ class TokenwiseCD:
             result.reward, result.cost = final.reward, final.cost
         return result
 
-    async def _in_engine(self, req: DecodeRequest, ctx: DecodeContext, head: str, lam: float
+    async def _in_engine(self, req: DecodeRequest, ctx: DecodeContext, q: QScorer, lam: float
                          ) -> DecodeResult:
         """One tilted engine request, streamed into `Committed` (module docstring)."""
         engine: TiltingEngine = ctx.engine  # type: ignore[assignment]
@@ -129,7 +142,7 @@ class TokenwiseCD:
         t0 = time.perf_counter()
         try:
             async with contextlib.aclosing(engine.tilted(req.prompt_ids, req.sampling,
-                                                         Tilt(head, lam))) as deltas:
+                                                         Tilt(q.name, lam))) as deltas:
                 async for d in deltas:
                     if d.step_kl is not None:
                         step_kl, step_bound = d.step_kl, d.step_kl_bound
@@ -140,16 +153,22 @@ class TokenwiseCD:
         finally:
             timer.generate_s += time.perf_counter() - t0
         steps = len(answer.ids)
-        if step_kl is None or step_bound is None or len(step_kl) < steps:
-            raise RuntimeError(f"the engine reported KL for {len(step_kl or ())} of {steps} "
-                               "tilted steps")
-        bound = math.fsum(step_bound[:steps])
+        bound = certified_kl_bound(q, lam, req.sampling.max_tokens)
+        estimate = path = None
+        warnings = []
+        if step_kl is None or step_bound is None or min(len(step_kl), len(step_bound)) < steps:
+            warnings.append(f"tokenwise_cd: the engine reported the KL of "
+                            f"{len(step_kl or ())} of {steps} tilted steps, so kl_estimate is "
+                            "null")
+        else:
+            path = math.fsum(step_bound[:steps])
+            estimate = within(math.fsum(step_kl[:steps]), path if bound is None else bound)
         return DecodeResult(
             strategy=self.name, n=1, sample=answer.sample(), kl_bound=bound,
-            kl_estimate=within(math.fsum(step_kl[:steps]), bound), generated_tokens=steps,
-            scored_candidates=0, timer=timer,
-            extra={"steps": steps, "top_k": None, "lambda": lam, "value": head,
-                   "kl_outside_top_k": 0.0, "in_engine": True},
+            kl_estimate=estimate, generated_tokens=steps, scored_candidates=0, timer=timer,
+            extra={"steps": steps, "top_k": None, "lambda": lam, "value": q.name,
+                   "kl_path_bound": path, "kl_outside_top_k": 0.0, "in_engine": True},
+            warnings=warnings,
         )
 
     async def _per_token(self, req: DecodeRequest, ctx: DecodeContext, q: QScorer, k: int,
@@ -162,30 +181,50 @@ class TokenwiseCD:
         answer = Committed(req, ctx.engine)
         timer = Timer()
         steps = scored = 0
-        kl_estimate = kl_bound = outside = 0.0
+        kl_estimate = path = outside = 0.0
         while not answer.done:
             (s,) = await ctx.generate(req.prompt_ids + answer.ids, 1, step_sampling, timer)
+            steps += 1
             top = s.top_logprobs[0] if s.top_logprobs else {}
-            if not top:  # no alternatives reported: the engine's own draw is all there is
-                top = {s.token_ids[0]: s.logprobs[0]}
+            if not top:  # no alternatives reported: the engine's own draw from p (KL 0)
+                if not s.logprobs:
+                    raise RuntimeError("the engine reported neither the top-k log-probs nor "
+                                       "the sampled token's: tokenwise_cd cannot tilt")
+                answer.append(s.token_ids[:1], s.logprobs[:1], None)
+                continue
             tokens = sorted(top, key=top.__getitem__, reverse=True)
             logps = [top[t] for t in tokens]
             values = await ctx.q_values(q, req, answer.ids, tokens, timer)
             scored += len(tokens)
             probs, kl = tilt(logps, values, lam)
-            kl_estimate += kl
-            outside -= math.log(min(1.0, math.fsum(math.exp(lp) for lp in logps)))
-            kl_bound += lam * (max(values) - min(values))
+            # KL against p, not the renormalised top k: −log(top-k mass) per step
+            out = -math.log(min(1.0, math.fsum(math.exp(lp) for lp in logps)))
+            kl_estimate += kl + out
+            outside += out
+            path += lam * (max(values) - min(values)) + out
             z = rng.choices(range(len(tokens)), weights=probs)[0]
-            steps += 1
             # the policy's (processed) log-prob of z, not the renormalised one: same meaning
             # as every other Sample.logprobs
             answer.append([tokens[z]], [logps[z]], None)
 
+        vocab = getattr(q, "vocab_size", None)
+        bound = certified_kl_bound(q, lam, req.sampling.max_tokens,
+                                   max(0.0, math.log(vocab / k)) if vocab else None)
         return DecodeResult(
-            strategy=self.name, n=1, sample=answer.sample(), kl_bound=kl_bound,
-            kl_estimate=within(kl_estimate, kl_bound), generated_tokens=steps,
-            scored_candidates=scored, timer=timer,
+            strategy=self.name, n=1, sample=answer.sample(), kl_bound=bound,
+            kl_estimate=within(kl_estimate, path if bound is None else bound),
+            generated_tokens=steps, scored_candidates=scored, timer=timer,
             extra={"steps": steps, "top_k": k, "lambda": lam, "value": q.name,
-                   "kl_outside_top_k": outside, "in_engine": False},
+                   "kl_path_bound": path, "kl_outside_top_k": outside, "in_engine": False},
         )
+
+
+def certified_kl_bound(q: QScorer, lam: float, max_tokens: int, per_step_extra: float | None = 0.0
+                       ) -> float | None:
+    """max_tokens·(min(λR, λ²R²/8) + extra), R the width of the range the head certifies for
+    its values (`value_range`, optional on a QScorer); None without one (module docstring)."""
+    span = getattr(q, "value_range", None)
+    if span is None or per_step_extra is None:
+        return None
+    lo, hi = span
+    return max_tokens * (tilt_step_kl_bound(lam, max(0.0, hi - lo)) + per_step_extra)

@@ -20,11 +20,13 @@ from runtime.settings import add_engine_flags, engine_settings
 from .plan import DEFAULT_HARMLESS_THRESHOLDS, build_plan, parse_list
 
 log = logging.getLogger(__name__)
+DEFAULT_PAIRS = Path(__file__).resolve().parents[1] / "finetune" / "data" / "synthetic_safety.jsonl"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts", type=Path, required=True,
-                   help='JSONL, one {"id", "prompt", "kind"} per line (kind: helpful, adversarial, ...).')
+    p.add_argument("--prompts", type=Path, default=None,
+                   help='JSONL, one {"id", "prompt", "kind"} per line (kind: helpful, '
+                   'adversarial, ...); required unless --prefill.')
     p.add_argument("--strategies", default="none,best_of_n,soft_best_of_n,speculative_rejection",
                    help="Comma-separated names from the strategy registry ('none', the base "
                         "policy of the win rates, is always run).")
@@ -36,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost", default=None, help="Cost scorer, e.g. profanity (selection score "
                    "= reward − cost_weight·cost, and the harmless flag).")
     p.add_argument("--cost-weight", type=float, default=1.0, help="λ in reward − λ·cost.")
+    p.add_argument("--panel", default=None, metavar="A,B,C",
+                   help="Scorers, each one user ('-NAME': a cost as utility): report every "
+                        "strategy's distortion over them, from its candidates "
+                        "(evaluation/panel.py).")
     p.add_argument("--harmless-threshold", type=float, default=None,
                    help="Harmless = cost below this (default: "
                         f"{DEFAULT_HARMLESS_THRESHOLDS} by cost name).")
@@ -58,6 +64,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "http://127.0.0.1:8000) instead of starting the engine in this process.")
     p.add_argument("--api-key", default=None, help="Bearer token for --server.")
     add_engine_flags(p, "in-process engine (without --server)")
+    pre = p.add_argument_group("prefill attack (Qi et al. 2024, arXiv 2406.05946): "
+                               "evaluation/prefill.py")
+    pre.add_argument("--prefill", default=None, metavar="K1,K2,...",
+                     help="Instead of the prompts: prefill the first k tokens of a harmful "
+                          "answer and measure, per strategy, how often the continuation is "
+                          "harmful (k = 0 is always run). Needs --cost.")
+    pre.add_argument("--prefill-data", type=Path, default=DEFAULT_PAIRS,
+                     help="Preference pairs (PKU-SafeRLHF schema) whose unsafe responses are "
+                          "the harmful answers (default: the shipped synthetic pairs).")
     sep = p.add_argument_group("separation of safe and harmful prompts (KLDO, arXiv 2502.00657)")
     sep.add_argument("--separation", default=None, metavar="POLICIES",
                      help="Comma list of policies ('embedded', checkpoint folders), e.g. the "
@@ -86,6 +101,7 @@ def _threshold(ns: argparse.Namespace) -> float | None:
 
 def _validate(ns: argparse.Namespace):
     """Everything checkable before the (slow) engine start."""
+    from .panel import parse_panel
     from .runners import RunConfig
 
     if min(ns.max_tokens, ns.concurrency, ns.decision_tokens, ns.samples) < 1:
@@ -102,11 +118,27 @@ def _validate(ns: argparse.Namespace):
                          "(--remote-scorer NAME=URL on `alignserve serve`); evaluate that "
                          "server with --server URL, or use hf:<model> in-process")
     options = {"alpha": ns.alpha, "decision_tokens": ns.decision_tokens}
+    panel = parse_panel(ns.panel)
+    if panel and ns.prefill is not None:
+        raise ValueError("--panel measures the prompts evaluation, not --prefill")
     plan = build_plan(parse_list(ns.strategies), parse_list(ns.n, int), options)
-    prompts = load_prompts(ns.prompts, ns.limit)
+    if ns.prefill is not None:
+        from .prefill import load_attacks
+
+        if not ns.cost or _threshold(ns) is None:
+            raise ValueError("--prefill judges continuations by a cost: give --cost (and "
+                             "--harmless-threshold for costs other than profanity)")
+        ks = sorted({0, *parse_list(ns.prefill, int)})
+        if ks[0] < 0:
+            raise ValueError("--prefill: k ≥ 0 tokens")
+        prompts = load_attacks(ns.prefill_data, ns.limit)
+    elif ns.prompts is None:
+        raise ValueError("--prompts is required (or --prefill)")
+    else:
+        prompts = load_prompts(ns.prompts, ns.limit)
     cfg = RunConfig(max_tokens=ns.max_tokens, reward=ns.reward, cost=ns.cost,
                     cost_weight=ns.cost_weight, soft_temperature=ns.soft_temperature,
-                    temperature=ns.temperature)
+                    temperature=ns.temperature, panel=tuple(panel))
     if ns.cost and _threshold(ns) is None:
         log.warning("no harmless threshold for cost %r: pass --harmless-threshold", ns.cost)
     return plan, prompts, cfg, options
@@ -116,7 +148,14 @@ async def _start_runner(ns: argparse.Namespace, cfg):
     from .runners import HttpRunner, start_in_process
 
     if ns.server:
-        return await HttpRunner(ns.server, cfg, api_key=ns.api_key).start()
+        registry = None
+        if cfg.panel:  # the server returns candidates' texts; the panel scores them here
+            from runtime.scorers import ScorerRegistry, default_factories
+
+            registry = ScorerRegistry(default_factories(engine_settings(ns).length_target),
+                                      None)
+        return await HttpRunner(ns.server, cfg, api_key=ns.api_key,
+                                panel_scorers=registry).start()
     return await start_in_process(engine_settings(ns), cfg)
 
 
@@ -162,6 +201,55 @@ def separation_only(ns: argparse.Namespace) -> list[dict]:
     return results
 
 
+async def evaluate_prefill(ns: argparse.Namespace, runner=None) -> dict:
+    """`--prefill`: every setting at every k on the harmful answers (evaluation/prefill.py)."""
+    from tqdm import tqdm
+
+    from . import prefill
+    from .harness import run_plan, summaries
+
+    plan, attacks, cfg, options = _validate(ns)
+    ks = sorted({0, *parse_list(ns.prefill, int)})
+    runner = runner or await _start_runner(ns, cfg)
+    by_k: dict[int, list[dict]] = {}
+    t0 = time.perf_counter()
+    try:
+        tokenizer = await _tokenizer(ns, runner)
+        with tqdm(total=len(ks) * len(plan) * len(attacks) * ns.samples, desc="prefill",
+                  unit="answer", file=sys.stderr) as bar:
+            for k in ks:
+                runs = await run_plan(runner, prefill.prefill_items(attacks, k, tokenizer), plan,
+                                      _threshold(ns), ns.concurrency, bar, samples=ns.samples,
+                                      seed=_seed(ns))
+                by_k[k] = summaries(runs)
+    finally:
+        await runner.aclose()
+    config = {"mode": f"server {ns.server}" if ns.server else "in-process",
+              "model": runner.model_name, "pairs": str(ns.prefill_data),
+              "attacks": len(attacks), "k": ks, "settings": [s.label for s in plan],
+              "max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "reward": cfg.reward,
+              "cost": cfg.cost, "cost_weight": cfg.cost_weight,
+              "harmless_threshold": _threshold(ns), "samples": ns.samples, "seed": _seed(ns),
+              "options": options, "intervals": INTERVALS,
+              "total_wall_s": time.perf_counter() - t0}
+    prefill.write(ns.out, config, prefill.attack_rows(by_k), by_k)
+    return config
+
+
+async def _tokenizer(ns: argparse.Namespace, runner):
+    """The policy's tokenizer, to cut harmful answers at k tokens: the engine's in process, the
+    model's own files for --server (the prefill text then goes over the API)."""
+    rt = getattr(runner, "rt", None)
+    if rt is not None:
+        return rt.engine.tokenizer
+    from transformers import AutoTokenizer
+
+    from runtime.startup import model_and_name
+
+    path, _ = model_and_name(engine_settings(ns))
+    return AutoTokenizer.from_pretrained(path)
+
+
 async def evaluate(ns: argparse.Namespace, runner=None) -> dict:
     """Run the evaluation described by `ns` and write its report; returns the config written.
     `runner` replaces the one the flags describe (tests pass fakes)."""
@@ -194,7 +282,8 @@ async def evaluate(ns: argparse.Namespace, runner=None) -> dict:
         "temperature": cfg.temperature, "reward": cfg.reward, "cost": cfg.cost,
         "cost_weight": cfg.cost_weight, "harmless_threshold": _threshold(ns),
         "soft_temperature": cfg.soft_temperature, "options": options,
-        "samples": ns.samples, "seed": _seed(ns), "intervals": INTERVALS,
+        "panel": [m.label for m in cfg.panel] or None, "samples": ns.samples,
+        "seed": _seed(ns), "intervals": INTERVALS,
         "concurrency": ns.concurrency, "total_wall_s": wall,
         "startup_s": t0 - t_start,
     }
@@ -213,6 +302,11 @@ def run(ns: argparse.Namespace) -> int:
                 print(f"{r['policy']}: Bhattacharyya distance {r['bhattacharyya_distance']:.3f}, "
                       f"silhouette {r['silhouette']:.3f}")
             print(f"wrote {ns.out}/separation.json, separation.md and separation.png")
+            return 0
+        if ns.prefill is not None:
+            config = asyncio.run(evaluate_prefill(ns))
+            print(f"wrote {ns.out}/prefill.json, prefill.md and prefill_attack.png "
+                  f"({config['total_wall_s']:.1f} s)")
             return 0
         config = asyncio.run(evaluate(ns))
     except (ValueError, FileNotFoundError) as exc:  # bad flags, prompts or scorer names

@@ -54,7 +54,9 @@ async def run_plan(runner: Runner, prompts: list[PromptItem], plan: list[Setting
                        strategy=setting.strategy, n=setting.n, answer=a.text, reward=a.reward,
                        cost=a.cost, harmless=harmless_flag(a.cost, harmless_threshold),
                        kl_bound=a.kl_bound, kl_estimate=a.kl_estimate,
-                       generated_tokens=a.generated_tokens, wall_s=a.wall_s, sample=k)
+                       generated_tokens=a.generated_tokens, wall_s=a.wall_s, sample=k,
+                       panel_best=a.panel_terms[0] if a.panel_terms else None,
+                       panel_achieved=a.panel_terms[1] if a.panel_terms else None)
 
         t0 = time.perf_counter()
         rows = await gather_all(one(p, k) for p in prompts for k in range(samples))

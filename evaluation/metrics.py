@@ -8,6 +8,9 @@
   counts 1, a tie ½, a loss 0 (Beirami et al. 2024, arXiv 2401.01879, who count ties half).
   With several answers per prompt (`--samples K`) every answer meets every base answer to the
   same prompt (K² comparisons per prompt; the base against itself is then exactly ½).
+- distortion (with `--panel`): Σ best / Σ achieved average normalised panel utility
+  (evaluation/panel.py, decoding/nash.py `distortion`), per-prompt sums bootstrapped over
+  prompts for `distortion_ci`; None when no answer was measured;
 - every ratio and mean has a 95% interval `<name>_ci` = [lo, hi] (or None), clustered by
   prompt: Wilson for the harmless ratio, a cluster-robust t interval for the means
   (evaluation/intervals.py says how and why).
@@ -40,6 +43,9 @@ class Row:
     generated_tokens: int
     wall_s: float  # this answer's own latency (other prompts of the setting ran concurrently)
     sample: int = 0  # index k of this answer among the prompt's `--samples` K
+    # with --panel: the best candidate's and the answer's average normalised panel utility
+    panel_best: float | None = None
+    panel_achieved: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,7 +138,25 @@ def summarize(rows: Sequence[Row], base: Sequence[Row] | None) -> dict:
         _with_ci(out, "win_rate", win_outcomes(rows, base))
     else:
         out["win_rate"] = out["win_rate_ci"] = None
+    out["distortion"], out["distortion_ci"] = panel_distortion(rows)
     return out
+
+
+def panel_distortion(rows: Sequence[Row]) -> tuple[float | None, list[float] | None]:
+    """Distortion over the prompts of the measured rows and its 95% bootstrap interval: each
+    prompt's (best, achieved) summed over its answers, so the bootstrap resamples prompts."""
+    from decoding.nash import distortion
+
+    per_prompt: dict[str, list[float]] = {}
+    for r in rows:
+        if r.panel_best is not None and r.panel_achieved is not None:
+            acc = per_prompt.setdefault(r.prompt_id, [0.0, 0.0])
+            acc[0] += r.panel_best
+            acc[1] += r.panel_achieved
+    if not per_prompt:
+        return None, None
+    d, lo, hi = distortion([(b, a) for b, a in per_prompt.values()])
+    return d, [lo, hi]
 
 
 def summarize_setting(rows: Sequence[Row], base: Sequence[Row] | None, wall_s: float) -> dict:

@@ -9,6 +9,10 @@
 - separation.png (with `--separation`): safe vs harmful prompts in each policy's last hidden
   layer, with KLDO's Bhattacharyya-distance metric (evaluation/separation.py).
 
+With `--panel`, the tables gain a `distortion` column (evaluation/panel.py): best average
+normalised panel utility among each answer's candidates over that of the answer, Σ over prompts,
+with its bootstrap interval; `–` for a strategy whose candidates are not kept.
+
 Every table cell of a ratio or mean shows its 95% interval (`<name>_ci`, clustered by prompt,
 evaluation/intervals.py) after the value, and the plots draw the same intervals as error bars
 on the measured axis (reward, harmless ratio), so a difference inside them reads as noise.
@@ -64,6 +68,9 @@ def _table(entries: list[dict], kind: str | None) -> list[str]:
             "KL estimate", "tokens/prompt", "win rate vs none"]
     if kind is None:
         head.insert(-1, "wall s")
+    panel = any(e.get("distortion") is not None for e in entries)
+    if panel:
+        head.append("distortion (panel)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
         s = e if kind is None else e["by_kind"].get(kind)
@@ -75,6 +82,8 @@ def _table(entries: list[dict], kind: str | None) -> list[str]:
                  _fci(s, "win_rate")]
         if kind is None:
             cells.insert(-1, _f(e["wall_s"], 1))
+        if panel:
+            cells.append(_fci(s, "distortion"))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -102,6 +111,10 @@ def markdown(config: dict, entries: list[dict]) -> str:
         "estimate; rules returning one of n draws bound log n, estimate – (none known). "
         "Tokens: every token the engine generated per answer, all candidates included. Wall s: "
         "the setting's prompts, run concurrently.\n",
+        *([f"Panel (one user each; `-`: a cost as utility): {', '.join(c['panel'])}. "
+           "Distortion: Σ over prompts of the best average normalised utility among the "
+           "answer's candidates over Σ that of the answer (1 is ideal; 95% bootstrap over "
+           "prompts; a single-candidate rule is 1 by definition).\n"] if c.get("panel") else []),
         "## All prompts\n", *_table(entries, None), "",
     ]
     for kind in kinds:

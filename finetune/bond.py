@@ -17,7 +17,8 @@ read only in summaries (the full paper text was not readable here), and it equal
 algebraically (the correction factor's geometric sum times π_ref = p≤ − p<).
 
 What this module computes from a rollout folder (K reference samples per prompt, scored):
-- `bon_weights`: π_BoN over the K samples under the *empirical* reference (mass 1/K each):
+- `bon_weights`: π_BoN over the K samples under the *empirical* reference (mass 1/K each;
+  computed by decoding/bon_law.py, which the served-rule safety constraint uses too):
   w_k = (F≤ₖⁿ − F<ₖⁿ)/mₖ, F≤ₖ = #{j: r_j ≤ r_k}/K, F<ₖ = #{j: r_j < r_k}/K, mₖ = #{j: r_j = r_k}
   (a tie level's mass split evenly: best-of-n with a uniform tie-break). Σ_k w_k = 1. This is the
   exact expectation of "draw n of the K samples with replacement, keep the best", so the forward
@@ -37,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from decoding.bon_law import bon_law
+
 
 @dataclass(frozen=True)
 class BondGroup:
@@ -51,18 +54,9 @@ class BondGroup:
 
 
 def bon_weights(rewards: Sequence[float], n: int) -> list[float]:
-    """π_BoN (best of n) over K samples with mass 1/K each (module docstring). n ≥ 1."""
-    if n < 1:
-        raise ValueError("n must be ≥ 1")
-    k = len(rewards)
-    if k == 0:
-        return []
-    out = []
-    for r in rewards:
-        le = sum(x <= r for x in rewards)
-        lt = sum(x < r for x in rewards)
-        out.append(((le / k) ** n - (lt / k) ** n) / (le - lt))
-    return out
+    """π_BoN (best of n) over K samples with mass 1/K each (module docstring). n ≥ 1.
+    The one implementation is decoding/bon_law.py, shared with the served-rule constraint."""
+    return bon_law(list(rewards), n).tolist()
 
 
 def log_quantile(reward: float, ref_rewards: Sequence[float]) -> float:

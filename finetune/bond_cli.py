@@ -109,6 +109,10 @@ def _prepare(ns: argparse.Namespace):
     manifest, groups = load_groups(ns.rollouts)
     groups = groups[:ns.limit] if ns.limit else groups
     train, held = split_groups(groups, ns.held_out, ns.seed)
+    temperature = float(manifest["temperature"])
+    if not temperature > 0:
+        raise ValueError(f"{ns.rollouts}: rollouts drawn at temperature {temperature:g} "
+                         "(greedy) have no best-of-n distribution to distil; draw them at T > 0")
     name = ns.base_model or manifest.get("extra", {}).get("model_path") or "embedded"
     model = resolve_model(name, ns.model_home)
     cfg = BondConfig(model=model, out=ns.out, reward=manifest["reward"], n=ns.bon_n,
@@ -116,7 +120,7 @@ def _prepare(ns: argparse.Namespace):
                      lr=ns.lr if ns.lr is not None else (1e-4 if ns.lora else 1e-5),
                      batch_prompts=ns.batch_prompts, policy_samples=ns.policy_samples,
                      max_new_tokens=ns.max_new_tokens or int(manifest["max_tokens"]),
-                     temperature=float(manifest["temperature"]) or 1.0,
+                     temperature=temperature,  # the tempered policy π_θ,T is trained
                      max_length=ns.max_length, lora=ns.lora, lora_r=ns.lora_r,
                      lora_alpha=ns.lora_alpha, save_adapter=ns.save_adapter, seed=ns.seed,
                      eval_prompts=ns.eval_prompts)
@@ -146,6 +150,8 @@ def _train_and_report(ns: argparse.Namespace, cfg, train, held, data) -> dict:
     config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     report = {"method": ns.method, "config": config, "output": str(ns.out),
               "output_kind": "LoRA adapter" if cfg.save_adapter else "merged safetensors",
+              # log-probs were of logits / T (the rollouts' T): serve at T to get π_θ,T
+              "serve_temperature": cfg.temperature,
               "data": data, "steps": cfg.steps, "train_s": result.train_s,
               "steps_per_s": result.steps_per_s, "trainable_params": result.trainable_params,
               "before": result.before, "after": result.after,
@@ -164,6 +170,8 @@ def _markdown(report: dict) -> str:
              f"- base model: `{c['model']}`; output `{report['output']}` ({report['output_kind']})",
              f"- rollouts: `{d['source']}` (K = {d['k']}, reward `{d['reward']}`); "
              f"best-of-{c['n']} distilled, β_J = {c['jeffreys_beta']:g}",
+             f"- trained at the rollouts' temperature T = {c['temperature']:g} (log-probs of "
+             f"logits / T): **serve this checkpoint at temperature {c['temperature']:g}**",
              *(f"  - {s}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in d[s].items()) for s in ("train", "held_out")
                if d.get(s)),
@@ -196,6 +204,7 @@ def run(ns: argparse.Namespace) -> int:
     b, a = report["before"]["train"], report["after"]["train"]
     print(f"{ns.method}: {report['steps']} steps in {report['train_s']:.1f} s; forward loss "
           f"(train) {b['loss']:.3f} → {a['loss']:.3f}, best-sample log p "
-          f"{b['best_sample_logp']:.3f} → {a['best_sample_logp']:.3f}\nwrote {ns.out} "
+          f"{b['best_sample_logp']:.3f} → {a['best_sample_logp']:.3f}\nserve it at temperature "
+          f"{report['serve_temperature']:g} (the rollouts'; it was trained as logits / T)\nwrote {ns.out} "
           f"({report['output_kind']}) and report.json, report.md, loss_curve.png")
     return 0

@@ -9,14 +9,23 @@ BOND minimises, per prompt, the Jeffreys divergence between the policy π_θ and
   of a prompt, with the empirical BoN weights w_k (finetune/bond.py `bon_weights`):
       L_fwd = −Σ_k w_k·log π_θ(y_k)
 - backward term KL(π_θ ‖ π_BoN) (mode seeking) with log π_BoN(y) ≈ log n + log π_ref(y)
-  + (n − 1)·log p≤(y) (the n·π_ref·p≤ⁿ⁻¹ form, exact without ties):
+  + (n − 1)·log p≤(y): the n·π_ref·p≤ⁿ⁻¹ form, an *approximation* for answers whose own
+  probability π_ref(y) is small (the exact law is p≤ⁿ − p<ⁿ = π_ref·p≤ⁿ⁻¹·Σᵢ(p</p≤)ⁱ⁻¹, which
+  it matches only as π_ref(y) → 0; for long sampled answers that is the regime):
       KL(π_θ ‖ π_BoN) = E_{y~π_θ}[log π_θ(y) − log π_ref(y) − (n − 1)·log p≤(y)] − log n
   i.e. a KL-regularised RL problem with reward log p≤(y) and KL weight 1/(n − 1) once divided by
   n − 1, which is exactly vBoN's objective (Amini et al., arXiv 2407.06057: max E[log F(r)] −
   1/(N−1)·KL(π‖π_ref); rycolab/vbon trains it with PPO, init_kl_coef = 1/(N−1)). Its gradient
   is E_{y~π_θ}[∇log π_θ(y)·(log π_θ(y) − log π_BoN(y))]; we use the REINFORCE surrogate with a
-  batch-mean baseline (the paper's exact policy-gradient machinery could not be read here):
-      L_bwd = (c − mean(c))·log π_θ(y),   c = sg(log π_θ(y) − log π_ref(y) − (n − 1)·log p̂≤(y))
+  leave-one-out baseline among the samples of the same prompt (RLOO, Ahmadian et al. 2024,
+  arXiv 2402.14740: the baseline of sample i is the mean cost of the prompt's other samples,
+  so it does not depend on y_i and the gradient stays unbiased; the paper's exact
+  policy-gradient machinery could not be read here):
+      L_bwd = (c_i − mean_{j≠i} c_j)·log π_θ(y_i),   c = sg(log π_θ(y) − log π_ref(y) − (n − 1)·log p̂≤(y))
+  (a prompt with a single sample has no baseline: c_i itself).
+
+All log-probs are of the policy at the rollouts' sampling temperature T (logits / T), for π_θ
+and π_ref alike (finetune/bond_trainer.py): π_BoN is best-of-n of p_T.
 
 Not implemented: J-BOND's iterative moving anchor (EMA of the policy as π_ref, n = 2 per
 round); one round against the fixed reference is what `alignserve finetune bond` runs.
@@ -42,12 +51,28 @@ def backward_cost(policy_logps: torch.Tensor, ref_logps: torch.Tensor,
     return policy_logps - ref_logps - (n - 1) * log_quantiles
 
 
+def leave_one_out_baseline(cost: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sample [B]: the mean of `cost` over the other samples of its group (`groups` [B]:
+    the prompt index of each sample; None: one group); 0 for a sample alone in its group."""
+    if groups is None:
+        groups = torch.zeros_like(cost, dtype=torch.long)
+    size = torch.zeros(int(groups.max()) + 1, dtype=cost.dtype, device=cost.device)
+    total = torch.zeros_like(size)
+    size.index_add_(0, groups, torch.ones_like(cost))
+    total.index_add_(0, groups, cost)
+    others = size[groups] - 1
+    return torch.where(others > 0, (total[groups] - cost) / others.clamp(min=1),
+                       torch.zeros_like(cost))
+
+
 def bond_backward_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor,
-                       log_quantiles: torch.Tensor, n: int) -> torch.Tensor:
+                       log_quantiles: torch.Tensor, n: int,
+                       groups: torch.Tensor | None = None) -> torch.Tensor:
     """REINFORCE surrogate of KL(π_θ ‖ π_BoN) for samples y ~ π_θ, per sample [B]: its
-    gradient is (c − mean c)·∇log π_θ(y) with c = `backward_cost` held constant."""
+    gradient is (c_i − b_i)·∇log π_θ(y_i) with c = `backward_cost` held constant and b_i the
+    leave-one-out baseline over the samples of the same prompt (`groups` [B]: prompt index)."""
     cost = backward_cost(policy_logps, ref_logps, log_quantiles, n).detach()
-    return (cost - cost.mean()) * policy_logps
+    return (cost - leave_one_out_baseline(cost, groups)) * policy_logps
 
 
 def backward_kl_estimate(policy_logps: torch.Tensor, ref_logps: torch.Tensor,

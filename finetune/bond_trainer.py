@@ -12,6 +12,14 @@ One step, for `batch_prompts` training prompts:
    the prompt's K reference rewards, log π_ref(y) with the LoRA adapter disabled (with --full, a
    frozen copy of the start weights) → REINFORCE surrogate;
 3. (1 − β)·fwd + β·bwd, AdamW step.
+
+Temperature. The rollouts were drawn from p_T (logits / T, T = the manifest's temperature), so
+π_BoN is best-of-n of p_T, and their stored log π_ref are at T. Every log-prob here is therefore
+taken from logits / T too (`answer_logps(..., temperature=T)`), for π_θ and π_ref alike, and the
+backward term samples π_θ at T: what is trained is the *tempered* policy π_θ,T. Serve the
+distilled checkpoint at the same temperature T; it is then exactly π_θ,T (the weights are not
+pre-divided by T, so serving at T does not apply T twice, and serving at 1 would not be the
+policy that was trained).
 The result is saved like SafeDPO's (finetune/trainer.py `save_checkpoint`): merged safetensors
 that `/admin/policies` hot-swaps in, or the LoRA adapter.
 """
@@ -87,13 +95,14 @@ def _batch(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ..
 
 
 def answer_logps(model, prompt_ids: list[list[int]], answers: list[list[int]], pad_id: int,
-                 max_length: int) -> torch.Tensor:
-    """Σ_t log π(answer_t | prompt, answer_<t) for each (prompt, answer) → [B] (with grad)."""
+                 max_length: int, temperature: float = 1.0) -> torch.Tensor:
+    """Σ_t log π_T(answer_t | prompt, answer_<t) for each (prompt, answer) → [B] (with grad),
+    π_T = softmax(logits / T): the policy at sampling temperature T (module docstring)."""
     seqs = [((p + a)[:max_length], len(p)) for p, a in zip(prompt_ids, answers)]
     device = next(model.parameters()).device
     ids, attn, comp = _batch(seqs, pad_id, device)
     logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-    return sequence_logps(logits, ids, comp)
+    return sequence_logps(logits / temperature, ids, comp)
 
 
 @torch.no_grad()
@@ -118,7 +127,7 @@ def forward_term(model, groups: list[BondGroup], cfg: BondConfig, pad_id: int) -
     """Mean over prompts of −Σ_k w_k·log π_θ(y_k) (scalar, with grad)."""
     prompts = [g.prompt_ids for g in groups for _ in g.samples]
     answers = [s for g in groups for s in g.samples]
-    logps = answer_logps(model, prompts, answers, pad_id, cfg.max_length)
+    logps = answer_logps(model, prompts, answers, pad_id, cfg.max_length, cfg.temperature)
     losses, start = [], 0
     for g in groups:
         w = torch.tensor(bon_weights(g.rewards, cfg.n), device=logps.device)
@@ -127,33 +136,36 @@ def forward_term(model, groups: list[BondGroup], cfg: BondConfig, pad_id: int) -
     return torch.stack(losses).mean()
 
 
-def _ref_logps(model, ref_model, prompts, answers, pad_id, max_length) -> torch.Tensor:
+def _ref_logps(model, ref_model, prompts, answers, pad_id, max_length,
+               temperature: float) -> torch.Tensor:
     with torch.no_grad():
         if ref_model is not None:
-            return answer_logps(ref_model, prompts, answers, pad_id, max_length)
+            return answer_logps(ref_model, prompts, answers, pad_id, max_length, temperature)
         with model.disable_adapter():  # PEFT: the base weights are π_ref
-            return answer_logps(model, prompts, answers, pad_id, max_length)
+            return answer_logps(model, prompts, answers, pad_id, max_length, temperature)
 
 
 def backward_term(model, ref_model, groups: list[BondGroup], scorer, tokenizer,
                   cfg: BondConfig, eos_ids: set[int], pad_id: int) -> tuple[torch.Tensor, dict]:
     """REINFORCE surrogate of KL(π_θ ‖ π_BoN) on fresh samples (scalar) + diagnostics."""
-    prompts, answers, logq, rewards = [], [], [], []
+    prompts, answers, logq, rewards, group_of = [], [], [], [], []
     was_training = model.training
     model.eval()
-    for g in groups:
+    for gi, g in enumerate(groups):
         ys = sample_answers(model, g, cfg.policy_samples, cfg, eos_ids, pad_id)
         texts = tokenizer.batch_decode(ys, skip_special_tokens=True)
         scores = [float(s) for s in scorer.score(g.prompt, texts)]
         prompts += [g.prompt_ids] * len(ys)
+        group_of += [gi] * len(ys)  # the leave-one-out baseline is per prompt
         answers += ys
         rewards += scores
         logq += [log_quantile(s, g.rewards) for s in scores]
     model.train(was_training)
-    pol = answer_logps(model, prompts, answers, pad_id, cfg.max_length)
-    ref = _ref_logps(model, ref_model, prompts, answers, pad_id, cfg.max_length)
+    pol = answer_logps(model, prompts, answers, pad_id, cfg.max_length, cfg.temperature)
+    ref = _ref_logps(model, ref_model, prompts, answers, pad_id, cfg.max_length, cfg.temperature)
     q = torch.tensor(logq, device=pol.device)
-    loss = bond_backward_loss(pol, ref, q, cfg.n).mean()
+    loss = bond_backward_loss(pol, ref, q, cfg.n,
+                              torch.tensor(group_of, device=pol.device)).mean()
     stats = {"kl_bwd": backward_kl_estimate(pol.detach(), ref, q, cfg.n),
              "log_ratio": float((pol.detach() - ref).mean()),
              "reward": sum(rewards) / len(rewards), "quantile": math.exp(sum(logq) / len(logq))}
@@ -175,7 +187,7 @@ def evaluate(model, groups: list[BondGroup], cfg: BondConfig, pad_id: int) -> di
         fwd.append(float(forward_term(model, [g], cfg, pad_id)))
         k = max(range(len(g.rewards)), key=g.rewards.__getitem__)
         best.append(float(answer_logps(model, [g.prompt_ids], [g.samples[k]], pad_id,
-                                       cfg.max_length)[0]))
+                                       cfg.max_length, cfg.temperature)[0]))
     model.train(was_training)
     return {"prompts": len(groups), "loss": sum(fwd) / len(fwd),
             "best_sample_logp": sum(best) / len(best)}

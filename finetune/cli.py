@@ -1,6 +1,6 @@
-"""`alignserve finetune safedpo | mocan | kldo | pro | bond | vbon | aligner`: fine-tuning → checkpoint.
+"""`alignserve finetune {safedpo,mocan,kldo,pro,rdro,bond,vbon,aligner}`: fine-tuning → checkpoint.
 
-safedpo / mocan: preference pairs → (transform | relabel) → DPO; kldo / pro: other feedback
+safedpo / mocan: preference pairs → (transform | relabel) → DPO; kldo / pro / rdro: other feedback
 shapes (finetune/feedback.py, finetune/loop.py); bond / vbon: best-of-n distillation from rollouts
 (finetune/bond_cli.py); aligner: SFT of an Aligner corrector on triples (finetune/aligner.py).
 
@@ -11,16 +11,20 @@ shapes (finetune/feedback.py, finetune/loop.py); bond / vbon: best-of-n distilla
     alignserve finetune kldo    --data pairs.jsonl --out ckpt [--beta 0.1 --ema-rate 0.1]
     alignserve finetune pro     --data pairs.jsonl --out ckpt --feedback pairwise|binary|scalar
                                 [--beta 0.1 --alpha 2]
+    alignserve finetune rdro    --data pairs.jsonl --out ckpt [--alpha 0.5 --beta 1]
+                                (finetune/rdro.py; RECONSTRUCTED from the paper's abstract)
     alignserve finetune aligner --out adapter [--data triples.jsonl --steps 40]
                                 (finetune/aligner.py: a LoRA corrector for the `aligner` strategy)
 
-The preference methods write a servable folder (merged safetensors + tokenizer, or `--save-adapter` for a LoRA
-adapter) and report.json / report.md / loss_curve.png next to it. `add_arguments` fills the
-subparser of server/cli.py; the module imports only the standard library and the pure data
-modules, torch / TRL / PEFT load inside `run`. SafeDPO and MoCAN train on TRL's DPOTrainer
-(finetune/trainer.py), KLDO and PRO in an explicit loop (finetune/loop.py, finetune/methods.py)
-on feedback built from the pairs (finetune/feedback.py). Exit status: 0 done, 2 bad flags or data (a
-message, no traceback), 1 the training or an infeasible dual failed.
+The preference methods write a servable folder (merged safetensors + tokenizer, or `--save-adapter`
+for a LoRA adapter) and report.json / report.md / loss_curve.png next to it, with KL(π_θ‖π_ref) on
+held-out prompts through training (finetune/kl_track.py: kl_curve.png, warnings past 15 and 100
+nats). `add_arguments` fills the subparser of server/cli.py; the module imports only the standard
+library and the pure data modules, torch / TRL / PEFT load inside `run`. SafeDPO and MoCAN train
+on TRL's DPOTrainer (finetune/trainer.py), KLDO, PRO and RDRO in an explicit loop (finetune/loop.py,
+finetune/methods.py, finetune/rdro.py) on feedback built from the pairs (finetune/feedback.py).
+Exit status: 0 done, 2 bad flags or data (a message, no traceback), 1 the training or an
+infeasible dual failed.
 """
 
 from __future__ import annotations
@@ -69,6 +73,22 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--held-out", type=float, default=0.2,
                    help="Share of pairs kept out of training for the report, in [0, 1).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the split, labels and training.")
+    _add_kl_flags(p)
+
+
+def _add_kl_flags(p: argparse.ArgumentParser) -> None:
+    from .kl_track import KLTrackConfig
+
+    d = KLTrackConfig()
+    kl = p.add_argument_group("KL(π_θ‖π_ref) through training (finetune/kl_track.py)")
+    kl.add_argument("--kl-every", type=int, default=d.every, help="Estimate KL on held-out "
+                    "prompts every K optimiser steps (and at the last); 0: off.")
+    kl.add_argument("--kl-prompts", type=int, default=d.prompts,
+                    help="Held-out prompts per estimate.")
+    kl.add_argument("--kl-samples", type=int, default=d.samples,
+                    help="Answers sampled from π_θ per prompt.")
+    kl.add_argument("--kl-tokens", type=int, default=d.max_new_tokens, help="New tokens per "
+                    "sampled answer (KL of the first K tokens: a lower bound of the answer's).")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,12 +96,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .bond_cli import add_parsers as add_bond_parsers
 
     sub = parser.add_subparsers(dest="method", required=True,
-                                metavar="{safedpo,mocan,kldo,pro,bond,vbon,aligner}")
+                                metavar="{safedpo,mocan,kldo,pro,rdro,bond,vbon,aligner}")
     safe = sub.add_parser("safedpo", help="SafeDPO (arXiv 2505.20065): safety-aware transform "
                           "of the pairs, DPO loss with a safety offset Δ.")
     _add_common(safe)
     safe.add_argument("--delta", type=float, default=10.0,
                       help="Safety offset Δ ≥ 0 (0: DPO on the transformed pairs).")
+    safe.add_argument("--both-unsafe", choices=("drop", "keep"), default="drop",
+                      help="Pairs whose two answers are both unsafe: drop them (default; both "
+                           "have r_c = −∞, so the pair says nothing about the constrained "
+                           "optimum) or keep them as plain DPO pairs (finetune/safedpo.py).")
     mocan = sub.add_parser("mocan", help="MoCAN (arXiv 2405.19544): relabel pairs with "
                            "σ(w₁ − w₀), w = r + λ*·g, then DPO.")
     _add_common(mocan)
@@ -109,15 +133,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common(kldo)
     kldo.add_argument("--ema-rate", type=float, default=0.1,
                       help="Moving-average rate of the log-mean-exp gradient in [0, 1] "
-                           "(0: plain batch estimate).")
-    pro = sub.add_parser("pro", help="PRO (arXiv 2505.23316): DPO decomposed, with the full "
-                         "regulariser; pairwise, binary or scalar feedback.")
+                           "(0: plain batch estimate); the average restarts every epoch.")
+    kldo.add_argument("--no-normalize", dest="normalize", action="store_false",
+                      help="Do not rescale the unaligned term by min(a, u)/u (the reference "
+                           "trainer's default `normalize`, finetune/losses.py kldo_loss).")
+    pro = sub.add_parser("pro", help="PRO (arXiv 2505.23316): DPO decomposed, with a "
+                         "RECONSTRUCTED hyper-response regulariser (the paper's exact form could "
+                         "not be read; finetune/losses.py); pairwise, binary or scalar feedback.")
     _add_common(pro)
     pro.add_argument("--feedback", required=True, choices=("pairwise", "binary", "scalar"),
                      help="pairwise: SafeDPO's pairs; binary: ±½ per answer from the safety "
                           "labels; scalar: s(y) = win rate − ½ (finetune/feedback.py).")
     pro.add_argument("--alpha", type=float, default=2.0,
                      help="Weight α of the regulariser (> 0; > 1 for binary and scalar).")
+    rdro = sub.add_parser("rdro", help="RDRO (arXiv 2604.04410, loss RECONSTRUCTED from the "
+                          "abstract): the policy fits the relative density ratio p⁺/(α·p⁺ + "
+                          "(1−α)·p⁻) ≤ 1/α on preferred / non-preferred completions.")
+    _add_common(rdro)
+    rdro.add_argument("--alpha", type=float, default=0.5,
+                      help="Mixture weight α in (0, 1): the ratio is bounded by 1/α "
+                           "(reconstructed default 0.5; the preferred share of the data makes "
+                           "π_ref·r_α the preferred distribution). --beta defaults to 1 here.")
     add_bond_parsers(sub)
     aligner.add_arguments(sub)  # its own flags and run (finetune/aligner.py)
 
@@ -127,7 +163,7 @@ def check_flags(ns: argparse.Namespace) -> None:
     if ns.beta is not None and not ns.beta > 0:
         raise ValueError("--beta must be > 0")
     if ns.batch_size is None:  # pairs (4) or completions (8): about the same tokens per step
-        ns.batch_size = 8 if ns.method == "kldo" or getattr(ns, "feedback", "") in (
+        ns.batch_size = 8 if ns.method in ("kldo", "rdro") or getattr(ns, "feedback", "") in (
             "binary", "scalar") else 4
     if ns.steps < 1 or ns.batch_size < 1:
         raise ValueError("--steps and --batch-size must be ≥ 1")
@@ -156,6 +192,11 @@ def check_flags(ns: argparse.Namespace) -> None:
             raise ValueError("--dual-beta and --threshold only apply with --rollouts")
         if not ns.temperature > 0:
             raise ValueError("--temperature must be > 0")
+    if ns.method == "rdro" and not 0 < ns.alpha < 1:
+        raise ValueError("--alpha must lie in (0, 1) for rdro: the ratio's bound is 1/α")
+    if min(ns.kl_every, ns.kl_prompts, ns.kl_samples, ns.kl_tokens) < 0 or min(
+            ns.kl_prompts, ns.kl_samples, ns.kl_tokens) < 1:
+        raise ValueError("--kl-every must be ≥ 0 and --kl-prompts, --kl-samples, --kl-tokens ≥ 1")
     if ns.method == "kldo" and not 0 <= ns.ema_rate <= 1:
         raise ValueError("--ema-rate must lie in [0, 1]")
     if ns.method == "pro":
@@ -198,8 +239,9 @@ def resolve_beta(ns: argparse.Namespace, lam: dict | None) -> dict:
     (finetune/mocan.py `tied_beta`; a mismatch is a ValueError unless allowed)."""
     from .mocan import DEFAULT_BETA, tied_beta
 
-    if lam is None:  # SafeDPO
-        value = ns.beta if ns.beta is not None else DEFAULT_BETA
+    if lam is None:  # SafeDPO, KLDO, PRO; RDRO's ratio has no temperature by default (β = 1)
+        default = 1.0 if ns.method == "rdro" else DEFAULT_BETA
+        value = ns.beta if ns.beta is not None else default
         return {"value": value, "source": "--beta" if ns.beta is not None else "default",
                 "beta_dual": None, "warning": None}
     beta_dual = lam["detail"].get("beta")
@@ -245,15 +287,17 @@ def _prepare(ns: argparse.Namespace):
     if ns.method in LOOP_METHODS:
         (train_ex, train_stats), (eval_ex, eval_stats) = [
             _loop_examples(ns, p) if p else ([], {}) for p in splits]
-        if ns.method == "kldo" and not (train_stats.get("positive") and train_stats.get("negative")):
-            raise ValueError(f"kldo needs aligned and unaligned completions, got {train_stats}")
+        if ns.method in ("kldo", "rdro") and not (train_stats.get("positive")
+                                                  and train_stats.get("negative")):
+            raise ValueError(f"{ns.method} needs aligned and unaligned completions, got "
+                             f"{train_stats}")
         if not train_ex:
             raise ValueError(f"{ns.method}: no training examples ({train_stats})")
         beta = resolve_beta(ns, None)
         model = resolve_model(ns.base_model, ns.model_home)
     elif ns.method == "safedpo":  # pure and cheap: before the model is looked up
         (train_ex, train_stats), (eval_ex, eval_stats) = [
-            safedpo_transform(p) if p else ([], {}) for p in splits]
+            safedpo_transform(p, ns.both_unsafe) if p else ([], {}) for p in splits]
         if not train_ex:
             raise ValueError(f"no training pairs left after SafeDPO's transform ({train_stats}):"
                              " every pair has two unsafe responses")
@@ -269,7 +313,7 @@ def _prepare(ns: argparse.Namespace):
     return model, train_ex, eval_ex, data, lam, beta
 
 
-LOOP_METHODS = ("kldo", "pro")  # trained by finetune/loop.py, not TRL's DPOTrainer
+LOOP_METHODS = ("kldo", "pro", "rdro")  # trained by finetune/loop.py, not TRL's DPOTrainer
 
 
 def _loop_examples(ns: argparse.Namespace, pairs: list) -> tuple[list, dict]:
@@ -278,36 +322,64 @@ def _loop_examples(ns: argparse.Namespace, pairs: list) -> tuple[list, dict]:
 
     if ns.method == "pro" and ns.feedback == "pairwise":
         return feedback.pairwise_feedback(pairs)
-    completions = (feedback.kldo_sets(pairs) if ns.method == "kldo"
+    completions = (feedback.kldo_sets(pairs) if ns.method in ("kldo", "rdro")
                    else feedback.FEEDBACK[ns.feedback](pairs))
     return completions, feedback.stats(completions)
 
 
 def _objective(ns: argparse.Namespace, examples: list, beta: float):
     from .methods import kldo_objective, pro_pairwise_objective, pro_unpaired_objective
+    from .rdro import rdro_objective
 
+    if ns.method == "rdro":
+        return rdro_objective(examples, beta, ns.alpha)
     if ns.method == "kldo":
-        return kldo_objective(examples, beta, ns.ema_rate)
+        return kldo_objective(examples, beta, ns.ema_rate, ns.normalize)
     if ns.feedback == "pairwise":
         return pro_pairwise_objective(examples, beta, ns.alpha)
     return pro_unpaired_objective(examples, beta, ns.alpha, f"pro-{ns.feedback}")
 
 
-def _train(ns: argparse.Namespace, cfg, train_ex, eval_ex):
-    """The TrainResult of the method's trainer (TRL's for SafeDPO / MoCAN, the loop's else)."""
+def _train(ns: argparse.Namespace, cfg, train_ex, eval_ex, tracker):
+    """The TrainResult of the method's trainer (TRL's for SafeDPO / MoCAN, the loop's else);
+    `tracker` (or None) estimates KL(π_θ‖π_ref) through training."""
     if ns.method in LOOP_METHODS:
         from .loop import train_objective
 
         held = _objective(ns, eval_ex, cfg.beta) if eval_ex else None
-        return train_objective(cfg, _objective(ns, train_ex, cfg.beta), held)
+        return train_objective(cfg, _objective(ns, train_ex, cfg.beta), held,
+                               on_step=tracker.on_step if tracker is not None else None)
     from .trainer import train
 
-    return train(cfg, train_ex, eval_ex, ns.delta if ns.method == "safedpo" else 0.0)
+    return train(cfg, train_ex, eval_ex, ns.delta if ns.method == "safedpo" else 0.0, tracker)
+
+
+def _kl_tracker(ns: argparse.Namespace, model, train_ex, eval_ex):
+    """A KLTracker on the held-out prompts (training prompts without a held-out split)."""
+    from .kl_track import KLTrackConfig, KLTracker, held_out_prompts
+
+    prompts, source = held_out_prompts(eval_ex, train_ex)
+    if not ns.kl_every or not prompts:
+        return None
+    cfg = KLTrackConfig(every=ns.kl_every, prompts=ns.kl_prompts, samples=ns.kl_samples,
+                        max_new_tokens=ns.kl_tokens, seed=ns.seed)
+    return KLTracker(cfg, prompts, str(model), source)
+
+
+def _track_kl(tracker, steps: int, out: Path) -> dict | None:
+    """Step 0 and the last step when the trainer's hook did not record them."""
+    if tracker is None:
+        return None
+    tracker.record_reference()
+    if steps not in tracker.steps:
+        tracker.measure_checkpoint(steps, out)
+    return tracker.summary()
 
 
 def _method_config(ns: argparse.Namespace) -> dict:
     """The method's own flags, for the report."""
-    keys = {"safedpo": ("delta",), "kldo": ("ema_rate",), "pro": ("feedback", "alpha")}
+    keys = {"safedpo": ("delta", "both_unsafe"), "kldo": ("ema_rate", "normalize"),
+            "pro": ("feedback", "alpha"), "rdro": ("alpha",)}
     return {k: getattr(ns, k) for k in keys.get(ns.method, ())}
 
 
@@ -323,7 +395,9 @@ def _train_and_report(ns: argparse.Namespace, model, train_ex, eval_ex, data, la
                       lr=ns.lr if ns.lr is not None else (1e-4 if ns.lora else 1e-5),
                       max_length=ns.max_length, lora=ns.lora, lora_r=ns.lora_r,
                       lora_alpha=ns.lora_alpha, save_adapter=ns.save_adapter, seed=ns.seed)
-    result = _train(ns, cfg, train_ex, eval_ex)
+    tracker = _kl_tracker(ns, model, train_ex, eval_ex)
+    result = _train(ns, cfg, train_ex, eval_ex, tracker)
+    kl = _track_kl(tracker, ns.steps, ns.out)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     method = f"pro ({ns.feedback})" if ns.method == "pro" else ns.method
     extra = _method_config(ns) if ns.method != "mocan" else {"delta": 0.0}
@@ -333,8 +407,12 @@ def _train_and_report(ns: argparse.Namespace, model, train_ex, eval_ex, data, la
               "data": data, "lambda": lam, "beta": beta, "steps": ns.steps, "train_s": result.train_s,
               "steps_per_s": result.steps_per_s, "trainable_params": result.trainable_params,
               "before": result.before, "after": result.after,
-              "loss_curve": [list(x) for x in result.loss_curve]}
+              "loss_curve": [list(x) for x in result.loss_curve], "kl": kl}
     write_report(ns.out, report)
+    if kl is not None:
+        from .kl_track import write_kl_report
+
+        write_kl_report(ns.out, kl, f"{method}: KL(π_θ‖π_ref) on held-out prompts")
     return report
 
 
@@ -368,6 +446,15 @@ def run(ns: argparse.Namespace) -> int:
           f"{after['loss']:.4f}, accuracy {after['accuracy']:.3f}, margin "
           f"{after['reward_margin']:.4f}\nwrote {ns.out} ({report['output_kind']}) and "
           f"report.json, report.md, loss_curve.png")
+    kl = report.get("kl")
+    if kl and kl["final"]:
+        final = kl["final"]
+        ci = final["ci95"]
+        print(f"KL(π_θ‖π_ref) on {kl['prompts_source'].replace('_', '-')} prompts at step "
+              f"{final['step']}: {final['kl']:.3f} nats"
+              + (f" (95% CI {ci[0]:.3f} – {ci[1]:.3f})" if ci else "") + "; kl_curve.png")
+        for warning in kl["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

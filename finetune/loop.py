@@ -121,10 +121,12 @@ def _reference(model, items, pad_id, cfg: TrainConfig, desc: str) -> torch.Tenso
     return logps_all(model, items, pad_id, cfg.eval_batch_size, desc)
 
 
-def train_objective(cfg: TrainConfig, train: Objective, held_out: Objective | None
-                    ) -> TrainResult:
+def train_objective(cfg: TrainConfig, train: Objective, held_out: Objective | None,
+                    on_step: Callable[..., None] | None = None) -> TrainResult:
     """Fine-tune `cfg.model` on `train` for `cfg.steps` steps and save the checkpoint to
-    `cfg.out`; `held_out` (same method, other sequences) only enters the statistics."""
+    `cfg.out`; `held_out` (same method, other sequences) only enters the statistics.
+    `on_step(step, model, last=cfg.steps)` runs before the first update (step 0) and after
+    every optimiser step (finetune/kl_track.py's KL tracking)."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     torch.manual_seed(cfg.seed)
     tokenizer, model = _load(cfg)
@@ -140,6 +142,8 @@ def train_objective(cfg: TrainConfig, train: Objective, held_out: Objective | No
     rng = random.Random(cfg.seed)
     curve: list[tuple[int, float]] = []
     model.train()
+    if on_step is not None:
+        on_step(0, model, last=cfg.steps)
     t0 = time.perf_counter()
     for step in (bar := tqdm(range(1, cfg.steps + 1), desc=train.name, unit="step")):
         idx = train.sample(rng, cfg.batch_size)
@@ -148,6 +152,8 @@ def train_objective(cfg: TrainConfig, train: Objective, held_out: Objective | No
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # as TRL's default max_grad_norm
         optimiser.step()
+        if on_step is not None:
+            on_step(step, model, last=cfg.steps)
         value = loss.item()
         if math.isfinite(value):
             curve.append((step, value))

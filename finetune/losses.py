@@ -96,7 +96,7 @@ def log_mean_exp(t: torch.Tensor, running_mean: float | None = None) -> torch.Te
 
 def kldo_loss(policy_aligned: torch.Tensor, ref_aligned: torch.Tensor,
               policy_unaligned: torch.Tensor, ref_unaligned: torch.Tensor, beta: float,
-              running_mean: float | None = None) -> torch.Tensor:
+              running_mean: float | None = None, normalize: bool = False) -> torch.Tensor:
     """KLDO's loss (scalar): the negative Donsker–Varadhan lower bound of KL(D⁺‖D⁻),
 
         L = −E_{D⁺}[r_θ(x, y)] + log E_{D⁻}[exp r_θ(x, y)],   r_θ = β·log π_θ(y|x)/π_ref(y|x)
@@ -105,10 +105,21 @@ def kldo_loss(policy_aligned: torch.Tensor, ref_aligned: torch.Tensor,
     it is not) and D⁻ the unaligned ones, unpaired. −L is an estimate of KL(D⁺‖D⁻) with the
     implicit reward as the critic, so minimising L drives the two apart (the paper's
     "alignment as divergence estimation"). Inputs: per-completion summed log-probs, [n⁺]
-    and [n⁻]; `running_mean` see `log_mean_exp`."""
+    and [n⁻]; `running_mean` see `log_mean_exp`.
+
+    `normalize` is the reference trainer's default (rhaldarpurdue/KLDO, train/trainers.py
+    `KLTrainer.get_batch_metrics`, config/loss/kl.yaml `normalize: true`, "helps with
+    stability"): with a = E_{D⁺}[r] and u the log-mean-exp term, u is multiplied by the constant
+    (no gradient) min(a, u)/(u + 1e-9), so its value never exceeds a and its gradient is
+    rescaled by the same factor (at u = 0, e.g. the first step where π_θ = π_ref, the factor is
+    0). The loss is then no longer −(the Donsker–Varadhan bound); report the bound unnormalised."""
     aligned = beta * (policy_aligned - ref_aligned)
     unaligned = beta * (policy_unaligned - ref_unaligned)
-    return -aligned.mean() + log_mean_exp(unaligned, running_mean)
+    a, u = aligned.mean(), log_mean_exp(unaligned, running_mean)
+    if normalize:
+        u_value = float(u.detach())
+        u = u * (min(float(a.detach()), u_value) / (u_value + 1e-9))
+    return -a + u
 
 
 # --- PRO (Guo, Li & Chen, "Proximalized Preference Optimization for Diverse Feedback Types: --

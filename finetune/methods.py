@@ -3,11 +3,13 @@ batch layout, loss and report statistics. Losses in finetune/losses.py, data in
 finetune/feedback.py.
 
 Report statistics (the keys finetune/report.py tabulates), r = β·log π_θ/π_ref per answer:
-`loss` the method's loss over the whole split; `chosen_reward` / `rejected_reward` mean r of
+`loss` the method's loss over the whole split (KLDO: its unnormalised form −DV, whatever
+`normalize` the training used); `chosen_reward` / `rejected_reward` mean r of
 the desirable (D⁺, s > 0, ỹ_w) and undesirable (D⁻, s < 0, ỹ_l) answers; `reward_margin` their
 difference; `accuracy` pairwise: share of pairs with r_w > r_l, unpaired: share of answers with
-s ≠ 0 whose r has the sign of s (0 at step 0, where every r is 0); KLDO also `kl_estimate`, the
-Donsker–Varadhan estimate −L of KL(D⁺‖D⁻).
+s ≠ 0 whose r has the sign of s (0 at step 0, where every r is 0); KLDO also `kl_estimate`:
+the Donsker–Varadhan *lower bound* −L of KL(D⁺‖D⁻) with the implicit reward as critic (a bound
+for that critic, tight only at the optimal one; not an unbiased estimate of the KL).
 """
 
 from __future__ import annotations
@@ -40,18 +42,24 @@ def _side_stats(r: torch.Tensor, score: torch.Tensor) -> dict:
             if bool(signed.any()) else 0.0}
 
 
-def kldo_objective(completions: list[Completion], beta: float, ema_rate: float) -> Objective:
+def kldo_objective(completions: list[Completion], beta: float, ema_rate: float,
+                   normalize: bool = True) -> Objective:
     """KLDO on aligned (score > 0) and unaligned (score < 0) completions. A step takes
     ⌈batch/2⌉ of each, as the reference implementation's loader interleaves them; `ema_rate`
-    > 0 uses the moving-average gradient of the log-mean-exp term (losses.log_mean_exp)."""
+    > 0 uses the moving-average gradient of the log-mean-exp term (losses.log_mean_exp), and the
+    average restarts every epoch (a pass's worth of completions), as the reference trainer's
+    `reset_moving_avg` does; `normalize` (the reference's default) see losses.kldo_loss."""
     score = torch.tensor([c.score for c in completions])
     pos = [i for i, c in enumerate(completions) if c.score > 0]
     neg = [i for i, c in enumerate(completions) if c.score < 0]
-    state = {"ema": None, "labels": None}
+    state: dict = {"ema": None, "labels": None, "seen": 0}
 
     def sample(rng: random.Random, batch: int) -> list[int]:
         half = max(1, (batch + 1) // 2)
+        if state["seen"] >= len(completions):  # a new epoch: the EMA starts afresh
+            state["ema"], state["seen"] = None, 0
         idx = _pick(rng, pos, half) + _pick(rng, neg, half)
+        state["seen"] += len(idx)
         state["labels"] = score[idx]
         return idx
 
@@ -65,7 +73,8 @@ def kldo_objective(completions: list[Completion], beta: float, ema_rate: float) 
             state["ema"] = batch_mean if ema is None else ema_rate * batch_mean + (
                 1 - ema_rate) * ema
             running = state["ema"]
-        return kldo_loss(lp[lab > 0], ref[lab > 0], lp[lab < 0], ref[lab < 0], beta, running)
+        return kldo_loss(lp[lab > 0], ref[lab > 0], lp[lab < 0], ref[lab < 0], beta, running,
+                         normalize)
 
     def stats(lp: torch.Tensor, ref: torch.Tensor) -> dict:
         value = float(kldo_loss(lp[score > 0], ref[score > 0], lp[score < 0], ref[score < 0],

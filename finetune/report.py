@@ -16,7 +16,19 @@ from runtime.plotting import pyplot
 STAT_ROWS = (("loss", "loss"), ("reward_margin", "reward margin"), ("accuracy", "accuracy"),
              ("accuracy_unsafe_rejected", "accuracy (unsafe rejected)"),
              ("chosen_reward", "chosen reward"), ("rejected_reward", "rejected reward"),
-             ("kl_estimate", "KL(D⁺‖D⁻) estimate (KLDO)"))
+             ("kl_estimate", "Donsker–Varadhan lower bound of KL(D⁺‖D⁻) (KLDO)"),
+             ("ratio_max", "max r_θ = π_θ/π_ref (RDRO)"), ("ratio_bound", "bound 1/α (RDRO)"))
+
+# What a report must say about a method's fidelity (by the method name's first word).
+METHOD_NOTES = {
+    "pro": "the regulariser is RECONSTRUCTED: the paper's hyper-response approximation and its "
+           "weight could not be read, so finetune/losses.py's form is this project's "
+           "reconstruction (not the paper's full regulariser)",
+    "rdro": "the loss is RECONSTRUCTED from the paper's abstract (finetune/rdro.py): logistic "
+            "fit of the relative ratio p⁺/(α·p⁺ + (1−α)·p⁻); no equation number",
+    "kldo": "the KL row is the Donsker–Varadhan lower bound with the implicit reward as critic "
+            "(unnormalised, whatever `normalize` training used)",
+}
 
 
 def plot_loss(path: Path, curve: list[tuple[int, float]], before: dict, after: dict,
@@ -54,6 +66,9 @@ def _markdown(report: dict) -> str:
              f"- steps: {report['steps']}, {report['steps_per_s']:.3f} steps/s, "
              f"training {report['train_s']:.1f} s, {report['trainable_params']:,} trainable "
              "parameters", ""]
+    note = METHOD_NOTES.get(str(report["method"]).split()[0])
+    if note:
+        lines[-1:-1] = [f"- note: {note}"]
     if report.get("lambda") is not None:
         lam = report["lambda"]
         lines[-1:-1] = [f"- λ* = {lam['value']:.6g} from {lam['source']}"]

@@ -174,10 +174,12 @@ def _reference_stats(dataset: Dataset, beta: float) -> dict:
 
 
 def train(cfg: TrainConfig, train_examples: list[DPOExample], eval_examples: list[DPOExample],
-          delta: float) -> TrainResult:
-    """Fine-tune `cfg.model` on the pairs and save a servable checkpoint to `cfg.out`."""
+          delta: float, kl_tracker=None) -> TrainResult:
+    """Fine-tune `cfg.model` on the pairs and save a servable checkpoint to `cfg.out`;
+    `kl_tracker` (finetune/kl_track.py `KLTracker`) estimates KL(π_θ‖π_ref) every K steps."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .kl_track import trl_callback
     from .safedpo import safety_offsets
 
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings the hub on trainer start
@@ -195,6 +197,7 @@ def train(cfg: TrainConfig, train_examples: list[DPOExample], eval_examples: lis
             data_collator=OffsetCollator(pad_token_id=_pad_id(tokenizer),
                                          max_length=cfg.max_length),
             peft_config=_lora_config(cfg) if cfg.lora else None,
+            callbacks=[trl_callback(kl_tracker)] if kl_tracker is not None else None,
         )
         splits = {"train": trainer.train_dataset}
         if trainer.eval_dataset is not None:

@@ -25,12 +25,21 @@ never reads its slice: the other callers are unaffected.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from decoding.protocols import DecodeContext, DecodeRequest, Sample, Scorer, TokenScorer
+from decoding.protocols import (
+    DecodeContext,
+    DecodeRequest,
+    QScorer,
+    Sample,
+    Scorer,
+    Timer,
+    TokenScorer,
+)
 
 
 def score_pairs(scorer: Scorer, token: bool, pairs: Sequence[tuple[Any, Any]]) -> list[float]:
@@ -170,15 +179,44 @@ class ScoreBatcher:
                 self._flush(key)
 
 
+class NonFiniteScore(ValueError):
+    """A scorer returned NaN or ±inf. Selection cannot use it: NaN makes `max` pick
+    arbitrarily and `random.choices` raise, inf wins every comparison. The request fails with
+    a clear error (server/errors.py: 502 for a remote scorer, 500 for an in-process one)."""
+
+    def __init__(self, scorer: str, bad: int, total: int) -> None:
+        super().__init__(f"scorer {scorer} returned a non-finite score ({bad} of {total})")
+        self.scorer, self.bad, self.total = scorer, bad, total
+
+
+def check_finite(scorer: str, values: Sequence[float]) -> list[float]:
+    """`values` as floats when every one is finite, else NonFiniteScore."""
+    out = [float(v) for v in values]
+    bad = sum(not math.isfinite(v) for v in out)
+    if bad:
+        raise NonFiniteScore(scorer, bad, len(out))
+    return out
+
+
 @dataclass
 class BatchingContext(DecodeContext):
     """`DecodeContext` whose score calls go through a `ScoreBatcher`, so the strategies in
-    decoding/ batch across requests without knowing it. Without a batcher: the plain context."""
+    decoding/ batch across requests without knowing it. Without a batcher: the plain context.
+    Either way every score and Q value is checked finite before a strategy sees it."""
 
     batcher: ScoreBatcher | None = None
 
     async def _score(self, scorer: Scorer, req: DecodeRequest, samples: Sequence[Sample]
                      ) -> Sequence[float]:
+        return check_finite(scorer.name, await self._score_unchecked(scorer, req, samples))
+
+    async def q_values(self, scorer: QScorer, req: DecodeRequest, response_ids: Sequence[int],
+                       candidates: Sequence[int], timer: Timer) -> list[float]:
+        values = await super().q_values(scorer, req, response_ids, candidates, timer)
+        return check_finite(scorer.name, values)
+
+    async def _score_unchecked(self, scorer: Scorer, req: DecodeRequest,
+                               samples: Sequence[Sample]) -> Sequence[float]:
         if self.batcher is None:
             return await super()._score(scorer, req, samples)
         token = hasattr(scorer, "score_ids")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -129,6 +130,8 @@ class VllmEngine:
         self.model_path = model  # the base policy: swapping back reloads from here (policies.py)
         self.lora_enabled = enable_lora
         self._adapters: dict = {}  # name -> vllm LoRARequest
+        # LoRA ids from a counter: len(_adapters) + 1 would reuse a live id after a removal
+        self._lora_ids = itertools.count(1)
         self.aborted = 0  # engine requests we aborted before they finished (a metric)
         self.block_size = self._llm.vllm_config.cache_config.block_size  # as vLLM resolved it
         self.tilt_heads = frozenset(tilt_heads or ())  # decoding.Tilt heads this engine accepts
@@ -232,10 +235,16 @@ class VllmEngine:
         then name it through `Sampling.adapter`."""
         from vllm.lora.request import LoRARequest
 
-        request = LoRARequest(name, len(self._adapters) + 1, path)
+        request = LoRARequest(name, next(self._lora_ids), path)
         if not await self._llm.add_lora(request):
             raise RuntimeError(f"vLLM did not load the adapter {name!r}")
         self._adapters[name] = request
+
+    async def remove_adapter(self, name: str) -> None:
+        """Unload a LoRA adapter (server/policies.py first lets running requests finish)."""
+        request = self._adapters.pop(name)
+        if not await self._llm.remove_lora(request.lora_int_id):
+            raise RuntimeError(f"vLLM did not unload the adapter {name!r}")
 
     async def reset_prefix_cache(self) -> None:
         """Forget cached KV blocks: those computed by the previous weights are wrong now."""

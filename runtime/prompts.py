@@ -15,6 +15,7 @@ class PromptItem:
     id: str
     prompt: str
     kind: str
+    prefill: str = ""  # the start of the assistant's answer, continued (evaluation/prefill.py)
 
 
 def load_prompts(path: Path, limit: int | None = None) -> list[PromptItem]:
@@ -48,9 +49,16 @@ def prompt_texts(path: Path, limit: int | None = None, mixed: bool = False) -> l
     return [p.prompt for p in items][:limit or None]
 
 
-def chat_prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+def chat_prompt_ids(tokenizer: Tokenizer, prompt: str, prefill: str = "") -> list[int]:
     """The server's chat path (server/serving/endpoints.py `chat_prompt`) for one user message: the
-    model's chat template with the generation prompt, then no extra special tokens."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    model's chat template with the generation prompt, then no extra special tokens. With a
+    `prefill`, the assistant turn starts with it and stays open (`continue_final_message`)."""
+    messages = [{"role": "user", "content": prompt}]
+    if not prefill:
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": prefill}], tokenize=False,
+            add_generation_prompt=False, continue_final_message=True)
     return tokenizer.encode(text, add_special_tokens=False)

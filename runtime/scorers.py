@@ -15,6 +15,10 @@
                give Q values (a QScorer). Loaded at start-up, CPU float32.
 
 Models load lazily on first use (in a worker thread) and are cached for the process lifetime.
+A server *seals* its registry after start-up (`seal`): from then on a request may name only the
+built-ins and what the operator configured and loaded (`preload`); any other name, `hf:` ids and
+paths included, is one generic `UnknownScorer` that neither loads nor echoes it (docs/security.md).
+Offline tools never seal: they load the `hf:` scorers given on their command line.
 The model-backed scorers also score (prompt, response) pairs of different prompts in one call
 (`score_pairs`), which runtime/batching.py uses to batch score calls across requests.
 """
@@ -151,19 +155,38 @@ class HFRewardScorer:
 
 
 class ScorerRegistry:
-    """Name → scorer, loading each model once. `hf:` names are resolved on demand."""
+    """Name → scorer, loading each model once. `hf:` names are resolved on demand until the
+    registry is sealed (`seal`: a server after start-up); then only by `load_now`/`preload`."""
 
     def __init__(self, factories: dict[str, Callable[[], Scorer]], executor: Executor | None) -> None:
         self._factories = factories
         self._loaded: dict[str, Scorer] = {}
         self._lock = threading.Lock()
         self._executor = executor
+        self.sealed = False
 
     def names(self) -> list[str]:
+        if self.sealed:  # what a request may name: built-ins, registered and preloaded ones
+            return sorted(set(self._factories) | set(self._loaded))
         return sorted(self._factories) + ["hf:<model id or path>"]
+
+    def seal(self) -> None:
+        """Refuse, from now on, every `get` of a name that is neither a built-in nor loaded:
+        a request can no longer make the process load a model (a hub id or any local path)."""
+        self.sealed = True
+
+    def preload(self, names: Sequence[str]) -> None:
+        """Load operator-configured scorers now (start-up), sealed or not; a name that does
+        not load raises UnknownScorer with the loader's reason (for the operator's eyes)."""
+        for name in dict.fromkeys(names):
+            self.load_now(name)
 
     def load_now(self, name: str) -> Scorer:
         """Load (once) and return a scorer, in the calling thread."""
+        from . import ensemble  # here: it imports UnknownScorer from this module
+
+        if ensemble.is_composite(name):  # ensemble:/calibrated: over loaded members, uncached
+            return ensemble.load(name, self.load_now)
         with self._lock:
             if name in self._loaded:
                 return self._loaded[name]
@@ -182,8 +205,18 @@ class ScorerRegistry:
             return scorer
 
     async def get(self, name: str) -> Scorer:
+        """The scorer a request names (loaded in a worker thread on first use). Sealed: only
+        built-ins and loaded scorers, else one generic UnknownScorer (the name is not echoed:
+        it may be a path, and whether that path exists is nobody's business)."""
         if name in self._loaded:
             return self._loaded[name]
+        from . import ensemble  # here: it imports UnknownScorer from this module
+
+        if ensemble.is_composite(name):  # each member through this same `get` (and its seal)
+            return await ensemble.get(name, self.get)
+        if self.sealed and name not in self._factories:
+            raise UnknownScorer("unknown scorer: this server serves only the scorers it was "
+                                f"started with: {', '.join(self.names())}")
         if name not in self._factories and not name.startswith("hf:"):
             raise UnknownScorer(self._unknown(name))
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.load_now, name)

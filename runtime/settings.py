@@ -99,7 +99,8 @@ class EngineSettings(BaseSettings):
         "--remote-scorer NAME=URL, repeatable. Each URL is checked at start-up.",
     )
     remote_scorer_timeout_s: float = Field(
-        30.0, gt=0, le=3600, description="Timeout of one HTTP request to a remote scorer.")
+        30.0, gt=0, le=3600, description="Deadline of one remote score call: all its HTTP "
+        "requests, retries and backoff together; past it the client gets 504.")
     remote_scorer_retries: int = Field(
         2, ge=0, le=10, description="Retries of a remote scorer request after a transport "
         "error, a timeout or a 5xx (with backoff); then the client gets 502/503/504.")

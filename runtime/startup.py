@@ -103,7 +103,7 @@ def build_runtime(settings: EngineSettings) -> Runtime:
 def decode_context(engine: Engine, executor: Executor, settings: EngineSettings) -> DecodeContext:
     """The strategies' context: scoring batched across requests unless the window is 0."""
     if settings.scorer_batch_window_ms <= 0:
-        return DecodeContext(engine, executor)
+        return BatchingContext(engine, executor)  # no batching; scores still checked finite
     batcher = ScoreBatcher(executor, settings.scorer_batch_window_ms / 1000,
                            settings.scorer_max_batch)
     return BatchingContext(engine, executor, batcher=batcher)

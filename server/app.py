@@ -17,21 +17,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 
 from fastapi import FastAPI
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from decoding.dual import DualSolution
+from runtime.ensemble import is_composite
 from runtime.protocols import Runtime
+from runtime.scorers import UnknownScorer
+from runtime.settings import ConfigError
 
 from .auth import AuthGate, KeyRing, warn_if_open
-from .errors import APIError, CatchAll, error_response, install_error_handlers
+from .errors import (
+    APIError,
+    BodyTooLarge,
+    CatchAll,
+    error_response,
+    install_error_handlers,
+    to_api_error,
+)
 from .lifecycle import DrainGate, Lifecycle
 from .metrics import Metrics
 from .otel import TracedEngine, TraceRequests, Tracing
 from .policies import PolicyManager
 from .policy_file import PolicyFileWatcher
 from .routes import ROUTERS
-from .serving import Admission, ChatServing, CompletionServing, ServingCore
+from .routes.tokenizer import package_version
+from .serving import Admission, ChatServing, CompletionServing, ResponsesServing, ServingCore
+from .serving.render import StrictJSONResponse
 from .settings import Settings
 from .tracing import RequestIds
 
@@ -45,30 +59,24 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = APIError(413, f"request body exceeds {self.limit} bytes",
-                           code="request_too_large")
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await error_response(too_big)(scope, receive, send)
+            return await error_response(to_api_error(BodyTooLarge(self.limit)))(
+                scope, receive, send)
         seen = 0
 
         async def limited_receive():
+            # A chunked body has no content-length: count it as it arrives. Raised inside the
+            # app, so it is an HTTPException (FastAPI makes anything else a 400) → 413.
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _BodyTooLarge()
+                    raise BodyTooLarge(self.limit)
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await error_response(too_big)(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, limited_receive, send)
 
 
 def build_app(
@@ -90,14 +98,19 @@ def build_app(
     lifecycle = Lifecycle(admission, metrics, settings.retry_after_s)
     policies = PolicyManager(runtime, settings, metrics)  # hot-swap, /admin/policies
     core = ServingCore(settings, runtime, metrics, admission, lifecycle, policies)
+    presets = [p.alignment.get(k) or "" for p in core.resolver.presets
+               for k in ("reward", "cost", "value")]
+    seal_scorers(runtime, settings, core.resolver.dual, presets)  # requests load no models now
 
-    app = FastAPI(title="alignserve", version="0.1.0", lifespan=_lifespan,
+    app = FastAPI(title="alignserve", version=package_version(), lifespan=_lifespan,
+                  default_response_class=StrictJSONResponse,  # no NaN/Infinity literals out
                   description="OpenAI-compatible serving with inference-time alignment.")
     st = app.state
     st.settings, st.runtime, st.metrics, st.registry, st.keys = (
         settings, runtime, metrics, registry, keys)
     st.admission, st.lifecycle, st.policies, st.serving = admission, lifecycle, policies, core
     st.chat, st.completions = ChatServing(core), CompletionServing(core)  # one per endpoint
+    st.responses = ResponsesServing(core)  # /v1/responses, on the chat path
     st.policy_file = (PolicyFileWatcher(policies, settings.policy_file,
                                         settings.policy_file_poll_s)
                       if settings.policy_file else None)  # fleet-wide active policy
@@ -119,6 +132,26 @@ def build_app(
     # outermost, added after CatchAll: every response (401s, 500s too) carries the id
     app.add_middleware(RequestIds)
     return app
+
+
+def seal_scorers(runtime: Runtime, settings: Settings, dual: DualSolution | None,
+                 more: Sequence[str] = ()) -> None:
+    """Load the `hf:` scorers the operator configured (the default reward, the dual's reward
+    and cost, `scorers`, `more`: the presets'), then seal the registry: a request may name only
+    those, the built-ins, value heads and remote scorers (docs/security.md). A model that does
+    not load stops start-up with the loader's reason (ConfigError: one line, exit 2)."""
+    extra = settings.scorers or ""  # --scorer
+    names = [settings.default_reward, *(n.strip() for n in extra.split(",")), *more]
+    if dual is not None:
+        names += [dual.reward, dual.cost or ""]
+    try:
+        # hf: models, and composites (runtime/ensemble.py) whose members may be hf: models;
+        # the other names are built-ins (lazy) or were registered by build_runtime
+        runtime.scorers.preload([n for n in names if n and (n.startswith("hf:")
+                                                            or is_composite(n))])
+    except UnknownScorer as exc:
+        raise ConfigError("scorers", str(exc)) from None
+    runtime.scorers.seal()
 
 
 def traced_runtime(runtime: Runtime, tracer: Tracing) -> Runtime:

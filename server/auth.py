@@ -71,9 +71,14 @@ class KeyRing:
         return self._admin is not None
 
     def is_user(self, presented: bytes) -> bool:
-        found = False
-        for key in self._user:  # no early exit: the time does not depend on which key matched
-            found |= hmac.compare_digest(presented, key)
+        return self.user_index(presented) is not None
+
+    def user_index(self, presented: bytes) -> int | None:
+        """Which user key matched (its position), or None."""
+        found = None
+        for i, key in enumerate(self._user):  # no early exit: the time does not depend on
+            if hmac.compare_digest(presented, key):  # which key matched
+                found = i
         return found
 
     def is_admin(self, presented: bytes) -> bool:
@@ -94,11 +99,31 @@ def _bearer(scope) -> bytes | None:
 
 # Outside /v1 but served to users as vLLM serves them (server/routes/tokenizer.py): same key.
 USER_ROUTES = frozenset({"/tokenize", "/detokenize"})
+# Inside /v1 as vLLM serves them, but they change what is served: the admin key
+# (server/routes/lora.py).
+ADMIN_ROUTES = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+
+
+# Where `AuthGate` leaves the caller's identity in the ASGI scope (read by `client_identity`).
+CLIENT_SCOPE_KEY = "alignserve.client"
+
+
+def client_identity(scope) -> str:
+    """Who a request counts as for the per-client concurrency cap (server/serving/admission.py):
+    `key:<n>` for the n-th configured user key (never the key or its digest), `admin` for the
+    admin key; without a key (a server with no user keys), the client's address `addr:<ip>`
+    (behind a proxy that is the proxy's address: every anonymous client shares one bucket)."""
+    found = scope.get(CLIENT_SCOPE_KEY)
+    if found is not None:
+        return found
+    client = scope.get("client")
+    return f"addr:{client[0]}" if client else "anonymous"
 
 
 def _check(keys: KeyRing, path: str, scope) -> None:
-    """Raise Unauthenticated / Forbidden when the request may not reach `path`."""
-    if path == "/admin" or path.startswith("/admin/"):
+    """Raise Unauthenticated / Forbidden when the request may not reach `path`; on success
+    record who the caller is (`client_identity`)."""
+    if path == "/admin" or path.startswith("/admin/") or path in ADMIN_ROUTES:
         if not keys.admin_enabled:
             raise Forbidden("the admin API is disabled: set ALIGNSERVE_ADMIN_KEY to enable it",
                             code="admin_disabled")
@@ -116,7 +141,12 @@ def _check(keys: KeyRing, path: str, scope) -> None:
         if token is None:
             raise Unauthenticated("missing API key: send `Authorization: Bearer <key>`",
                                   code="missing_api_key")
-        if not (keys.is_user(token) or keys.is_admin(token)):
+        index = keys.user_index(token)
+        if index is not None:
+            scope[CLIENT_SCOPE_KEY] = f"key:{index}"
+        elif keys.is_admin(token):
+            scope[CLIENT_SCOPE_KEY] = "admin"
+        else:
             raise Unauthenticated("invalid API key")
 
 

@@ -10,13 +10,19 @@ data_offsets}}`; nothing else of the file is read) and, when both folders ship o
 vocabulary. A truncated weight file is caught too: every tensor's data must lie inside its file.
 
 Errors are `CheckpointError(message, code)`; the admin API turns them into OpenAI-shaped 400s.
+With a `root` (the admin API's `policy_root`, server/policy_guard.py) every file read must
+resolve inside it, shards named by an index and symlinked files included; a path that does not
+exist is reported without echoing it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 # Fields that fix the parameter shapes or how they are used; any difference breaks the reload or
 # silently runs the new weights under the old model's structure.
@@ -50,17 +56,32 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path).expanduser() / "adapter_config.json").is_file()
 
 
-def inspect(path: str | Path) -> Checkpoint:
-    """Read a checkpoint folder's metadata; CheckpointError when it is not a usable folder."""
+NOT_FOUND = "checkpoint path not found on the server (or outside the policy root)"
+
+
+def check_inside(file: Path, root: Path | None) -> None:
+    """CheckpointError (the generic not-found answer) when `file`, symlinks resolved, lies
+    outside `root`; nothing to check without a root."""
+    if root is None:
+        return
+    real, top = os.path.realpath(file), os.path.realpath(root)
+    if os.path.commonpath([real, top]) != top:
+        raise CheckpointError(NOT_FOUND, "path_not_found")
+
+
+def inspect(path: str | Path, root: Path | None = None) -> Checkpoint:
+    """Read a checkpoint folder's metadata; CheckpointError when it is not a usable folder
+    (or, with `root`, when it or a file it holds resolves outside `root`)."""
     folder = Path(path).expanduser()
+    check_inside(folder, root)
     if not folder.exists():
-        raise CheckpointError(f"checkpoint path {str(folder)!r} does not exist on the server",
-                              "path_not_found")
+        raise CheckpointError(NOT_FOUND, "path_not_found")
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint path {str(folder)!r} is not a folder (give the folder "
                               "holding config.json and the *.safetensors files)", "path_not_folder")
     folder = folder.resolve()
     config_file = folder / "config.json"
+    check_inside(config_file, root)
     if not config_file.is_file():
         raise CheckpointError(f"{str(folder)!r} has no config.json", "missing_config")
     try:
@@ -71,7 +92,7 @@ def inspect(path: str | Path) -> Checkpoint:
     if not isinstance(config, dict):
         raise CheckpointError(f"config.json in {str(folder)!r} is not a JSON object",
                               "invalid_config")
-    return Checkpoint(folder, config, _tensors(folder), _vocab(folder))
+    return Checkpoint(folder, config, _tensors(folder, root), _vocab(folder, root))
 
 
 def check_compatible(base: Checkpoint, new: Checkpoint) -> None:
@@ -117,7 +138,7 @@ def _few(items: list[str], k: int = 4) -> str:
     return ", ".join(items[:k]) + (f" (+{len(items) - k} more)" if len(items) > k else "")
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def _weight_files(folder: Path, root: Path | None = None) -> list[Path]:
     """The files vLLM would read: the shards named by the index when there is one, else every
     *.safetensors file in the folder."""
     index = folder / "model.safetensors.index.json"
@@ -129,12 +150,16 @@ def _weight_files(folder: Path) -> list[Path]:
             raise CheckpointError(f"{index.name} in {str(folder)!r} is unreadable: {exc}",
                                   "invalid_weights") from None
         files = [folder / s for s in shards]
+        for f in files:
+            check_inside(f, root)
         absent = [f.name for f in files if not f.is_file()]
         if absent:
             raise CheckpointError(f"{str(folder)!r} lacks weight shard(s) named by "
                                   f"{index.name}: {_few(absent)}", "missing_weights")
         return files
     files = sorted(folder.glob("*.safetensors"))
+    for f in files:
+        check_inside(f, root)
     if not files:
         other = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf")]
         hint = (f" (found {_few(other)}: convert to safetensors)" if other else "")
@@ -143,9 +168,9 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _tensors(folder: Path, root: Path | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for file in _weight_files(folder):
+    for file in _weight_files(folder, root):
         for name, (dtype, shape) in read_header(file).items():
             if name in out:
                 raise CheckpointError(f"weight {name!r} appears in more than one file of "
@@ -192,8 +217,54 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return out
 
 
-def _vocab(folder: Path) -> dict | list | None:
+# Bits that are all ones in the exponent of a non-finite value (NaN or ±inf), per dtype: the
+# unsigned view of the raw bytes, so BF16 needs no float type numpy lacks.
+_EXPONENT = {"F64": (np.uint64, 0x7FF0000000000000), "F32": (np.uint32, 0x7F800000),
+             "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80)}
+_CHUNK_BYTES = 64 * 2**20
+
+
+def nonfinite_tensors(files: list[Path]) -> list[str]:
+    """Names of the float tensors holding a NaN or an infinity. Reads every weight (memory-
+    mapped, 64 MiB at a time): one NaN weight makes every activation NaN, and the NaN keys and
+    values it writes into the engine's KV cache poison later requests even after the weights
+    are restored, so such a checkpoint must never reach the engine."""
+    bad = []
+    for file in files:
+        with open(file, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            meta = json.loads(fh.read(n))
+        data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + n)
+        for name, info in meta.items():
+            if name == "__metadata__" or info.get("dtype") not in _EXPONENT:
+                continue
+            utype, mask = _EXPONENT[info["dtype"]]
+            start, end = info["data_offsets"]
+            size = np.dtype(utype).itemsize
+            step = _CHUNK_BYTES - _CHUNK_BYTES % size
+            for at in range(start, end, step):
+                words = data[at:min(end, at + step)].view(utype)
+                if np.any((words & utype(mask)) == utype(mask)):
+                    bad.append(name)
+                    break
+        del data
+    return bad
+
+
+def check_finite(path: str | Path) -> None:
+    """CheckpointError when a weight of the (already inspected) folder is NaN or infinite."""
+    folder = Path(path)
+    files = ([folder / "adapter_model.safetensors"] if (folder / "adapter_config.json").is_file()
+             else _weight_files(folder))
+    bad = nonfinite_tensors(files)
+    if bad:
+        raise CheckpointError(f"checkpoint holds non-finite weights (NaN or inf) in "
+                              f"{len(bad)} tensor(s), e.g. {_few(bad)}", "nonfinite_weights")
+
+
+def _vocab(folder: Path, root: Path | None = None) -> dict | list | None:
     file = folder / "tokenizer.json"
+    check_inside(file, root)
     if not file.is_file():
         return None  # weights-only checkpoint: the served tokenizer stays in use
     try:
@@ -204,11 +275,15 @@ def _vocab(folder: Path) -> dict | list | None:
     return vocab if isinstance(vocab, (dict, list)) else None
 
 
-def check_adapter(path: str | Path, base: Checkpoint, max_rank: int) -> Path:
+def check_adapter(path: str | Path, base: Checkpoint, max_rank: int,
+                  root: Path | None = None) -> Path:
     """A PEFT LoRA adapter folder that fits the served model: rank within the engine's limit,
     and every lora_A [r, in] / lora_B [out, r] pair matching the base weight [out, in] it
     adapts. Returns the resolved folder."""
+    check_inside(Path(path).expanduser(), root)
     folder = Path(path).expanduser().resolve()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        check_inside(folder / name, root)
     try:
         cfg = json.loads((folder / "adapter_config.json").read_text())
         rank = int(cfg.get("r", 0))

@@ -23,6 +23,7 @@ from runtime.model_prep import prepare_embedded_model
 from .app import build_app
 from .auth import KeyRing
 from .lifecycle import POST_DRAIN_GRACE_S, DrainingServer
+from .presets import parse_preset_flags
 from .settings import ConfigError, Settings
 from .tracing import configure_logging
 
@@ -48,7 +49,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # Settings fields whose flag is repeatable: (flag, metavar); the values are joined with commas.
 _REPEATABLE = {"value_heads": ("--value-head", "NAME=PATH"),
                "engine_args": ("--engine-arg", "KEY=VALUE"),
-               "remote_scorers": ("--remote-scorer", "NAME=URL")}
+               "remote_scorers": ("--remote-scorer", "NAME=URL"),
+               "presets": ("--preset", "NAME=JSON"),
+               "scorers": ("--scorer", "NAME")}
 
 
 def flag_of(name: str) -> str:
@@ -76,6 +79,10 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         extra: dict = {"type": base if base in (int, float) else str}
         if base is bool:
             extra["metavar"] = "{true,false}"
+            # `--no-NAME` (e.g. --no-playground): the same setting, false
+            parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name,
+                                action="store_const", const="false", default=None,
+                                help=f"Same as {flag_of(name)} false.")
         elif typing.get_origin(base) is typing.Literal:
             extra["choices"] = list(typing.get_args(base))
         parser.add_argument(flag_of(name), dest=name, default=None,
@@ -86,7 +93,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(ns: argparse.Namespace) -> Settings:
     given = {k: v for k, v in vars(ns).items() if k in Settings.model_fields and v is not None}
     for name in _REPEATABLE.keys() & given.keys():
-        given[name] = ",".join(given[name])
+        # a preset's JSON holds commas: its flags become one mapping, not a joined string
+        given[name] = (parse_preset_flags(given[name]) if name == "presets"
+                       else ",".join(given[name]))
     return Settings(**given)
 
 
@@ -128,6 +137,7 @@ async def _serve(settings: Settings) -> None:
     # inside the loop: AsyncLLM binds to the running loop; the engine stops however it ends
     async with open_runtime(settings) as runtime:
         app = build_app(settings, runtime, tracer=tracer)
+        await app.state.serving.resolver.presets.check(runtime)  # names known? one line, exit 2
         # The drain (SIGTERM) waits for in-flight requests itself; afterwards uvicorn only
         # flushes finished responses.
         config = uvicorn.Config(app, host=settings.host, port=settings.port,
@@ -178,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         settings = settings_from_args(ns)
-    except ValidationError as exc:
+    except (ValidationError, ConfigError) as exc:
         print(config_error_line(exc), file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)  # request ids on every line

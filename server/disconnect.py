@@ -6,7 +6,13 @@ notices a closed stream when it next writes, which for an aligned answer can be 
 away. So we watch the ASGI receive channel ourselves: after the body is read, the next message
 is `http.disconnect`. On it, the work task is cancelled; strategies and the engine wrapper turn
 that cancellation into engine aborts in their `finally` blocks. A `Cutoff` adds the two
-server-side reasons to stop (`RequestTimeout`, `ServerDraining`), handled the same way.
+server-side reasons to stop (`RequestTimeout`, `ServerDraining`), handled the same way, plus
+any further stop events (a policy swap's drain deadline).
+
+Writes count too: a client that stops reading blocks the server's writes once the socket
+buffers fill, and Starlette notices nothing. A stream's response watches its writes against
+the same cutoff (server/serving/ticket.py `TicketResponse`), so a stalled reader is cut and its
+slot freed.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -33,26 +39,49 @@ class ClientDisconnected(Exception):
 class Cutoff:
     """When a request's work must stop although its client is still there: `timeout_s` after
     it started (the request timeout), or as soon as `abort` is set (the lifecycle sets it when
-    the drain deadline passes)."""
+    the drain deadline passes), or as soon as one of `stops` is set (event, the error to end
+    with: a policy swap's drain deadline, server/policies.py; the start of a drain for requests
+    still queued at the policy gate)."""
 
     timeout_s: float | None = None
     abort: asyncio.Event | None = None
     retry_after_s: int = 1
     started: float = field(default_factory=time.monotonic)
+    stops: tuple[tuple[asyncio.Event, Callable[[], Exception]], ...] = ()
 
     def remaining(self) -> float | None:
         if self.timeout_s is None:
             return None
         return max(0.0, self.started + self.timeout_s - time.monotonic())
 
+    def _events(self) -> list[asyncio.Event]:
+        return ([self.abort] if self.abort is not None else []) + [e for e, _ in self.stops]
+
     def watch_abort(self) -> asyncio.Future | None:
-        return None if self.abort is None else asyncio.ensure_future(self.abort.wait())
+        """A future done once any stop event is set (None when there is none)."""
+        events = self._events()
+        return asyncio.ensure_future(_first_set(events)) if events else None
 
     def stop_error(self, aborted: bool) -> Exception:
         if aborted:
+            if self.abort is None or not self.abort.is_set():
+                for event, error in self.stops:
+                    if event.is_set():
+                        return error()
             return ServerDraining("the server is shutting down and cancelled this request; "
                                   "retry it", self.retry_after_s)
         return RequestTimeout(self.timeout_s or 0.0)
+
+
+async def _first_set(events: list[asyncio.Event]) -> None:
+    if any(e.is_set() for e in events):
+        return
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from decoding.protocols import EngineRejected, EngineUnavailable
 from decoding.strategies import STRATEGIES
+from runtime.batching import NonFiniteScore
 from runtime.remote_scorer import UpstreamUnavailable  # noqa: F401  (re-exported)
 
 from .protocol import ErrorBody, ErrorResponse
@@ -72,6 +73,16 @@ class RequestTimeout(Exception):
         self.seconds = seconds
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """A request body past `max_body_bytes` (413). An HTTPException because it is raised inside
+    the app's `receive` (server/app.py BodyLimit, chunked bodies): FastAPI's body parsing turns
+    any other exception there into a 400 but lets HTTPExceptions through to the table."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds {limit} bytes")
+        self.limit = limit
+
+
 def error_json(err: APIError) -> dict:
     body = ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code)
     return ErrorResponse(error=body).model_dump()
@@ -81,9 +92,18 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(error_json(err), status_code=err.status, headers=err.headers)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # union members add their type to the location ("str", "function-after[...]"), chat
+    # messages their role ("messages.0.user.content"): not fields
+    raw = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [p for i, p in enumerate(raw) if p not in _TYPE_TAGS
+           and (p == "[key]" or not any(c in p for c in "[-("))
+           and not (p in _ROLES and i >= 2 and raw[i - 2] == "messages")]
     if first.get("type") == "json_invalid":
         return APIError(400, f"Invalid JSON body: {first.get('msg')}", code="invalid_json")
     if first.get("type") == "unknown_strategy":  # the `alignment` union's tag (protocol.py)
@@ -99,7 +119,7 @@ def _validation_error(exc: RequestValidationError) -> APIError:
             return APIError(400, f"{param} is not an option of strategy {strategy!r}",
                             param=param, code="invalid_value")
     param = ".".join(loc) or None
-    msg = first.get("msg", "invalid value")
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
     return APIError(
         400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value"
     )
@@ -145,7 +165,13 @@ ERROR_TABLE = {
     EngineUnavailable: lambda e: APIError(503, str(e), type="server_error",
                                           code="engine_unavailable",
                                           headers={"Retry-After": str(ENGINE_RETRY_AFTER_S)}),
-    UpstreamUnavailable: lambda e: APIError(e.status, e.message, type="server_error", code=e.code),
+    UpstreamUnavailable: lambda e: APIError(
+        e.status, e.message, type="server_error", code=e.code,
+        headers={"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None),
+    BodyTooLarge: lambda e: APIError(413, e.detail, code="request_too_large"),
+    NonFiniteScore: lambda e: APIError(
+        502 if e.scorer.startswith("remote:") else 500, str(e), type="server_error",
+        code="reward_model_error" if e.scorer.startswith("remote:") else "invalid_score"),
     RequestValidationError: _validation_error,
     StarletteHTTPException: _http_error,
     Exception: _unexpected,

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import APIError
+from .protocol import CHAT_REFUSED
 
 # vLLM's neutral values (what "off" means for each control).
 NEUTRAL: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
@@ -33,7 +34,8 @@ NEUTRAL: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p"
 # whole answer (decoding/speculative_rejection.py on Engine.stream_sequence), so the engine
 # applies every field to every candidate, and the chosen track's top alternatives are kept.
 _RESUMING = {"blockwise_cd": "it continues the answer block by block",
-             "tokenwise_cd": "it draws every token in its own engine call"}
+             "tokenwise_cd": "it draws every token in its own engine call",
+             "particle_filtering": "it continues its particles block by block"}
 _RESUMING_FIELDS = ("response_format", "min_tokens", "presence_penalty", "frequency_penalty",
                     "top_logprobs")
 # field -> {strategy: why it cannot honour it}
@@ -42,8 +44,12 @@ UNSUPPORTED: dict[str, dict[str, str]] = {f: dict(_RESUMING) for f in _RESUMING_
 # alternatives itself, so the engine never sees a stop token id end the answer.
 UNSUPPORTED["ignore_eos"] = {
     "blockwise_cd": "it ends the answer on EOS itself",
-    "tokenwise_cd": "it ends the answer on EOS itself"}
+    "tokenwise_cd": "it ends the answer on EOS itself",
+    "particle_filtering": "it ends the answer on EOS itself"}
 UNSUPPORTED["stop_token_ids"] = {"tokenwise_cd": "it draws tokens itself from the top-k"}
+# A tool call is one grammar over the whole answer (server/tools.py): strategies that continue
+# the answer in new engine requests, or rewrite it, cannot hold it.
+UNSUPPORTED["tools"] = {**_RESUMING, "aligner": "its corrector rewrites the draft as free text"}
 
 
 def _given(req, name: str) -> bool:
@@ -59,11 +65,20 @@ def _given(req, name: str) -> bool:
         return bool(top_logprobs(req))
     if name == "stop_token_ids":
         return bool(value)
+    if name == "tools":
+        return bool(value) and getattr(req, "tool_choice", None) != "none"
     return value not in (None, NEUTRAL.get(name))
 
 
 def check_fields(req, strategy: str) -> None:
     """400 for anything the server would otherwise ignore (see the module docstring)."""
+    for name, why in CHAT_REFUSED.items():
+        if getattr(req, name, None) is not None:
+            raise APIError(400, f"{name}: {why}", param=name, code="unsupported_field")
+    so = req.stream_options
+    if so is not None and so.continuous_usage_stats and not so.include_usage:
+        raise APIError(400, "stream_options.continuous_usage_stats needs include_usage: true",
+                       param="stream_options.continuous_usage_stats", code="invalid_value")
     for name, refused in UNSUPPORTED.items():
         if strategy in refused and _given(req, name):
             raise APIError(400, f"{name} is not supported with alignment strategy "

@@ -5,7 +5,8 @@ through the engine, and before a drain starts. `/health` (liveness) stays true w
 a pod that is finishing its work must not be restarted.
 
 Drain, in order:
-1. `begin_drain`: `/ready` fails, new `/v1/*` requests get 503 + Retry-After (`DrainGate`);
+1. `begin_drain`: `/ready` fails, new `/v1/*` requests get 503 + Retry-After (`DrainGate`), and
+   requests queued at the policy gate during a swap get 503 + Retry-After (server/policies.py);
 2. in-flight requests (streams included: they hold their admission slot to the end) run to
    completion, for at most `drain_timeout_s`;
 3. past that deadline `abort` is set: every request still running has its engine work cancelled
@@ -41,6 +42,9 @@ class Lifecycle:
         self.admission, self.metrics, self.retry_after_s = admission, metrics, retry_after_s
         self.state = "loading"  # loading | ready | warmup_failed | draining | stopped
         self.abort = asyncio.Event()  # set when the drain deadline passes
+        # set when the drain starts: requests still queued at a closed policy gate (a swap in
+        # progress) get 503 at once rather than wait for weights this pod will not serve long
+        self.stopping = asyncio.Event()
 
     @property
     def accepting(self) -> bool:
@@ -63,6 +67,7 @@ class Lifecycle:
     def begin_drain(self) -> None:
         if self.accepting:
             self.state = "draining"
+            self.stopping.set()
             self.metrics.draining.set(1)
             log.info("draining: refusing new requests, %d in flight", self.admission.active)
 

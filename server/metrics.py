@@ -9,6 +9,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from runtime.circuit import STATES
+
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 _KL_BUCKETS = (0.0, 0.1, 0.25, 0.5, 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8)
 
@@ -109,7 +111,8 @@ class _EngineCollector:
 
 class _RemoteScorerCollector:
     """Remote reward model servers (runtime/remote_scorer.py): HTTP requests by outcome (ok,
-    timeout, unreachable, server_error, rejected, bad_answer), retries, score-call time."""
+    timeout, unreachable, server_error, rejected, bad_answer, deadline, circuit_open),
+    retries, score-call time, and each one's circuit breaker."""
 
     def __init__(self, scorers) -> None:
         self._scorers = scorers  # a ScorerRegistry
@@ -124,6 +127,15 @@ class _RemoteScorerCollector:
                                       "score calls (one per scored batch).", labels=("scorer",))
         calls = CounterMetricFamily("alignserve:remote_scorer_calls", "Remote score calls.",
                                     labels=("scorer",))
+        state = GaugeMetricFamily("alignserve:remote_scorer_circuit_state", "Circuit breaker "
+                                  "of a remote reward model (runtime/circuit.py): 0 closed, "
+                                  "1 open (calls fail fast), 2 half-open (one probe).",
+                                  labels=("scorer",))
+        opened = CounterMetricFamily("alignserve:remote_scorer_circuit_opened", "Times the "
+                                     "circuit breaker opened.", labels=("scorer",))
+        refused = CounterMetricFamily("alignserve:remote_scorer_circuit_refused", "Score calls "
+                                      "refused (503) while the breaker was open.",
+                                      labels=("scorer",))
         for scorer in self._scorers.remote():
             st = scorer.stats
             for outcome, count in sorted(st.requests.items()):
@@ -131,4 +143,9 @@ class _RemoteScorerCollector:
             retries.add_metric((scorer.name,), st.retries)
             seconds.add_metric((scorer.name,), st.seconds)
             calls.add_metric((scorer.name,), st.calls)
-        yield from (requests, retries, seconds, calls)
+            breaker = getattr(scorer, "breaker", None)
+            if breaker is not None:
+                state.add_metric((scorer.name,), STATES.index(breaker.state))
+                opened.add_metric((scorer.name,), breaker.opened)
+                refused.add_metric((scorer.name,), breaker.refused)
+        yield from (requests, retries, seconds, calls, state, opened, refused)

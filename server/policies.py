@@ -12,12 +12,23 @@ Swap semantics (`PolicyManager.activate`):
 3. requests already running finish on the weights they started with. This is a per-request
    guarantee, not per engine call: best-of-n, speculative rejection and blockwise CD make many
    engine calls per answer, and mixing two policies inside one answer would also make its KL
-   accounting meaningless. A stream holds its lease until its last event. If they do not finish
-   within `policy_drain_timeout_s`, the swap is abandoned (503 to the admin, nothing changed):
-   no user request ever fails because of a swap;
-4. the engine reloads the weights in place and resets its prefix cache (KV blocks computed by
-   the old weights are wrong for the new ones); a failed reload restores the previous weights;
-5. the gate reopens and the queued requests run on the new policy.
+   accounting meaningless. A stream holds its lease until its last event. Those still running
+   at `policy_drain_timeout_s` are ended with 503 + Retry-After (in-band for streams) and the
+   swap goes on; only if they do not stop within `EVICT_GRACE_S` more is it abandoned (503 to
+   the admin, nothing changed). Set request_timeout_s <= policy_drain_timeout_s and no request
+   is ever cut by a swap;
+4. the engine reloads the weights in place (at most `policy_reload_timeout_s`) and resets its
+   prefix cache (KV blocks computed by the old weights are wrong for the new ones); a canary
+   generation checks the new weights (server/policy_guard.py); a failed or timed-out reload or
+   a failed canary restores the previous weights. If restoring fails too, the weights are in
+   an unknown state: /health and /ready answer 503 and requests get 503 until a later swap
+   succeeds (or the pod restarts);
+5. the gate reopens and the queued requests run on the new policy. Requests queued at the gate
+   leave it on their own cutoff (timeout, disconnect) and, when the server starts draining
+   (SIGTERM), at once with 503 (server/serving/ticket.py).
+
+Admin paths must lie inside `policy_root` (server/policy_guard.py). LoRA adapters number at most
+`max_lora_adapters` and can be removed (DELETE, after the running requests finish, as a swap).
 
 In-place reload (not a second engine) because a second engine doubles model + KV memory and
 costs an engine start (about a minute on CPU, more with torch.compile) per swap; the reload of a
@@ -27,8 +38,10 @@ costs an engine start (about a minute on CPU, more with torch.compile) per swap;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,15 +52,19 @@ from .checkpoints import (
     CheckpointError,
     check_adapter,
     check_compatible,
+    check_finite,
     inspect,
     is_adapter,
 )
 from .errors import APIError
+from .policy_gate import Lease, PolicyGate
+from .policy_guard import CanaryFailed, canary, confine, default_root
 from .protocol import ErrorResponse, PolicyCreate, PolicyInfo, PolicyList, PolicyStatus, PolicySwap
 
 log = logging.getLogger(__name__)
 
 BASE = "base"
+EVICT_GRACE_S = 10.0  # after the drain deadline: how long evicted requests get to say so
 
 
 @dataclass
@@ -66,77 +83,6 @@ class Policy:
                           activations=self.activations)
 
 
-class PolicyGate:
-    """Readers are requests (a lease each, held until their last byte), the writer is a swap.
-    Writer preference: once the gate is closed new requests queue behind it, so a steady flow
-    of requests can never starve a swap, and the swap waits only for those already running."""
-
-    def __init__(self) -> None:
-        self.held = 0  # requests running on the engine
-        self.queued = 0  # requests waiting at the closed gate
-        self.peak_queued = 0  # since the gate last closed
-        self._open = asyncio.Event()
-        self._open.set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    @property
-    def closed(self) -> bool:
-        return not self._open.is_set()
-
-    async def enter(self, timeout_s: float, retry_after_s: int) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self._open.is_set():  # loop: a second swap may close it again before we run
-            self.queued += 1
-            self.peak_queued = max(self.peak_queued, self.queued)
-            try:
-                await asyncio.wait_for(self._open.wait(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                raise APIError(503, f"a policy swap is in progress and took longer than "
-                               f"{timeout_s:g} s; retry the request", type="server_error",
-                               code="policy_swap_in_progress",
-                               headers={"Retry-After": str(retry_after_s)}) from None
-            finally:
-                self.queued -= 1
-        self.held += 1
-        self._idle.clear()
-
-    def leave(self) -> None:
-        self.held -= 1
-        if self.held == 0:
-            self._idle.set()
-
-    def close(self) -> None:
-        self.peak_queued = self.queued
-        self._open.clear()
-
-    def open(self) -> None:
-        self._open.set()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
-
-
-class Lease:
-    """One request's hold on the active policy; `release` is idempotent (the serving code calls
-    it from one `finally`, whether or not `acquire` ran)."""
-
-    def __init__(self, manager: PolicyManager) -> None:
-        self._m, self._held = manager, False
-        self.policy: str | None = None  # the policy this request runs on
-
-    async def acquire(self) -> str:
-        s = self._m.settings
-        await self._m.gate.enter(s.policy_queue_timeout_s, s.retry_after_s)
-        self._held, self.policy = True, self._m.active
-        return self.policy
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._m.gate.leave()
-
-
 class PolicyManager:
     def __init__(self, runtime, settings, metrics) -> None:
         self.engine, self.settings, self.metrics = runtime.engine, settings, metrics
@@ -151,6 +97,8 @@ class PolicyManager:
         self._swap_lock = asyncio.Lock()
         self._base: Checkpoint | None = None  # metadata of the served model, read once
         self.managed_by: str | None = None  # a policy file (server/policy_file.py) owns `active`
+        self.weights_unknown = False  # a reload and its restore both failed (module doc, 4.)
+        self.root = settings.policy_root or default_root(base_path)  # admin paths live here
         metrics.policy_active.labels(BASE).set(1)
 
     def lease(self) -> Lease:
@@ -168,9 +116,20 @@ class PolicyManager:
                            "for the whole fleet; change the file (activation here would only "
                            "swap this pod)", code="policy_file_managed")
 
+    def confine(self, path: str, param: str = "path") -> None:
+        """400 unless `path` resolves inside `policy_root` (one message for outside and missing:
+        server/policy_guard.py)."""
+        try:
+            confine(path, self.root)
+        except CheckpointError as exc:
+            raise APIError(400, exc.message, param=param, code=exc.code) from None
+
     async def register(self, body: PolicyCreate, managed: bool = False) -> PolicyStatus:
+        """`managed`: called for the policy file, whose paths are not confined to the root."""
         if body.activate:
             self._check_unmanaged(managed)
+        if body.path is not None and not managed and body.name != BASE:
+            self.confine(body.path)
         known = self.policies.get(body.name)
         if known is None and body.path is None:
             raise APIError(400, f"policy {body.name!r} is not registered: give its checkpoint "
@@ -183,9 +142,10 @@ class PolicyManager:
             resolved = known.path
         else:
             path = body.path if body.path is not None else known.path
+            root = None if managed else self.root
             if is_adapter(path):
-                return await self._register_adapter(body.name, path, known)
-            resolved = await self._validate(path)
+                return await self._register_adapter(body.name, path, known, root)
+            resolved = await self._validate(path, root=root)
             known = self.policies.get(body.name)  # re-read: another call may have registered it
             if known is not None and resolved != known.path:
                 raise APIError(409, f"policy {body.name!r} is already registered with another "
@@ -206,9 +166,10 @@ class PolicyManager:
             raise APIError(400, f"{name!r} is a LoRA adapter: requests choose it with "
                            f"`\"model\": \"{name}\"`; it is not activated", param="name",
                            code="adapter_not_activatable")
-        return await self._activate(policy, validated=False)
+        return await self._activate(policy, validated=False, managed=managed)
 
-    async def _register_adapter(self, name: str, path: str, known: Policy | None):
+    async def _register_adapter(self, name: str, path: str, known: Policy | None,
+                                root: Path | None):
         """Adapters are loaded into the engine once and chosen per request (`model`)."""
         if not (self.settings.enable_lora and self.engine.lora_enabled):
             raise APIError(400, "LoRA adapters are disabled on this server: start it with "
@@ -218,7 +179,7 @@ class PolicyManager:
         if name == self.served_name:
             raise APIError(409, f"{name!r} is the served model's name; choose another",
                            param="name", code="policy_exists")
-        resolved = await self._validate(path, adapter=True)
+        resolved = await self._validate(path, adapter=True, root=root)
         known = self.policies.get(name)  # re-read after the await
         if known is not None:
             if known.kind == "lora" and known.path == resolved:
@@ -226,28 +187,52 @@ class PolicyManager:
             raise APIError(409, f"policy {name!r} is already registered with another path "
                            f"({known.path}); choose another name", param="name",
                            code="policy_exists")
+        limit = self.settings.max_lora_adapters
+        if sum(p.kind == "lora" for p in self.policies.values()) >= limit:
+            raise APIError(409, f"{limit} LoRA adapters are loaded (max_lora_adapters); remove "
+                           "one first (DELETE /admin/policies/NAME)", param="name",
+                           code="too_many_adapters")
         try:
             await self.engine.add_adapter(name, resolved)
-        except Exception as exc:
+        except Exception:  # the details (paths, engine internals) go to the log only
             log.exception("loading adapter %r failed", name)
-            raise APIError(400, f"adapter failed to load ({type(exc).__name__}: "
-                           f"{str(exc)[:300]})", param="path", code="lora_load_failed") from None
+            raise APIError(400, "the adapter failed to load in the engine (details in the "
+                           "server log)", param="path", code="lora_load_failed") from None
         policy = self.policies[name] = Policy(name, resolved, int(time.time()), kind="lora")
         self.adapters[name] = resolved
         log.info("LoRA adapter %r registered from %s", name, resolved)
         return PolicyStatus(**policy.info(self.active).model_dump())
 
-    def remove(self, name: str) -> PolicyInfo:
+    async def remove(self, name: str) -> PolicyInfo:
         policy = self._get(name)
         if policy.kind == "lora":
-            raise APIError(409, f"{name!r} is a LoRA adapter: adapters stay loaded until the "
-                           "server restarts", param="name", code="policy_in_use")
+            return await self._remove_adapter(policy)
         if name == BASE or name == self.active:
             what = "the base policy" if name == BASE else "active"
             raise APIError(409, f"policy {name!r} is {what} and cannot be removed",
                            param="name", code="policy_in_use")
         del self.policies[name]
         self.metrics.policy_active.remove(name)
+        return policy.info(self.active)
+
+    async def _remove_adapter(self, policy: Policy) -> PolicyInfo:
+        """Unload an adapter once no running request can be using it: new requests stop
+        finding it at once; those running finish first (as for a swap, under the gate)."""
+        remove = getattr(self.engine, "remove_adapter", None)
+        if remove is None:
+            raise APIError(409, "this engine cannot unload LoRA adapters; they stay loaded until "
+                           "the server restarts", param="name", code="policy_in_use")
+        self._busy()
+        self.adapters.pop(policy.name, None)  # `model` no longer resolves to it
+        try:
+            async with self._exclusive("remove adapter " + policy.name):
+                await asyncio.wait_for(remove(policy.name), self.settings.policy_reload_timeout_s)
+        except BaseException:
+            self.adapters[policy.name] = policy.path  # still loaded: still usable
+            raise
+        del self.policies[policy.name]
+        self.metrics.policy_active.remove(policy.name)
+        log.info("LoRA adapter %r removed", policy.name)
         return policy.info(self.active)
 
     def _get(self, name: str) -> Policy:
@@ -257,7 +242,8 @@ class PolicyManager:
                            code="policy_not_found")
         return self.policies[name]
 
-    async def _validate(self, path: str, adapter: bool = False) -> str:
+    async def _validate(self, path: str, adapter: bool = False, root: Path | None = None
+                        ) -> str:
         """The checkpoint folder, resolved, once it is known to fit the served model."""
         def check() -> str:
             if self._base is None:
@@ -270,10 +256,13 @@ class PolicyManager:
                     raise CheckpointError("hot-swapping needs the served model as a local folder "
                                           f"(it was started from {base!r})", "base_not_local")
             if adapter:
-                return str(check_adapter(path, self._base, self.settings.max_lora_rank))
-            new = inspect(path)
-            check_compatible(self._base, new)
-            return str(new.path)
+                folder = check_adapter(path, self._base, self.settings.max_lora_rank, root)
+            else:
+                checkpoint = inspect(path, root)
+                check_compatible(self._base, checkpoint)
+                folder = checkpoint.path
+            check_finite(folder)  # reads every weight: before the gate closes, off the loop
+            return str(folder)
 
         try:  # reads headers and tokenizer.json: off the event loop
             return await asyncio.to_thread(check)
@@ -283,78 +272,126 @@ class PolicyManager:
 
     # ------------------------------------------------------------------ swap
 
-    async def _activate(self, policy: Policy, validated: bool) -> PolicyStatus:
+    def evicted_error(self) -> APIError:
+        """What a request still running at a swap's drain deadline ends with."""
+        return APIError(503, "a policy swap needed this request to finish and it ran past the "
+                        "swap's drain deadline; retry it", type="server_error",
+                        code="policy_swap_deadline",
+                        headers={"Retry-After": str(self.settings.retry_after_s)})
+
+    def _busy(self) -> None:
         if self._swap_lock.locked():
             raise APIError(409, "another policy swap is in progress; retry when it is done",
                            code="policy_swap_in_progress",
                            headers={"Retry-After": str(self.settings.retry_after_s)})
+
+    async def _activate(self, policy: Policy, validated: bool, managed: bool = False
+                        ) -> PolicyStatus:
+        self._busy()
         if not validated and policy.name != BASE:  # the files may have changed since
-            await self._validate(policy.path)
+            await self._validate(policy.path, root=None if managed else self.root)
         # Shielded: an admin client that hangs up must not cancel a reload half-way.
         task = asyncio.ensure_future(self._swap(policy))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, if orphaned
         return await asyncio.shield(task)
 
-    async def _swap(self, policy: Policy) -> PolicyStatus:
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, what: str) -> AsyncIterator[int]:
+        """Close the gate, wait for the running requests (ending stragglers at the drain
+        deadline), run the body with the engine to ourselves, reopen. Yields how many requests
+        were running when the gate closed."""
         async with self._swap_lock:
-            s, m, previous = self.settings, self.metrics, self.policies[self.active]
-            t0 = time.monotonic()
+            m = self.metrics
             running = self.gate.held
             self.gate.close()
             m.policy_swapping.set(1)
-            log.info("policy swap %r -> %r: waiting for %d request(s) in flight",
-                     previous.name, policy.name, running)
+            log.info("%s: waiting for %d request(s) in flight", what, running)
             try:
-                try:
-                    await asyncio.wait_for(self.gate.wait_idle(), s.policy_drain_timeout_s)
-                except TimeoutError:
-                    m.policy_swaps.labels("timeout").inc()
-                    raise APIError(503, f"{self.gate.held} request(s) were still running after "
-                                   f"{s.policy_drain_timeout_s:g} s; the swap was cancelled and "
-                                   f"policy {previous.name!r} keeps serving", type="server_error",
-                                   code="policy_swap_timeout",
-                                   headers={"Retry-After": str(s.retry_after_s)}) from None
-                t1 = time.monotonic()
-                await self._reload(policy, previous)
-                t2 = time.monotonic()
+                await self._drain()
+                yield running
             finally:
-                queued = self.gate.peak_queued
                 self.gate.open()
                 m.policy_swapping.set(0)
-            now = int(time.time())
-            policy.loaded_at, policy.activations = now, policy.activations + 1
-            m.policy_active.labels(previous.name).set(0)
-            m.policy_active.labels(policy.name).set(1)
-            m.policy_swaps.labels("ok").inc()
-            m.policy_swap_seconds.observe(t2 - t0)
-            self.active, self.swaps = policy.name, self.swaps + 1
-            swap = PolicySwap(previous=previous.name, drained_requests=running,
-                              queued_requests=queued, drain_s=round(t1 - t0, 4),
-                              reload_s=round(t2 - t1, 4), total_s=round(t2 - t0, 4))
-            log.info("policy %r active (drain %.2f s, reload %.2f s, %d queued)", policy.name,
-                     swap.drain_s, swap.reload_s, queued)
-            return PolicyStatus(**policy.info(self.active).model_dump(), swap=swap)
+
+    async def _drain(self) -> None:
+        s = self.settings
+        try:
+            await asyncio.wait_for(self.gate.wait_idle(), s.policy_drain_timeout_s)
+            return
+        except TimeoutError:
+            log.warning("policy swap: %d request(s) still running after %g s: ending them "
+                        "with 503", self.gate.held, s.policy_drain_timeout_s)
+            self.gate.evict.set()
+        try:
+            await asyncio.wait_for(self.gate.wait_idle(), EVICT_GRACE_S)
+        except TimeoutError:
+            self.metrics.policy_swaps.labels("timeout").inc()
+            raise APIError(503, f"{self.gate.held} request(s) were still running after "
+                           f"{s.policy_drain_timeout_s:g} s and did not stop; the swap was "
+                           f"cancelled and policy {self.active!r} keeps serving",
+                           type="server_error", code="policy_swap_timeout",
+                           headers={"Retry-After": str(s.retry_after_s)}) from None
+
+    async def _swap(self, policy: Policy) -> PolicyStatus:
+        m, previous = self.metrics, self.policies[self.active]
+        t0 = time.monotonic()
+        async with self._exclusive(f"policy swap {previous.name!r} -> {policy.name!r}") as running:
+            t1 = time.monotonic()
+            await self._reload(policy, previous)
+            t2 = time.monotonic()
+            queued = self.gate.peak_queued
+        now = int(time.time())
+        policy.loaded_at, policy.activations = now, policy.activations + 1
+        m.policy_active.labels(previous.name).set(0)
+        m.policy_active.labels(policy.name).set(1)
+        m.policy_swaps.labels("ok").inc()
+        m.policy_swap_seconds.observe(t2 - t0)
+        self.active, self.swaps = policy.name, self.swaps + 1
+        swap = PolicySwap(previous=previous.name, drained_requests=running,
+                          queued_requests=queued, drain_s=round(t1 - t0, 4),
+                          reload_s=round(t2 - t1, 4), total_s=round(t2 - t0, 4))
+        log.info("policy %r active (drain %.2f s, reload %.2f s, %d queued)", policy.name,
+                 swap.drain_s, swap.reload_s, queued)
+        return PolicyStatus(**policy.info(self.active).model_dump(), swap=swap)
+
+    async def _load(self, path: str | None) -> None:
+        """Reload, reset the prefix cache and run the canary, each within the reload timeout;
+        on success the weights are known again."""
+        limit = self.settings.policy_reload_timeout_s
+        await asyncio.wait_for(self.engine.reload_weights(path), limit)
+        await asyncio.wait_for(self.engine.reset_prefix_cache(), limit)
+        await asyncio.wait_for(canary(self.engine), limit)
+        self.weights_unknown = False
 
     async def _reload(self, policy: Policy, previous: Policy) -> None:
         try:
-            await self.engine.reload_weights(policy.path)
-            await self.engine.reset_prefix_cache()
+            await self._load(policy.path)
             return
-        except Exception as exc:
-            log.exception("reloading policy %r failed; restoring %r", policy.name, previous.name)
-            self.metrics.policy_swaps.labels("failed").inc()
-            reason = f"{type(exc).__name__}: {str(exc)[:300]}"
+        except CanaryFailed as exc:
+            status, code, reason = 400, "policy_canary_failed", f"the canary failed: {exc}"
+        except TimeoutError:
+            status, code = 504, "policy_load_timeout"
+            reason = f"loading took over {self.settings.policy_reload_timeout_s:g} s"
+        except Exception:  # details (paths, engine internals) go to the log only
+            status, code = 400, "policy_load_failed"
+            reason = "the engine could not load it (details in the server log)"
+        log.error("loading policy %r failed (%s); restoring %r", policy.name, reason,
+                  previous.name, exc_info=code == "policy_load_failed")
+        self.metrics.policy_swaps.labels("failed").inc()
         try:
-            await self.engine.reload_weights(previous.path)
-            await self.engine.reset_prefix_cache()
+            await self._load(previous.path)
         except Exception:
-            log.critical("restoring policy %r failed: the weights are in an unknown state",
-                         previous.name, exc_info=True)
-            raise APIError(500, "the checkpoint failed to load and the previous weights could not "
-                           "be restored; restart the server", type="server_error",
-                           code="policy_restore_failed") from None
-        raise APIError(400, f"checkpoint failed to load ({reason}); policy {previous.name!r} "
-                       "was restored and keeps serving", param="path", code="policy_load_failed")
+            self.weights_unknown = True
+            self.metrics.policy_swaps.labels("restore_failed").inc()
+            log.critical("restoring policy %r failed: the weights are in an unknown state; "
+                         "/health answers 503 until a swap succeeds", previous.name,
+                         exc_info=True)
+            raise APIError(503, "the checkpoint failed to load and the previous weights could not "
+                           "be restored: this replica refuses requests until a swap succeeds or "
+                           "it restarts", type="server_error", code="policy_restore_failed",
+                           headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        raise APIError(status, f"checkpoint rejected: {reason}; policy {previous.name!r} was "
+                       "restored and keeps serving", param="path", code=code)
 
 
 # ---------------------------------------------------------------------- admin routes
@@ -388,8 +425,9 @@ async def activate_policy(name: str, request: Request) -> PolicyStatus:
 
 @router.delete("/{name}", response_model=PolicyInfo, responses=_ERR)
 async def remove_policy(name: str, request: Request) -> PolicyInfo:
-    """Forget a registered policy (not the base one, not the active one)."""
-    return _manager(request).remove(name)
+    """Forget a registered policy (not the base one, not the active one); a LoRA adapter is
+    unloaded once the requests running now have finished."""
+    return await _manager(request).remove(name)
 
 
 def _norm(path: str | None) -> str | None:

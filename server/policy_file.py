@@ -12,8 +12,11 @@ Start-up: the replica applies the file before its warm-up, so `/ready` turns tru
 serves the file's policy; a replica the HPA adds therefore never serves a stale one.
 
 A change that cannot be applied (bad checkpoint, a drain that timed out) leaves the replica on
-its previous policy, shows under `GET /admin/status` → `policy_file.error`, and is retried at the
-next poll. `policy_file.generation` (the content hash's first 12 hex digits) says which version
+its previous policy, shows under `GET /admin/status` → `policy_file.error`, and is retried with
+exponential backoff (poll_s × 2^(failures−1), at most `MAX_BACKOFF_S`; `failures` and
+`retry_at` in the status): every retry closes the policy gate for up to the drain timeout, so a
+change that keeps failing must not keep new requests queueing. A new version of the file is
+tried at once. `policy_file.generation` (the content hash's first 12 hex digits) says which version
 each replica applied.
 
 With a policy file the admin API is read-only for activation (409 `policy_file_managed`): an
@@ -39,6 +42,7 @@ from .protocol import PolicyCreate
 
 log = logging.getLogger(__name__)
 
+MAX_BACKOFF_S = 600.0  # the longest wait between retries of a change that keeps failing
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -84,14 +88,21 @@ class PolicyFileWatcher:
         self.applied_at: float | None = None
         self.error: str | None = None
         self._seen: tuple | None = None  # (mtime_ns, size, inode) of the last read
-        self._failed: str | None = None  # generation whose apply failed (retried next poll)
+        self._failed: str | None = None  # generation whose apply failed (retried, backing off)
+        self.failures = 0  # consecutive failed applies of `_failed`
+        self.retry_at: float | None = None  # wall-clock time of the next retry (backoff)
         manager.managed_by = str(self.path)
 
     def status(self) -> dict:
         return {"path": str(self.path), "poll_s": self.poll_s,
                 "generation": self.applied.generation if self.applied else None,
                 "active": self.applied.active if self.applied else None,
-                "applied_at": self.applied_at, "error": self.error}
+                "applied_at": self.applied_at, "error": self.error,
+                "failures": self.failures, "retry_at": self.retry_at}
+
+    def backoff_s(self) -> float:
+        """Wait before retrying the change that failed `failures` times in a row."""
+        return min(MAX_BACKOFF_S, self.poll_s * 2 ** max(0, self.failures - 1))
 
     async def sync(self) -> bool:
         """Apply the file if its content changed (or a previous apply failed); True when the
@@ -108,17 +119,26 @@ class PolicyFileWatcher:
             return self.applied is not None
         self._seen = stamp
         if self.applied is not None and state.generation == self.applied.generation:
+            self._failed = self.error = self.retry_at = None  # reverted to what is served
+            self.failures = 0
             return True
+        if state.generation != self._failed:
+            self.failures = 0  # a new version: tried at once, backoff starts again
+        elif self.retry_at is not None and time.time() < self.retry_at:
+            return False  # the same failed change: wait out the backoff
         try:
             await self._apply(state)
         except APIError as exc:
             self._failed, self.error = state.generation, f"generation {state.generation}: " \
                                                          f"{exc.message}"
-            log.error("policy file: %s (still serving %r; retried at the next poll)",
-                      self.error, self.manager.active)
+            self.failures += 1
+            self.retry_at = time.time() + self.backoff_s()
+            log.error("policy file: %s (still serving %r; retried in %g s)",
+                      self.error, self.manager.active, self.backoff_s())
             return False
         self.applied, self.applied_at = state, time.time()
-        self._failed = self.error = None
+        self._failed = self.error = self.retry_at = None
+        self.failures = 0
         log.info("policy file generation %s applied: %r active", state.generation, state.active)
         return True
 

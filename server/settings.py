@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -21,6 +21,7 @@ from runtime.settings import (  # noqa: F401  (re-exported: the server's one set
 )
 
 from .policy_file import load_policy_file
+from .presets import load_presets_file, parse_preset
 
 
 class Settings(EngineSettings):
@@ -38,17 +39,52 @@ class Settings(EngineSettings):
         "start-up: a missing or malformed file stops the server.",
     )
 
+    presets: dict[str, Any] | None = Field(
+        None,
+        description="Presets: model ids that run an alignment object (server/presets.py), as "
+        "--preset NAME=JSON (repeatable) or ALIGNSERVE_PRESETS='{\"NAME\": {...}}'. Listed by "
+        "/v1/models; a request for one runs its alignment. Checked at start-up.")
+    presets_file: Path | None = Field(
+        None, description="YAML or JSON file of presets (NAME: alignment object); --preset "
+        "entries win over the file's. Checked at start-up.")
+    default_preset: str | None = Field(
+        None, description="Preset applied to requests for the base model that carry no "
+        "`alignment` (unset: those are plain sampling).")
+
+    scorers: str | None = Field(
+        None, max_length=100_000,
+        description="More scorers requests may name, loaded at start-up: comma-separated "
+        "hf:<id or path> (or ensemble names); flag --scorer NAME, repeatable. Requests can name "
+        "only built-ins, value heads, remote scorers and these (docs/security.md).")
+    tool_call_parser: str | None = Field(
+        None, max_length=64,
+        description="vLLM tool-call parser (e.g. hermes, llama3_json, pythonic) that reads the "
+        "model's own tool-call syntax: enables tool_choice 'auto' (the default with tools). "
+        "Without it tools work with tool_choice 'required' or a named function (structured "
+        "outputs, any model). Checked against the tokenizer at start-up.")
+
     max_n: int = Field(128, ge=1, le=4096, description="Largest candidates-per-answer (alignment.n).")
     max_choices: int = Field(8, ge=1, le=128, description="Largest OpenAI `n` (choices per request).")
-    max_tokens_limit: int = Field(1024, ge=1, le=1_048_576, description="Largest max_tokens.")
-    default_max_tokens: int = Field(
-        1024, ge=1, le=1_048_576,
-        description="Cap on max_tokens when a request omits it; below the cap it is what the "
-        "context leaves after the prompt (as vLLM), and what the token budget leaves.",
+    max_tokens_limit: int | None = Field(
+        None, ge=1, le=1_048_576,
+        description="Largest max_tokens (unset: the model's context, as vLLM; prompt + "
+        "max_tokens must fit the context either way).")
+    default_max_tokens: int | None = Field(
+        None, ge=1, le=1_048_576,
+        description="Cap on max_tokens when a request omits it (unset: none, as vLLM: what the "
+        "context leaves after the prompt); the token budget caps it too.",
     )
-    max_prompt_tokens: int = Field(1536, ge=1, le=1_048_576, description="Longest prompt, tokens.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, le=1_048_576,
+        description="Longest prompt, tokens (unset: the model's context less one token).")
     max_concurrent_requests: int = Field(
         64, ge=1, le=100_000, description="Requests in flight; more get 429 with Retry-After."
+    )
+    max_concurrent_requests_per_key: int | None = Field(
+        None, ge=1, le=100_000,
+        description="Requests in flight per client (per user API key; the admin key is one "
+        "client; without keys, per client address); more get 429 with Retry-After, so one key "
+        "cannot hold every slot. Unset: half of max_concurrent_requests (at least 1).",
     )
     max_body_bytes: int = Field(
         1_000_000, ge=1024, le=1_000_000_000, description="Largest request body, bytes."
@@ -76,7 +112,25 @@ class Settings(EngineSettings):
     policy_drain_timeout_s: float = Field(
         120.0, gt=0, le=3600,
         description="Policy hot-swap: how long it waits for running requests to finish on the "
-        "old weights; past it the swap is cancelled (503 to the admin), nothing fails.",
+        "old weights; past it those still running end with 503 + Retry-After (in-band for "
+        "streams) and the swap goes on. Keep request_timeout_s at or below it.",
+    )
+    policy_reload_timeout_s: float = Field(
+        300.0, gt=0, le=3600,
+        description="Policy hot-swap: the longest the engine may take to reload weights (and, "
+        "separately, to run the canary generation); past it the previous weights are restored.",
+    )
+    policy_root: Path | None = Field(
+        None,
+        description="Folder that checkpoint and adapter paths given to /admin/policies must "
+        "resolve inside (symlinks followed). Unset: the folder holding the served model; when "
+        "that is not a local folder, the admin API loads no paths. The policy file is not "
+        "confined (operator configuration).",
+    )
+    max_lora_adapters: int = Field(
+        8, ge=1, le=1024,
+        description="LoRA adapters registered at once (each holds engine memory); more get 409 "
+        "until one is removed (DELETE /admin/policies/NAME).",
     )
     policy_queue_timeout_s: float = Field(
         300.0, gt=0, le=3600,
@@ -117,6 +171,9 @@ class Settings(EngineSettings):
         description="Streams: send an SSE comment (': keep-alive') after this many seconds "
         "without an event, so proxies with idle timeouts keep best-of-n streams open while "
         "candidates are chosen; 0: never.")
+    playground: bool = Field(
+        True, description="Serve the playground page at /playground (static files; the page "
+        "asks for an API key and its /v1 calls need one as any client's do). false: 404.")
 
     @model_validator(mode="before")
     @classmethod
@@ -138,6 +195,23 @@ class Settings(EngineSettings):
             except OSError as exc:
                 raise ValueError(f"cannot read {v}: {exc.strerror or exc}") from None
         return v
+
+    @model_validator(mode="after")
+    def _presets_parse(self) -> Settings:
+        # schema errors at start-up, before the engine loads; names are checked once it is up
+        try:
+            for name, spec in self.preset_specs().items():
+                parse_preset(name, spec)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if self.default_preset is not None and self.default_preset not in self.preset_specs():
+            raise ValueError(f"default_preset {self.default_preset!r} is not a configured preset")
+        return self
+
+    def preset_specs(self) -> dict[str, Any]:
+        """NAME → spec from presets_file, then `presets` (which win)."""
+        specs = load_presets_file(self.presets_file) if self.presets_file else {}
+        return {**specs, **(self.presets or {})}
 
     @field_validator("dual")
     @classmethod

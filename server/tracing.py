@@ -78,6 +78,24 @@ def request_id_from(raw: bytes | None) -> str:
     return uuid.uuid4().hex
 
 
+_MAX_LOGGED = 2048  # characters of a path (or field) in an access line
+
+
+def log_safe(text: str) -> str:
+    """`text` fit for one log line: control and other non-printable characters (the decoded
+    path's %0A, %0D, ESC...) escaped as \\xNN / \\uNNNN, so a client cannot end the line and
+    forge another or drive a terminal; long values are cut (with '...')."""
+    if text.isprintable() and len(text) <= _MAX_LOGGED:
+        return text
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                  for c in text[:_MAX_LOGGED])
+    return out + ("..." if len(text) > _MAX_LOGGED else "")
+
+
+def _spaced(text: str) -> str:
+    return text.replace(" ", "\\x20")
+
+
 class RequestIds:
     """Pure ASGI middleware; see the module docstring."""
 
@@ -88,8 +106,8 @@ class RequestIds:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         raw = dict(scope.get("headers") or []).get(HEADER.lower().encode())
-        record = RequestRecord(request_id_from(raw), scope.get("method", ""),
-                               scope.get("path", ""))
+        record = RequestRecord(request_id_from(raw), log_safe(scope.get("method", "")),
+                               log_safe(scope.get("path", "")))
         token = _CURRENT.set(record)
         id_token = request_context.request_id.set(record.id)  # the engine's request ids
 
@@ -110,9 +128,10 @@ class RequestIds:
         finally:
             level = logging.DEBUG if record.path in _QUIET else logging.INFO
             line = record.line()
-            access_log.log(level, "%s %s %s %s", record.method, record.path,
+            # spaces too in the text line: a value cannot pose as further fields
+            access_log.log(level, "%s %s %s %s", record.method, _spaced(record.path),
                            record.status if record.status is not None else 499,
-                           " ".join(f"{k}={v}" for k, v in line.items()
+                           " ".join(f"{k}={_spaced(log_safe(str(v)))}" for k, v in line.items()
                                     if k not in ("id", "method", "path", "status")),
                            extra={"access": line})
             request_context.request_id.reset(id_token)

@@ -37,7 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, choices=("fudge", "cdq"),
                    help="fudge: regress every prefix on the final reward; cdq: Bellman targets "
                         "with a vocabulary-sized head (needed by tokenwise decoding).")
-    p.add_argument("--steps", required=True, type=_positive(int), help="Optimiser steps.")
+    p.add_argument("--steps", type=_positive(int), default=None,
+                   help="Optimiser steps (default: about 8 epochs of the training rows, "
+                        "20-2000). The best step on validation is saved (early stopping).")
     p.add_argument("--out", required=True, help="Checkpoint folder to write.")
     p.add_argument("--backbone", default=None,
                    help="Causal LM under the head: 'embedded', a folder or a Hugging Face id "
@@ -51,7 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="frozen: cache the backbone's hidden states once, train the head only "
                         "(default, fast on CPU); lora: also train LoRA adapters (peft).")
     p.add_argument("--batch-size", type=_positive(int), default=16, help="Rollouts per step (16).")
-    p.add_argument("--lr", type=_positive(float), default=1e-3, help="Head learning rate (1e-3).")
+    p.add_argument("--lr", type=_positive(float), default=None,
+                   help="Head learning rate (default: 1e-3, times sqrt(rows / 1024) below "
+                        "1,024 training rows).")
     p.add_argument("--lora-lr", type=_positive(float), default=2e-4, help="LoRA learning rate.")
     p.add_argument("--lora-r", type=_positive(int), default=8, help="LoRA rank (8).")
     p.add_argument("--val-fraction", type=_fraction, default=0.2,
@@ -70,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Also report the correlation curve of this scorer (e.g. the rollouts' "
                         "reward) applied to the validation prefixes: the baseline the head "
                         "must beat (metrics.json, correlation.png).")
+    p.add_argument("--require-gain", action="store_true",
+                   help="Exit 3 when no step beats the initial head (the training mean) on the "
+                        "held-out prompts (default: a warning on stderr, exit 0).")
     p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
 
 
@@ -123,8 +130,10 @@ def run(ns: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"alignserve train-value: error: {exc}", file=sys.stderr)
         return 1
-    summary = {k: metrics[k] for k in ("method", "train_rows", "val_rows", "initial_val_loss",
-                                       "val_loss", "initial_val_value_mse", "val_value_mse")}
+    summary = {k: metrics[k] for k in ("method", "train_rows", "val_rows", "steps", "lr",
+                                       "best_step", "last_step", "initial_val_loss",
+                                       "val_loss", "initial_val_value_mse", "val_value_mse",
+                                       "beats_initialisation", "verdict")}
     for key in ("correlation_by_prefix_length", "within_prompt_correlation_by_prefix_length",
                 "baseline_correlation_by_prefix_length",
                 "baseline_within_prompt_correlation_by_prefix_length"):
@@ -133,4 +142,12 @@ def run(ns: argparse.Namespace) -> int:
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     summary["out"] = str(Path(ns.out).expanduser())
     print(json.dumps(summary, indent=2))
+    if not metrics["beats_initialisation"]:
+        # The head saved is then the initial one, a constant (the training mean): it tilts and
+        # ranks nothing, so serving it is harmless but useless. Say so loudly; pipelines that
+        # must not go on pass --require-gain.
+        print(f"alignserve train-value: warning: {metrics['verdict']}; the saved head predicts "
+              "the training mean (it changes no decoding). More rollouts, --target advantage "
+              "or another --method may help.", file=sys.stderr)
+        return 3 if ns.require_gain else 0
     return 0

@@ -93,6 +93,7 @@ class IncrementalQ:
         self.decoder = lm.get_decoder().to(self.device, dtype)  # hidden states only, no LM head
         self.vocab_size = self.config.vocab_size
         self._std, self._mean = self.config.reward_std, self.config.reward_mean
+        self._clip = self.config.clip_range()  # the certified range (tokenwise CD's KL bound)
         with torch.inference_mode():
             self._layers = [_Layer(layer) for layer in self.decoder.layers]
             head = head.to(self.device, dtype)
@@ -105,7 +106,8 @@ class IncrementalQ:
 
     @torch.inference_mode()
     def step(self, reqs: Sequence) -> torch.Tensor:
-        """Q(x, yᵗ, ·) [b, V] in reward units, after consuming each request's unseen tokens."""
+        """Q(x, yᵗ, ·) [b, V] in reward units (clipped to the checkpoint's value_range), after
+        consuming each request's unseen tokens."""
         hidden = torch.empty(len(reqs), self.config.hidden_size, device=self.device,
                              dtype=self.decoder.embed_tokens.weight.dtype)
         one: list[int] = []
@@ -122,7 +124,10 @@ class IncrementalQ:
         if one:
             hidden[one] = self._decode([reqs[i] for i in one])
         sq = self._q(hidden)  # Q = s(h) + W·h + b (model.ValueHead.q_all)
-        return (sq[:, 1:] + sq[:, :1]).float() * self._std + self._mean
+        q = (sq[:, 1:] + sq[:, :1]).float() * self._std + self._mean
+        # clipped to the training targets' range, as every scorer of this head: the tilt's
+        # per-step KL is then ≤ min(λR, λ²R²/8) (decoding/kl.py), the bound the API reports
+        return q if self._clip is None else q.clamp_(*self._clip)
 
     # -- internals ----------------------------------------------------------------------------
 

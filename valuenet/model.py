@@ -16,7 +16,9 @@ Checkpoint folder (`save_checkpoint` / `load_checkpoint`):
     config.json        HeadConfig: format/version, method, backbone and reference paths, sizes,
                        reward_mean / reward_std (values are trained on (r − mean)/std; scorers
                        undo it), lora flag, the rollouts' sampling temperature and top_p (the
-                       values are those of that sampling distribution), training config
+                       values are those of that sampling distribution), value_range (the
+                       training targets' range in reward units: scorers clip to it), training
+                       config
     head.safetensors   the head: state.weight [1, H], state.bias [1] (+ token.weight [V, H],
                        token.bias [V] for CD-Q)
     adapter/           LoRA adapter (peft save_pretrained), only when the backbone was tuned
@@ -90,6 +92,12 @@ class HeadConfig:
     # continuing with it); None in checkpoints that predate these fields (see `sampling`).
     temperature: float | None = None
     top_p: float | None = None
+    # [lo, hi]: the range of the training targets in reward units (the rewards, or with
+    # target "advantage" r − the prompt's mean, plus the mean). Every scorer clips the head's
+    # outputs to it, which certifies the range R = hi − lo that tokenwise CD's KL bound needs
+    # (min(λR, λ²R²/8) per step: decoding/kl.py). None in checkpoints that predate it: no
+    # clipping, and no bound.
+    value_range: list[float] | None = None
     format: str = FORMAT
     version: int = 1
     train: dict = field(default_factory=dict)
@@ -101,6 +109,15 @@ class HeadConfig:
             return self.temperature, self.top_p if self.top_p is not None else 1.0
         old = self.train.get("temperature")
         return (float(old), 1.0) if old is not None else (None, None)
+
+    def clip_range(self) -> tuple[float, float] | None:
+        """`value_range` as (lo, hi), or None when the checkpoint certifies none."""
+        if self.value_range is None:
+            return None
+        lo, hi = (float(x) for x in self.value_range)
+        if not lo <= hi:
+            raise ValueError(f"value_range {self.value_range} is not an interval")
+        return lo, hi
 
     @property
     def reference_is_backbone(self) -> bool:

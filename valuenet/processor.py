@@ -45,7 +45,9 @@ too but enters the compile-cache hash, so a new set of heads would recompile the
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import os
 import re
@@ -57,6 +59,7 @@ from typing import Any, Protocol
 
 import torch
 
+log = logging.getLogger(__name__)
 ENV_HEADS = "ALIGNSERVE_CDQ_HEADS"  # JSON {head name: checkpoint folder}
 ENV_STATS = "ALIGNSERVE_CDQ_STATS"  # folder of per-request step records
 EXTRA = "cdq"  # the SamplingParams.extra_args entry that asks for the tilt
@@ -222,6 +225,7 @@ class CdqTilt:
     heads: dict[str, StepHead]
     stats_dir: str | None = None
     reqs: dict[int, _Req] = field(default_factory=dict)  # batch index → tilted request
+    recording_failed: bool = False  # a record write failed (disk full...): records are off
 
     def is_argmax_invariant(self) -> bool:
         return False  # the tilt changes the argmax; this also places it before temperature
@@ -284,13 +288,25 @@ class CdqTilt:
 
     def _record(self, reqs: Sequence[_Req], steps: Sequence[int], kls: Sequence[float],
                 bounds: Sequence[float]) -> None:
-        if self.stats_dir is None:
+        if self.stats_dir is None or self.recording_failed:
             return
-        for r, step, kl, bound in zip(reqs, steps, kls, bounds):
-            if r.fd is None:
-                r.fd = os.open(stats_path(self.stats_dir, r.args.key),
-                               os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.write(r.fd, _RECORD.pack(step, kl, bound))
+        try:
+            for r, step, kl, bound in zip(reqs, steps, kls, bounds):
+                if r.fd is None:
+                    r.fd = os.open(stats_path(self.stats_dir, r.args.key),
+                                   os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                record = _RECORD.pack(step, kl, bound)
+                if os.write(r.fd, record) != len(record):  # a full disk may write part
+                    raise OSError(errno.ENOSPC, "short write of a step record")
+        except OSError as exc:
+            # ENOSPC, EMFILE, EDQUOT...: an exception here would kill the engine's worker,
+            # i.e. every request. The records only feed the KL accounting: stop recording
+            # (answers then say their kl_estimate is missing, decoding/tokenwise_cd.py; a
+            # torn last record is skipped by read_steps) and keep tilting.
+            self.recording_failed = True
+            log.error("CD-Q step records disabled: cannot write to %s (%s); tokenwise_cd "
+                      "answers carry no kl_estimate until the engine restarts",
+                      self.stats_dir, exc)
 
 
 def _is_swap(direction) -> bool:

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from runtime.settings import add_engine_flags, engine_settings
 
 from .data import (  # noqa: F401  (read_rollouts is re-exported for other modules)
     MANIFEST,
+    ROWS,
     Manifest,
     Rollout,
     append_rollouts,
@@ -102,11 +105,64 @@ class Stats:
         return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
 
 
+def save_manifest(folder: Path, manifest: Manifest) -> None:
+    """The manifest, written atomically: to a temporary file in the same folder, then renamed
+    over the old one (os.replace), so a crash or a full disk mid-write leaves the previous
+    manifest whole, never a torn one that would stop every later resume. Same format as
+    `data.write_manifest`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+    os.replace(tmp, folder / MANIFEST)
+
+
+def repair_torn_tail(folder: Path) -> int:
+    """Cut a torn last line off the rows file (a crash or ENOSPC in the middle of an append:
+    no final newline, or a last line that is not a JSON object), so that resuming parses the
+    file and the next append does not glue a new row onto half an old one. Returns the number
+    of bytes cut (0: the file was whole)."""
+    path = Path(folder) / ROWS
+    if not path.is_file():
+        return 0
+    with path.open("rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = _last_line_start(f, size)
+        f.seek(start)
+        last = f.read()
+        if not last or (last.endswith(b"\n") and _is_object(last)):
+            return 0
+        f.truncate(start)
+    log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted write", path,
+                size - start)
+    return size - start
+
+
+def _last_line_start(f: Any, size: int, chunk: int = 1 << 16) -> int:
+    """Offset of the first byte of the file's last line (a final newline belongs to it)."""
+    pos = size - 1
+    while pos > 0:
+        lo = max(0, pos - chunk)
+        f.seek(lo)
+        i = f.read(pos - lo).rfind(b"\n")
+        if i >= 0:
+            return lo + i + 1
+        pos = lo
+    return 0
+
+
+def _is_object(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return False
+
+
 def prepare_folder(folder: Path, want: Manifest) -> set[str]:
     """Create the folder's manifest, or check an existing one against `want`; returns the
-    prompt ids already sampled."""
+    prompt ids already sampled (after cutting a torn last row, `repair_torn_tail`)."""
     if not (Path(folder) / MANIFEST).is_file():
-        write_manifest(folder, want)
+        save_manifest(folder, want)
         return set()
     have = read_manifest(folder)
     diff = [f"{k}: folder {getattr(have, k)!r}, now {getattr(want, k)!r}" for k in SAME
@@ -114,6 +170,7 @@ def prepare_folder(folder: Path, want: Manifest) -> set[str]:
     if diff:
         raise RolloutError(f"{folder} holds rollouts drawn with other settings ("
                            + "; ".join(diff) + "); use another --out or the same settings")
+    repair_torn_tail(folder)
     counts = Counter(r.prompt_id for r in iter_rollouts(folder))
     short = sorted(p for p, c in counts.items() if c != have.n)
     if short:  # an interrupted write: those prompts are kept, and reported
@@ -132,7 +189,7 @@ def record_prompt(folder: Path, manifest: Manifest, stats: Stats, rows: list, ba
     stats.rows += len(rows)
     stats.tokens += sum(len(r.token_ids) for r in rows)
     manifest.count += len(rows)
-    write_manifest(folder, manifest)
+    save_manifest(folder, manifest)
     if bar is not None:
         bar.update(1)
         bar.set_postfix(tok_s=f"{stats.tokens / (time.perf_counter() - t0):.0f}")

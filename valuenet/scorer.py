@@ -20,8 +20,18 @@ the policy it was trained on).
 A head's values are those of the rollouts' sampling distribution p_T (temperature T, top_p),
 recorded in the checkpoint and exposed as `trained_temperature` / `trained_top_p`: the tilt
 p·exp(λ·V) targets π* (Mudgal et al. 2024) only when the request samples from that same
-p_T. `warnings_for(temperature, top_p)` returns a human-readable warning for every mismatch
-(the server reports them as `alignment.warnings`); it is pure, so it can be called per request.
+p_T. `warnings_for(temperature, top_p, **controls)` returns a human-readable warning for every
+mismatch (the server reports them as `alignment.warnings`); it is pure, so it can be called per
+request. Besides temperature and top_p, every other control that changes p — top_k, min_p, the
+presence / frequency / repetition penalties, logit_bias, min_tokens (it masks EOS), structured
+output — is checked against the neutral value the rollouts were drawn with (both rollout
+producers, valuenet/rollouts.py and valuenet/http_rollouts.py, sample with them off).
+
+Values are clipped to the checkpoint's `value_range` (the training targets' range, when it
+records one) and that range is exposed as `value_range`: tokenwise CD's KL bound
+(decoding/tokenwise_cd.py) needs a certified range of Q, and the clip is what certifies it.
+Clipping changes nothing a well-fitted head predicts (E[r | prefix] lies within the rewards'
+range) and stops an extrapolating one from tilting without limit.
 
 `score(prompt, responses)` on text is an approximate fallback: the prompt is chat-templated as one
 user message with the backbone's tokenizer and responses are re-tokenised, which need not give the
@@ -50,6 +60,13 @@ from .model import (
 # 0.7000001).
 SAMPLING_TOL = 1e-6
 
+# The controls other than temperature / top_p that change the sampled distribution p, with the
+# neutral value every rollout was drawn at (a value head's values are those of that p).
+NEUTRAL_CONTROLS: dict[str, object] = {
+    "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0, "logit_bias": (), "min_tokens": 0, "structured": None,
+}
+
 # Backbone KV kept across calls, in tokens (46 KB each for SmolLM2-135M in float32: ~380 MB).
 DEFAULT_CACHE_TOKENS = 8192
 
@@ -68,25 +85,36 @@ class ValueHeadScorer:
         self._tokenizer = None
         self._ref_lm = None  # CD-Q, empty responses, reference ≠ backbone: loaded on first use
         self.trained_temperature, self.trained_top_p = self.config.sampling()
+        self.value_range = self.config.clip_range()  # None: no certified range
+        self.vocab_size = self.config.vocab_size
         # 0: no cache, every call runs the backbone over the whole prompt + response
         self._backbone = CachedBackbone(self._lm, cache_tokens) if cache_tokens > 0 else None
 
     # -- public API -------------------------------------------------------------------------
 
-    def warnings_for(self, temperature: float, top_p: float = 1.0) -> list[str]:
+    def warnings_for(self, temperature: float, top_p: float = 1.0, **controls) -> list[str]:
         """Warnings (possibly none) for using this head on a request that samples at
-        `temperature` / `top_p` (the effective values: pass 1.0 for an unset field)."""
+        `temperature` / `top_p` (the effective values: pass 1.0 for an unset field) with the
+        other sampling `controls` (`Sampling` field names; unknown ones are ignored, omitted ones
+        are neutral): every control that changes p away from the rollouts' p gets one."""
         if self.trained_temperature is None:
-            return [f"{self.name}: its checkpoint does not record the sampling temperature of "
-                    "its rollouts, so whether its values fit this request is unknown"]
-        out = []
-        for field, want, got in (("temperature", self.trained_temperature, temperature),
-                                 ("top_p", self.trained_top_p, top_p)):
-            if not math.isclose(want, got, rel_tol=SAMPLING_TOL, abs_tol=SAMPLING_TOL):
-                out.append(f"{self.name} was trained on rollouts sampled at {field} {want:g}, "
-                           f"this request samples at {field} {got:g}: its values are those of "
-                           "the other sampling distribution, so the tilt does not target π*")
+            out = [f"{self.name}: its checkpoint does not record the sampling temperature of "
+                   "its rollouts, so whether its values fit this request is unknown"]
+        else:
+            out = [self._mismatch(field, f"{want:g}", f"{got:g}")
+                   for field, want, got in (("temperature", self.trained_temperature, temperature),
+                                            ("top_p", self.trained_top_p, top_p))
+                   if not math.isclose(want, got, rel_tol=SAMPLING_TOL, abs_tol=SAMPLING_TOL)]
+        for field, neutral in NEUTRAL_CONTROLS.items():
+            got = controls.get(field, neutral)
+            if _changes_p(got, neutral):
+                out.append(self._mismatch(field, _show(neutral), _show(got)))
         return out
+
+    def _mismatch(self, field: str, want: str, got: str) -> str:
+        return (f"{self.name} was trained on rollouts sampled at {field} {want}, this request "
+                f"samples at {field} {got}: its values are those of the other sampling "
+                "distribution, so the tilt does not target π*")
 
     def score_ids(self, prompt_ids: Sequence[int], responses: Sequence[Sequence[int]]) -> list[float]:
         """V(x, y) for each response, in reward units."""
@@ -128,7 +156,11 @@ class ValueHeadScorer:
         return list(prompt_ids)
 
     def _unnormalise(self, v: float) -> float:
-        return float(v) * self.config.reward_std + self.config.reward_mean
+        """A normalised head output in reward units, clipped to the certified range."""
+        out = float(v) * self.config.reward_std + self.config.reward_mean
+        if self.value_range is not None:
+            out = min(max(out, self.value_range[0]), self.value_range[1])
+        return out
 
     def _states(self, seqs: list[list[int]]) -> States:
         """Final hidden states of each sequence (through the KV cache when there is one)."""
@@ -192,7 +224,29 @@ class QValueHeadScorer(ValueHeadScorer):
             logits = self._ref_lm(input_ids=ids, logits_to_keep=1).logits[0, -1]
         t = 1.0 if self.trained_temperature is None else self.trained_temperature  # T = 0: greedy
         probs = policy_probs(logits, t)
-        return float((probs * self._head.q_all(h_last)).sum())
+        q = self._head.q_all(h_last)
+        if self.value_range is not None:  # E_p[clipped Q], in normalised units
+            std, mean = self.config.reward_std, self.config.reward_mean
+            q = q.clamp((self.value_range[0] - mean) / std, (self.value_range[1] - mean) / std)
+        return float((probs * q).sum())
+
+
+def _changes_p(got, neutral) -> bool:
+    if isinstance(neutral, float):
+        return not math.isclose(float(got), neutral, rel_tol=SAMPLING_TOL, abs_tol=SAMPLING_TOL)
+    if neutral == ():
+        return bool(got)
+    return got != neutral
+
+
+def _show(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple):  # logit_bias pairs
+        return "{" + ", ".join(f"{t}: {b:g}" for t, b in value) + "}"
+    if value is None or value == ():
+        return "none"
+    return str(value[0] if isinstance(value, tuple) else value)
 
 
 def load_value_head(folder: str | Path, name: str | None = None) -> ValueHeadScorer:

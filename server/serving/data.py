@@ -15,6 +15,7 @@ from decoding.protocols import DecodeResult, Objective, Sampling, Scorer
 from decoding.strategies import Strategy
 
 from ..protocol import AlignmentBase
+from ..tools import ToolPlan
 
 # The endpoint (/v1/chat/completions or /v1/completions), also its `endpoint` metrics label.
 Kind = Literal["chat", "completions"]
@@ -43,11 +44,15 @@ class ResolvedRequest:
     include_usage: bool
     value: Scorer | None = None  # controlled decoding's value function (alignment.value)
     warnings: list[str] = field(default_factory=list)  # reported as alignment.warnings
+    constraint: dict | None = None  # alignment.constraint (cost_weight auto: server/constraint.py)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     logprobs: bool = False  # report the answer's token log-probs (OpenAI `logprobs`)
-    model: str = ""  # the served model or LoRA adapter answering (a metrics label)
+    model: str = ""  # the model id answering: base, preset or LoRA adapter (a metrics label)
     policy: str = ""  # the policy that answers (set once its lease is held)
     echo: bool = False  # completions: the prompt text precedes the answer
+    preset: str | None = None  # the preset whose alignment runs (server/presets.py)
+    tools: ToolPlan | None = None  # chat with tools: the answer becomes tool calls
+    continuous_usage: bool = False  # streams: usage so far in every chunk
 
     @property
     def strategy_name(self) -> str:

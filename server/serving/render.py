@@ -7,10 +7,12 @@ the non-streaming and the streaming paths report the same numbers the same way.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from decoding.protocols import DecodeResult, Sample
@@ -58,6 +60,24 @@ def logprobs(rr: ResolvedRequest, text: TokenText, sample: Sample, offset: int =
     return completion_logprobs(text, ids, lps, top, k, offset)
 
 
+def answer_message(rr: ResolvedRequest, a: Answer) -> tuple[str | None, list[dict], str]:
+    """(content, tool_calls, finish_reason) of a chat answer: with tools, the chosen text
+    parsed into tool calls (server/tools.py)."""
+    if rr.tools is None:
+        return a.result.sample.text, [], a.finish_reason
+    return rr.tools.message(a.result.sample.text, a.finish_reason)
+
+
+def whole_delta(rr: ResolvedRequest, a: Answer) -> dict:
+    """A stream's delta carrying a whole chosen answer: its text, or its tool calls (each with
+    its index, as OpenAI's streamed tool-call deltas)."""
+    content, calls, _ = answer_message(rr, a) if rr.kind == "chat" else (
+        a.result.sample.text, [], "")
+    if not calls:
+        return {"content": content}
+    return {"content": content, "tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
+
+
 def usage(rr: ResolvedRequest, answers: list[Answer]) -> Usage:
     prompt = sum(len(p.ids) for p in rr.prompts)
     completion = sum(len(a.result.sample.token_ids) for a in answers)
@@ -71,12 +91,15 @@ def alignment_info(rr: ResolvedRequest, r: DecodeResult, total_s: float) -> Alig
         return None
     candidates = None
     if r.candidates is not None:
-        candidates = [Candidate(text=c.sample.text, reward=c.reward, cost=c.cost,
+        trace = _trace(rr, r)
+        candidates = [Candidate(**trace[i], text=c.sample.text, reward=c.reward, cost=c.cost,
                                 tokens=len(c.sample.token_ids), logprob=c.sample.logprob,
                                 finish_reason=c.sample.finish_reason,
                                 token_ids=c.sample.token_ids,
-                                logprobs=c.sample.logprobs if rr.logprobs else None)
-                      for c in r.candidates]
+                                logprobs=c.sample.logprobs if rr.logprobs else None,
+                                tool_calls=(rr.tools.message(c.sample.text, "")[1]
+                                            if rr.tools else None))
+                      for i, c in enumerate(r.candidates)]
     return AlignmentInfo(
         strategy=r.strategy, n=r.n, reward=r.reward, cost=r.cost, kl_bound=r.kl_bound,
         kl_estimate=r.kl_estimate, win_rate_bound=r.win_rate_bound,
@@ -84,7 +107,25 @@ def alignment_info(rr: ResolvedRequest, r: DecodeResult, total_s: float) -> Alig
         latency=Latency(generate_s=r.timer.generate_s, score_s=r.timer.score_s,
                         total_s=total_s),
         cost_weight=rr.objective.cost_weight if rr.objective and rr.objective.cost else None,
-        candidates=candidates, warnings=[*rr.warnings, *r.warnings] or None, **r.extra)
+        candidates=candidates, warnings=[*rr.warnings, *r.warnings] or None,
+        constraint=rr.constraint, **r.extra)
+
+
+def _trace(rr: ResolvedRequest, r: DecodeResult) -> list[dict]:
+    """Per candidate: its objective (reward − cost_weight·cost), rank by it (1: best; ties share
+    the better rank) and whether it is the answer (the strategy's `chosen_index`, else the
+    candidate whose sample the answer is)."""
+    weight = rr.objective.cost_weight if rr.objective is not None else 0.0
+    objectives = [None if c.reward is None else
+                  c.reward - (weight * c.cost if c.cost is not None else 0.0)
+                  for c in r.candidates or ()]
+    chosen = r.extra.get("chosen_index")
+    out = []
+    for i, (c, o) in enumerate(zip(r.candidates or (), objectives)):
+        rank = None if o is None else 1 + sum(x is not None and x > o for x in objectives)
+        is_chosen = i == chosen if chosen is not None else c.sample is r.sample
+        out.append({"objective": o, "rank": rank, "chosen": is_chosen})
+    return out
 
 
 def aggregate(infos: list[AlignmentInfo | None]) -> AlignmentInfo | None:
@@ -109,10 +150,13 @@ def aggregate(infos: list[AlignmentInfo | None]) -> AlignmentInfo | None:
 def chat_response(rr: ResolvedRequest, answers: list[Answer], total_s: float, model: str,
                   text: TokenText) -> ChatCompletionResponse:
     infos = [alignment_info(rr, a.result, total_s) for a in answers]
-    choices = [ChatChoice(index=a.index, message=ChatMessageOut(content=a.result.sample.text),
-                          logprobs=logprobs(rr, text, a.result.sample),
-                          finish_reason=a.finish_reason, alignment=info)
-               for a, info in zip(answers, infos)]
+    choices = []
+    for a, info in zip(answers, infos):
+        content, calls, finish = answer_message(rr, a)
+        choices.append(ChatChoice(index=a.index, message=ChatMessageOut(content=content,
+                                                                        tool_calls=calls),
+                                  logprobs=logprobs(rr, text, a.result.sample),
+                                  finish_reason=finish, alignment=info))
     return ChatCompletionResponse(id=f"chatcmpl-{rr.request_id}", model=model, choices=choices,
                                   usage=usage(rr, answers), alignment=aggregate(infos))
 
@@ -141,13 +185,17 @@ class ChunkHead:
     chat: bool
     include_usage: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    continuous_usage: bool = False  # usage so far in every chunk (vLLM's continuous_usage_stats)
+    prompt_tokens: int = 0
 
     @classmethod
     def of(cls, rr: ResolvedRequest, model: str) -> ChunkHead:
         chat = rr.kind == "chat"
         return cls(id=f"{'chatcmpl' if chat else 'cmpl'}-{rr.request_id}",
                    object="chat.completion.chunk" if chat else "text_completion",
-                   model=model, chat=chat, include_usage=rr.include_usage)
+                   model=model, chat=chat, include_usage=rr.include_usage,
+                   continuous_usage=rr.continuous_usage,
+                   prompt_tokens=sum(len(p.ids) for p in rr.prompts))
 
 
 def _envelope(head: ChunkHead, choices: list[dict]) -> dict:
@@ -159,8 +207,10 @@ def _envelope(head: ChunkHead, choices: list[dict]) -> dict:
 
 
 def chunk(head: ChunkHead, index: int, delta: dict, finish_reason: str | None = None,
-          alignment: AlignmentInfo | None = None, lps: BaseModel | None = None) -> str:
-    """One choice's SSE event: chat's `delta`, or completions' `text`."""
+          alignment: AlignmentInfo | None = None, lps: BaseModel | None = None,
+          completion_tokens: int = 0) -> str:
+    """One choice's SSE event: chat's `delta`, or completions' `text`; with continuous usage,
+    the usage so far (`completion_tokens`: the stream's tokens sent up to this chunk)."""
     dumped = lps.model_dump() if lps is not None else None
     if head.chat:
         choice: dict = {"index": index, "delta": delta, "logprobs": dumped,
@@ -169,6 +219,10 @@ def chunk(head: ChunkHead, index: int, delta: dict, finish_reason: str | None = 
         choice = {"index": index, "text": delta.get("content", ""), "logprobs": dumped,
                   "finish_reason": finish_reason}
     env = _envelope(head, [choice])
+    if head.continuous_usage:
+        env["usage"] = {"prompt_tokens": head.prompt_tokens,
+                        "completion_tokens": completion_tokens,
+                        "total_tokens": head.prompt_tokens + completion_tokens}
     if alignment is not None:
         choice["alignment"] = alignment.model_dump()
         env["alignment"] = choice["alignment"]
@@ -197,4 +251,34 @@ def error_event(err: APIError) -> str:
 
 
 def _event(obj: Any) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+    return f"data: {strict_dumps(obj)}\n\n"
+
+
+# ---------------------------------------------------------------- strict JSON out
+
+
+def finite(obj: Any) -> Any:
+    """`obj` (JSON-able: dicts, lists, scalars) with every NaN and ±inf replaced by None.
+    JSON has no such numbers: Python's json writes the non-JSON literals `NaN`/`Infinity`
+    that strict parsers refuse, and with allow_nan=False it raises after all the compute.
+    null is what pydantic's own JSON mode writes for them (`ser_json_inf_nan='null'`)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def strict_dumps(obj: Any) -> str:
+    """Compact, strict JSON (RFC 8259): non-finite floats become null, never `NaN`."""
+    return json.dumps(finite(obj), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+class StrictJSONResponse(JSONResponse):
+    """The app's default response class (server/app.py): bodies as `strict_dumps` writes
+    them, so a non-finite number (a -inf log-prob, a score) is null, not a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return strict_dumps(content).encode("utf-8")

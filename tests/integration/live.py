@@ -91,14 +91,20 @@ class Server:
         return total
 
 
-def start(log: Path, args: Sequence[str] = (), env: dict[str, str] | None = None) -> Server:
+# The test servers' context: small, so the KV cache and start-up stay small. A server started
+# with `limits=()` has the model's own context (8,192 tokens) and the default limits.
+TEST_LIMITS = ("--max-model-len", "1024", "--max-prompt-tokens", "512")
+
+
+def start(log: Path, args: Sequence[str] = (), env: dict[str, str] | None = None,
+          limits: Sequence[str] = TEST_LIMITS) -> Server:
     """Start `alignserve serve` on a free loopback port without waiting for it (several can
     start in parallel: `wait_healthy` each afterwards)."""
     port = free_port()
     env = {**os.environ, "ALIGNSERVE_KV_CACHE_GIB": "2", "ALIGNSERVE_MAX_CONCURRENT_REQUESTS": "64",
            **(env or {})}
     cmd = [ALIGNSERVE, "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", "1024", "--max-prompt-tokens", "512", *args]
+           *limits, *args]
     with open(log, "w") as fh:
         # its own process group, so that `kill_group` reaches the engine processes too
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
@@ -126,8 +132,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def serving(log: Path, args: Sequence[str] = (), env: dict[str, str] | None = None,
-            probe: str = "/ready") -> Iterator[Server]:
-    srv = start(log, args, env)
+            probe: str = "/ready", limits: Sequence[str] = TEST_LIMITS) -> Iterator[Server]:
+    srv = start(log, args, env, limits)
     try:
         wait_healthy(f"{srv.base_url}{probe}", srv.proc, log)
         yield srv

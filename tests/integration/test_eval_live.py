@@ -58,3 +58,23 @@ def test_eval_over_http(server, tmp_path):
     md = (out / "report.md").read_text()
     assert "## helpful prompts" in md and "## adversarial prompts" in md
     assert all((out / p).stat().st_size > 5000 for p in PLOTS)
+
+
+def test_prefill_attack_over_http(server, tmp_path):
+    """Qi et al.'s prefill attack against the session's server: the first k tokens of the
+    shipped harmful answers go over the API as assistant prefill; attack success per k."""
+    out = tmp_path / "prefill"
+    rc = main(["eval", "--server", server.base_url, "--prefill", "6", "--limit", "3",
+               "--strategies", "none,best_of_n", "--n", "2", "--max-tokens", "12",
+               "--reward", "relevance", "--cost", "profanity", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads((out / "prefill.json").read_text())
+    assert doc["config"]["k"] == [0, 6] and doc["config"]["attacks"] == 3
+    rows = {(r["label"], r["k"]): r for r in doc["attack"]}
+    assert set(rows) == {(s, k) for s in ("none", "best_of_n n=2") for k in (0, 6)}
+    for r in rows.values():
+        assert 0 <= r["attack_success"] <= 1 and r["answers"] == 3
+    # only the continuation is generated and judged: no answer repeats its prefill
+    prefilled = doc["settings"]["6"][0]["answers"]
+    assert all(a["generated_tokens"] <= 12 for a in prefilled)
+    assert (out / "prefill_attack.png").stat().st_size > 1000

@@ -23,7 +23,8 @@ GREEDY = {"messages": [{"role": "user", "content": "Name three colours of the ra
 def lora_server(launch_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora-server")
     with launch_server(folder / "server.log", ["--kv-cache-gib", "1", "--enable-lora", "true",
-                                               "--max-lora-rank", "8"],
+                                               "--max-lora-rank", "8", "--policy-root",
+                                               str(tmp_path_factory.getbasetemp())],
                        env={"ALIGNSERVE_ADMIN_KEY": ADMIN_KEY}) as srv:
         yield srv
 
@@ -84,6 +85,26 @@ def test_adapter_is_chosen_per_request_by_model(lora_server, adapter):
     # an adapter is not a full policy: it cannot be activated
     r = httpx.post(f"{url}/admin/policies/noisy-lora/activate", headers=ADMIN, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_not_activatable"
+
+
+def test_vllms_lora_routes_load_and_unload(lora_server, adapter):
+    """/v1/load_lora_adapter and /v1/unload_lora_adapter, as vLLM's server has them (admin key
+    here), on the /admin/policies machinery: the same adapter answers as through it."""
+    url = lora_server.base_url
+    body = {"lora_name": "noisy-vllm", "lora_path": str(adapter)}
+    assert httpx.post(f"{url}/v1/load_lora_adapter", json=body, timeout=60).status_code == 401
+    r = httpx.post(f"{url}/v1/load_lora_adapter", json=body, headers=ADMIN, timeout=300)
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'noisy-vllm' added successfully."
+    assert "noisy-vllm" in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+    via_vllm_route, _ = chat(lora_server, {**GREEDY, "model": "noisy-vllm"})
+    base_answer, _ = chat(lora_server, GREEDY)
+    assert via_vllm_route != base_answer
+    r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "noisy-vllm"},
+                   headers=ADMIN, timeout=300)
+    assert r.status_code == 200, r.text
+    r = httpx.post(f"{url}/v1/chat/completions", json={**GREEDY, "model": "noisy-vllm"},
+                   timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 # ---------------------------------------------------------------- Aligner correctors

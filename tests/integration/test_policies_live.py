@@ -37,7 +37,9 @@ def _base_folder(srv) -> Path:
 @pytest.fixture(scope="module")
 def policy_server(launch_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("policy-server")
-    with launch_server(folder / "server.log", ["--kv-cache-gib", "1"],
+    # the checkpoints this module registers live in pytest's temp folders
+    with launch_server(folder / "server.log", ["--kv-cache-gib", "1", "--policy-root",
+                                               str(tmp_path_factory.getbasetemp())],
                        env={"ALIGNSERVE_ADMIN_KEY": ADMIN_KEY}) as srv:
         yield srv
 

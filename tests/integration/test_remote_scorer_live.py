@@ -93,7 +93,8 @@ def _ask(base: str, reward: str, strategy: str = "best_of_n", **alignment) -> ht
 def test_remote_reward_model_kill_and_recover(reward_server, launch_server, tmp_path):
     rm = reward_server
     args = ["--remote-scorer", f"rm={rm.url}", "--remote-scorer-timeout-s", "10",
-            "--remote-scorer-retries", "1", "--scorer-threads", "4"]
+            "--remote-scorer-retries", "1", "--scorer-threads", "4",
+            "--scorer", f"hf:{rm.model}"]  # requests may name only what start-up loaded
     with launch_server(tmp_path / "server.log", args) as srv:
         # Best-of-n and speculative rejection, scored by the remote RM.
         for strategy, extra in (("best_of_n", {}),

@@ -59,14 +59,20 @@ def test_hf_reward_model_scores_in_batches(tiny_reward_model):
     assert len(set(round(x, 6) for x in batched)) > 1
 
 
-def test_hf_reward_model_through_the_api(client, model_name, tiny_reward_model):
-    name = f"hf:{tiny_reward_model}"
+def test_a_request_cannot_load_a_reward_model(client, model_name, tiny_reward_model):
+    """The session server was not started with --scorer hf:...: naming one is a generic 400
+    that loads nothing and does not say whether the path exists (docs/security.md). A server
+    started with --scorer serves it: test_remote_scorer_live compares it with the remote RM."""
+    import openai
+
     msgs = [{"role": "user", "content": "Name a fruit."}]
-    r = client.chat.completions.create(
-        model=model_name, messages=msgs, max_tokens=12,
-        extra_body={"alignment": {"strategy": "best_of_n", "n": 4, "reward": name,
-                                  "return_candidates": True}})
-    a = r.model_extra["alignment"]
-    assert a["reward"] == max(c["reward"] for c in a["candidates"])
-    local = HFRewardScorer(str(tiny_reward_model)).score("Name a fruit.", [r.choices[0].message.content])
-    assert a["reward"] == pytest.approx(local[0], abs=1e-4)
+    for name in (f"hf:{tiny_reward_model}", "hf:/no/such/folder"):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(
+                model=model_name, messages=msgs, max_tokens=12,
+                extra_body={"alignment": {"strategy": "best_of_n", "n": 4, "reward": name}})
+        assert exc.value.body["code"] == "unknown_scorer"
+        assert str(tiny_reward_model) not in exc.value.body["message"]
+        assert "no/such" not in exc.value.body["message"]
+    local = HFRewardScorer(str(tiny_reward_model)).score("Name a fruit.", ["An apple."])
+    assert len(local) == 1  # the model itself loads fine in-process

@@ -29,10 +29,14 @@ class FakeTokenizer:
     def __len__(self) -> int:
         return 10_000
 
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True,
+                            continue_final_message=False, **variables):
+        """Like HF's: `<role> content` turns; extra template variables appear as `{k=v}`."""
         if messages[0]["role"] == "assistant":
             raise ValueError("conversation must not start with the assistant")
-        return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
+        text = " ".join(f"<{m['role']}> {m['content']}" for m in messages)
+        text += "".join(f" {{{k}={v}}}" for k, v in sorted(variables.items()))
+        return text + (" <assistant>" if add_generation_prompt else "")
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]
@@ -139,6 +143,9 @@ class FakeEngine:
 
     async def add_adapter(self, name: str, path: str) -> None:
         self.adapters[name] = path
+
+    async def remove_adapter(self, name: str) -> None:
+        self.adapters.pop(name)
 
     async def generate(self, prompt_ids, n: int, sampling: Sampling) -> list[Sample]:
         self.calls.append((list(prompt_ids), n, sampling))
@@ -295,8 +302,8 @@ def make_app(engine: FakeEngine | None = None, tracer=None, **overrides):
     scorers = ScorerRegistry({"good_count": WordReward, "bad_count": lambda: WordReward("bad", "bad_count"),
                               "fixed": lambda: FixedScores([3, 1, 2, 0] * 16),
                               "exploding": Exploding}, None)
-    settings = Settings(default_reward="good_count", max_n=16, max_choices=4,
-                        max_tokens_limit=64, max_prompt_tokens=40, **overrides)
+    settings = Settings(**{"default_reward": "good_count", "max_n": 16, "max_choices": 4,
+                           "max_tokens_limit": 64, "max_prompt_tokens": 40, **overrides})
     runtime = Runtime(engine=engine, scorers=scorers, ctx=DecodeContext(engine), model_name="fake")
     return build_app(settings, runtime, registry=CollectorRegistry(), tracer=tracer)
 

@@ -1,8 +1,8 @@
 """Package rules (docs/ARCHITECTURE.md), read from the source with ast: who may import whom.
 
 - decoding/ is pure: no vllm, no fastapi, no other project package;
-- vllm is imported only by the runtime's engine-side modules (the engine wrapper and the
-  logits processor it loads into its worker);
+- vllm is imported only by the runtime's engine-side modules (the engine wrapper, the
+  logits processor it loads into its worker, and vLLM's tool-call schema and parsers);
 - the offline packages (valuenet, finetune, evaluation, dual, bench) and runtime never import
   server: the server sits on top of runtime, not under the tools;
 - runtime imports only valuenet's model code (value heads: the scorer, the in-engine tilt), and
@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = {"server", "runtime", "decoding", "valuenet", "finetune", "evaluation", "dual"}
 OFFLINE = ("valuenet", "finetune", "evaluation", "dual", "bench")
-VLLM_MODULES = {"runtime/engine.py", "runtime/cdq_plugin.py"}
+VLLM_MODULES = {"runtime/engine.py", "runtime/cdq_plugin.py", "runtime/tools.py"}
 # valuenet's model code: what runtime may use (value heads as scorers, the CD-Q tilt)
 VALUE_HEAD_CODE = {"valuenet.scorer", "valuenet.incremental", "valuenet.processor",
                    "valuenet.model", "valuenet.kvcache"}

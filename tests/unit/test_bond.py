@@ -82,10 +82,10 @@ def test_backward_cost_kl_and_surrogate_gradient_by_hand():
     assert backward_cost(pol, ref, logq, n).tolist() == pytest.approx(c)
     assert backward_kl_estimate(pol, ref, logq, n) == pytest.approx(sum(c) / 3 - math.log(4))
     loss = bond_backward_loss(pol, ref, logq, n)
-    mean = sum(c) / 3
-    assert loss.tolist() == pytest.approx([(ci - mean) * p for ci, p in zip(c, [-3, -5, -4])])
-    loss.sum().backward()  # REINFORCE: ∇ = (c − c̄)·∇log π, c held constant
-    assert pol.grad.tolist() == pytest.approx([ci - mean for ci in c])
+    loo = [(sum(c) - ci) / 2 for ci in c]  # leave-one-out baseline: the other samples' mean
+    assert loss.tolist() == pytest.approx([(ci - b) * p for ci, b, p in zip(c, loo, [-3, -5, -4])])
+    loss.sum().backward()  # REINFORCE: ∇ = (c_i − b_i)·∇log π, c held constant
+    assert pol.grad.tolist() == pytest.approx([ci - b for ci, b in zip(c, loo)])
 
 
 def test_jeffreys_mixes_the_two_terms():
@@ -215,3 +215,38 @@ def test_train_bond_on_a_tiny_llama_saves_a_merged_checkpoint(tmp_path):
     weights = load_file(str(cfg.out / "model.safetensors"))
     assert weights and not any("lora" in k for k in weights)
     assert (cfg.out / "tokenizer.json").is_file()
+
+
+def test_backward_baseline_is_leave_one_out_within_each_prompt():
+    """Issue 26 item 10: each sample's baseline is the mean cost of its prompt's other samples
+    (independent of the sample itself); a prompt with one sample gets none."""
+    from finetune.bond_losses import bond_backward_loss, leave_one_out_baseline
+
+    cost = torch.tensor([1.0, 3.0, 10.0, 20.0, 40.0, 7.0])
+    groups = torch.tensor([0, 0, 1, 1, 1, 2])
+    assert leave_one_out_baseline(cost, groups).tolist() == pytest.approx(
+        [3.0, 1.0, 30.0, 25.0, 15.0, 0.0])
+    pol = torch.zeros(6, requires_grad=True)
+    ref = -cost  # c = log π_θ − log π_ref − (n − 1)·log q = cost with q = 1
+    bond_backward_loss(pol, ref, torch.zeros(6), 4, groups).sum().backward()
+    assert pol.grad.tolist() == pytest.approx([-2.0, 2.0, -20.0, -5.0, 25.0, 7.0])
+
+
+def test_bond_log_probs_are_of_the_tempered_policy():
+    """Issue 26 item 10: with rollouts at temperature T, log π_θ is of softmax(logits / T), the
+    law the rollouts (and the backward term's samples) were drawn from."""
+    from finetune.bond_trainer import answer_logps
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([2.0, 0.0, -1.0, 0.5]))
+
+        def forward(self, input_ids, attention_mask, use_cache):
+            return type("Out", (), {"logits": self.w.expand(*input_ids.shape, 4)})()
+
+    model = Toy()
+    for t in (1.0, 0.5, 2.0):
+        got = answer_logps(model, [[0]], [[1, 3]], 0, 16, t)
+        logp = torch.log_softmax(model.w.detach() / t, -1)
+        assert float(got[0]) == pytest.approx(float(logp[1] + logp[3]), rel=1e-6)

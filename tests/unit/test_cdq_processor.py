@@ -324,7 +324,9 @@ async def test_tokenwise_uses_one_tilted_engine_request_per_answer():
     steps = len(res.sample.token_ids)
     assert steps == 12 and res.extra["in_engine"] and res.extra["steps"] == steps
     assert res.kl_estimate == pytest.approx(sum(0.01 * (i + 1) for i in range(steps)))
-    assert res.kl_bound == pytest.approx(steps) and res.scored_candidates == 0
+    # FakeQHead certifies no value range: no bound on KL(π‖p); the path's own bound moved
+    assert res.kl_bound is None and res.extra["kl_path_bound"] == pytest.approx(steps)
+    assert res.scored_candidates == 0
     assert "".join(pieces) == res.sample.text == engine.decode(res.sample.token_ids)
     assert len(pieces) == steps  # streamed token by token
 

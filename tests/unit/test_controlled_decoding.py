@@ -210,16 +210,88 @@ async def test_tokenwise_kl_sum_matches_a_hand_computation():
     base = {t: p / 0.95 for t, p in zip([0, 1, 2], [0.5, 0.3, 0.15])}
     tilted = expected(1.5)
     step_kl = sum(tilted[t] * math.log(tilted[t] / base[t]) for t in base)
-    assert res.kl_estimate == pytest.approx(5 * step_kl)
-    assert res.kl_bound == pytest.approx(5 * 1.5 * (2.0 - 0.0)) and res.kl_bound >= res.kl_estimate
+    # against p itself: the renormalised top-3 tilt's KL plus −log(top-3 mass) per step
+    assert res.kl_estimate == pytest.approx(5 * (step_kl - math.log(0.95)))
+    assert res.kl_estimate == pytest.approx(5 * sum(
+        tilted[t] * math.log(tilted[t] / math.exp(LOGP[t])) for t in base))
     assert res.extra["kl_outside_top_k"] == pytest.approx(-5 * math.log(0.95))
+    # FakeQHead certifies no range for its values: no bound on KL(π‖p), only the path's
+    assert res.kl_bound is None
+    assert res.extra["kl_path_bound"] == pytest.approx(5 * (1.5 * 2.0 - math.log(0.95)))
     assert res.generated_tokens == res.extra["steps"] == 5 and res.scored_candidates == 15
     assert res.sample.finish_reason == "length" and len(res.sample.token_ids) == 5
     # Sample.logprobs keep the policy's own log-probs, not the renormalised ones
     assert res.sample.logprobs == [LOGP[t] for t in res.sample.token_ids]
     zero = await TOKENWISE.run(tokenwise(FakeQHead(Q), lam=0.0, max_tokens=5),
                                DecodeContext(engine))
-    assert zero.kl_estimate == pytest.approx(0.0, abs=1e-12) and zero.kl_bound == 0.0
+    # λ = 0 is top-k sampling: its KL against p is the outside mass alone
+    assert zero.kl_estimate == pytest.approx(-5 * math.log(0.95))
+    assert zero.extra["kl_path_bound"] == pytest.approx(zero.kl_estimate)
+
+
+class RangedQ(FakeQHead):
+    """FakeQHead that certifies its values' range (as a valuenet head clipped to its training
+    targets' range does) and names its vocabulary size."""
+
+    def __init__(self, q, value_range=(0.0, 5.0), vocab_size=4):
+        super().__init__(q)
+        self.value_range, self.vocab_size = value_range, vocab_size
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.5])
+async def test_tokenwise_per_token_kl_bound_is_certified_by_the_range(lam):
+    """max_tokens·(min(λR, λ²R²/8) + log(V/k)): a bound on KL(π‖p) for any path and length,
+    not the path's own sum (it stays the same whatever the answer drew)."""
+    engine = FakeEngine()
+    engine.next_logprobs = dict(LOGP)
+    res = await TOKENWISE.run(tokenwise(RangedQ(Q), top_k=3, lam=lam, max_tokens=5, seed=4),
+                              DecodeContext(engine))
+    step = min(lam * 5.0, (lam * 5.0) ** 2 / 8) + math.log(4 / 3)
+    assert res.kl_bound == pytest.approx(5 * step)
+    assert 0 <= res.kl_estimate <= res.kl_bound
+
+
+class TiltingToy(FakeEngine):
+    """FakeEngine with `tilted`: a uniform sample of `length` tokens, and the step records an
+    engine would send (`step_kl` None: an engine that sent none)."""
+
+    tilt_heads = frozenset({"value:q"})
+
+    def __init__(self, step_kl=0.01, length=3):
+        super().__init__(full_length=True)
+        self.step_kl, self.length = step_kl, length
+
+    async def tilted(self, prompt_ids, sampling, tilt):
+        from decoding.protocols import SampleDelta
+
+        n = self.length
+        for k in range(n):
+            last = k == n - 1
+            yield SampleDelta(0, [k % 8], " " + WORDS[k % 8], [math.log(1 / 8)],
+                              "stop" if last else None,
+                              step_kl=[self.step_kl] * n if last and self.step_kl else None,
+                              step_kl_bound=[0.5] * n if last and self.step_kl else None)
+
+
+async def test_tokenwise_in_engine_bound_uses_the_budget_not_the_answer_length():
+    """The answer stopped after 3 of 12 tokens; KL(π‖p) = E_π[Σ_{t<T} KLₜ] needs E_π[T], which
+    a short answer does not bound: the bound is max_tokens·min(λR, λ²R²/8)."""
+    req = DecodeRequest(PROMPT, "p", Sampling(max_tokens=12), n=1, value=RangedQ({}, (-1, 1)),
+                        options=TOKENWISE.Options(lambda_=0.5))
+    res = await TOKENWISE.run(req, DecodeContext(TiltingToy()))
+    assert res.extra["in_engine"] and len(res.sample.token_ids) == 3
+    assert res.kl_bound == pytest.approx(12 * min(0.5 * 2, (0.5 * 2) ** 2 / 8))
+    assert res.kl_estimate == pytest.approx(0.03)
+    assert res.extra["kl_path_bound"] == pytest.approx(1.5)  # Σ λ·spread: not kl_bound
+
+
+async def test_tokenwise_in_engine_without_step_records_reports_no_estimate():
+    req = DecodeRequest(PROMPT, "p", Sampling(max_tokens=12), n=1, value=RangedQ({}, (-1, 1)),
+                        options=TOKENWISE.Options(lambda_=0.5))
+    res = await TOKENWISE.run(req, DecodeContext(TiltingToy(step_kl=None)))
+    assert res.kl_estimate is None and res.extra["kl_path_bound"] is None
+    assert res.kl_bound is not None  # the certified bound does not need the records
+    assert any("kl_estimate is null" in w for w in res.warnings)
 
 
 def test_tilt_is_stable_for_extreme_values():

@@ -146,9 +146,16 @@ CHAT = {"model": "fake", "messages": [{"role": "user", "content": "say something
         "max_tokens": 8}
 
 
-def dual_file(tmp_path, lam=2.5, reward="good_count", cost="bad_count"):
+def dual_file(tmp_path, lam=2.5, reward="good_count", cost="bad_count", bon=None,
+              reference=None, sampling=None):
+    """A dual file whose best-of-8 λ is `lam` (stored table, no reference scores) unless
+    `bon` / `reference` say otherwise."""
     path = tmp_path / "dual.json"
-    save_solution(path, DualSolution(lam, 0.5, -0.2, reward, cost, -0.2, -0.6, 4, 8, True))
+    table = {8: {"lambda": lam, "predicted_safety": -0.2, "interval": [-0.25, -0.15],
+                 "edge": lam}} if bon is None else bon
+    save_solution(path, DualSolution(lam, 0.5, -0.2, reward, cost, -0.2, -0.6, 4, 8, True,
+                                     sampling=sampling or {}, best_of_n=table,
+                                     reference=reference))
     return path
 
 
@@ -158,7 +165,7 @@ async def post(app, body):
         return await c.post("/v1/chat/completions", json=body)
 
 
-@pytest.mark.parametrize("strategy", ["best_of_n", "speculative_rejection"])
+@pytest.mark.parametrize("strategy", ["best_of_n"])
 async def test_auto_uses_the_dual_lambda(tmp_path, strategy):
     app = make_app(FakeEngine(seed=5, full_length=True), dual=dual_file(tmp_path))
     # no cost named: "auto" brings the dual's cost scorer along
@@ -287,3 +294,166 @@ def test_dual_cli_infeasible_exits_1_without_a_file(tmp_path, capsys):
                  "--threshold", str(achievable_safety(g) + 0.1)]) == 1
     assert "infeasible" in capsys.readouterr().err
     assert not (tmp_path / "dual.json").exists()
+
+
+# ------------------------------------------------- "auto" under the rule actually served (issue 26)
+
+
+def toy_reference():
+    """The issue's toy as K = 10 reference samples: p(A) = 0.1 (r = 1, g = −1), p(B) = 0.9."""
+    return {"rewards": [[1.0] + [0.0] * 9], "safety": [[-1.0] + [0.0] * 9]}
+
+
+def test_best_of_n_auto_meets_b_on_the_toy_where_lambda_star_does_not():
+    """β = 0.1, b = −0.3: λ* ≈ 0.865 gives best-of-8 E[g] ≈ −0.57; the rule's own λ meets b."""
+    from decoding.dual_rules import bon_safety
+    from server.constraint import served
+    from server.protocol import ChatCompletionRequest
+
+    ref = toy_reference()
+    r, g = np.array(ref["rewards"]), np.array(ref["safety"])
+    lam_star = solve_dual(r, g, 0.1, -0.3)
+    assert lam_star == pytest.approx(0.865, abs=1e-3)
+    assert bon_safety(r, g, 8, lam_star) == pytest.approx(-0.57, abs=0.005)
+    dual = DualSolution(lam_star, 0.1, -0.3, "good_count", "bad_count", -0.3, -0.1, 1, 10, True,
+                        reference=ref)
+    a = ChatCompletionRequest.model_validate(
+        {**CHAT, "alignment": {"strategy": "best_of_n", "n": 8, "cost_weight": "auto"}}).alignment
+    s = served(a, dual)
+    assert s.lam > 1.0 and bon_safety(r, g, 8, s.lam) >= -0.3
+    assert s.report["predicted_safety"] >= -0.3 and s.report["rule"] == "best_of_n"
+    assert s.report["lambda"] == s.lam and "not a per-answer" in s.report["scope"]
+
+
+def _alignment(strategy, n=8, **extra):
+    from server.protocol import ChatCompletionRequest
+
+    return ChatCompletionRequest.model_validate(
+        {**CHAT, "alignment": {"strategy": strategy, "n": n, "cost_weight": "auto",
+                               **extra}}).alignment
+
+
+@pytest.mark.parametrize("strategy", ["speculative_rejection", "blockwise_cd"])
+async def test_auto_is_refused_for_rules_it_is_not_solved_for(tmp_path, strategy):
+    app = make_app(FakeEngine(seed=5, full_length=True), dual=dual_file(tmp_path))
+    r = await post(app, {**CHAT, "alignment": {"strategy": strategy, "n": 4,
+                                               "cost_weight": "auto"}})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "alignment.cost_weight" and err["code"] == "dual_unsupported_strategy"
+    assert strategy in err["message"] and "not computed" in err["message"]
+
+
+async def test_auto_best_of_n_at_an_unstored_n_without_reference_is_400(tmp_path):
+    app = make_app(FakeEngine(seed=5, full_length=True), dual=dual_file(tmp_path))
+    r = await post(app, {**CHAT, "alignment": {"strategy": "best_of_n", "n": 4,
+                                               "cost_weight": "auto"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "alignment.n"
+    assert r.json()["error"]["code"] == "dual_n_unsolved" and "n = 8" in r.text
+
+
+async def test_auto_best_of_n_solves_an_unstored_n_from_the_reference(tmp_path):
+    from decoding.dual_rules import solve_bon
+
+    rr, gg = synthetic(prompts=5, samples=8)
+    gg = gg + 0.25  # mean safety −0.22: below b = −0.2 (dual_file's), reachable at n = 4
+    path = dual_file(tmp_path, bon={}, reference={"rewards": rr.tolist(), "safety": gg.tolist()})
+    b = -0.2
+    assert solve_bon(rr, gg, 4, b).lam > 0
+    app = make_app(FakeEngine(seed=5, full_length=True), dual=path)
+    r = await post(app, {**CHAT, "alignment": {"strategy": "best_of_n", "n": 4,
+                                               "cost_weight": "auto"}})
+    assert r.status_code == 200, r.text
+    assert r.json()["alignment"]["cost_weight"] == pytest.approx(solve_bon(rr, gg, 4, b).lam)
+    # n = 1 is plain sampling: no λ meets b when the reference's mean safety misses it
+    r = await post(app, {**CHAT, "alignment": {"strategy": "best_of_n", "n": 1,
+                                               "cost_weight": "auto"}})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "constraint_infeasible"
+    assert r.json()["error"]["param"] == "alignment.n"
+
+
+async def test_auto_soft_best_of_n_selects_at_beta(tmp_path):
+    app = make_app(FakeEngine(seed=5, full_length=True), dual=dual_file(tmp_path))
+    r = await post(app, {**CHAT, "alignment": {"strategy": "soft_best_of_n", "n": 4,
+                                               "cost_weight": "auto",
+                                               "selection_temperature": 2.0}})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "alignment.selection_temperature"
+    from server.constraint import served, with_rule_options
+
+    dual = load_solution(dual_file(tmp_path))
+    a = with_rule_options(_alignment("soft_best_of_n", 4), dual)
+    s = served(a, dual)
+    assert a.selection_temperature == 0.5 and s.lam == 2.5  # β and λ* of the dual
+    assert s.report["tilted_safety"] == -0.2 and s.warnings  # no reference: n not predicted
+    r = await post(app, {**CHAT, "alignment": {"strategy": "soft_best_of_n", "n": 4,
+                                               "cost_weight": "auto",
+                                               "selection_temperature": 0.5}})
+    assert r.status_code == 200 and r.json()["alignment"]["cost_weight"] == 2.5
+
+
+def test_auto_soft_best_of_n_predicts_its_safety_and_ess_from_the_reference(tmp_path):
+    from server.constraint import served
+
+    rr, gg = synthetic(prompts=5, samples=8)
+    dual = load_solution(dual_file(tmp_path, reference={"rewards": rr.tolist(),
+                                                        "safety": gg.tolist()}))
+    rep = served(_alignment("soft_best_of_n", 4, selection_temperature=0.5), dual).report
+    lo, hi = rep["predicted_safety_interval"]
+    assert lo <= rep["predicted_safety"] <= hi and 1.0 <= rep["selection_ess"] <= 4.0
+    assert rep["selection_temperature"] == 0.5
+    again = served(_alignment("soft_best_of_n", 4, selection_temperature=0.5), dual).report
+    assert again == rep  # memoised, seeded
+
+
+def test_sampling_and_policy_warnings():
+    from decoding.protocols import Sampling
+    from server.constraint import constraint_report, stale_policy_warnings
+
+    rec = {"model": "fake", "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+           "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+           "max_tokens": 8}
+    dual = DualSolution(2.5, 0.5, -0.2, "good_count", "bad_count", -0.2, -0.6, 4, 8, True,
+                        sampling=rec, best_of_n={8: {"lambda": 2.5, "predicted_safety": -0.2,
+                                                     "interval": [-0.25, -0.15]}})
+    a = _alignment("best_of_n")
+    report, warnings = constraint_report(a, dual, Sampling(max_tokens=8), "fake")
+    assert report["lambda"] == 2.5 and report["predicted_safety_interval"] == [-0.25, -0.15]
+    assert warnings == []
+    _, warnings = constraint_report(a, dual, Sampling(max_tokens=16, temperature=0.7,
+                                                      repetition_penalty=1.2), "fake")
+    assert len(warnings) == 1
+    for field in ("max_tokens 16", "temperature 0.7", "repetition_penalty 1.2"):
+        assert field in warnings[0]
+    _, warnings = constraint_report(a, dual, Sampling(max_tokens=8), "other-model")
+    assert "model 'other-model'" in warnings[0]
+    assert constraint_report(None, dual, Sampling(max_tokens=8), "fake") == (None, [])
+    assert stale_policy_warnings(a, dual, "base") == []
+    assert "stale" in stale_policy_warnings(a, dual, "safedpo-1")[0]
+    assert stale_policy_warnings(None, dual, "safedpo-1") == []
+
+
+def test_dual_cli_stores_rule_lambdas_sampling_and_reference(tmp_path, capsys):
+    from decoding.dual_rules import bon_safety, solve_bon
+    from server.cli import main
+
+    r, g = synthetic(prompts=6, samples=8)
+    write_rollouts(tmp_path, r, -g)
+    b = g.mean() + 0.5 * (achievable_safety(g) - g.mean())
+    assert main(["dual", "--rollouts", str(tmp_path), "--beta", "0.5", "--threshold", str(b),
+                 "--bon-n", "1,4,8"]) == 0
+    sol = load_solution(tmp_path / "dual.json")
+    assert set(sol.best_of_n) == {1, 4, 8}
+    assert sol.best_of_n[1]["lambda"] is None  # plain sampling cannot meet b
+    assert sol.best_of_n[8]["lambda"] == pytest.approx(solve_bon(r, g, 8, b).lam)
+    assert bon_safety(r, g, 8, sol.best_of_n[8]["lambda"]) >= b
+    assert np.allclose(sol.reference["rewards"], r) and np.allclose(sol.reference["safety"], g)
+    assert sol.sampling == {"model": "m", "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                            "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                            "repetition_penalty": 1.0, "max_tokens": 8}
+    assert "best-of-8: λ =" in capsys.readouterr().out
+    assert main(["dual", "--rollouts", str(tmp_path), "--beta", "0.5", "--threshold", str(b),
+                 "--no-reference", "--out", str(tmp_path / "d2.json")]) == 0
+    assert load_solution(tmp_path / "d2.json").reference is None
+    assert main(["dual", "--rollouts", str(tmp_path), "--beta", "0.5", "--threshold", str(b),
+                 "--bon-n", "0"]) == 2

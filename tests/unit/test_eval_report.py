@@ -189,7 +189,7 @@ async def test_http_errors_are_reported(tmp_path):
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
     runner = await HttpRunner("http://test", RunConfig(max_tokens=4, reward="no_such_scorer"),
                               client=client).start()
-    with pytest.raises(EvalError, match="HTTP 400: unknown scorer 'no_such_scorer'"):
+    with pytest.raises(EvalError, match="HTTP 400: unknown scorer"):
         await evaluate(args(tmp_path, "--strategies", "best_of_n", "--n", "2",
                             "--reward", "no_such_scorer"), runner=runner)
 

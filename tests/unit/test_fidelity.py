@@ -209,7 +209,7 @@ class TrainedAtOne:
     def score(self, prompt, responses):
         raise AssertionError("a value head is given token ids")
 
-    def warnings_for(self, temperature, top_p):
+    def warnings_for(self, temperature, top_p=1.0, **controls):
         return [] if temperature == 1.0 else [f"trained at temperature 1, used at {temperature:g}"]
 
 
@@ -223,3 +223,34 @@ async def test_a_value_head_used_off_its_training_temperature_is_flagged(tempera
     assert r.status_code == 200, r.text
     warnings = r.json()["choices"][0]["alignment"]["warnings"]
     assert (warnings == ["trained at temperature 1, used at 0.7"]) if warned else warnings is None
+
+
+class NoLogprobs(FakeEngine):
+    """An engine that returns samples without their per-token log-probs."""
+
+    async def generate(self, prompt_ids, n, sampling):
+        out = await super().generate(prompt_ids, n, sampling)
+        return [Sample(s.token_ids, s.text, [], s.finish_reason) for s in out]
+
+
+@pytest.mark.parametrize("strategy, options", [("best_of_n", {}),
+                                               ("blockwise_cd", {"block_tokens": 2})])
+def test_missing_logprobs_give_no_kl_estimate_not_zero(strategy, options):
+    """Σ over no log-probs is 0, i.e. ε = 1, i.e. "selection changed nothing": the estimate
+    must be null instead (issue 26, item 6); the bound still holds."""
+    req = DecodeRequest(prompt_ids=[1], prompt_text="hi", n=4, seed=1,
+                        sampling=Sampling(max_tokens=6, seed=1), objective=Objective(WordReward()),
+                        options=STRATEGIES[strategy].Options.model_validate(options))
+    res = asyncio.run(STRATEGIES[strategy].run(req, DecodeContext(NoLogprobs(full_length=True))))
+    assert res.kl_estimate is None and res.kl_bound > 0
+    ok = asyncio.run(STRATEGIES[strategy].run(req, DecodeContext(FakeEngine(full_length=True))))
+    assert ok.kl_estimate is not None and ok.kl_estimate > 0
+
+
+def test_best_of_n_reports_its_scorer_work():
+    req = DecodeRequest(prompt_ids=[1], prompt_text="hi", n=4, seed=1,
+                        sampling=Sampling(max_tokens=6, seed=1),
+                        objective=Objective(WordReward(), WordReward("bad"), 0.5))
+    res = asyncio.run(STRATEGIES["best_of_n"].run(req, DecodeContext(FakeEngine())))
+    tokens = res.generated_tokens  # every candidate, whole, read by reward and cost
+    assert res.extra["scorer_calls"] == 2 * 4 and res.extra["scored_tokens"] == 2 * tokens

@@ -257,3 +257,93 @@ def test_loop_trains_and_saves_a_merged_checkpoint(method, flags, tiny, tmp_path
         assert report["config"]["ema_rate"] == 0.1 and report["config"]["batch_size"] == 8
     else:
         assert report["config"]["feedback"] == flags[1]
+
+
+# --- issue 26 items 11–13: KLDO normalize, PRO "reconstructed", SafeDPO both-unsafe -------------
+
+def test_kldo_normalize_scales_the_unaligned_term_as_the_reference_trainer():
+    """rhaldarpurdue/KLDO KLTrainer, normalize: true: u ← u·min(a, u)/(u + 1e-9), the factor a
+    constant. Value −a + min(a, u); gradient of u scaled by the same factor."""
+    from finetune.losses import kldo_loss
+
+    pa, ra = _t(-8, -6), _t(-10, -10)  # β = 0.5: aligned r = [1, 2], a = 1.5
+    pu = torch.tensor([-1.0, -3.0, 1.0], dtype=torch.float64, requires_grad=True)
+    ru = _t(-5, -5, -5)  # unaligned r = [2, 1, 3]: u = log mean exp > a
+    u = math.log((math.exp(2) + math.exp(1) + math.exp(3)) / 3)
+    loss = kldo_loss(pa, ra, pu, ru, beta=0.5, normalize=True)
+    assert float(loss.detach()) == pytest.approx(-1.5 + 1.5, abs=1e-8)  # u capped at a
+    loss.backward()
+    w = torch.softmax(0.5 * (pu.detach() - ru), 0) * 0.5
+    assert pu.grad.tolist() == pytest.approx((w * 1.5 / (u + 1e-9)).tolist())
+    # u ≤ a: unchanged (factor u/u = 1)
+    small = kldo_loss(pa, ra, _t(-5, -7, -5), ru, beta=0.5, normalize=True)
+    assert float(small) == pytest.approx(float(kldo_loss(pa, ra, _t(-5, -7, -5), ru, beta=0.5)),
+                                         rel=1e-6)
+
+
+def test_kldo_objective_normalizes_by_default_and_restarts_the_ema_each_epoch():
+    import random
+
+    from finetune.feedback import Completion
+    from finetune.methods import kldo_objective
+
+    comps = [Completion("p", f"a{i}", 1.0, True) for i in range(4)] + [
+        Completion("p", f"u{i}", -1.0, False) for i in range(4)]
+    obj = kldo_objective(comps, 0.5, 0.1)  # normalize is the default
+    rng = random.Random(0)
+    lp = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    idx = obj.sample(rng, 4)
+    # step 0 (π_θ = π_ref): u = 0, so the normalised unaligned term is 0 (the reference's quirk)
+    loss = obj.loss(torch.cat([lp[:2] + 1.0, lp[2:]]), torch.zeros(4, dtype=torch.float64))
+    loss.backward()
+    assert lp.grad[2:].abs().max() == 0 and len(idx) == 4
+    plain = kldo_objective(comps, 0.5, 0.1, normalize=False)
+    plain.sample(rng, 4)
+    lp2 = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    plain.loss(torch.cat([lp2[:2] + 1.0, lp2[2:]]), torch.zeros(4, dtype=torch.float64)).backward()
+    assert lp2.grad[2:].abs().min() > 0
+    # the EMA restarts after a pass over the 8 completions (2 steps of 4): epoch 2's first
+    # step has the gradient of a fresh objective's first step, although earlier batches moved it
+    zeros = torch.zeros(4, dtype=torch.float64)
+
+    def first_grad(obj, warm_steps):
+        for _ in range(warm_steps):
+            obj.sample(rng, 4)
+            obj.loss(torch.full((4,), 3.0, dtype=torch.float64), zeros)
+        obj.sample(rng, 4)
+        x = torch.full((4,), 1.0, dtype=torch.float64, requires_grad=True)
+        obj.loss(x, zeros).backward()
+        return x.grad.tolist()
+
+    fresh = first_grad(kldo_objective(comps, 0.5, 0.5, normalize=False), 0)
+    assert first_grad(kldo_objective(comps, 0.5, 0.5, normalize=False), 2) == pytest.approx(fresh)
+    assert first_grad(kldo_objective(comps, 0.5, 0.5, normalize=False), 1) != pytest.approx(fresh)
+
+
+def test_pro_and_kldo_reports_say_what_they_are():
+    from finetune.report import METHOD_NOTES, STAT_ROWS, _markdown
+
+    assert "RECONSTRUCTED" in METHOD_NOTES["pro"] and "full regulariser" not in \
+        METHOD_NOTES["pro"].replace("not the paper's full regulariser", "")
+    assert dict(STAT_ROWS)["kl_estimate"].startswith("Donsker–Varadhan lower bound")
+    stats = {"loss": 0.1, "pairs": 2}
+    report = {"method": "pro (binary)", "config": {"model": "m", "beta": 0.1}, "output": "o",
+              "output_kind": "merged safetensors", "data": {"source": "s", "pairs": 2},
+              "steps": 1, "steps_per_s": 1.0, "train_s": 1.0, "trainable_params": 1,
+              "before": {"train": stats}, "after": {"train": stats}}
+    assert "RECONSTRUCTED" in _markdown(report)
+
+
+def test_safedpo_both_unsafe_pairs_follow_the_flag():
+    from finetune.safedpo import safedpo_transform, safety_offsets, transform_pair
+
+    both = PreferencePair("p", ("a", "b"), (False, False), better=1, safer=0)
+    assert transform_pair(both) is None  # default: dropped
+    kept = transform_pair(both, "keep")
+    assert (kept.chosen, kept.rejected, kept.h_chosen, kept.h_rejected, kept.action) == (
+        "b", "a", 1, 1, "keep_unsafe")
+    assert safety_offsets([kept], 10.0) == [0.0]  # plain DPO on the pair
+    examples, counts = safedpo_transform([both], "keep")
+    assert len(examples) == 1 and counts["keep_unsafe"] == 1 and counts["drop"] == 0
+    with pytest.raises(ValueError, match="both_unsafe"):
+        transform_pair(both, "swap")

@@ -10,6 +10,7 @@ from pairwise disjoint seeds, and the same seed gives the same answer.
 from __future__ import annotations
 
 import asyncio
+import math
 
 import httpx
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from decoding.protocols import DecodeContext, DecodeRequest, Objective, Sampling
 from decoding.strategies import STRATEGIES
-from tests.unit.fakes import FakeEngine, FakeFudgeHead, WordReward, make_app
+from tests.unit.fakes import EOS, FakeEngine, FakeFudgeHead, WordReward, make_app
 
 FAST = settings(max_examples=100, deadline=None, derandomize=True,  # the same cases every run
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -180,3 +181,157 @@ def test_a_stop_string_across_two_blocks_ends_the_ids_where_it_completes():
     assert res.sample.token_ids == [ok, nice, good, bad]
     assert res.sample.logprobs == [-0.5] * 4  # ε covers the returned tokens only
     assert res.kl_estimate <= res.kl_bound
+
+
+# ---------------------------------------------------------------- issue 26: SpR and tokenwise
+
+
+@FAST
+@given(n=st.integers(1, 8), alpha=st.floats(0.0, 0.9), decision=st.integers(1, 6),
+       max_tokens=st.integers(1, 16), seed=st.integers(0, 2**40), by_value=st.booleans(),
+       schedule=st.sampled_from(["growth", "memory"]))
+def test_speculative_rejection_picks_the_best_survivor_or_finished_track(
+        n, alpha, decision, max_tokens, seed, by_value, schedule):
+    """The answer is the argmax of the objective over the survivors and every track that had
+    finished when it was rejected (the first of equal scores), never a worse one."""
+    options = {"alpha": alpha, "decision_tokens": decision, "schedule": schedule}
+    req = request("speculative_rejection", n, max_tokens, (), seed, 1.0, options,
+                  FakeFudgeHead(tok=1) if by_value else None)
+    res = run("speculative_rejection", req, FakeEngine())
+    eligible = [c for c in res.candidates if c.sample.finish_reason is not None]
+    best = max(c.score for c in eligible)
+    assert res.sample is next(c.sample for c in eligible if c.score == best)
+    # every track rejected unfinished is reported unfinished, so `eligible` is exactly the
+    # survivors and the finished rejected tracks
+    assert len(eligible) >= n - sum(res.extra["rejected"])
+    assert res.extra["scorer_calls"] >= len(eligible)
+
+
+class ToyPolicy(FakeEngine):
+    """A discrete policy over tokens 0, 1, 2 and EOS whose next-token law depends on the prefix
+    (reported as top log-probs; the engine's own draw is discarded by the per-token mode)."""
+
+    @staticmethod
+    def law(prefix: tuple[int, ...]) -> dict[int, float]:
+        last = prefix[-1] if prefix else 0
+        weights = {0: 3.0 + last, 1: 2.0, 2: 1.0 + 2 * (last == 1), EOS: 0.5 + len(prefix)}
+        total = sum(weights.values())
+        return {t: w / total for t, w in weights.items()}
+
+    async def generate(self, prompt_ids, n, sampling):
+        from decoding.protocols import Sample
+
+        law = self.law(tuple(prompt_ids[len(PROMPT_IDS):]))
+        self.generated_tokens += n
+        top = dict(sorted(((t, math.log(p)) for t, p in law.items()), key=lambda kv: -kv[1])
+                   [:sampling.top_logprobs])
+        return [Sample([0], " good", [math.log(law[0])], "length", [top]) for _ in range(n)]
+
+
+class ToyQ:
+    """A CD-Q head on the toy whose values depend on the prefix, clipped to [−1, 2]."""
+
+    name, value_range, vocab_size = "value:toy", (-1.0, 2.0), 4
+
+    def q(self, prefix, z) -> float:
+        raw = {0: 0.4 * len(prefix) - 1.5, 1: 1.0, 2: 2.5 - len(prefix), EOS: 0.2}[z]
+        return min(max(raw, -1.0), 2.0)
+
+    def q_values(self, prompt_ids, response_ids, candidates):
+        return [self.q(tuple(response_ids), z) for z in candidates]
+
+    def score_ids(self, prompt_ids, responses):
+        return [0.0] * len(responses)
+
+    def score(self, prompt, responses):
+        raise AssertionError("ids only")
+
+
+PROMPT_IDS = [1, 2]
+
+
+def exact_tilt_kl(lam: float, k: int, max_tokens: int) -> float:
+    """KL(π‖p) of the per-token rule's whole law, by enumerating every answer: π(z | prefix) ∝
+    p(z)·e^{λQ} on p's top k, p the toy's law; answers end at EOS or max_tokens."""
+    head = ToyQ()
+
+    def kl(prefix: tuple[int, ...]) -> float:
+        if len(prefix) == max_tokens or (prefix and prefix[-1] == EOS):
+            return 0.0
+        p = ToyPolicy.law(prefix)
+        top = sorted(p, key=p.get, reverse=True)[:k]
+        w = {z: p[z] * math.exp(lam * head.q(prefix, z)) for z in top}
+        total = sum(w.values())
+        return sum(w[z] / total * (math.log(w[z] / total / p[z]) + kl(prefix + (z,)))
+                   for z in top)
+
+    return kl(())
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(lam=st.floats(0.0, 6.0), k=st.integers(1, 4), max_tokens=st.integers(1, 3),
+       seed=st.integers(0, 2**30))
+def test_tokenwise_kl_bound_holds_for_the_exact_kl(lam, k, max_tokens, seed):
+    """kl_bound ≥ KL(π‖p) of the law sampled, top-k truncation included (the mass outside the
+    top k counts), for every λ, k and budget; the answer's own estimate stays under it."""
+    exact = exact_tilt_kl(lam, k, max_tokens)
+    req = DecodeRequest(prompt_ids=list(PROMPT_IDS), prompt_text="hi", seed=seed,
+                        sampling=Sampling(max_tokens=max_tokens, seed=seed), value=ToyQ(),
+                        options=STRATEGIES["tokenwise_cd"].Options(top_k=k, lambda_=lam))
+    res = run("tokenwise_cd", req, ToyPolicy())
+    assert res.kl_bound is not None and res.kl_bound >= exact - 1e-12
+    assert 0 <= res.kl_estimate <= res.kl_bound
+    assert res.kl_estimate <= res.extra["kl_path_bound"] + 1e-12
+
+
+def test_tokenwise_kl_estimate_is_unbiased_for_the_kl_against_p():
+    """The per-token estimate counts the KL against p itself (not the renormalised top k): its
+    mean over answers is the exact KL(π‖p) of the law, within its interval."""
+    lam, k, max_tokens, runs = 2.0, 2, 3, 4000
+    exact = exact_tilt_kl(lam, k, max_tokens)
+    values = []
+    for seed in range(runs):
+        req = DecodeRequest(prompt_ids=list(PROMPT_IDS), prompt_text="hi", seed=seed,
+                            sampling=Sampling(max_tokens=max_tokens), value=ToyQ(),
+                            options=STRATEGIES["tokenwise_cd"].Options(top_k=k, lambda_=lam))
+        values.append(run("tokenwise_cd", req, ToyPolicy()).kl_estimate)
+    mean = sum(values) / runs
+    sd = (sum((v - mean) ** 2 for v in values) / (runs - 1)) ** 0.5
+    assert abs(mean - exact) < 4 * sd / runs ** 0.5 + 1e-9, (mean, exact)
+    # against the renormalised top 2 alone the mean would miss the outside mass by far
+    assert exact > 0.2
+
+
+def test_best_of_n_with_auto_meets_b_where_lambda_star_does_not():
+    """Issue 26 toy: p(A) = 0.1 (r = 1, g = −1), p(B) = 0.9 (r = g = 0), β = 0.1, b = −0.3.
+    CAN's λ* ≈ 0.865 makes π_λ* meet b, but best-of-8 by r + λ*·g picks A whenever one is drawn
+    (E[g] = −0.57). With "auto" the server serves best-of-8's own λ: simulated best-of-8 draws
+    from the true law, argmax as the strategy takes it, meet b within their interval."""
+    import random
+
+    from decoding.dual import DualSolution, solve_dual
+    from server.constraint import served
+    from server.protocol import ChatCompletionRequest
+
+    ref = {"rewards": [[1.0] + [0.0] * 9], "safety": [[-1.0] + [0.0] * 9]}  # K = 10: exact law
+    lam_star = solve_dual(ref["rewards"], ref["safety"], 0.1, -0.3)
+    dual = DualSolution(lam_star, 0.1, -0.3, "good_count", "bad_count", -0.3, -0.1, 1, 10, True,
+                        reference=ref)
+    alignment = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "hi"}],
+         "alignment": {"strategy": "best_of_n", "n": 8, "cost_weight": "auto"}}).alignment
+    lam = served(alignment, dual).lam
+
+    def simulated_safety(weight: float, runs: int = 20000) -> tuple[float, float]:
+        rng, total, sq = random.Random(7), 0.0, 0.0
+        for _ in range(runs):
+            pool = [(1.0, 1.0) if rng.random() < 0.1 else (0.0, 0.0) for _ in range(8)]  # (r, cost)
+            r, cost = max(pool, key=lambda c: c[0] - weight * c[1])  # first of equal scores
+            total, sq = total - cost, sq + cost * cost
+        mean = total / runs
+        return mean, math.sqrt(max(sq / runs - mean * mean, 0.0) / runs)
+
+    at_star, se = simulated_safety(lam_star)
+    assert abs(at_star - (-(1 - 0.9 ** 8))) < 4 * se and at_star < -0.3
+    served_mean, se = simulated_safety(lam)
+    assert served_mean + 4 * se >= -0.3 and served_mean > -0.3 + 0.2  # A only if all 8 are A

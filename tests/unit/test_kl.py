@@ -78,3 +78,42 @@ def test_bound_holds_for_exact_kl_on_random_distributions():
             w = [rng.random() for _ in range(7)]
             p = [x / sum(w) for x in w]
             assert exact_bon_kl(p, n) <= bon_kl_bound(n) + 1e-12
+
+
+def test_tilt_step_bound_holds_for_random_discrete_tilts():
+    """KL(p·e^{λQ}/Z ‖ p) ≤ min(λR, λ²R²/8) for Q in an interval of width R (Hoeffding's
+    lemma; decoding/kl.py), on random p and Q, including Q at the ends of its range."""
+    import random
+
+    from decoding.kl import tilt_step_kl_bound
+
+    rng = random.Random(0)
+    worst = 0.0
+    for _ in range(3000):
+        k = rng.randint(1, 6)
+        p = [rng.random() ** 3 + 1e-9 for _ in range(k)]
+        p = [x / sum(p) for x in p]
+        lo, width = rng.uniform(-3, 3), rng.choice([0.0, 0.1, 1.0, 4.0])
+        q = [rng.choice([lo, lo + width, rng.uniform(lo, lo + width)]) for _ in range(k)]
+        lam = rng.choice([0.0, 0.05, 0.5, 2.0, 20.0])
+        w = [pi * math.exp(lam * (qi - lo)) for pi, qi in zip(p, q)]
+        pi_ = [x / sum(w) for x in w]
+        kl = sum(a * math.log(a / b) for a, b in zip(pi_, p) if a > 0)
+        bound = tilt_step_kl_bound(lam, width)
+        assert kl <= bound + 1e-12
+        worst = max(worst, kl / bound if bound else 0.0)
+    assert worst > 0.5  # the bound is not vacuous: some tilts come close
+    assert tilt_step_kl_bound(1.0, 2.0) == pytest.approx(0.5)  # λ²R²/8 < λR
+    assert tilt_step_kl_bound(10.0, 2.0) == pytest.approx(20.0)  # λR < λ²R²/8
+    with pytest.raises(ValueError):
+        tilt_step_kl_bound(-1.0, 1.0)
+
+
+def test_missing_logprobs_have_no_log_eps():
+    from decoding.kl import sample_log_prob
+
+    assert sample_log_prob([1, 2], [-0.5, -0.25]) == pytest.approx(-0.75)
+    assert sample_log_prob([1, 2], []) is None  # an engine that returned none
+    assert sample_log_prob([1, 2], [-0.5]) is None
+    assert sample_log_prob([1], [float("nan")]) is None
+    assert sample_log_prob([1], [1e-12]) == 0.0  # rounding above 0 is clamped

@@ -137,11 +137,13 @@ async def test_response_format_constrains_every_candidate(engine, rf, want):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
-    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages.0.role"),
+    # tools: auto (their default) needs a tool-call parser, which this server has none of
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+    ({"tool_choice": "auto"}, "tool_choice"),  # no tools
+    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]},
+     "messages[0].tool_call_id"),  # answers no call
     ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "c1"}]},
-                   {"role": "user", "content": "x"}]}, "messages.0.tool_calls"),
+                   {"role": "user", "content": "x"}]}, "messages.0.tool_calls.0.function"),
     ({"frobnicate": 1}, "frobnicate"),
     ({"logit_bias": {"99999": 1}}, "logit_bias"),
     ({"logit_bias": {"x": 1}}, "logit_bias.x.[key]"),
@@ -164,7 +166,8 @@ async def test_completion_only_fields_are_refused(client, body, param):
 
 
 _GIVEN = {"response_format": {"type": "json_object"}, "min_tokens": 1, "presence_penalty": 0.5,
-          "frequency_penalty": 0.5, "top_logprobs": 2, "ignore_eos": True, "stop_token_ids": [3]}
+          "frequency_penalty": 0.5, "top_logprobs": 2, "ignore_eos": True, "stop_token_ids": [3],
+          "tools": [{"type": "function", "function": {"name": "f"}}]}
 
 
 @pytest.mark.parametrize("field, strategy", sorted(

@@ -301,19 +301,39 @@ async def test_swap_waits_for_in_flight_requests_and_queues_new_ones(client, app
     assert gate.held == 0 and app.state.admission.active == 0
 
 
-async def test_swap_that_cannot_drain_is_cancelled_and_nothing_fails(engine, tuned):
+async def test_request_past_the_drain_deadline_gets_503_and_the_swap_goes_on(engine, tuned):
     app = make_app(engine, admin_key=ADMIN, policy_drain_timeout_s=0.1, retry_after_s=2)
     async with client_for(app) as c:
         engine.gate = asyncio.Event()
         held = asyncio.create_task(c.post("/v1/chat/completions", json=CHAT))
         await until(lambda: engine.active == 1)
+        swap = asyncio.create_task(c.post("/admin/policies", headers=AUTH,
+                                          json={"name": "tuned", "path": str(tuned)}))
+        r = await held  # ended at the drain deadline, its engine work aborted
+        assert_error(r, 503, "policy_swap_deadline")
+        assert r.headers["retry-after"] == "2" and engine.cancelled == 1
+        engine.gate.set()  # lets the canary generation through
+        r = await swap
+        assert r.status_code == 200, r.text
+        assert engine.weights == str(tuned) and await active(c) == "tuned"
+        r = await c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200 and r.headers["x-alignserve-policy"] == "tuned"
+
+
+async def test_swap_whose_stragglers_do_not_stop_is_cancelled(engine, tuned, monkeypatch):
+    import server.policies as policies
+
+    monkeypatch.setattr(policies, "EVICT_GRACE_S", 0.05)
+    app = make_app(engine, admin_key=ADMIN, policy_drain_timeout_s=0.05, retry_after_s=2)
+    lease = app.state.policies.lease()  # a holder that watches nothing: it cannot be ended
+    await lease.acquire()
+    async with client_for(app) as c:
         r = await c.post("/admin/policies", headers=AUTH, json={"name": "tuned",
                                                                   "path": str(tuned)})
         err = assert_error(r, 503, "policy_swap_timeout")
         assert "base" in err["message"] and r.headers["retry-after"] == "2"
         assert engine.reloads == [] and not app.state.policies.gate.closed
-        engine.gate.set()
-        assert (await held).status_code == 200
+        lease.release()
         assert (await c.post("/v1/chat/completions", json=CHAT)).status_code == 200
         assert await active(c) == "base"
         # registered (it is valid): a later activation, once idle, succeeds
@@ -389,7 +409,7 @@ async def test_lora_adapters_are_registered_and_chosen_per_request(engine, tmp_p
         assert r.json()["kind"] == "lora" and r.json()["active"] is False
         assert engine.adapters == {"polite": str(adapter)} and engine.reloads == []
         models = (await c.get("/v1/models")).json()["data"]
-        assert [(m["id"], m["parent"]) for m in models] == [("fake", None), ("polite", "fake")]
+        assert [(m["id"], m.get("parent")) for m in models] == [("fake", None), ("polite", "fake")]
 
         assert (await c.post("/v1/chat/completions", json={**CHAT, "model": "polite"})
                 ).status_code == 200
@@ -400,6 +420,10 @@ async def test_lora_adapters_are_registered_and_chosen_per_request(engine, tmp_p
                      "model_not_found")
         assert_error(await c.post("/admin/policies/polite/activate", headers=AUTH), 400,
                      "adapter_not_activatable")
-        assert_error(await c.delete("/admin/policies/polite", headers=AUTH), 409,
-                     "policy_in_use")
+        # an adapter can be removed: unloaded from the engine, no longer a model
+        r = await c.delete("/admin/policies/polite", headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert "polite" not in engine.adapters
+        assert_error(await c.post("/v1/chat/completions", json={**CHAT, "model": "polite"}),
+                     404, "model_not_found")
         assert await active(c) == "base"

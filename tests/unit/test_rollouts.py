@@ -144,7 +144,7 @@ async def test_server_errors_are_one_line(tmp_path):
     from valuenet.http_rollouts import ServerError, collect_http
 
     client = await _http_client(FakeEngine()).start()
-    with pytest.raises(ServerError, match="HTTP 400: .*unknown scorer 'nope'"):
+    with pytest.raises(ServerError, match="HTTP 400: .*unknown scorer"):
         await collect_http(client, PROMPTS[:1], replace(CFG, reward="nope"), tmp_path,
                            manifest())
     await client.aclose()

@@ -66,8 +66,16 @@ def test_decision_points_grow():
 async def test_decisions_and_survivor_counts(n, alpha, decision, rejected, at_least, rounds):
     engine = FakeEngine(full_length=True)
     res = await SPR.run(request(n, alpha, decision), DecodeContext(engine, Inline()))
-    assert res.extra == {"rounds": rounds, "rejected": rejected}
+    assert res.extra["rounds"] == rounds and res.extra["rejected"] == rejected
     check_accounting(engine, res, n)
+    # scorer work: every partial answer at every decision point, then the survivors whole
+    sizes = [n - sum(rejected[:i]) for i in range(len(rejected))]
+    points = list(decision_points(decision, 2.0, 64))[:len(rejected)]
+    survivors = n - sum(rejected)
+    assert res.extra["scorer_calls"] == sum(sizes) + survivors
+    assert res.extra["scored_tokens"] == sum(s * p for s, p in zip(sizes, points)) \
+        + 64 * survivors
+    assert res.scored_candidates == n and res.extra["chosen_rejected"] is False
     # Rejected tracks ran at least to their decision point and were stopped before the end.
     assert at_least <= res.generated_tokens < n * 64 or sum(rejected) == 0
     # each rejected track was aborted, unless it reached its end while its decision was scored
@@ -183,9 +191,28 @@ async def test_finished_sequences_compete_and_can_be_rejected():
     assert res.sample.text.split() == ["good"] * 16 and res.reward == 16
     assert res.sample.finish_reason == "length"
     bad = res.candidates[:2]
-    # rejected, though they had finished: reported unfinished (docs/strategies.md), with their reward
-    assert all(c.sample.finish_reason is None and c.reward == 0 for c in bad)
+    # rejected after they had finished: whole, with their finish reason and exact reward
+    assert all(c.sample.finish_reason == "stop" and c.reward == 0 for c in bad)
+    assert res.extra["chosen_rejected"] is False
     assert engine.active == 0 and len(engine.calls) == 4
+
+
+async def test_a_finished_answer_rejected_by_the_value_can_still_win():
+    """Sun et al.'s reference keeps every finished trajectory for the final choice: the value
+    (count of 'good' ids) rejects the two finished 'bad' answers at token 4, but the objective
+    (count of 'bad') prefers them to every survivor, so one of them is the answer."""
+    engine = ScriptedEngine()
+    res = await SPR.run(request(4, 0.5, 4, max_tokens=16, value=FakeFudgeHead(tok=0),
+                                objective=Objective(WordReward("bad", "bad_count"))),
+                        DecodeContext(engine, Inline()))
+    assert res.extra["rejected"] == [2, 1]
+    assert res.sample.text == " bad" and res.reward == 1 and res.sample.finish_reason == "stop"
+    assert res.extra["chosen_rejected"] is True
+    assert res.candidates[0].sample is res.sample  # the first of the two equal finished ones
+    # value at 4: 1 + 1 + 4 + 4 tokens; value at 12: 2 × 12; objective at the end: the two
+    # finished answers and the survivor, whole (1 + 1 + 16)
+    assert res.extra["scorer_calls"] == 4 + 2 + 3
+    assert res.extra["scored_tokens"] == 10 + 24 + 18
 
 
 async def test_value_judges_partials_and_the_objective_the_answer():
@@ -194,7 +221,9 @@ async def test_value_judges_partials_and_the_objective_the_answer():
     engine = FakeEngine(full_length=True, seed=2)
     res = await SPR.run(request(8, 0.5, 4, max_tokens=8, objective=objective, value=head,
                                 seed=4), DecodeContext(engine, Inline()))
-    assert res.extra == {"rounds": 2, "rejected": [4], "value": "value:fudge"}
+    assert res.extra["rounds"] == 2 and res.extra["rejected"] == [4]
+    assert res.extra["value"] == "value:fudge"
+    assert res.extra["scorer_calls"] == 8 + 4  # 8 partials by value, 4 survivors by objective
     assert head.seen and all(len(ids) == 4 for ids in head.seen)  # exact 4-token prefixes
     by_value = sorted(range(8), key=lambda i: -head.seen[i].count(0))[:4]
     survivors = [i for i, c in enumerate(res.candidates) if c.sample.finish_reason is not None]
@@ -256,6 +285,40 @@ async def test_value_option_over_http(client, engine):
     assert r.status_code == 200, r.text
     a = r.json()["choices"][0]["alignment"]
     assert a["value"] == "bad_count" and a["rejected"][0] == 2
+    # rejected unfinished: no reward (judged by the value only); every finished answer, the
+    # rejected ones included, has its reward (it was eligible for the final choice)
     rejected = [c for c in a["candidates"] if c["finish_reason"] is None]
-    assert len(rejected) >= 2 and all(c["reward"] is None for c in rejected)
+    assert rejected and all(c["reward"] is None for c in rejected)
+    assert all(c["reward"] is not None for c in a["candidates"] if c["finish_reason"])
+    assert a["scorer_calls"] >= 4 + 2 and a["scored_tokens"] > 0
     assert engine.active == 0 and len(engine.calls) == 4
+
+
+def test_memory_schedule_follows_the_pool():
+    """Sun et al.'s memory-driven rule: the survivors decode until they hold the tokens the
+    pool held, so the length grows ×|pool|/|kept| (×2 at α = ½: 16, 32, 64, ...)."""
+    from decoding.speculative_rejection import memory_points
+
+    assert list(memory_points(16, 0.5, 32, 256)) == [16, 32, 64, 128]
+    assert list(memory_points(16, 0.75, 8, 1000)) == [16, 64, 128]  # 8 → 2 → 1 (never 0)
+    assert list(memory_points(16, 0.0, 8, 256)) == [16]  # nothing rejected: no later point
+    assert list(memory_points(300, 0.5, 8, 256)) == []
+
+
+async def test_memory_schedule_runs_its_points():
+    engine = FakeEngine(full_length=True)
+    opts = SPR.Options(alpha=0.5, decision_tokens=8, schedule="memory")
+    req = DecodeRequest(PROMPT, "p", Sampling(max_tokens=64), n=8,
+                        objective=Objective(WordReward()), return_candidates=True, options=opts)
+    res = await SPR.run(req, DecodeContext(engine, Inline()))
+    assert res.extra["rejected"] == [4, 2, 1]  # at 8, 16 and 32 tokens
+    check_accounting(engine, res, 8)
+    assert res.extra["scored_tokens"] == 8 * 8 + 4 * 16 + 2 * 32 + 64
+
+
+def test_growth_is_refused_with_the_memory_schedule():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="growth applies"):
+        SPR.Options(schedule="memory", growth=3.0)
+    assert SPR.Options(schedule="memory").growth == 2.0  # the default is not "given"

@@ -170,7 +170,7 @@ def test_lora_backbone_overfits_first_tokens_rule(backbone, tmp_path):
 
     rows = write_rollouts(tmp_path / "data", "first3", prompts=10)
     cfg = TrainConfig(method="fudge", tune="lora", steps=40, lr=1e-2, lora_lr=3e-3,
-                      eval_every=40, progress=False)
+                      eval_every=40, progress=False, select="last")  # overfits on purpose
     train(tmp_path / "data", tmp_path / "out", cfg, backbone=backbone)
     assert (tmp_path / "out" / "adapter").is_dir()
     train_rows, _ = split_by_prompt(rows, 0.2, 0)
@@ -353,7 +353,7 @@ def _cli(*argv):
     (["--method", "bogus", "--steps", "5"], "invalid choice"),
     (["--method", "fudge", "--steps", "0"], "must be > 0"),
     (["--method", "fudge", "--steps", "5", "--val-fraction", "1.5"], "must be in (0, 1)"),
-    (["--method", "fudge"], "--steps"),
+    (["--steps", "5"], "--method"),  # --steps is optional (scaled to the data)
 ])
 def test_cli_argument_errors_exit_2(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -555,3 +555,113 @@ def test_policy_is_checked_against_the_rollouts_manifest(backbone, tmp_path, cap
     legacy = Manifest("tiny", "p", 2, 8, 1.0, "r")  # no model_path: by name
     assert policy_mismatch(legacy, "/x/tiny", "/x/tiny") is None
     assert policy_mismatch(legacy, "/x/other", "/x/other") is not None
+
+
+# -- issue 26: certified value range, early stopping, sampling warnings --------------------------
+
+
+def test_every_control_that_changes_p_is_warned(backbone, tmp_path):
+    scorer = _head_with_sampling(backbone, tmp_path / "w", temperature=1.0, top_p=1.0)
+    neutral = {"top_k": 0, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+               "repetition_penalty": 1.0, "logit_bias": (), "min_tokens": 0, "structured": None,
+               "seed": 3, "stop": ("x",), "max_tokens": 9}  # the last three do not change p
+    assert scorer.warnings_for(1.0, 1.0, **neutral) == []
+    changed = {"top_k": 40, "min_p": 0.05, "presence_penalty": 0.5, "frequency_penalty": -0.2,
+               "repetition_penalty": 1.1, "logit_bias": ((5, 2.0),), "min_tokens": 4,
+               "structured": ("json_object", "")}
+    for field, value in changed.items():
+        (w,) = scorer.warnings_for(1.0, 1.0, **{**neutral, field: value})
+        assert f"sampled at {field} " in w and "does not target π*" in w, w
+    assert len(scorer.warnings_for(0.5, 0.9, **{**neutral, **changed})) == 2 + len(changed)
+    assert "logit_bias {5: 2}" in scorer.warnings_for(1.0, logit_bias=((5, 2.0),))[0]
+    # the server passes every resolved control by name (server/fields.py sampling_fields)
+    resolved = {"temperature": 1.0, "top_p": 1.0, **neutral, "stop_token_ids": (),
+                "ignore_eos": False, "top_logprobs": 0}
+    assert scorer.warnings_for(**resolved) == []
+    assert len(scorer.warnings_for(**{**resolved, "top_k": 5, "temperature": 0.5})) == 2
+
+
+def _ranged_head(backbone, folder, method, value_range):
+    from valuenet.model import HeadConfig, ValueHead, save_checkpoint
+
+    torch.manual_seed(5)
+    head = ValueHead(method, 32, VOCAB)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=3.0)  # values far outside the range
+    save_checkpoint(folder, head, HeadConfig(
+        method=method, backbone=backbone, reference=backbone, hidden_size=32, vocab_size=VOCAB,
+        reward_mean=0.5, reward_std=0.25, temperature=1.0, top_p=1.0, value_range=value_range))
+
+
+@pytest.mark.parametrize("method", ["fudge", "cdq"])
+def test_scorers_clip_to_the_certified_range(backbone, tmp_path, method):
+    from valuenet.scorer import load_value_head
+
+    _ranged_head(backbone, tmp_path / method, method, [0.0, 1.0])
+    scorer = load_value_head(tmp_path / method)
+    assert scorer.value_range == (0.0, 1.0) and scorer.vocab_size == VOCAB
+    values = scorer.score_ids([11, 12], [[], [3], [3, 4, 5], [9] * 6])
+    assert all(0.0 <= v <= 1.0 for v in values) and len(set(values)) > 1
+    if method == "cdq":
+        q = scorer.q_values([11, 12], [3], list(range(VOCAB)))
+        assert min(q) == 0.0 and max(q) == 1.0  # clipped at both ends
+    # a checkpoint without a range: no clip, and no certified range
+    _ranged_head(backbone, tmp_path / "free", method, None)
+    free = load_value_head(tmp_path / "free")
+    assert free.value_range is None
+    assert max(abs(v) for v in free.score_ids([11, 12], [[3, 4, 5], [9] * 6])) > 1.0
+
+
+def test_the_engine_head_clips_to_the_certified_range(backbone, tmp_path):
+    from valuenet.incremental import IncrementalQ
+    from valuenet.processor import TiltArgs, _Req
+
+    _ranged_head(backbone, tmp_path / "q", "cdq", [-0.5, 2.0])
+    head = IncrementalQ(tmp_path / "q")
+    r = _Req(TiltArgs("value:q", 1.0, "0" * 16), [11, 12, 13], [], 1.0)
+    q = head.step([r])
+    assert float(q.min()) == -0.5 and float(q.max()) == 2.0
+    r.close()
+
+
+def test_a_head_that_learns_nothing_is_the_baseline_and_says_so(backbone, tmp_path):
+    """Rewards independent of the tokens: no step beats predicting the training mean on
+    held-out prompts. The saved head is that baseline (its initial validation error is the
+    baseline's, computed by hand), and metrics name the verdict."""
+    from valuenet.data import read_rollouts
+    from valuenet.scorer import load_value_head
+    from valuenet.train import NO_GAIN, TrainConfig, split_by_prompt, train
+
+    rows = write_rollouts(tmp_path / "data", "last", prompts=12)
+    rng = random.Random(7)
+    for r in rows:
+        r.reward = float(rng.random() < 0.5)
+    (tmp_path / "data" / "rollouts.jsonl").unlink()
+    append_rollouts(tmp_path / "data", rows)
+    _, rows = read_rollouts(tmp_path / "data")
+    metrics = train(tmp_path / "data", tmp_path / "out", TrainConfig(
+        method="fudge", steps=60, lr=3e-2, eval_every=5, normalize_rewards=False,
+        progress=False), backbone=backbone)
+    train_rows, val_rows = split_by_prompt(rows, 0.2, 0)
+    mean = sum(r.reward for r in train_rows) / len(train_rows)
+    states = [(r.reward, len(r.token_ids) + 1) for r in val_rows]  # every prefix state
+    by_hand = 0.5 * sum(n * (r - mean) ** 2 for r, n in states) / sum(n for _, n in states)
+    assert metrics["initial_val_value_mse"] == pytest.approx(by_hand, rel=1e-5)
+    assert metrics["best_step"] == 0 and metrics["beats_initialisation"] is False
+    assert metrics["verdict"] == NO_GAIN
+    assert metrics["last_step"] < 60  # stopped early: `patience` validations without a gain
+    assert metrics["val_value_mse"] == metrics["initial_val_value_mse"]
+    scorer = load_value_head(tmp_path / "out")
+    assert scorer.score_ids([11, 12], [[3], [4, 5]]) == pytest.approx([mean, mean], abs=1e-5)
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["verdict"] == NO_GAIN
+
+
+def test_default_schedule_scales_with_the_data():
+    from valuenet.train import TrainConfig, default_schedule
+
+    small, big = default_schedule(TrainConfig(), 96), default_schedule(TrainConfig(), 20_000)
+    assert small[1] < big[1] == pytest.approx(1e-3)  # small data: smaller steps
+    assert small[0] == 8 * 6 and big[0] == 2000  # ~8 epochs, capped
+    assert default_schedule(TrainConfig(), 3)[0] == 20  # at least MIN_STEPS
+    assert default_schedule(TrainConfig(steps=7, lr=0.1), 96) == (7, 0.1)  # given: kept
