@@ -1,4 +1,4 @@
-"""OpenAI's Responses API: POST /v1/responses (text; server/serving/responses.py)."""
+"""OpenAI's Responses API: POST /v1/responses (text and function tools; server/serving/responses.py)."""
 
 from __future__ import annotations
 
