@@ -140,8 +140,9 @@ class Aligner:
             result.reward, result.cost = pool[1].reward, pool[1].cost
             result.scored_candidates = 2
             result.extra.update(draft_reward=pool[0].reward, draft_cost=pool[0].cost)
-        if req.return_candidates:
+        if req.return_candidates:  # the trace: the draft and its correction
             result.candidates = pool
+            result.extra["draft"] = draft.text
         return result
 
 

@@ -54,7 +54,8 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
     ignore_eos: bool = False
-    # Structured output: ("json_object", "") or ("json_schema", "<the schema as JSON>").
+    # Structured output: ("json_object", ""), ("json_schema", "<the schema as JSON>"), or
+    # ("tool_call", "<schema>"): the same grammar without free whitespace (server/tools.py).
     structured: tuple[str, str] | None = None
 
 

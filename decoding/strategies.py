@@ -232,6 +232,9 @@ class SoftBestOfN:
         weights = soft_weights([s.score for s in pool], lam)
         chosen = random.Random(req.seed).choices(pool, weights=weights)[0]
         result = _result(self.name, req, pool, chosen, timer)
+        if req.return_candidates:  # the trace: each candidate's chance of being the answer
+            total = math.fsum(weights)
+            result.extra["selection_probabilities"] = [w / total for w in weights]
         result.kl_bound = selection_kl_bound(req.n)
         result.kl_estimate = None
         result.win_rate_bound = bon_win_rate_bound(req.n)

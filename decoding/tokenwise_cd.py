@@ -163,11 +163,14 @@ class TokenwiseCD:
         else:
             path = math.fsum(step_bound[:steps])
             estimate = within(math.fsum(step_kl[:steps]), path if bound is None else bound)
+        trace = ({"token_kl": list(step_kl[:steps])}
+                 if req.return_candidates and step_kl is not None else {})
         return DecodeResult(
             strategy=self.name, n=1, sample=answer.sample(), kl_bound=bound,
             kl_estimate=estimate, generated_tokens=steps, scored_candidates=0, timer=timer,
             extra={"steps": steps, "top_k": None, "lambda": lam, "value": q.name,
-                   "kl_path_bound": path, "kl_outside_top_k": 0.0, "in_engine": True},
+                   "kl_path_bound": path, "kl_outside_top_k": 0.0, "in_engine": True,
+                   **trace},
             warnings=warnings,
         )
 
@@ -182,6 +185,8 @@ class TokenwiseCD:
         timer = Timer()
         steps = scored = 0
         kl_estimate = path = outside = 0.0
+        token_kl: list[float] = []  # the trace (return_candidates): KL of every step
+        pushes: list[dict] = []  # and the tilt's strongest pushes at the first steps
         while not answer.done:
             (s,) = await ctx.generate(req.prompt_ids + answer.ids, 1, step_sampling, timer)
             steps += 1
@@ -201,6 +206,10 @@ class TokenwiseCD:
             out = -math.log(min(1.0, math.fsum(math.exp(lp) for lp in logps)))
             kl_estimate += kl + out
             outside += out
+            if req.return_candidates:
+                token_kl.append(kl + out)
+                if len(pushes) < TRACE_STEPS:
+                    pushes.append(_pushes(steps - 1, tokens, logps, probs, values, lam))
             path += lam * (max(values) - min(values)) + out
             z = rng.choices(range(len(tokens)), weights=probs)[0]
             # the policy's (processed) log-prob of z, not the renormalised one: same meaning
@@ -215,8 +224,23 @@ class TokenwiseCD:
             kl_estimate=within(kl_estimate, path if bound is None else bound),
             generated_tokens=steps, scored_candidates=scored, timer=timer,
             extra={"steps": steps, "top_k": k, "lambda": lam, "value": q.name,
-                   "kl_path_bound": path, "kl_outside_top_k": outside, "in_engine": False},
+                   "kl_path_bound": path, "kl_outside_top_k": outside, "in_engine": False,
+                   **({"token_kl": token_kl, "pushes": pushes} if req.return_candidates
+                      else {})},
         )
+
+
+TRACE_STEPS = 16  # steps whose strongest pushes the trace shows (the answer's first ones)
+
+
+def _pushes(step: int, tokens: list[int], logps: list[float], probs: list[float],
+            values: list[float], lam: float, top: int = 3) -> dict:
+    """One step of the trace: the `top` tokens the tilt favours most (by λ·Q), each with its
+    probability under p and under the tilted policy it was drawn from."""
+    order = sorted(range(len(tokens)), key=lambda i: -lam * values[i])[:top]
+    return {"step": step, "tokens": [{"token_id": tokens[i], "p": math.exp(logps[i]),
+                                       "tilted": probs[i], "push": lam * values[i]}
+                                      for i in order]}
 
 
 def certified_kl_bound(q: QScorer, lam: float, max_tokens: int, per_step_extra: float | None = 0.0

@@ -278,8 +278,11 @@ class VllmEngine:
         structured = None
         if sampling.structured is not None:
             kind_, spec = sampling.structured
+            # tool calls (server/tools.py): compact JSON, as OpenAI's arguments are; free
+            # whitespace lets a small model spend its max_tokens on newlines before the JSON ends
             structured = (StructuredOutputsParams(json_object=True) if kind_ == "json_object"
-                          else StructuredOutputsParams(json=spec))
+                          else StructuredOutputsParams(
+                              json=spec, disable_any_whitespace=kind_ == "tool_call"))
         return SamplingParams(
             n=n,
             max_tokens=sampling.max_tokens,

@@ -126,7 +126,8 @@ class RemoteScorer:
 
     def __init__(self, name: str, url: str, *, timeout_s: float = 30.0, retries: int = 2,
                  max_connections: int = 32, transport: httpx.AsyncBaseTransport | None = None,
-                 breaker: CircuitBreaker | None = None, backoff_s: float = 0.1) -> None:
+                 breaker: CircuitBreaker | None = None, backoff_s: float = 0.1,
+                 api_key: str | None = None) -> None:
         self.name = f"remote:{name}"
         self.url = url.rstrip("/")
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
@@ -137,7 +138,9 @@ class RemoteScorer:
             base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
             limits=httpx.Limits(max_connections=max_connections,
                                 max_keepalive_connections=max_connections),
-            transport=transport)
+            transport=transport,
+            # the RM server's vLLM --api-key (it checks it on /v1/* only: deploy/README.md)
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
         self.model: str | None = None
         self.mode = "plain"
         self._tok: Any = None  # a Hugging Face tokenizer once connected in `batch` mode
@@ -336,13 +339,13 @@ def _local_tokenizer(name_or_path: str):
         return None
 
 
-def connect_remote_scorers(specs: dict[str, str], timeout_s: float, retries: int
-                           ) -> list[RemoteScorer]:
+def connect_remote_scorers(specs: dict[str, str], timeout_s: float, retries: int,
+                           api_key: str | None = None) -> list[RemoteScorer]:
     """Connect every `--remote-scorer NAME=URL`; a server that does not answer raises
     ValueError naming it (start-up stops before the engine loads)."""
     scorers = []
     for name, url in specs.items():
-        scorer = RemoteScorer(name, url, timeout_s=timeout_s, retries=retries)
+        scorer = RemoteScorer(name, url, timeout_s=timeout_s, retries=retries, api_key=api_key)
         try:
             scorers.append(scorer.connect())
         except (UpstreamUnavailable, _BadAnswer, KeyError, IndexError, TypeError) as exc:

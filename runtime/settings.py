@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .engine_args import parse_engine_args
@@ -104,6 +104,10 @@ class EngineSettings(BaseSettings):
     remote_scorer_retries: int = Field(
         2, ge=0, le=10, description="Retries of a remote scorer request after a transport "
         "error, a timeout or a 5xx (with backoff); then the client gets 502/503/504.")
+    remote_scorer_api_key: SecretStr | None = Field(
+        None, min_length=16, max_length=4096, description="Bearer token sent to every remote "
+        "scorer (the reward-model server's vLLM --api-key / VLLM_API_KEY; vLLM checks it on "
+        "/v1/* only).")
     length_target: int = Field(
         64, ge=1, le=100_000, description="Target length in words of the `length` reward."
     )

@@ -64,9 +64,11 @@ def build_runtime(settings: EngineSettings) -> Runtime:
     except ValueError as exc:
         raise ConfigError("value_heads", str(exc)) from None
     try:  # and the remote reward model servers answer, before the engine start-up too
+        key = settings.remote_scorer_api_key
         remote = connect_remote_scorers(settings.remote_scorer_urls(),
                                         settings.remote_scorer_timeout_s,
-                                        settings.remote_scorer_retries)
+                                        settings.remote_scorer_retries,
+                                        key.get_secret_value() if key else None)
     except ValueError as exc:
         raise ConfigError("remote_scorers", str(exc)) from None
     # CD-Q heads also tilt inside the engine (tokenwise_cd); every head must share the

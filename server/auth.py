@@ -37,6 +37,13 @@ def _split(text: str) -> list[str]:
     return keys
 
 
+# The example Secret's values (deploy/base/secret.example.yaml): applied unchanged, they would
+# be keys anyone can read in this repository.
+PLACEHOLDER_KEYS = frozenset({"replace-with-a-long-random-key",
+                              "replace-with-a-long-random-admin-key"})
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 class KeyRing:
     """Digests of the user keys and of the admin key, loaded once from Settings."""
 
@@ -44,6 +51,9 @@ class KeyRing:
         short = [k for k in user_keys if len(k) < MIN_KEY_CHARS]
         if short:
             raise ValueError(f"{len(short)} API key(s) shorter than {MIN_KEY_CHARS} characters")
+        if PLACEHOLDER_KEYS & {*user_keys, admin_key}:
+            raise ValueError("a key is the example Secret's placeholder (deploy/base/"
+                             "secret.example.yaml): generate one, e.g. `openssl rand -hex 32`")
         self._user = [_digest(k) for k in user_keys]
         self._admin = _digest(admin_key) if admin_key else None
 
@@ -56,7 +66,15 @@ class KeyRing:
             if not from_file:
                 raise ValueError(f"api_keys_file {path} holds no keys")
             keys += from_file
-        return cls(keys, s.admin_key.get_secret_value() if s.admin_key else None)
+        admin = s.admin_key.get_secret_value() if s.admin_key else None
+        if s.admin_key_file is not None:  # a mounted Secret file: no key in the environment
+            if admin is not None:
+                raise ValueError("give admin_key or admin_key_file, not both")
+            admin = Path(s.admin_key_file).expanduser().read_text().strip()
+            if len(admin) < 16:
+                raise ValueError(f"admin_key_file {s.admin_key_file}: the admin key needs 16+ "
+                                 "characters")
+        return cls(keys, admin)
 
     @property
     def user_auth(self) -> bool:
@@ -97,8 +115,9 @@ def _bearer(scope) -> bytes | None:
     return None
 
 
-# Outside /v1 but served to users as vLLM serves them (server/routes/tokenizer.py): same key.
-USER_ROUTES = frozenset({"/tokenize", "/detokenize"})
+# Outside /v1 but served to users as vLLM serves them (server/routes/tokenizer.py): same key;
+# /version too, which names the vLLM build (a fingerprint for anyone scanning).
+USER_ROUTES = frozenset({"/tokenize", "/detokenize", "/version"})
 # Inside /v1 as vLLM serves them, but they change what is served: the admin key
 # (server/routes/lora.py).
 ADMIN_ROUTES = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
@@ -168,9 +187,18 @@ class AuthGate:
         await self.app(scope, receive, send)
 
 
+def check_open(keys: KeyRing, settings: Settings) -> None:
+    """A server bound beyond loopback without user keys would serve anyone who can reach it:
+    refused at start-up unless the operator says so (`--allow-unauthenticated`)."""
+    if not keys.user_auth and settings.host not in LOOPBACK and not settings.allow_unauthenticated:
+        raise ValueError(f"no API keys and listening on {settings.host}: /v1 would be open to "
+                         "anyone who can reach it; set api_keys / api_keys_file, bind "
+                         "127.0.0.1, or pass --allow-unauthenticated true")
+
+
 def warn_if_open(keys: KeyRing, settings: Settings) -> None:
     """A server bound beyond loopback without keys serves anyone who can reach it: say so."""
-    if not keys.user_auth and settings.host not in ("127.0.0.1", "localhost", "::1"):
+    if not keys.user_auth and settings.host not in LOOPBACK:
         log.warning("no API keys configured and listening on %s: /v1/* is open to anyone who "
                     "can reach it (set ALIGNSERVE_API_KEYS or ALIGNSERVE_API_KEYS_FILE)",
                     settings.host)

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from runtime.model_prep import prepare_embedded_model
 
 from .app import build_app
-from .auth import KeyRing
+from .auth import KeyRing, check_open
 from .lifecycle import POST_DRAIN_GRACE_S, DrainingServer
 from .presets import parse_preset_flags
 from .settings import ConfigError, Settings
@@ -128,8 +128,8 @@ def config_error_line(exc: Exception) -> str:
 async def _serve(settings: Settings) -> None:
     from runtime.startup import open_runtime  # torch and vllm: `serve` only, not the parser's path
 
-    try:  # a bad key configuration fails before the engine loads
-        KeyRing.from_settings(settings)
+    try:  # a bad key configuration, or an open API by accident, fails before the engine loads
+        check_open(KeyRing.from_settings(settings), settings)
     except (ValueError, OSError) as exc:
         setting = "api_keys_file" if isinstance(exc, OSError) else "api_keys"
         raise ConfigError(setting, str(exc)) from None

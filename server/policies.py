@@ -397,7 +397,8 @@ class PolicyManager:
 # ---------------------------------------------------------------------- admin routes
 
 _ERR = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 503)}
-router = APIRouter(prefix="/admin/policies", tags=["admin"])
+# the admin API stays out of the public OpenAPI document (docs/operations.md documents it)
+router = APIRouter(prefix="/admin/policies", tags=["admin"], include_in_schema=False)
 
 
 def _manager(request: Request) -> PolicyManager:

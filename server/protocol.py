@@ -213,7 +213,11 @@ class AlignmentBase(_Body):
     cost_weight: Annotated[float, Field(ge=0.0, le=1e6)] | Literal["auto"] = Field(
         1.0, description="λ in score = reward − λ·cost; 'auto': the server's CAN dual λ* "
         "(setting `dual`, solved by `alignserve dual`).")
-    return_candidates: bool = False
+    return_candidates: bool = Field(False, description="The decision trace with every "
+                                    "candidate's token ids (docs/strategies.md).")
+    trace: bool = Field(False, description="The decision trace (candidates ranked with their "
+                        "score terms, decision points, blocks, per-token KL) without the "
+                        "candidates' token ids and log-probs: a lighter return_candidates.")
     value: str | None = Field(None, description="Value scorer guiding the strategy (controlled "
                               "decoding, speculative rejection's decisions): a `value:NAME` head "
                               "or any scorer (blockwise default: the reward).")
@@ -393,7 +397,7 @@ class Candidate(BaseModel):
     tokens: int
     logprob: float  # Σ log p(token) under the distribution sampled from (the KL estimator's log ε)
     finish_reason: str | None  # null: stopped early by speculative rejection
-    token_ids: list[int]
+    token_ids: list[int] | None  # null with `trace` alone (return_candidates gives them)
     # per-token log-probs of token_ids (same distribution as `logprob`); only when the request
     # asks for `logprobs` (`alignserve rollouts --server` stores them)
     logprobs: list[float] | None = None
@@ -403,6 +407,7 @@ class Candidate(BaseModel):
     objective: float | None = None  # reward − cost_weight·cost (null: not scored whole)
     rank: int | None = None
     chosen: bool = False
+    selection_probability: float | None = None  # soft best-of-n: softmax(objective / λ)
 
 
 class AlignmentInfo(BaseModel):

@@ -162,6 +162,12 @@ class Settings(EngineSettings):
         None, min_length=16, max_length=4096,
         description="Key for /admin/* (16+ characters). Unset: the admin API is disabled (403).",
     )
+    admin_key_file: Path | None = Field(
+        None, description="File holding the admin key (a mounted Secret; joins nothing: give "
+        "admin_key or this). Read at start-up.")
+    allow_unauthenticated: bool = Field(
+        False, description="Serve /v1 without API keys on an address beyond loopback. Off: such "
+        "a server refuses to start (one line), so no API is open by accident.")
     log_level: str = Field("info", description="Python logging level.")
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text or one JSON object per line (for log "

@@ -43,7 +43,8 @@ async def prometheus(request: Request) -> Response:
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/admin/status", response_model=AdminStatus, responses=_ADMIN_ERRORS)
+@router.get("/admin/status", response_model=AdminStatus, responses=_ADMIN_ERRORS,
+            include_in_schema=False)  # admin: not in the public document
 async def admin_status(request: Request) -> AdminStatus:
     """Operator view (admin key): lifecycle state, load and limits. Never shows keys."""
     st = request.app.state

@@ -75,7 +75,7 @@ class ServingCore:
                 out.append((pi * rr.choices + c, DecodeRequest(
                     prompt_ids=prompt.ids, prompt_text=prompt.text, sampling=sampling,
                     n=a.n if a else 1, objective=rr.objective,
-                    return_candidates=bool(a and a.return_candidates), seed=seed,
+                    return_candidates=bool(a and (a.return_candidates or a.trace)), seed=seed,
                     options=options, value=rr.value)))
         return out
 

@@ -92,11 +92,12 @@ def alignment_info(rr: ResolvedRequest, r: DecodeResult, total_s: float) -> Alig
     candidates = None
     if r.candidates is not None:
         trace = _trace(rr, r)
+        full = bool(rr.alignment and rr.alignment.return_candidates)  # else: `trace` alone
         candidates = [Candidate(**trace[i], text=c.sample.text, reward=c.reward, cost=c.cost,
                                 tokens=len(c.sample.token_ids), logprob=c.sample.logprob,
                                 finish_reason=c.sample.finish_reason,
-                                token_ids=c.sample.token_ids,
-                                logprobs=c.sample.logprobs if rr.logprobs else None,
+                                token_ids=c.sample.token_ids if full else None,
+                                logprobs=c.sample.logprobs if rr.logprobs and full else None,
                                 tool_calls=(rr.tools.message(c.sample.text, "")[1]
                                             if rr.tools else None))
                       for i, c in enumerate(r.candidates)]
@@ -108,7 +109,12 @@ def alignment_info(rr: ResolvedRequest, r: DecodeResult, total_s: float) -> Alig
                         total_s=total_s),
         cost_weight=rr.objective.cost_weight if rr.objective and rr.objective.cost else None,
         candidates=candidates, warnings=[*rr.warnings, *r.warnings] or None,
-        constraint=rr.constraint, **r.extra)
+        constraint=rr.constraint,
+        **{k: v for k, v in r.extra.items() if k not in _PER_CANDIDATE})
+
+
+# strategy extras reported per candidate (`_trace`), not as fields of the alignment block
+_PER_CANDIDATE = {"selection_probabilities"}
 
 
 def _trace(rr: ResolvedRequest, r: DecodeResult) -> list[dict]:
@@ -120,11 +126,13 @@ def _trace(rr: ResolvedRequest, r: DecodeResult) -> list[dict]:
                   c.reward - (weight * c.cost if c.cost is not None else 0.0)
                   for c in r.candidates or ()]
     chosen = r.extra.get("chosen_index")
+    probabilities = r.extra.get("selection_probabilities") or [None] * len(objectives)
     out = []
     for i, (c, o) in enumerate(zip(r.candidates or (), objectives)):
         rank = None if o is None else 1 + sum(x is not None and x > o for x in objectives)
         is_chosen = i == chosen if chosen is not None else c.sample is r.sample
-        out.append({"objective": o, "rank": rank, "chosen": is_chosen})
+        out.append({"objective": o, "rank": rank, "chosen": is_chosen,
+                    "selection_probability": probabilities[i]})
     return out
 
 

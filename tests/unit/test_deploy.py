@@ -1,7 +1,10 @@
 """deploy/: every manifest (base, rendered overlays, monitoring) against the Kubernetes OpenAPI
 schemas shipped in kubernetes-validate (offline, strict: unknown fields fail), custom resources
 against the fields we use, and the wiring between them: env vars ↔ Settings, selectors ↔
-labels, probes ↔ routes, HPA metrics ↔ Prometheus Adapter rules ↔ /metrics, dashboard ↔ /metrics.
+labels, probes ↔ routes, HPA metrics ↔ Prometheus Adapter rules ↔ /metrics, dashboard ↔ /metrics;
+and the hardening (issue 25): read-only roots, bounded scratch space, no `:latest`, default-deny
+NetworkPolicies with only the listed allowances, the reward-model server's key and read-only
+volume.
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ def test_overlays_change_what_they_should():
     for target in ("overlays/gke", "overlays/eks"):
         c = container(target)
         assert c["env"] == container("base")["env"]  # patches merged, not replaced
-        assert {v["name"] for v in c["volumeMounts"]} == {"model-cache", "dshm", "api-keys"}
+        assert {v["name"] for v in c["volumeMounts"]} == {"model-cache", "dshm", "api-keys",
+                                                         "tmp", "home"}
         kinds = {d["kind"] for d in objects(target)}
         assert {"ServiceMonitor", "ConfigMap", "HorizontalPodAutoscaler"} <= kinds
 
@@ -451,3 +455,230 @@ def test_multinode_leader_worker_set(version):
         claim = vols["model-cache"]["persistentVolumeClaim"]["claimName"]
         assert claim == one(docs, "PersistentVolumeClaim")["metadata"]["name"]
     assert one(docs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+# ------------------------------------------------------------------------------ hardening
+
+
+def pod_templates(docs: list[dict]) -> list[tuple[str, dict]]:
+    """(name, pod spec) of every Deployment and LeaderWorkerSet role."""
+    out = []
+    for d in docs:
+        if d["kind"] == "Deployment":
+            out.append((d["metadata"]["name"], d["spec"]["template"]["spec"]))
+        elif d["kind"] == "LeaderWorkerSet":
+            tpl = d["spec"]["leaderWorkerTemplate"]
+            out += [(f"{d['metadata']['name']}/{role}", tpl[role]["spec"])
+                    for role in ("leaderTemplate", "workerTemplate") if role in tpl]
+    return out
+
+
+def quantity_bytes(q: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6,
+             "G": 10**9, "T": 10**12}
+    for unit, factor in units.items():
+        if q.endswith(unit):
+            return int(float(q[: -len(unit)]) * factor)
+    return int(q)
+
+
+WORKLOAD_TARGETS = [t for t in TARGETS if t != "monitoring"]
+
+
+@pytest.mark.parametrize("target", WORKLOAD_TARGETS)
+def test_read_only_roots_and_bounded_scratch_space(target):
+    pods = pod_templates(objects(target))
+    assert pods
+    for name, spec in pods:
+        containers = spec["containers"] + spec.get("initContainers", [])
+        for c in containers:
+            where = f"{target} {name}/{c['name']}"
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, where
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False, where
+            res = c["resources"]
+            assert "ephemeral-storage" in res["requests"], where
+            assert quantity_bytes(res["limits"]["ephemeral-storage"]) >= quantity_bytes(
+                res["requests"]["ephemeral-storage"]), where
+        empty = {v["name"]: v["emptyDir"] for v in spec["volumes"] if "emptyDir" in v}
+        assert all("sizeLimit" in e for e in empty.values()), (target, name, empty)
+        # Disk-backed emptyDirs count against the pod's ephemeral-storage: the containers'
+        # limits cover them, so a full scratch dir evicts the pod, not the node's other pods.
+        on_disk = sum(quantity_bytes(e["sizeLimit"]) for e in empty.values()
+                      if e.get("medium") != "Memory")
+        limits = sum(quantity_bytes(c["resources"]["limits"]["ephemeral-storage"])
+                     for c in spec["containers"])
+        assert limits > on_disk, (target, name)
+        # /tmp is writable scratch space in every container
+        for c in spec["containers"]:
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert mounts.get("/tmp") in empty, (target, name, c["name"])
+
+
+def test_every_cache_the_engine_writes_is_on_a_writable_volume():
+    for target in ("base", "overlays/multinode-lws", "overlays/reward-model"):
+        for name, spec in pod_templates(objects(target)):
+            writable = {m["mountPath"] for c in spec["containers"] for m in c["volumeMounts"]
+                        if not m.get("readOnly")}
+            for c in spec["containers"]:
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                for var in ("HOME", "HF_HOME", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR",
+                            "TORCHINDUCTOR_CACHE_DIR"):
+                    path = env.get(var)
+                    assert path, (target, name, var)
+                    assert any(path == w or path.startswith(w + "/") for w in writable), (
+                        target, name, var, path)
+                assert env.get("VLLM_NO_USAGE_STATS") == "1"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_no_latest_tags(target):
+    """Images carry a version tag or a digest; `:latest` (or no tag) is refused. Pin digests
+    with `kustomize edit set image` (deploy/README.md)."""
+    for name, spec in pod_templates(objects(target)):
+        for c in spec["containers"] + spec.get("initContainers", []):
+            image = c["image"]
+            ref = image.rsplit("/", 1)[-1]
+            if "@sha256:" in image:
+                assert re.fullmatch(r".+@sha256:[0-9a-f]{64}", image), image
+                continue
+            assert ":" in ref, f"{target} {name}: {image} has no tag"
+            assert ref.rsplit(":", 1)[1] != "latest", f"{target} {name}: {image}"
+
+
+def policies(docs: list[dict]) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+
+
+def selects(spec: dict, labels: dict) -> bool:
+    return spec["podSelector"].get("matchLabels", {}).items() <= labels.items()
+
+
+DNS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+       "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+DNS_PORTS = [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+
+
+def allowed(pols: dict[str, dict], labels: dict, direction: str) -> list[dict]:
+    """Every rule that applies to pods with these labels, in one direction."""
+    key = "ingress" if direction == "Ingress" else "egress"
+    return [rule for spec in pols.values() if selects(spec, labels)
+            and direction in spec["policyTypes"] for rule in spec.get(key, [])]
+
+
+@pytest.mark.parametrize("target", WORKLOAD_TARGETS)
+def test_network_policies_deny_by_default(target):
+    docs = objects(target)
+    pols = policies(docs)
+    deny = pols["default-deny"]
+    assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
+    assert "ingress" not in deny and "egress" not in deny
+    # no rule anywhere allows everyone: each peer names pods, namespaces or both
+    for name, spec in pols.items():
+        for rule in spec.get("ingress", []) + spec.get("egress", []):
+            peers = rule.get("from", rule.get("to"))
+            assert peers, (target, name, rule)
+            for peer in peers:
+                assert "ipBlock" not in peer, (target, name)
+                assert any(sel.get("matchLabels") for sel in peer.values()), (target, name, peer)
+
+
+def alignserve_pod_labels(docs: list[dict]) -> dict:
+    for d in docs:
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "alignserve":
+            return d["spec"]["template"]["metadata"]["labels"]
+        if d["kind"] == "LeaderWorkerSet":
+            labels = d["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["metadata"]["labels"]
+            return {**labels, "leaderworkerset.sigs.k8s.io/name": d["metadata"]["name"]}
+    raise AssertionError("no alignserve workload")
+
+
+@pytest.mark.parametrize("target", WORKLOAD_TARGETS)
+def test_alignserve_takes_traffic_from_the_ingress_controller_and_prometheus_only(target):
+    docs = objects(target)
+    pols, labels = policies(docs), alignserve_pod_labels(docs)
+    ports = {p["name"] for _, spec in pod_templates(docs) for c in spec["containers"]
+             for p in c.get("ports", [])}
+    ingress = allowed({k: v for k, v in pols.items() if k != "alignserve-ray"}, labels, "Ingress")
+    (rule,) = ingress
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}] and "http" in ports
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"alignserve.io/ingress": "true"}},
+         "podSelector": {"matchLabels": {"alignserve.io/ingress": "true"}}},
+        {"namespaceSelector": {"matchLabels": {"alignserve.io/monitoring": "true"}},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    egress = allowed({k: v for k, v in pols.items() if k != "alignserve-ray"}, labels, "Egress")
+    by_peer = {json.dumps(r["to"], sort_keys=True): r["ports"] for r in egress}
+    assert by_peer.pop(json.dumps([DNS], sort_keys=True)) == DNS_PORTS
+    otlp = [{"namespaceSelector": {"matchLabels": {"alignserve.io/monitoring": "true"}},
+             "podSelector": {"matchLabels": {"app.kubernetes.io/name": "opentelemetry-collector"}}}]
+    assert by_peer.pop(json.dumps(otlp, sort_keys=True)) == [
+        {"port": 4317, "protocol": "TCP"}, {"port": 4318, "protocol": "TCP"}]
+    if target == "overlays/reward-model":
+        rm = named(docs, "Deployment", "alignserve-rm")["spec"]["template"]
+        (vllm,) = rm["spec"]["containers"]
+        rm_peer = [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "alignserve-rm"}}}]
+        port = vllm["ports"][0]["containerPort"]
+        assert by_peer.pop(json.dumps(rm_peer, sort_keys=True)) == [
+            {"port": port, "protocol": "TCP"}]
+    assert by_peer == {}  # nothing else: no internet, no Kubernetes API
+
+
+def test_reward_model_server_answers_alignserve_only_and_sends_nothing():
+    docs = objects("overlays/reward-model")
+    pols = policies(docs)
+    rm = named(docs, "Deployment", "alignserve-rm")["spec"]["template"]
+    (vllm,) = rm["spec"]["containers"]
+    app_labels = alignserve_pod_labels(docs)
+    (rule,) = allowed(pols, rm["metadata"]["labels"], "Ingress")
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # this namespace only
+    assert peer["podSelector"]["matchLabels"].items() <= app_labels.items()
+    assert not peer["podSelector"]["matchLabels"].items() <= rm["metadata"]["labels"].items()
+    assert rule["ports"] == [{"port": vllm["ports"][0]["containerPort"], "protocol": "TCP"}]
+    assert allowed(pols, rm["metadata"]["labels"], "Egress") == []
+
+
+def test_reward_model_server_has_a_key_and_a_read_only_model_volume():
+    docs = objects("overlays/reward-model")
+    rm = named(docs, "Deployment", "alignserve-rm")["spec"]
+    spec = rm["template"]["spec"]
+    (vllm,) = spec["containers"]
+    (mount,) = [m for m in vllm["volumeMounts"] if m["name"] == "model-cache"]
+    assert mount["readOnly"] is True
+    (vol,) = [v for v in spec["volumes"] if v["name"] == "model-cache"]
+    assert vol["persistentVolumeClaim"]["readOnly"] is True  # no fsGroup chown of the weights
+    # the key: vLLM reads VLLM_API_KEY as --api-key; from a Secret, never a literal, not optional
+    env = {e["name"]: e for e in vllm["env"]}
+    assert not any(a.startswith("--api-key") for a in vllm["args"])
+    ref = env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert "optional" not in ref
+    example = yaml.safe_load((DEPLOY / "overlays" / "reward-model" / "secret.example.yaml")
+                             .read_text())
+    kubernetes_validate.validate(example, K8S_VERSIONS[-1], strict=True)
+    assert ref["name"] == example["metadata"]["name"] and ref["key"] in example["stringData"]
+    # alignserve sends the same key once its settings have a field for it
+    if "remote_scorer_api_key" in Settings.model_fields:
+        app = named(docs, "Deployment", "alignserve")["spec"]["template"]["spec"]
+        (c,) = app["containers"]
+        app_env = {e["name"]: e for e in c["env"]}
+        assert app_env["ALIGNSERVE_REMOTE_SCORER_API_KEY"]["valueFrom"]["secretKeyRef"] == ref
+
+
+def test_ray_talks_only_within_its_leader_worker_set():
+    docs = objects("overlays/multinode-lws")
+    pols = policies(docs)
+    lws = one(docs, "LeaderWorkerSet")
+    group = {"leaderworkerset.sigs.k8s.io/name": lws["metadata"]["name"]}
+    tpl = lws["spec"]["leaderWorkerTemplate"]
+    worker = {**tpl["workerTemplate"]["metadata"]["labels"], **group}
+    leader = alignserve_pod_labels(docs)
+    ray = pols["alignserve-ray"]
+    assert ray["podSelector"] == {"matchLabels": group}
+    (rule,) = ray["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": group}}]
+    # workers: nothing but their group in, their group and DNS out
+    assert allowed(pols, worker, "Ingress") == ray["ingress"]
+    assert [r["to"] for r in allowed(pols, worker, "Egress")] == [
+        [{"podSelector": {"matchLabels": group}}], [DNS]]
+    assert not selects(pols["alignserve"], worker)  # no API ingress to workers
+    assert selects(ray, leader) and selects(pols["alignserve"], leader)

@@ -75,3 +75,43 @@ async def test_the_trace_never_changes_the_answer():
         plain = await _alignment(alignment)
         traced = await _alignment({**alignment, "return_candidates": True})
         assert plain["choices"][0]["message"] == traced["choices"][0]["message"]
+
+
+async def test_soft_best_of_n_reports_each_candidates_selection_probability():
+    import math
+
+    body = await _alignment({"strategy": "soft_best_of_n", "n": 5, "selection_temperature": 0.5,
+                             "return_candidates": True})
+    cands = body["choices"][0]["alignment"]["candidates"]
+    z = sum(math.exp(c["objective"] / 0.5) for c in cands)
+    for c in cands:
+        assert c["selection_probability"] == pytest.approx(math.exp(c["objective"] / 0.5) / z)
+    assert "selection_probabilities" not in body["choices"][0]["alignment"]
+
+
+async def test_trace_alone_is_the_trace_without_token_ids():
+    plain = await _alignment({"strategy": "best_of_n", "n": 4})
+    body = await _alignment({"strategy": "best_of_n", "n": 4, "trace": True})
+    cands = body["choices"][0]["alignment"]["candidates"]
+    assert len(cands) == 4 and sum(c["chosen"] for c in cands) == 1
+    assert all(c["token_ids"] is None and c["rank"] >= 1 for c in cands)
+    assert body["choices"][0]["message"] == plain["choices"][0]["message"]
+
+
+async def test_tokenwise_traces_per_token_kl_and_the_strongest_pushes():
+    from fakes import FakeQHead
+    from test_controlled_decoding import LOGP, TOKENWISE, Q, tokenwise
+
+    from decoding.protocols import DecodeContext
+
+    engine = FakeEngine()
+    engine.next_logprobs = dict(LOGP)
+    req = tokenwise(FakeQHead(Q), top_k=3, lam=1.5, max_tokens=5, seed=4)
+    req.return_candidates = True
+    res = await TOKENWISE.run(req, DecodeContext(engine))
+    assert len(res.extra["token_kl"]) == 5
+    assert sum(res.extra["token_kl"]) == pytest.approx(res.kl_estimate)
+    first = res.extra["pushes"][0]["tokens"]
+    assert [t["token_id"] for t in first] == [2, 1, 0]  # by λ·Q: Q = 2, 1, 0 in the top 3
+    assert first[0]["push"] == pytest.approx(1.5 * Q[2])
+    assert sum(t["tilted"] for t in first) == pytest.approx(1.0)
