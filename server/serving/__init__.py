@@ -8,8 +8,9 @@ streamed (core.py) → OpenAI response or SSE chunks with the `alignment` accoun
 
 Modules, each importing only those before it: data (dataclasses) → admission → resolve →
 render → core (shared by both endpoints) → ticket (one admitted request) → endpoints
-(`ChatServing`, `CompletionServing`, each owning `create()`) → responses_events (the Responses object and event stream) → responses
-(`ResponsesServing`: /v1/responses translated onto the chat path).
+(`ChatServing`, `CompletionServing`, each owning `create()`) → responses_events (the Responses
+object and event stream) → responses (`ResponsesServing`: /v1/responses translated onto the chat
+path).
 """
 
 from .admission import Admission
