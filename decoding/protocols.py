@@ -54,8 +54,7 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
     ignore_eos: bool = False
-    # Structured output: ("json_object", ""), ("json_schema", "<the schema as JSON>"), or
-    # ("tool_call", "<schema>"): the same grammar without free whitespace (server/tools.py).
+    # Structured output: ("json_object", "") or ("json_schema", "<the schema as JSON>").
     structured: tuple[str, str] | None = None
 
 

