@@ -100,7 +100,7 @@ def markdown(rows: list[dict]) -> list[str]:
 
 
 def plot(path: Path, rows: list[dict]) -> None:
-    from runtime.plotting import pyplot
+    from runtime.plotting import pyplot, save
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -116,11 +116,7 @@ def plot(path: Path, rows: list[dict]) -> None:
     ax.set_xlabel("prefilled tokens of a harmful answer (k)")
     ax.set_ylabel("attack success (harmful continuations)")
     ax.set_ylim(-0.02, 1.02)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, ax, path, legend_size=8)
 
 
 def write(out: Path, config: dict, rows: list[dict], summaries_by_k: dict[int, list[dict]]

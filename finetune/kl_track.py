@@ -247,7 +247,7 @@ def held_out_prompts(eval_examples: Sequence, train_examples: Sequence) -> tuple
 
 
 def plot_kl(path: Path, kl: dict, title: str) -> None:
-    from runtime.plotting import pyplot
+    from runtime.plotting import pyplot, save
 
     plt = pyplot()
     entries = kl["entries"]
@@ -265,11 +265,7 @@ def plot_kl(path: Path, kl: dict, title: str) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("KL(π_θ‖π_ref), nats")
     ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, ax, path)
 
 
 def markdown(kl: dict) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from runtime.plotting import pyplot
+from runtime.plotting import pyplot, save
 
 STAT_ROWS = (("loss", "loss"), ("reward_margin", "reward margin"), ("accuracy", "accuracy"),
              ("accuracy_unsafe_rejected", "accuracy (unsafe rejected)"),
@@ -44,11 +44,7 @@ def plot_loss(path: Path, curve: list[tuple[int, float]], before: dict, after: d
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, ax, path)
 
 
 def _fmt(stats: dict) -> str:

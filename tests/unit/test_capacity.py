@@ -9,9 +9,9 @@ import math
 import os
 from pathlib import Path
 
-import httpx
 import pytest
 from fakes import FakeEngine, WordReward, make_app
+from test_lifecycle import client_for, until
 from test_policies import ADMIN, AUTH, CHAT, assert_error, write_adapter, write_checkpoint
 
 from server.auth import client_identity
@@ -21,16 +21,6 @@ from server.serving import ticket
 
 STREAM = {**CHAT, "stream": True}
 
-
-def client_for(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-                             base_url="http://t")
-
-
-async def until(predicate, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 class Client:

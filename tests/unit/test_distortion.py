@@ -8,10 +8,11 @@ import json
 import httpx
 import pytest
 from fakes import FakeEngine, WordReward, make_app
+from test_eval_report import args as eval_args
 
 from decoding.nash import distortion, distortion_terms
 from decoding.protocols import DecodeContext
-from evaluation.cli import add_arguments, evaluate
+from evaluation.cli import evaluate
 from evaluation.metrics import Row, panel_distortion
 from evaluation.panel import Member, answer_terms, candidate_set, parse_panel
 from evaluation.report import markdown
@@ -23,11 +24,7 @@ PROMPTS = [{"id": f"p{i}", "prompt": f"prompt {i}", "kind": "helpful"} for i in 
 
 
 def args(tmp_path, *extra) -> argparse.Namespace:
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(["--prompts", str(prompts), "--out", str(tmp_path / "out"), *extra])
+    return eval_args(tmp_path, *extra, prompts_rows=PROMPTS)
 
 
 # ------------------------------------------------------------------ by hand

@@ -52,9 +52,10 @@ class ScriptedRunner:
         self.closed = True
 
 
-def args(tmp_path, *extra) -> argparse.Namespace:
+def args(tmp_path, *extra, prompts_rows=None) -> argparse.Namespace:
+    """`alignserve eval` flags over a prompts file of `prompts_rows` (default PROMPTS)."""
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in prompts_rows or PROMPTS))
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     return parser.parse_args(["--prompts", str(prompts), "--out", str(tmp_path / "out"), *extra])
