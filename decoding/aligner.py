@@ -45,6 +45,7 @@ objective, budget and greedy checks at the edge; see docs/aligner.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -158,8 +159,8 @@ def _corrector_sampling(sampling: Sampling, corrector: str, prompt_len: int,
                                  f"fills the model's context length {max_model_len}; lower "
                                  "max_tokens", param="max_tokens")
         max_tokens = min(max_tokens, room)
-    return Sampling(**{**sampling.__dict__, "adapter": corrector, "max_tokens": max_tokens,
-                       "min_tokens": min(sampling.min_tokens, max_tokens)})
+    return dataclasses.replace(sampling, adapter=corrector, max_tokens=max_tokens,
+                               min_tokens=min(sampling.min_tokens, max_tokens))
 
 
 async def _stream_correction(ctx: DecodeContext, ids: Sequence[int], sampling: Sampling,

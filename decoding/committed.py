@@ -9,6 +9,7 @@ the text committed so far through `DecodeRequest.emit`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from .protocols import DecodeRequest, Engine, Sample, Sampling
@@ -17,7 +18,7 @@ _REPLACEMENT = "\ufffd"  # what a decoder prints for an incomplete UTF-8 sequenc
 
 
 def capped(sampling: Sampling, **changes) -> Sampling:
-    return Sampling(**{**sampling.__dict__, **changes})
+    return dataclasses.replace(sampling, **changes)
 
 
 class Committed:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import AsyncIterator, Callable
 
 from decoding.concurrency import gather_all
-from decoding.protocols import DecodeRequest, Sample, SampleDelta, Sampling
+from decoding.protocols import DecodeRequest, Sample, SampleDelta
 from decoding.seeds import choice_seed
 from runtime.protocols import Runtime
 
@@ -71,7 +72,7 @@ class ServingCore:
         for pi, prompt in enumerate(rr.prompts):
             for c in range(rr.choices):
                 seed = choice_seed(rr.sampling.seed, c, children)
-                sampling = Sampling(**{**rr.sampling.__dict__, "seed": seed})
+                sampling = dataclasses.replace(rr.sampling, seed=seed)
                 out.append((pi * rr.choices + c, DecodeRequest(
                     prompt_ids=prompt.ids, prompt_text=prompt.text, sampling=sampling,
                     n=a.n if a else 1, objective=rr.objective,
