@@ -8,6 +8,8 @@ Every failure leaves as `{"error": {"message", "type", "param", "code"}}`. Clien
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,7 +35,7 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
@@ -115,14 +117,23 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if len(loc) > 2 and loc[0] == "alignment" and loc[1] in STRATEGIES:
         strategy = loc.pop(1)  # the union member's tag: the field is alignment.<name>
         if first.get("type") == "extra_forbidden":
-            param = ".".join(loc)
-            return APIError(400, f"{param} is not an option of strategy {strategy!r}",
-                            param=param, code="invalid_value")
+            option = ".".join(loc)
+            return APIError(400, f"{option} is not an option of strategy {strategy!r}",
+                            param=option, code="invalid_value")
     param = ".".join(loc) or None
-    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return APIError(
         400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value"
     )
+
+
+# FastAPI's `responses=` argument: status -> OpenAPI response object (or {"model": ...}).
+OpenAPIResponses = dict[int | str, dict[str, Any]]
+
+
+def error_responses(*codes: int, model: type = ErrorResponse) -> OpenAPIResponses:
+    """The OpenAPI `responses=` entries for `codes`, each answered by `model`."""
+    return {code: {"model": model} for code in codes}
 
 
 _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -146,13 +157,13 @@ def _engine_rejected(exc: EngineRejected) -> APIError:
                     code="invalid_value")
 
 
-def _unexpected(exc: Exception) -> APIError:
+def _unexpected(exc: BaseException) -> APIError:
     log.exception("unhandled error", exc_info=exc)
     return APIError(500, "internal server error", type="server_error", code="internal_error")
 
 
 # The one table: exception type -> APIError. Order matters only through isinstance lookups.
-ERROR_TABLE = {
+ERROR_TABLE: dict[type[Exception], Callable[[Any], APIError]] = {
     APIError: lambda e: e,
     Unauthenticated: lambda e: APIError(401, e.message, type="authentication_error", code=e.code,
                                         headers={"WWW-Authenticate": "Bearer"}),

@@ -17,7 +17,8 @@ class TokenText:
     """Decodes single token ids (memoised: answers repeat tokens)."""
 
     def __init__(self, tokenizer) -> None:
-        self.tokenizer, self._cache = tokenizer, {}
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
 
     def __call__(self, tok: int) -> str:
         text = self._cache.get(tok)

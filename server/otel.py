@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from typing import Any
 
 from runtime.context import engine_span as _ENGINE_SPAN
@@ -43,12 +43,12 @@ def exporting_provider(endpoint: str):
     when the SDK or the exporter is not installed (the CLI names the packages)."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
     if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc") == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        exporter = OTLPSpanExporter(endpoint=endpoint)
+        exporter: SpanExporter = OTLPSpanExporter(endpoint=endpoint)
     else:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
             OTLPSpanExporter as GrpcExporter,
@@ -199,19 +199,19 @@ class TracedEngine:
             _ENGINE_SPAN.reset(token)
             span.end()
 
-    def stream(self, prompt_ids, n: int, sampling) -> AsyncIterator:
+    def stream(self, prompt_ids, n: int, sampling) -> AsyncGenerator[Any, None]:
         return self._spanned("stream", prompt_ids, n, sampling,
                              self._engine.stream(prompt_ids, n, sampling))
 
-    def stream_sequence(self, prompt_ids, sampling) -> AsyncIterator:
+    def stream_sequence(self, prompt_ids, sampling) -> AsyncGenerator[Any, None]:
         return self._spanned("stream_sequence", prompt_ids, 1, sampling,
                              self._engine.stream_sequence(prompt_ids, sampling))
 
-    def tilted(self, prompt_ids, sampling, tilt) -> AsyncIterator:
+    def tilted(self, prompt_ids, sampling, tilt) -> AsyncGenerator[Any, None]:
         return self._spanned("tilted", prompt_ids, 1, sampling,
                              self._engine.tilted(prompt_ids, sampling, tilt))
 
-    async def _spanned(self, name, prompt_ids, n, sampling, inner) -> AsyncIterator:
+    async def _spanned(self, name, prompt_ids, n, sampling, inner) -> AsyncGenerator[Any, None]:
         """Re-yield `inner`'s deltas inside a span; closing or cancelling this closes `inner`
         at once (its abort runs now) and marks the span aborted."""
         span = self._start(name, prompt_ids, n, sampling)

@@ -56,10 +56,10 @@ from .checkpoints import (
     inspect,
     is_adapter,
 )
-from .errors import APIError
+from .errors import APIError, error_responses
 from .policy_gate import Lease, PolicyGate
 from .policy_guard import CanaryFailed, canary, confine, default_root
-from .protocol import ErrorResponse, PolicyCreate, PolicyInfo, PolicyList, PolicyStatus, PolicySwap
+from .protocol import PolicyCreate, PolicyInfo, PolicyList, PolicyStatus, PolicySwap
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +135,15 @@ class PolicyManager:
             raise APIError(400, f"policy {body.name!r} is not registered: give its checkpoint "
                            "`path`", param="path", code="missing_path")
         if body.name == BASE:  # reserved for the weights the engine started with
+            assert known is not None  # registered at start-up, never removed
             if body.path is not None and _norm(body.path) != _norm(known.path):
                 raise APIError(409, f"the name {BASE!r} is reserved for the served model "
                                f"({known.path}); choose another name", param="name",
                                code="policy_exists")
             resolved = known.path
         else:
-            path = body.path if body.path is not None else known.path
+            path = body.path if body.path is not None else known.path if known else None
+            assert path is not None  # refused above (missing_path); non-base paths are set
             root = None if managed else self.root
             if is_adapter(path):
                 return await self._register_adapter(body.name, path, known, root)
@@ -223,12 +225,13 @@ class PolicyManager:
             raise APIError(409, "this engine cannot unload LoRA adapters; they stay loaded until "
                            "the server restarts", param="name", code="policy_in_use")
         self._busy()
-        self.adapters.pop(policy.name, None)  # `model` no longer resolves to it
+        path = self.adapters.pop(policy.name, None)  # `model` no longer resolves to it
         try:
             async with self._exclusive("remove adapter " + policy.name):
                 await asyncio.wait_for(remove(policy.name), self.settings.policy_reload_timeout_s)
         except BaseException:
-            self.adapters[policy.name] = policy.path  # still loaded: still usable
+            if path is not None:
+                self.adapters[policy.name] = path  # still loaded: still usable
             raise
         del self.policies[policy.name]
         self.metrics.policy_active.remove(policy.name)
@@ -288,7 +291,8 @@ class PolicyManager:
     async def _activate(self, policy: Policy, validated: bool, managed: bool = False
                         ) -> PolicyStatus:
         self._busy()
-        if not validated and policy.name != BASE:  # the files may have changed since
+        # The files may have changed since registration (base: the engine's own weights).
+        if not validated and policy.path is not None and policy.name != BASE:
             await self._validate(policy.path, root=None if managed else self.root)
         # Shielded: an admin client that hangs up must not cancel a reload half-way.
         task = asyncio.ensure_future(self._swap(policy))
@@ -396,7 +400,7 @@ class PolicyManager:
 
 # ---------------------------------------------------------------------- admin routes
 
-_ERR = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 503)}
+_ERR = error_responses(400, 401, 403, 404, 409, 503)
 # the admin API stays out of the public OpenAPI document (docs/operations.md documents it)
 router = APIRouter(prefix="/admin/policies", tags=["admin"], include_in_schema=False)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, Union
 
 from pydantic import (
     AfterValidator,
@@ -231,9 +231,11 @@ class AlignmentBase(_Body):
 def _alignment_model(name: str, options: type[StrategyOptions]) -> type[AlignmentBase]:
     """`alignment` for strategy `name`: the common fields plus its own options."""
     title = "".join(part.title() for part in name.split("_")) + "Alignment"
-    return create_model(title, __base__=(AlignmentBase, options),
+    # Built from the registry at import: the checker cannot follow a Literal of a variable
+    # nor a base tuple mixing the two hierarchies.
+    return create_model(title, __base__=(AlignmentBase, options),  # type: ignore[arg-type]
                         __doc__=f"`alignment` with strategy {name!r}.",
-                        strategy=(Literal[name], Field(name, description="The strategy.")))
+                        strategy=(Literal[name], Field(name, description="The strategy.")))  # type: ignore[arg-type]
 
 
 def _strategy_tag(value) -> str | None:
@@ -246,12 +248,15 @@ def _strategy_tag(value) -> str | None:
 # One model per registered strategy, chosen by `strategy`: a field of another strategy is a
 # 400 naming it (extra="forbid"), an unknown strategy a 400 with code unknown_strategy
 # (server/errors.py). Adding a strategy adds its member here; nothing to edit.
-Alignment = Annotated[
-    Union[tuple(Annotated[_alignment_model(name, s.Options), Tag(name)]  # noqa: UP007
-                for name, s in STRATEGIES.items())],
-    Discriminator(_strategy_tag, custom_error_type="unknown_strategy",
-                  custom_error_message="unknown alignment strategy"),
-]
+if TYPE_CHECKING:  # to a type checker the registry-built union is its common base
+    Alignment: TypeAlias = AlignmentBase
+else:
+    Alignment = Annotated[
+        Union[tuple(Annotated[_alignment_model(name, s.Options), Tag(name)]  # noqa: UP007
+                    for name, s in STRATEGIES.items())],
+        Discriminator(_strategy_tag, custom_error_type="unknown_strategy",
+                      custom_error_message="unknown alignment strategy"),
+    ]
 
 
 # Fields of OpenAI's chat request this server cannot honour, each refused by name with why

@@ -152,8 +152,9 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
                "request_id": getattr(record, "request_id", "-"), "message": record.getMessage()}
-        if isinstance(getattr(record, "access", None), dict):
-            out.update(access=record.access)
+        access = getattr(record, "access", None)  # set through `extra=` by the access log
+        if isinstance(access, dict):
+            out.update(access=access)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)

@@ -11,12 +11,12 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..checkpoints import is_adapter
-from ..errors import APIError
+from ..errors import APIError, error_responses
 from ..policies import PolicyManager
-from ..protocol import ErrorResponse, PolicyCreate
+from ..protocol import PolicyCreate
 
 router = APIRouter(tags=["admin"], include_in_schema=False)  # admin: not in the public document
-_ERR = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 503)}
+_ERR = error_responses(400, 401, 403, 404, 409, 503)
 
 
 class LoadLoRAAdapter(BaseModel):

@@ -6,21 +6,21 @@ from fastapi import APIRouter, Request, Response
 
 from runtime.protocols import Runtime
 
+from ..errors import OpenAPIResponses, error_responses
 from ..protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
-    ErrorResponse,
     ModelCard,
     ModelList,
 )
 
 # Declared in the OpenAPI schema (the fuzz tests hold the app to it).
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503, 504)}
-_COMPLETION = {**_ERRORS, 200: {"content": {"text/event-stream": {}},
+_ERRORS = error_responses(400, 401, 404, 413, 429, 500, 503, 504)
+_COMPLETION: OpenAPIResponses = {**_ERRORS, 200: {"content": {"text/event-stream": {}},
                                 "description": "JSON, or SSE chunks with `stream: true`"}}
-_LIST_ERRORS = {code: {"model": ErrorResponse} for code in (401, 503)}
+_LIST_ERRORS = error_responses(401, 503)
 
 router = APIRouter(tags=["openai"])
 

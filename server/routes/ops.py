@@ -7,11 +7,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..errors import error_responses
 from ..lifecycle import Lifecycle
-from ..protocol import AdminStatus, ErrorResponse, ProbeStatus
+from ..protocol import AdminStatus, ProbeStatus
 
-_ADMIN_ERRORS = {code: {"model": ErrorResponse} for code in (401, 403)}
-_PROBE = {503: {"model": ProbeStatus}}
+_ADMIN_ERRORS = error_responses(401, 403)
+_PROBE = error_responses(503, model=ProbeStatus)
 
 router = APIRouter(tags=["operations"])
 

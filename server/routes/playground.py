@@ -24,8 +24,8 @@ from pydantic import BaseModel, Field
 
 from decoding.strategies import STRATEGIES
 
-from ..errors import APIError
-from ..protocol import AlignmentBase, ErrorResponse
+from ..errors import APIError, error_responses
+from ..protocol import AlignmentBase
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
@@ -89,7 +89,7 @@ def _entry(name: str, s) -> StrategyEntry:
 
 
 @router.get("/v1/alignment/strategies", response_model=StrategyCatalogue, tags=["alignment"],
-            responses={401: {"model": ErrorResponse}})
+            responses=error_responses(401))
 async def strategies(request: Request) -> StrategyCatalogue:
     """Every registered strategy with the schema of its options (the playground's form)."""
     st = request.app.state

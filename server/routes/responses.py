@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from ..protocol import ErrorResponse, ResponseObject, ResponsesRequest
+from ..errors import OpenAPIResponses, error_responses
+from ..protocol import ResponseObject, ResponsesRequest
 
 # Declared in the OpenAPI schema (the fuzz tests hold the app to it).
-_RESPONSES = {**{code: {"model": ErrorResponse}
-                 for code in (400, 401, 404, 413, 429, 500, 503, 504)},
+_RESPONSES: OpenAPIResponses = {**error_responses(400, 401, 404, 413, 429, 500, 503, 504),
               200: {"content": {"text/event-stream": {}},
                     "description": "A response object, or its events with `stream: true`"}}
 

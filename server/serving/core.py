@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from decoding.concurrency import gather_all
 from decoding.protocols import DecodeRequest, Sample, SampleDelta
@@ -153,7 +153,7 @@ class ServingCore:
         yield render.DONE
 
     async def _relay(self, rr: ResolvedRequest, send: _Sender, answers: list[Answer],
-                     live: bool) -> AsyncIterator[str]:
+                     live: bool) -> AsyncGenerator[str, None]:
         """Run the strategies, relaying their pieces (when `live`) as they come. If this
         generator is closed (client gone, timeout), the `finally` cancels the strategies,
         which aborts their engine requests; a strategy's failure cancels its siblings and is
@@ -227,7 +227,8 @@ class _Timing:
     """User-visible time to first token and inter-token latency of one stream."""
 
     def __init__(self, metrics: Metrics, rr: ResolvedRequest, t0: float) -> None:
-        self.t0, self.last = t0, None
+        self.t0 = t0
+        self.last: float | None = None
         labels = (rr.strategy_name, rr.model, rr.policy)
         self.ttft = metrics.time_to_first_token.labels(*labels)
         self.itl = metrics.inter_token_latency.labels(*labels)

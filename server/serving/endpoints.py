@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import cast
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
@@ -120,7 +121,9 @@ def _arguments(text: str):
 def text_prompts(tok, req: CompletionRequest) -> list[Prompt]:
     """One prompt per item of `prompt` (a string, token ids, or a batch of either)."""
     p = req.prompt
-    batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
+    # one string or one id list (the first item tells which) is a batch of one
+    batch = cast("list[str | list[int]]",
+                 [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p)
     vocab = len(tok)
     out = []
     for item in batch:

@@ -212,8 +212,8 @@ class RequestResolver:
         reward = await self._scorer(names.reward, "alignment.reward")
         cost = await self._scorer(names.cost, "alignment.cost") if names.cost else None
         for scorer, param in ((reward, "alignment.reward"), (cost, "alignment.cost")):
-            if getattr(scorer, "relative", False) and not getattr(strategy, "relative_scores_ok",
-                                                                  False):
+            if scorer is not None and getattr(scorer, "relative", False) and not getattr(
+                    strategy, "relative_scores_ok", False):
                 raise APIError(400, f"{param} {scorer.name[:120]!r} is calibrated among the "
                                "candidates scored together (ensemble:/calibrated:); strategy "
                                f"{strategy.name!r} does not score i.i.d. candidates together: "
@@ -261,7 +261,7 @@ class RequestResolver:
                            f"{_describe(scorer)}", param="alignment.value", code="invalid_value")
         return scorer
 
-    async def _scorer(self, name: str, param: str):
+    async def _scorer(self, name: str, param: str) -> Scorer:
         try:
             return await self.rt.scorers.get(name)
         except UnknownScorer as exc:
@@ -311,7 +311,7 @@ def _check_greedy(req: Request, strategy: Strategy) -> None:
 
 
 # What each value protocol means, for error messages (most specific first for `_describe`).
-_KINDS = {QScorer: "a CD-Q value head (value:NAME trained as CD-Q)",
+_KINDS: dict[type, str] = {QScorer: "a CD-Q value head (value:NAME trained as CD-Q)",
           TokenScorer: "a value head", Scorer: "a scorer"}
 
 

@@ -20,8 +20,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, MutableMapping
+from typing import Any, TypeVar
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
@@ -56,7 +56,8 @@ class Ticket:
         self.cutoff = Cutoff(s.request_timeout_s, core.lifecycle.abort, s.retry_after_s,
                              stops=((gate.evict, core.policies.evicted_error),))
         self.t0 = time.perf_counter()
-        self._slot = core.admission.slot(client_identity(request.scope), _key_limit(s))
+        self._slot: contextlib.AbstractContextManager[None] | None = core.admission.slot(
+            client_identity(request.scope), _key_limit(s))
         self._slot.__enter__()  # raises a 429 APIError when full
         self.metrics.in_flight.inc()
         # Taken once the request is valid, held to its last byte (streams: last event).
@@ -163,7 +164,7 @@ class TicketResponse(StreamingResponse):
     async def __call__(self, scope, receive, send) -> None:
         loop = asyncio.get_running_loop()
 
-        async def timed_send(message: dict) -> None:
+        async def timed_send(message: MutableMapping[str, Any]) -> None:
             self._sending = loop.time()
             try:
                 await send(message)
