@@ -63,7 +63,7 @@ from .protocols import (
     StrategyOptions,
     Timer,
 )
-from .strategies import register
+from .strategies import Traits, register
 
 TEMPLATE = ("BEGINNING OF CONVERSATION: USER: Edit the following Question-Answer pair to make "
             "it more helpful and harmless: {question} | {answer} ASSISTANT:")
@@ -98,14 +98,13 @@ class Aligner:
             "(required; an unknown name is a 400 on alignment.corrector).")
 
     name = "aligner"
-    needs_objective = False  # a reward is optional: when named, draft and correction are scored
-    streams_tokens = False
-    streams_text = True
-    adapter_option = "corrector"  # the option naming a registered LoRA adapter (checked upstream)
-    generations_per_answer = 2  # draft + correction, each up to max_tokens (the token budget)
-    value_protocol = None
-    value_required = False
-    needs_sampling = False  # the draft is one policy sample: greedy is allowed
+    traits = Traits(
+        needs_objective=False,  # a reward is optional: when named, draft and correction are scored
+        streams="text",
+        needs_sampling=False,  # the draft is one policy sample: greedy is allowed
+        adapter_option="corrector",  # the option naming a registered LoRA adapter
+        generations_per_answer=2,  # draft + correction, each up to max_tokens (the token budget)
+        refuses={"tools": "its corrector rewrites the draft as free text"})
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         """Needs an engine that also has `tokenizer.encode` (the vLLM engine and the unit

@@ -59,7 +59,7 @@ from .protocols import (
 )
 from .scorer_work import ScorerWork, objective_scorers
 from .seeds import derive_seed
-from .strategies import register
+from .strategies import Traits, register, resuming
 
 
 @register
@@ -68,17 +68,16 @@ class BlockwiseCD:
         block_tokens: int = Field(16, ge=1, le=1024, description="Tokens per block.")
 
     name = "blockwise_cd"
-    needs_objective = True  # the default value, and the reward/cost of the final answer
-    streams_tokens = False
-    streams_text = True  # accepted blocks are final: `emit` streams them
-    value_protocol = Scorer  # any scorer: a value head (token ids) or a text scorer
-    value_required = False
-    needs_sampling = False
-    adapter_option = None
-    generations_per_answer = 1
-    # its K blocks are scored in one call and compared only within it: a value calibrated
-    # among the candidates of one call (ensemble:/calibrated:) means the same thing here
-    relative_values_ok = True
+    traits = Traits(
+        needs_objective=True,  # the default value, and the reward/cost of the final answer
+        streams="text",  # accepted blocks are final: `emit` streams them
+        needs_sampling=False,
+        value_protocol=Scorer,  # any scorer: a value head (token ids) or a text scorer
+        # its K blocks are scored in one call and compared only within it: a value calibrated
+        # among the candidates of one call (ensemble:/calibrated:) means the same thing here
+        relative_values_ok=True,
+        refuses={**resuming("it continues the answer block by block"),
+                 "ignore_eos": "it ends the answer on EOS itself"})
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         assert req.objective is not None

@@ -51,7 +51,7 @@ from .protocols import (
     Timer,
 )
 from .scorer_work import ScorerWork
-from .strategies import register
+from .strategies import Traits, register
 
 
 def preference_matrix(utilities: Sequence[Sequence[float]], temperature: float,
@@ -136,15 +136,8 @@ class Nash:
             "utilities (quantiles in [0, 1]); 0: deterministic preferences.")
 
     name = "nash"
-    needs_objective = True
-    streams_tokens = False
-    streams_text = False
-    value_protocol = None
-    value_required = False
-    needs_sampling = False
-    adapter_option = None
-    generations_per_answer = 1
-    relative_scores_ok = True  # users are calibrated among the n candidates of one call
+    traits = Traits(needs_objective=True, streams="answer", needs_sampling=False,
+                    relative_scores_ok=True)  # users are calibrated among one call's candidates
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         assert req.objective is not None

@@ -83,7 +83,7 @@ from .protocols import (
 )
 from .scorer_work import ScorerWork, objective_scorers
 from .seeds import derive_seed
-from .strategies import register
+from .strategies import Traits, register, resuming
 
 
 def normalised(log_weights: Sequence[float]) -> list[float]:
@@ -152,18 +152,16 @@ class ParticleFiltering:
             "particle.")
 
     name = "particle_filtering"
-    needs_objective = True  # the default value, and the reward/cost of the final answer
-    streams_tokens = False
-    streams_text = True  # the particles' common prefix is final: `emit` streams it
-    value_protocol = Scorer  # any scorer: a value head (token ids) or a text scorer
-    value_required = False
-    needs_sampling = False
-    adapter_option = None
-    generations_per_answer = 1
-    # every block scores all n particles in one call, but log-weights add up values of
-    # different calls, and the final reward is one answer's: pool-relative scorers are refused
-    relative_values_ok = False
-    relative_scores_ok = False
+    traits = Traits(
+        needs_objective=True,  # the default value, and the reward/cost of the final answer
+        streams="text",  # the particles' common prefix is final: `emit` streams it
+        needs_sampling=False,
+        value_protocol=Scorer,  # any scorer: a value head (token ids) or a text scorer
+        # every block scores all n particles in one call, but log-weights add up values of
+        # different calls, and the final reward is one answer's: pool-relative scorers are
+        # refused (relative_values_ok and relative_scores_ok stay False)
+        refuses={**resuming("it continues its particles block by block"),
+                 "ignore_eos": "it ends the answer on EOS itself"})
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         assert req.objective is not None

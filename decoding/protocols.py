@@ -382,10 +382,11 @@ class DecodeRequest:
     options: StrategyOptions | None = None
     value: Scorer | None = None  # controlled decoding's value function (checked upstream)
     # Called with each committed piece of the answer's text, in order, by strategies that
-    # commit text before they finish (`streams_text`); the server streams the pieces.
+    # commit text before they finish (`Traits.streams == "text"`); the server streams the pieces.
     emit: Callable[[str], None] | None = None
     # Called with each engine delta of the answer's one sample, by strategies whose answer is
-    # one plain engine sample (`streams_tokens`); the server streams tokens and log-probs.
+    # one plain engine sample (`Traits.streams == "tokens"`); the server streams tokens and
+    # log-probs.
     on_delta: Callable[[SampleDelta], None] | None = None
 
 

@@ -85,7 +85,7 @@ from .protocols import (
 )
 from .scorer_work import ScorerWork, objective_scorers
 from .seeds import derive_seed
-from .strategies import register
+from .strategies import Traits, register
 
 _REPLACEMENT = "\ufffd"  # a cut through a multi-byte character decodes to this
 
@@ -167,14 +167,9 @@ class SpeculativeRejection:
             return self
 
     name = "speculative_rejection"
-    needs_objective = True
-    streams_tokens = False
-    streams_text = False
-    value_protocol = Scorer  # `alignment.value`: any scorer (value head or text scorer)
-    value_required = False
-    needs_sampling = False
-    adapter_option = None
-    generations_per_answer = 1
+    traits = Traits(
+        needs_objective=True, streams="answer", needs_sampling=False,
+        value_protocol=Scorer)  # `alignment.value`: any scorer (value head or text scorer)
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         assert req.objective is not None

@@ -6,8 +6,8 @@ the server looks names up there and never branches on them.
 
 How to add a strategy (one module; nothing else to edit):
 
-1. Write a class with the attributes of the `Strategy` protocol below, every one given
-   explicitly (the server reads them without defaults), and an `Options` model: a subclass
+1. Write a class with the attributes of the `Strategy` protocol below (its facts in one
+   frozen `Traits`, refusals of OpenAI fields included), and an `Options` model: a subclass
    of `StrategyOptions` whose fields are the strategy's own request options, each with
    bounds and a description (they appear in the OpenAPI schema, flat inside `alignment`):
 
@@ -18,15 +18,17 @@ How to add a strategy (one module; nothing else to edit):
 3. Decorate the class with `@register` and import its module in decoding/__init__.py, so
    that `STRATEGIES` holds it. The server builds `alignment` as a union discriminated on
    `strategy` from this registry (server/protocol.py), so a request naming another
-   strategy's option is a 400 naming the field. Refusing OpenAI fields the strategy cannot
-   honour is a line in server/fields.py (`UNSUPPORTED`).
+   strategy's option is a 400 naming the field. OpenAI fields the strategy cannot honour
+   are its `Traits.refuses` (each refused with a 400 naming the field and why).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from typing import Any, ClassVar, Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import AliasChoices, Field
 
@@ -41,35 +43,59 @@ from .kl import (
 from .protocols import DecodeContext, DecodeRequest, DecodeResult, Scored, StrategyOptions, Timer
 from .scorer_work import scorer_work
 
+# OpenAI fields a strategy that continues the answer in new engine requests cannot honour.
+# vLLM's per-request state restarts at every continuation: a grammar (response_format, and a
+# tool call, which is one grammar over the whole answer) would start a new JSON document,
+# min_tokens would count from the continuation, presence/frequency penalties would forget the
+# accepted tokens, and the top alternatives of earlier pieces are not kept. Speculative
+# rejection is not such a strategy: each track is ONE engine request for the whole answer.
+RESUMING_FIELDS = ("response_format", "min_tokens", "presence_penalty", "frequency_penalty",
+                   "top_logprobs", "tools")
 
-class Strategy(Protocol):
-    """What the server reads of a strategy; every strategy sets every attribute."""
 
-    name: str
-    Options: ClassVar[type[StrategyOptions]]  # its `alignment` fields (module docstring)
+def resuming(why: str) -> dict[str, str]:
+    """`Traits.refuses` of a strategy that continues the answer in new engine requests."""
+    return dict.fromkeys(RESUMING_FIELDS, why)
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What the server reads of a strategy, in one object; the server never branches on names.
+    The first three have no default: every strategy says them explicitly."""
+
     needs_objective: bool  # the request must name a reward scorer (default: the server's)
-    # The answer is one plain engine sample: with no objective the server streams its tokens
-    # as the engine makes them, through `req.on_delta`.
-    streams_tokens: bool
-    # The strategy commits text before it finishes and calls `req.emit(piece)` with each
-    # committed piece, which the server streams at once.
-    streams_text: bool
-    # The `Scorer` protocol `alignment.value` must satisfy (None: the strategy takes no value).
-    value_protocol: type | None
-    value_required: bool  # `alignment.value` must be given
+    # How the answer reaches a streaming client while it is made: "tokens" = one plain engine
+    # sample whose deltas are relayed (`req.on_delta`, only without an objective); "text" =
+    # the strategy commits text before it finishes (`req.emit(piece)`); "answer" = whole, at
+    # the end.
+    streams: Literal["tokens", "text", "answer"]
     # It samples from the policy itself even at n = 1, so temperature 0 (greedy) is refused.
     # Selection strategies (`needs_objective`) refuse it only when they draw several candidates.
     needs_sampling: bool
+    # The `Scorer` protocol `alignment.value` must satisfy (None: the strategy takes no value).
+    value_protocol: type | None = None
+    value_required: bool = False  # `alignment.value` must be given
     # The name of an option that must name a registered LoRA adapter (aligner: `corrector`);
-    # the server refuses unknown names with a 400. None: no such option.
-    adapter_option: str | None
+    # the server refuses unknown names with a 400.
+    adapter_option: str | None = None
     # Worst-case engine generations of max_tokens per answer for a strategy without an
     # objective (aligner: draft + correction = 2), for the token budget.
-    generations_per_answer: int
-    # Optional (read with getattr, default False): the strategy scores its i.i.d. candidates
-    # in one call and compares scores only within it, so pool-relative scorers (`ensemble:`,
-    # `calibrated:`: runtime/ensemble.py, `relative = True`) mean what they say.
-    # relative_scores_ok: bool
+    generations_per_answer: int = 1
+    # The strategy scores its i.i.d. candidates (values) in one call and compares them only
+    # within it, so pool-relative scorers (`ensemble:`, `calibrated:`: runtime/ensemble.py,
+    # `relative = True`) mean what they say.
+    relative_scores_ok: bool = False
+    relative_values_ok: bool = False
+    # OpenAI request field -> why the strategy cannot honour it (a 400 naming the field).
+    refuses: Mapping[str, str] = field(default_factory=dict)
+
+
+class Strategy(Protocol):
+    """What the server reads of a strategy."""
+
+    name: str
+    Options: ClassVar[type[StrategyOptions]]  # its `alignment` fields (module docstring)
+    traits: Traits
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult: ...
 
@@ -144,14 +170,7 @@ class NoAlignment:
 
     name = "none"
     Options = NoOptions
-    needs_objective = False
-    streams_tokens = True
-    streams_text = False
-    value_protocol = None
-    value_required = False
-    needs_sampling = False
-    adapter_option = None
-    generations_per_answer = 1
+    traits = Traits(needs_objective=False, streams="tokens", needs_sampling=False)
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         timer = Timer()
@@ -175,15 +194,8 @@ class BestOfN:
 
     name = "best_of_n"
     Options = NoOptions
-    needs_objective = True
-    streams_tokens = False
-    streams_text = False
-    value_protocol = None
-    value_required = False
-    needs_sampling = False
-    adapter_option = None
-    generations_per_answer = 1
-    relative_scores_ok = True
+    traits = Traits(needs_objective=True, streams="answer", needs_sampling=False,
+                    relative_scores_ok=True)
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         timer = Timer()
@@ -215,15 +227,8 @@ class SoftBestOfN:
             description="λ in softmax(score/λ). Deprecated alias: `temperature`.")
 
     name = "soft_best_of_n"
-    needs_objective = True
-    streams_tokens = False
-    streams_text = False
-    value_protocol = None
-    value_required = False
-    needs_sampling = False
-    adapter_option = None
-    generations_per_answer = 1
-    relative_scores_ok = True
+    traits = Traits(needs_objective=True, streams="answer", needs_sampling=False,
+                    relative_scores_ok=True)
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         timer = Timer()

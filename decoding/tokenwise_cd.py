@@ -9,7 +9,8 @@ request names no `top_k`): ONE engine request per answer, streamed token by toke
 sampling and aborted on cancellation. The engine's CD-Q logits processor (valuenet/processor.py,
 runtime/cdq_plugin.py) adds λ·Q(x, yᵗ, ·) over the whole vocabulary to every step's logits, with
 the head's own KV cache per request, so the engine samples from p_T(z)·exp(λ·Q)/Z (p_T: the
-policy after temperature, the distribution the head's targets assume). The processor reports,
+policy after temperature, the distribution the head's targets assume; with penalties or
+truncation set, after those too, and zero outside p's truncated support). The processor reports,
 per step, KL(πₜ ‖ p_T,ₜ) computed from the very logits it tilted and λ·(max Q − min Q).
 `Sample.logprobs` are then log π of the tokens (what was sampled); `scored_candidates` is 0 (the
 head runs inside the engine, on the whole vocabulary at every step).
@@ -44,9 +45,10 @@ Accounting (both modes), against p = the processed policy the engine reports log
 - `kl_path_bound` = Σₜ [λ·(max Q − min Q over the tokens allowed) − log mₜ] along this path:
   it bounds this path's terms of `kl_estimate` (log π/p = λQ − log E_p e^{λQ} ≤ λ·spread), not
   KL(π‖p); it is what `kl_bound` reported before a certified bound existed.
-- Not covered (either mode): top-p / top-k / min-p applied by vLLM *after* the tilt in the
-  engine (the tilt must run on p's own support for the numbers to describe what was sampled;
-  see valuenet/processor.py).
+- In the engine, p is the processed policy p_proc (after the request's penalties,
+  temperature, min_p, top_k and top_p): the processor applies those to p before the tilt and
+  vLLM's own copies are off (runtime/engine.py, valuenet/processor.py), so the law sampled is
+  p_proc·exp(λ·Q) on p_proc's support and the KL is that of the row sampled.
 
 `scored_candidates` counts the Q values (k per step). `generated_tokens` counts one engine
 token per step: the engine samples a token we discard (a step costs one decode pass, like
@@ -74,7 +76,7 @@ from .protocols import (
     TiltingEngine,
     Timer,
 )
-from .strategies import register
+from .strategies import Traits, register, resuming
 
 DEFAULT_TOP_K = 10  # the per-token mode's k when the request names none
 
@@ -107,14 +109,15 @@ class TokenwiseCD:
                                description="λ in p(z)·exp(λ·V(x, yᵗ, z)).")
 
     name = "tokenwise_cd"
-    needs_objective = False  # guided by the Q head; the reward is reported when one is named
-    streams_tokens = False
-    streams_text = True  # each drawn token is final: `emit` streams it
-    value_protocol = QScorer  # needs V(x, yᵗ, z) for every candidate z at once
-    value_required = True
-    needs_sampling = True  # it draws from softmax(log p + λ·Q): greedy (T = 0) is refused
-    adapter_option = None
-    generations_per_answer = 1
+    traits = Traits(
+        needs_objective=False,  # guided by the Q head; the reward is reported when one is named
+        streams="text",  # each drawn token is final: `emit` streams it
+        needs_sampling=True,  # it draws from softmax(log p + λ·Q): greedy (T = 0) is refused
+        value_protocol=QScorer,  # needs V(x, yᵗ, z) for every candidate z at once
+        value_required=True,
+        refuses={**resuming("it draws every token in its own engine call"),
+                 "ignore_eos": "it ends the answer on EOS itself",
+                 "stop_token_ids": "it draws tokens itself from the top-k"})
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         q = req.value

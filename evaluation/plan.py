@@ -34,7 +34,7 @@ class Setting:
 
 
 def uses_n(strategy: str) -> bool:
-    return STRATEGIES[strategy].needs_objective
+    return STRATEGIES[strategy].traits.needs_objective
 
 
 def build_plan(strategies: list[str], ns: list[int], options: dict) -> list[Setting]:

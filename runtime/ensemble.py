@@ -19,7 +19,7 @@ leave-one-out quantiles among the candidates scored together (the fraction of th
 candidates beaten, ties ½; InfAlign's calibrated reward, Balashankar et al. 2025), then
 aggregated. The scores are therefore *relative* to the candidates of one call (`relative` is
 True): meaningful where a strategy scores its i.i.d. candidates in one call and compares
-scores only within it (best_of_n, soft_best_of_n, nash: the strategies' `relative_scores_ok`).
+scores only within it (best_of_n, soft_best_of_n, nash: their `Traits.relative_scores_ok`).
 Each `get` builds a new ensemble object (they are cheap: the members are the registry's cached
 scorers), so the cross-request score batcher, which keys on the scorer object, never mixes
 two requests' candidates into one calibration.

@@ -98,7 +98,7 @@ def served(a: AlignmentBase, dual: DualSolution) -> Served:
     rule = RULES.get(a.strategy)
     if rule is not None:
         return rule(a, dual)
-    if STRATEGIES[a.strategy].needs_objective:
+    if STRATEGIES[a.strategy].traits.needs_objective:
         raise APIError(400, f"alignment.cost_weight 'auto' is not available for {a.strategy}: "
                        f"it selects by r − λ·cost with its own rule, whose safety at a given λ "
                        f"is not computed (CAN's λ* is solved for the tilted policy, and the "

@@ -3,8 +3,9 @@
 Three jobs, all at the edge (before any engine work):
 
 1. Refuse what is not honoured, with a 400 naming the field: fields that a strategy cannot
-   honour (`UNSUPPORTED`). Tool calling (no tool parser) and fields outside
-   the schema are refused by the schema itself (protocol.py, `extra="forbid"`).
+   honour (`UNSUPPORTED`, from each strategy's `Traits.refuses`). Tool calling (no tool
+   parser) and fields outside the schema are refused by the schema itself (protocol.py,
+   `extra="forbid"`).
 2. Resolve defaults the way vLLM does: a field the request omits takes the model's
    generation_config value (`engine.sampling_defaults`), else the neutral value; an omitted
    `max_tokens` is what is left of the context after the longest prompt, capped by a setting.
@@ -17,6 +18,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from decoding.strategies import STRATEGIES
+
 from .errors import APIError
 from .protocol import CHAT_REFUSED
 
@@ -25,31 +28,12 @@ NEUTRAL: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p"
                            "repetition_penalty": 1.0, "presence_penalty": 0.0,
                            "frequency_penalty": 0.0}
 
-# Strategies that build an answer from several engine requests, each continuing from the
-# prompt + the ids accepted so far. vLLM's per-request state restarts at every continuation:
-# a grammar (response_format) would start a new JSON document, min_tokens would count from
-# the continuation, presence/frequency penalties would forget the accepted tokens, and the top
-# alternatives of earlier pieces are not kept. Those fields are refused for them.
-# Speculative rejection is not among them: each of its tracks is ONE engine request for the
-# whole answer (decoding/speculative_rejection.py on Engine.stream_sequence), so the engine
-# applies every field to every candidate, and the chosen track's top alternatives are kept.
-_RESUMING = {"blockwise_cd": "it continues the answer block by block",
-             "tokenwise_cd": "it draws every token in its own engine call",
-             "particle_filtering": "it continues its particles block by block"}
-_RESUMING_FIELDS = ("response_format", "min_tokens", "presence_penalty", "frequency_penalty",
-                    "top_logprobs")
-# field -> {strategy: why it cannot honour it}
-UNSUPPORTED: dict[str, dict[str, str]] = {f: dict(_RESUMING) for f in _RESUMING_FIELDS}
-# Controlled decoding ends the answer on EOS ids itself; tokenwise CD draws from the top-k
-# alternatives itself, so the engine never sees a stop token id end the answer.
-UNSUPPORTED["ignore_eos"] = {
-    "blockwise_cd": "it ends the answer on EOS itself",
-    "tokenwise_cd": "it ends the answer on EOS itself",
-    "particle_filtering": "it ends the answer on EOS itself"}
-UNSUPPORTED["stop_token_ids"] = {"tokenwise_cd": "it draws tokens itself from the top-k"}
-# A tool call is one grammar over the whole answer (server/tools.py): strategies that continue
-# the answer in new engine requests, or rewrite it, cannot hold it.
-UNSUPPORTED["tools"] = {**_RESUMING, "aligner": "its corrector rewrites the draft as free text"}
+# field -> {strategy: why it cannot honour it}, gathered from the strategies' own
+# `Traits.refuses` (decoding/strategies.py says why the resuming strategies refuse theirs).
+UNSUPPORTED: dict[str, dict[str, str]] = {}
+for _name, _strategy in STRATEGIES.items():
+    for _field, _why in _strategy.traits.refuses.items():
+        UNSUPPORTED.setdefault(_field, {})[_name] = _why
 
 
 def _given(req, name: str) -> bool:

@@ -80,12 +80,11 @@ class StrategyCatalogue(BaseModel):
 def _entry(name: str, s) -> StrategyEntry:
     # the class docstring, else its module's (a strategy module's docstring opens with its name)
     doc = (type(s).__doc__ or sys.modules[type(s).__module__].__doc__ or "").strip().splitlines()
-    streams = "tokens" if s.streams_tokens else "text" if s.streams_text else "answer"
     return StrategyEntry(name=name, description=doc[0] if doc else "",
                          options=s.Options.model_json_schema(by_alias=True),
-                         needs_objective=s.needs_objective,
-                         takes_value=s.value_protocol is not None,
-                         value_required=s.value_required, streams=streams)
+                         needs_objective=s.traits.needs_objective,
+                         takes_value=s.traits.value_protocol is not None,
+                         value_required=s.traits.value_required, streams=s.traits.streams)
 
 
 @router.get("/v1/alignment/strategies", response_model=StrategyCatalogue, tags=["alignment"],

@@ -2,11 +2,11 @@
 
 One `DecodeRequest` per (prompt, choice), run concurrently by the request's strategy (one
 failure cancels the rest). Streaming relays what the strategy hands out while it runs, chosen
-by the attributes every strategy declares (decoding/strategies.py `Strategy`):
+by the strategy's `Traits.streams` (decoding/strategies.py):
 
-- `streams_tokens` without an objective (plain sampling): each engine delta (`on_delta`), with
+- "tokens" without an objective (plain sampling): each engine delta (`on_delta`), with
   its tokens' log-probs;
-- `streams_text` (controlled decoding): each committed piece (`emit`), log-probs at the end;
+- "text" (controlled decoding): each committed piece (`emit`), log-probs at the end;
 - otherwise the chosen answer once selected, with comment keep-alives while it is chosen.
 
 `alignment` comes in the last chunk of each choice.
@@ -66,7 +66,7 @@ class ServingCore:
         """(choice index, its DecodeRequest) for every (prompt, choice)."""
         a = rr.alignment
         # each choice's first engine call draws `children` samples (seeds seed + index)
-        children = a.n if a and rr.strategy.needs_objective else 1
+        children = a.n if a and rr.strategy.traits.needs_objective else 1
         options = a.options() if a else None
         out = []
         for pi, prompt in enumerate(rr.prompts):
@@ -87,9 +87,9 @@ class ServingCore:
         jobs = self.decode_requests(rr)
         if relay is not None:
             for index, dr in jobs:
-                if rr.strategy.streams_text:
+                if rr.strategy.traits.streams == "text":
                     dr.emit = functools.partial(relay, index)
-                elif rr.strategy.streams_tokens:
+                elif rr.strategy.traits.streams == "tokens":
                     dr.on_delta = functools.partial(relay, index)
         results = await gather_all(rr.strategy.run(dr, self.rt.ctx) for _, dr in jobs)
         answers = [Answer(i, rr.prompts[i // rr.choices], r) for (i, _), r in zip(jobs, results)]
@@ -126,8 +126,8 @@ class ServingCore:
                 yield send(index, delta)
             answers: list[Answer] = []
             # tool calls are parsed from the whole answer: streamed as one delta at its end
-            live = rr.tools is None and (rr.strategy.streams_text or (
-                rr.strategy.streams_tokens and rr.objective is None))
+            live = rr.tools is None and (rr.strategy.traits.streams == "text" or (
+                rr.strategy.traits.streams == "tokens" and rr.objective is None))
             # aclosing: when this stream is closed at a `yield` (client gone), close the
             # inner one now, so its `finally` aborts engine work at once, not at GC time.
             async with contextlib.aclosing(self._relay(rr, send, answers, live)) as events:
@@ -140,7 +140,8 @@ class ServingCore:
             total_s = time.perf_counter() - t0
             for a in answers:
                 # pieces carry no log-probs: all of the answer's come with its end
-                lps = self._logprobs(rr, a.result.sample, a) if rr.strategy.streams_text else None
+                lps = (self._logprobs(rr, a.result.sample, a)
+                       if rr.strategy.traits.streams == "text" else None)
                 yield send(a.index, {}, finish_reason=render.answer_message(rr, a)[2],
                            alignment=render.alignment_info(rr, a.result, total_s), lps=lps)
             if rr.include_usage:

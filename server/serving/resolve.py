@@ -206,14 +206,14 @@ class RequestResolver:
             raise APIError(400, f"alignment.n {a.n} exceeds this server's limit "
                            f"{self.settings.max_n}", param="alignment.n", code="invalid_value")
         names = resolve_objective(a, self.dual, self.settings.default_reward
-                                  if strategy.needs_objective else None)
+                                  if strategy.traits.needs_objective else None)
         if names.reward is None:
             return None
         reward = await self._scorer(names.reward, "alignment.reward")
         cost = await self._scorer(names.cost, "alignment.cost") if names.cost else None
         for scorer, param in ((reward, "alignment.reward"), (cost, "alignment.cost")):
-            if scorer is not None and getattr(scorer, "relative", False) and not getattr(
-                    strategy, "relative_scores_ok", False):
+            if (scorer is not None and getattr(scorer, "relative", False)
+                    and not strategy.traits.relative_scores_ok):
                 raise APIError(400, f"{param} {scorer.name[:120]!r} is calibrated among the "
                                "candidates scored together (ensemble:/calibrated:); strategy "
                                f"{strategy.name!r} does not score i.i.d. candidates together: "
@@ -224,7 +224,7 @@ class RequestResolver:
     def _check_adapter_option(self, a: AlignmentBase | None, strategy: Strategy) -> None:
         """A strategy's `adapter_option` (aligner: `corrector`) must name a registered LoRA
         adapter; adapters registered since start-up count (the dict is shared with policies)."""
-        option = strategy.adapter_option
+        option = strategy.traits.adapter_option
         if option is None or a is None:
             return
         name = getattr(a, option, None)
@@ -238,7 +238,7 @@ class RequestResolver:
     async def _value(self, a: AlignmentBase | None, strategy: Strategy) -> Scorer | None:
         """Resolve `alignment.value` against the scorer registry and check that it is the kind
         of value the strategy needs (its `value_protocol`: tokenwise CD needs a CD-Q head)."""
-        needs = strategy.value_protocol
+        needs = strategy.traits.value_protocol
         name = a.value if a else None
         if needs is None:
             if name is not None:
@@ -246,13 +246,12 @@ class RequestResolver:
                                param="alignment.value", code="invalid_value")
             return None
         if name is None:
-            if strategy.value_required:
+            if strategy.traits.value_required:
                 raise APIError(400, f"{strategy.name} needs alignment.value: {_KINDS[needs]}",
                                param="alignment.value", code="invalid_value")
             return None
         scorer = await self._scorer(name, "alignment.value")
-        if getattr(scorer, "relative", False) and not getattr(strategy, "relative_values_ok",
-                                                              False):
+        if getattr(scorer, "relative", False) and not strategy.traits.relative_values_ok:
             raise APIError(400, f"{strategy.name} compares value scores across calls; an "
                            "ensemble:/calibrated: value is relative to one call",
                            param="alignment.value", code="invalid_value")
@@ -275,9 +274,9 @@ def req_kind(req: Request) -> Kind:
 def _per_answer(req, strategy: Strategy) -> int:
     """Worst-case generations of max_tokens per answer: alignment.n for selection strategies,
     else the strategy's `generations_per_answer` (aligner: draft + correction = 2)."""
-    if req.alignment and strategy.needs_objective:
+    if req.alignment and strategy.traits.needs_objective:
         return req.alignment.n
-    return strategy.generations_per_answer if req.alignment else 1
+    return strategy.traits.generations_per_answer if req.alignment else 1
 
 
 def _value_warnings(value: Scorer | None, controls: Mapping[str, Any]) -> list[str]:
@@ -301,11 +300,11 @@ def _check_greedy(req: Request, strategy: Strategy) -> None:
     a = req.alignment
     if a is None:
         return
-    if strategy.needs_objective and a.n > 1:
+    if strategy.traits.needs_objective and a.n > 1:
         raise APIError(400, f"{strategy.name} draws alignment.n = {a.n} candidates, which are "
                        "identical at temperature 0 (greedy); use temperature > 0 or "
                        "alignment.n 1", param="temperature", code="invalid_value")
-    if strategy.needs_sampling:
+    if strategy.traits.needs_sampling:
         raise APIError(400, f"{strategy.name} samples from a tilted policy and needs "
                        "temperature > 0", param="temperature", code="invalid_value")
 

@@ -69,8 +69,8 @@ async def test_catalogue_lists_every_strategy_with_its_own_options_schema():
     for entry in body["data"]:
         s = STRATEGIES[entry["name"]]
         assert entry["options"] == s.Options.model_json_schema(by_alias=True)
-        assert entry["needs_objective"] == s.needs_objective
-        assert entry["takes_value"] == (s.value_protocol is not None)
+        assert entry["needs_objective"] == s.traits.needs_objective
+        assert entry["takes_value"] == (s.traits.value_protocol is not None)
         assert entry["description"]
     spr = next(s for s in body["data"] if s["name"] == "speculative_rejection")
     assert spr["options"]["properties"]["alpha"]["exclusiveMaximum"] == 1.0

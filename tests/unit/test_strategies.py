@@ -17,7 +17,8 @@ def request(n=4, objective=None, **kw) -> DecodeRequest:
 
 async def test_registry_has_the_core_strategies():
     assert {"none", "best_of_n", "soft_best_of_n"} <= set(STRATEGIES)
-    assert not STRATEGIES["none"].needs_objective and STRATEGIES["best_of_n"].needs_objective
+    assert not STRATEGIES["none"].traits.needs_objective
+    assert STRATEGIES["best_of_n"].traits.needs_objective
 
 
 async def test_best_of_n_returns_the_argmax_of_reward_minus_weighted_cost():
