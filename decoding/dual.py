@@ -247,6 +247,9 @@ class DualSolution:
     sampling: dict = field(default_factory=dict)
     best_of_n: dict = field(default_factory=dict)
     reference: dict | None = None
+    # best-of-n's λ meets b with this one-sided bootstrap confidence (0: on the mean; the same
+    # for the n the server solves from `reference`): decoding/dual_rules.py
+    bon_confidence: float = 0.0
     # per-process results computed from `reference` (the server's λ per n); not in the file
     memo: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -262,6 +265,8 @@ class DualSolution:
             out["best_of_n"] = {str(n): v for n, v in sorted(self.best_of_n.items())}
         if self.reference is not None:
             out["reference"] = self.reference
+        if self.bon_confidence:
+            out["bon_confidence"] = self.bon_confidence
         return out
 
     @classmethod
@@ -288,7 +293,14 @@ class DualSolution:
                    active=bool(d.get("active", lam > 0)),
                    sampling=_sampling(d.get("sampling", {})),
                    best_of_n=_bon_entries(d.get("best_of_n", {})),
-                   reference=_reference(d.get("reference")))
+                   reference=_reference(d.get("reference")),
+                   bon_confidence=_confidence(d.get("bon_confidence", 0.0)))
+
+
+def _confidence(v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+        raise ValueError(f"bon_confidence must be a number in [0, 1), got {v!r}")
+    return float(v)
 
 
 def _sampling(v) -> dict:

@@ -26,6 +26,16 @@ served"):
 The constraint is an average over prompts (the mean of the per-prompt expectations), not a
 per-answer guarantee: single answers may be unsafe, and prompts unlike the reference prompts may
 fall below b. `bootstrap_interval` resamples prompts for the predicted mean's uncertainty.
+
+**Confidence** (`solve_bon(confidence=c)`): λ tuned so that the mean over the *reference* prompts
+meets b exactly is optimistic for new prompts (bench/results/dual.md: fresh prompts fell below b's
+interval in 3 of 9 settings). With c > 0 the condition is instead that the one-sided c lower
+bound of the mean, by a percentile bootstrap over prompts, reaches b. With the resampling indices
+fixed (seeded), each resampled mean is a mean of per-prompt values that are non-decreasing in λ
+(the argument above holds prompt by prompt), so each resampled mean is non-decreasing, and so is
+any order statistic of them: the same bisection finds the smallest such λ. This is our
+construction, not the paper's; it guards against prompt sampling, not against a shift in the
+prompt distribution.
 """
 
 from __future__ import annotations
@@ -64,6 +74,13 @@ def bon_safety(rewards, safety, n: int, lam: float) -> float:
     return float(bon_safety_per_prompt(rewards, safety, n, lam).mean())
 
 
+def bon_safety_bound(rewards, safety, n: int, lam: float, confidence: float) -> float:
+    """The one-sided `confidence` lower bootstrap bound of E_BoN[g](λ) over prompts, with the
+    resampling `solve_bon` uses (confidence 0: the mean itself)."""
+    r, g = _arrays(rewards, safety)
+    return _Condition(r, g, n, 0.0, confidence).value(lam)
+
+
 def breakpoints(rewards, safety) -> np.ndarray:
     """Sorted distinct λ > 0 where two samples of one prompt have equal r + λ·g."""
     r, g = _arrays(rewards, safety)
@@ -83,28 +100,55 @@ class RuleLambda:
     lam: float
     predicted_safety: float  # mean over prompts at `lam`
     edge: float  # the breakpoint the safe interval starts at (lam sits just inside it)
+    # the one-sided `confidence` lower bound of the mean at `lam` (None: solved on the mean)
+    lower_bound: float | None = None
 
 
-def solve_bon(rewards, safety, n: int, threshold: float) -> RuleLambda:
-    """λ_BoN(n) = the smallest λ ≥ 0 with E_BoN[g](λ) ≥ b (module docstring), served just inside
-    the interval where that holds. Raises `InfeasibleConstraint` when even λ → ∞ (order by g,
-    then r) misses b: e.g. n = 1 is plain sampling, whose safety no λ changes."""
+class _Condition:
+    """E_BoN[g](λ) ≥ b on the mean (confidence 0) or on its bootstrap lower bound."""
+
+    def __init__(self, r, g, n: int, threshold: float, confidence: float,
+                 resamples: int = 2000, seed: int = 0) -> None:
+        if not 0.0 <= confidence < 1.0:
+            raise ValueError(f"confidence must lie in [0, 1), got {confidence}")
+        self.r, self.g, self.n, self.b, self.c = r, g, n, threshold, confidence
+        self.idx = (np.random.default_rng(seed).integers(0, r.shape[0], size=(resamples,
+                                                                               r.shape[0]))
+                    if confidence > 0 and r.shape[0] > 1 else None)
+
+    def value(self, lam: float) -> float:
+        per_prompt = bon_safety_per_prompt(self.r, self.g, self.n, lam)
+        if self.idx is None:
+            return float(per_prompt.mean())
+        return float(np.quantile(per_prompt[self.idx].mean(axis=1), 1.0 - self.c))
+
+    def holds(self, lam: float) -> bool:
+        return self.value(lam) >= self.b
+
+    def lower_bound(self, lam: float) -> float | None:
+        return self.value(lam) if self.c > 0 else None
+
+
+def solve_bon(rewards, safety, n: int, threshold: float, confidence: float = 0.0) -> RuleLambda:
+    """λ_BoN(n) = the smallest λ ≥ 0 with E_BoN[g](λ) ≥ b (module docstring), or with its
+    one-sided `confidence` bootstrap lower bound ≥ b when confidence > 0, served just inside the
+    interval where that holds. Raises `InfeasibleConstraint` when even λ → ∞ (order by g, then
+    r) misses b: e.g. n = 1 is plain sampling, whose safety no λ changes."""
     r, g = _arrays(rewards, safety)
-    at0 = bon_safety(r, g, n, 0.0)
-    if at0 >= threshold:
-        return RuleLambda(0.0, at0, 0.0)
+    cond = _Condition(r, g, n, threshold, confidence)
+    if cond.holds(0.0):
+        return RuleLambda(0.0, bon_safety(r, g, n, 0.0), 0.0, cond.lower_bound(0.0))
     bps = breakpoints(r, g)
     if bps.size == 0:
-        raise InfeasibleConstraint(at0, threshold)
+        raise InfeasibleConstraint(cond.value(0.0), threshold)
     # points[m] lies inside the m-th interval: (0, bp_0), (bp_0, bp_1), ..., (bp_last, ∞)
     points = np.concatenate([[bps[0] / 2], (bps[:-1] + bps[1:]) / 2, [2 * bps[-1] + 1.0]])
-    top = bon_safety(r, g, n, float(points[-1]))
-    if top < threshold:
-        raise InfeasibleConstraint(top, threshold)
+    if not cond.holds(float(points[-1])):
+        raise InfeasibleConstraint(cond.value(float(points[-1])), threshold)
     lo, hi = -1, len(points) - 1  # invariant: f(points[lo]) < b ≤ f(points[hi]) (lo = −1: λ = 0)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if bon_safety(r, g, n, float(points[mid])) >= threshold:
+        if cond.holds(float(points[mid])):
             hi = mid
         else:
             lo = mid
@@ -112,7 +156,7 @@ def solve_bon(rewards, safety, n: int, threshold: float) -> RuleLambda:
     right = float(bps[hi]) if hi < len(bps) else np.inf
     step = _INSIDE * (left if left > 0 else right)
     lam = left + min(step, (right - left) / 2)
-    return RuleLambda(lam, bon_safety(r, g, n, lam), left)
+    return RuleLambda(lam, bon_safety(r, g, n, lam), left, cond.lower_bound(lam))
 
 
 def tilted_safety_per_prompt(rewards, safety, beta: float, lam: float) -> np.ndarray:
@@ -151,22 +195,29 @@ def bootstrap_interval(per_prompt, level: float = 0.95, resamples: int = 2000,
     return float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
 
 
-def bon_table(rewards, safety, threshold: float, ns) -> dict[int, dict]:
-    """{n: {"lambda", "predicted_safety", "interval", "edge"}} for each n; an n no λ serves
-    gets {"lambda": None, "reachable": E_BoN[g](∞)} (what `alignserve dual` stores)."""
-    out: dict[int, dict] = {}
-    for n in sorted({int(x) for x in ns}):
-        try:
-            sol = solve_bon(rewards, safety, n, threshold)
-        except InfeasibleConstraint as exc:
-            out[n] = {"lambda": None, "reachable": float(exc.achievable)}
-            continue
-        lo, hi = bootstrap_interval(bon_safety_per_prompt(rewards, safety, n, sol.lam))
-        out[n] = {"lambda": sol.lam, "predicted_safety": sol.predicted_safety,
-                  "interval": [lo, hi], "edge": sol.edge}
-    return out
+def bon_entry(rewards, safety, n: int, threshold: float, confidence: float = 0.0) -> dict:
+    """{"lambda", "predicted_safety", "interval", "edge"} (+ "lower_bound" and "confidence"
+    when confidence > 0) for best-of-n; {"lambda": None, "reachable": ...} when no λ serves n
+    (with confidence > 0, "reachable" is the lower bound at λ → ∞)."""
+    try:
+        sol = solve_bon(rewards, safety, n, threshold, confidence)
+    except InfeasibleConstraint as exc:
+        return {"lambda": None, "reachable": float(exc.achievable)}
+    lo, hi = bootstrap_interval(bon_safety_per_prompt(rewards, safety, n, sol.lam))
+    entry = {"lambda": sol.lam, "predicted_safety": sol.predicted_safety, "interval": [lo, hi],
+             "edge": sol.edge}
+    if sol.lower_bound is not None:
+        entry.update(lower_bound=sol.lower_bound, confidence=confidence)
+    return entry
 
 
-__all__ = ["RuleLambda", "bon_law", "bon_safety", "bon_safety_per_prompt", "bon_table",
+def bon_table(rewards, safety, threshold: float, ns, confidence: float = 0.0) -> dict[int, dict]:
+    """`bon_entry` for each n (what `alignserve dual` stores)."""
+    return {n: bon_entry(rewards, safety, n, threshold, confidence)
+            for n in sorted({int(x) for x in ns})}
+
+
+__all__ = ["RuleLambda", "bon_entry", "bon_law", "bon_safety", "bon_safety_bound",
+           "bon_safety_per_prompt", "bon_table",
            "bootstrap_interval", "breakpoints", "soft_bon_simulation", "solve_bon",
            "tilted_safety_per_prompt"]

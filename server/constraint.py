@@ -32,12 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from decoding.dual import DualSolution, InfeasibleConstraint, load_solution
+from decoding.dual import DualSolution, load_solution
 from decoding.dual_rules import (
-    bon_safety_per_prompt,
+    bon_entry,
     bootstrap_interval,
     soft_bon_simulation,
-    solve_bon,
     tilted_safety_per_prompt,
 )
 from decoding.protocols import Sampling
@@ -182,15 +181,7 @@ def _bon_entry(dual: DualSolution, n: int) -> dict:
                        f"safe in general); this dual file stores n = {stored} and no reference "
                        f"scores to solve others: use one of those, or re-run `alignserve dual`",
                        param="alignment.n", code="dual_n_unsolved")
-    entry: dict
-    try:
-        sol = solve_bon(*ref, n, dual.threshold)
-    except InfeasibleConstraint as exc:
-        entry = {"lambda": None, "reachable": float(exc.achievable)}
-    else:
-        lo, hi = bootstrap_interval(bon_safety_per_prompt(*ref, n, sol.lam))
-        entry = {"lambda": sol.lam, "predicted_safety": sol.predicted_safety,
-                 "interval": [lo, hi], "edge": sol.edge}
+    entry = bon_entry(*ref, n, dual.threshold, dual.bon_confidence)
     dual.memo[key] = entry
     return entry
 
@@ -208,6 +199,8 @@ def _best_of_n(a: AlignmentBase, dual: DualSolution) -> Served:
               "threshold": dual.threshold, "predicted_safety": entry.get("predicted_safety"),
               "predicted_safety_interval": interval, "scope": _SCOPE,
               "reference": {"prompts": dual.prompts, "samples": dual.samples}}
+    if entry.get("lower_bound") is not None:  # λ solved on a one-sided bootstrap bound
+        report.update(confidence=entry["confidence"], predicted_safety_lower=entry["lower_bound"])
     return Served(float(entry["lambda"]), report, _below(report))
 
 

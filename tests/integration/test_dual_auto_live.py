@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from live import ROOT
 
-from decoding.dual_rules import bon_safety, solve_bon
+from decoding.dual_rules import bon_safety_bound, solve_bon
 from dual.cli import load_scores
 
 CHAT = {"messages": [{"role": "user", "content": "Give me one tip for cooking rice."}],
@@ -24,11 +24,12 @@ CHAT = {"messages": [{"role": "user", "content": "Give me one tip for cooking ri
 @pytest.fixture(scope="module")
 def dual_server(rollout_folder, launch_server, tmp_path_factory):
     """`alignserve dual` on the session's rollouts (2 prompts × 2 samples), with a threshold
-    between best-of-2's safety at λ = 0 and its reachable one; a server started with it."""
+    between best-of-2's safety at λ = 0 and its reachable one, both as the 95 % lower bound the
+    default --confidence solves on; a server started with it."""
     folder = tmp_path_factory.mktemp("dual-auto")
     _, _, _, r, cost = load_scores(rollout_folder, None, None)
     g = -cost
-    f0, top = bon_safety(r, g, 2, 0.0), bon_safety(r, g, 2, 1e9)
+    f0, top = (bon_safety_bound(r, g, 2, lam, 0.95) for lam in (0.0, 1e9))
     b = float((f0 + top) / 2) if top > f0 else float(f0 - 0.01)
     out = folder / "dual.json"
     p = subprocess.run([str(Path(sys.executable).parent / "alignserve"), "dual", "--rollouts",
@@ -52,18 +53,21 @@ def test_best_of_n_auto_serves_its_own_lambda_and_reports_the_prediction(dual_se
     assert resp.status_code == 200, resp.text
     a = resp.json()["alignment"]
     c = a["constraint"]
-    want = solve_bon(r, g, 2, b)
-    assert c["rule"] == "best_of_n" and c["n"] == 2
+    want = solve_bon(r, g, 2, b, confidence=0.95)
+    assert c["rule"] == "best_of_n" and c["n"] == 2 and c["confidence"] == 0.95
+    assert c["predicted_safety_lower"] == pytest.approx(want.lower_bound)
+    assert want.lower_bound >= b
     assert a["cost_weight"] == pytest.approx(want.lam) and c["lambda"] == a["cost_weight"]
     assert c["predicted_safety"] == pytest.approx(want.predicted_safety)
-    assert c["predicted_safety"] >= b
+    assert c["predicted_safety"] >= c["predicted_safety_lower"]
     lo, hi = c["predicted_safety_interval"]
     assert lo <= c["predicted_safety"] <= hi
     assert c["reference"] == {"prompts": r.shape[0], "samples": r.shape[1]}
     # an n the file's table lacks is solved exactly from the stored reference scores
     resp = chat(srv, strategy="best_of_n", n=3)
     assert resp.status_code == 200, resp.text
-    assert resp.json()["alignment"]["cost_weight"] == pytest.approx(solve_bon(r, g, 3, b).lam)
+    assert resp.json()["alignment"]["cost_weight"] == pytest.approx(
+        solve_bon(r, g, 3, b, confidence=0.95).lam)
 
 
 def test_auto_refuses_rules_it_is_not_solved_for(dual_server):

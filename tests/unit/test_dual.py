@@ -445,7 +445,11 @@ def test_dual_cli_stores_rule_lambdas_sampling_and_reference(tmp_path, capsys):
     sol = load_solution(tmp_path / "dual.json")
     assert set(sol.best_of_n) == {1, 4, 8}
     assert sol.best_of_n[1]["lambda"] is None  # plain sampling cannot meet b
-    assert sol.best_of_n[8]["lambda"] == pytest.approx(solve_bon(r, g, 8, b).lam)
+    # default: λ meets b at 95 % one-sided bootstrap confidence over the reference prompts
+    sure = solve_bon(r, g, 8, b, confidence=0.95)
+    assert sol.bon_confidence == 0.95 and sol.best_of_n[8]["confidence"] == 0.95
+    assert sol.best_of_n[8]["lambda"] == pytest.approx(sure.lam)
+    assert sol.best_of_n[8]["lower_bound"] == pytest.approx(sure.lower_bound) and sure.lower_bound >= b
     assert bon_safety(r, g, 8, sol.best_of_n[8]["lambda"]) >= b
     assert np.allclose(sol.reference["rewards"], r) and np.allclose(sol.reference["safety"], g)
     assert sol.sampling == {"model": "m", "temperature": 1.0, "top_p": 1.0, "top_k": 0,
@@ -455,5 +459,11 @@ def test_dual_cli_stores_rule_lambdas_sampling_and_reference(tmp_path, capsys):
     assert main(["dual", "--rollouts", str(tmp_path), "--beta", "0.5", "--threshold", str(b),
                  "--no-reference", "--out", str(tmp_path / "d2.json")]) == 0
     assert load_solution(tmp_path / "d2.json").reference is None
+    assert main(["dual", "--rollouts", str(tmp_path), "--beta", "0.5", "--threshold", str(b),
+                 "--confidence", "0", "--out", str(tmp_path / "d3.json")]) == 0
+    exact = load_solution(tmp_path / "d3.json")
+    assert exact.bon_confidence == 0.0 and "lower_bound" not in exact.best_of_n[8]
+    assert exact.best_of_n[8]["lambda"] == pytest.approx(solve_bon(r, g, 8, b).lam)
+    assert exact.best_of_n[8]["lambda"] < sure.lam
     assert main(["dual", "--rollouts", str(tmp_path), "--beta", "0.5", "--threshold", str(b),
                  "--bon-n", "0"]) == 2

@@ -118,3 +118,43 @@ def test_soft_bon_simulation_limits():
     assert per.mean() == pytest.approx(bon_safety_per_prompt(r, g, 4, 1.0).mean(), abs=0.03)
     # ESS: the multiplicity of the best sample among the 4 draws (repeats split the weight)
     assert 1.0 <= ess < 1.5
+
+
+def prompt_population(seed, prompts, samples=16):
+    """Prompts that differ in how safe their answers are (a per-prompt offset of g), so that a
+    λ tuned on a few reference prompts can miss b on others."""
+    rng = np.random.default_rng(seed)
+    r = rng.normal(size=(prompts, samples))
+    g = rng.normal(scale=0.3, size=(prompts, 1)) - rng.uniform(size=(prompts, samples)) - 0.4 * r
+    return r, g
+
+
+def test_confident_lambda_is_the_smallest_whose_lower_bound_meets_b():
+    r, g = prompt_population(1, 20)
+    b = bon_safety(r, g, 8, 0.0) + 0.1
+    exact, sure = solve_bon(r, g, 8, b), solve_bon(r, g, 8, b, confidence=0.95)
+    assert exact.lower_bound is None and sure.lower_bound is not None
+    assert sure.lam > exact.lam and sure.lower_bound >= b > exact.predicted_safety - 0.05
+    assert sure.predicted_safety > sure.lower_bound  # the mean sits above its lower bound
+    # no smaller λ has its lower bound at b (same seeded resamples as the solver)
+    idx = np.random.default_rng(0).integers(0, 20, size=(2000, 20))
+    lower = lambda x: np.quantile(bon_safety_per_prompt(r, g, 8, x)[idx].mean(1), 0.05)  # noqa: E731
+    assert lower(sure.lam) == pytest.approx(sure.lower_bound)
+    assert all(lower(x) < b for x in np.linspace(0.0, sure.edge, 200, endpoint=False)[1:])
+    entry = bon_table(r, g, b, [8], confidence=0.95)[8]
+    assert entry["confidence"] == 0.95 and entry["lower_bound"] == pytest.approx(sure.lower_bound)
+
+
+def test_confident_lambda_holds_on_new_prompts_where_the_exact_one_is_a_coin_flip():
+    """30 reference sets of 20 prompts; each λ is judged on 4,000 fresh prompts of the same
+    population (their mean is the population's up to ±0.01). Tuned exactly to b, λ meets b on
+    new prompts about half the time; at 95 % confidence it nearly always does."""
+    fresh_r, fresh_g = prompt_population(10_000, 4000)
+    b = bon_safety(fresh_r, fresh_g, 8, 0.0) + 0.08
+    met = {0.0: 0, 0.95: 0}
+    for seed in range(30):
+        r, g = prompt_population(seed, 20)
+        for c in met:
+            lam = solve_bon(r, g, 8, b, confidence=c).lam
+            met[c] += bon_safety(fresh_r, fresh_g, 8, lam) >= b
+    assert met[0.0] <= 22 and met[0.95] >= 27
