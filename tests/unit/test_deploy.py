@@ -1,16 +1,22 @@
-"""deploy/: every manifest (base, rendered overlays, monitoring) against the Kubernetes OpenAPI
-schemas shipped in kubernetes-validate (offline, strict: unknown fields fail), custom resources
-against the fields we use, and the wiring between them: env vars ↔ Settings, selectors ↔
-labels, probes ↔ routes, HPA metrics ↔ Prometheus Adapter rules ↔ /metrics, dashboard ↔ /metrics;
-and the hardening (issue 25): read-only roots, bounded scratch space, no `:latest`, default-deny
+"""deploy/: every manifest (base, rendered overlays, each overlay with each set of opt-in
+components that makes sense, monitoring, the examples) against the Kubernetes OpenAPI schemas
+shipped in kubernetes-validate (offline, strict: unknown fields fail), custom resources against
+the fields we use, and the wiring between them: env vars ↔ Settings, selectors ↔ labels, probes
+↔ routes, HPA metrics ↔ Prometheus Adapter rules ↔ /metrics, dashboard ↔ /metrics; and the
+hardening (issue 25): read-only roots, bounded scratch space, no `:latest`, default-deny
 NetworkPolicies with only the listed allowances, the reward-model server's key and read-only
-volume.
+volume. The opt-in components and the shapes they add (issue 30): test_deploy_shapes.py.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
+import os
 import re
+import subprocess
+import tempfile
 from pathlib import Path
 
 import jsonschema
@@ -19,21 +25,104 @@ import pytest
 import yaml
 from fakes import make_app
 from kubernetes_validate.utils import latest_version
-from kustomize_lite import kubectl_render, render
+from kustomize_lite import kubectl_render, render, strategic_merge
 
 from server.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-TARGETS = ["base", "overlays/gke", "overlays/eks", "monitoring", "overlays/tensor-parallel",
-           "overlays/reward-model", "overlays/multinode-lws"]
+# Opt-in Kustomize Components (deploy/components), in the order an overlay lists them
+# (inference-pool patches the gateway's HTTPRoute, so it comes after it).
+COMPONENTS = ["monitoring", "hpa", "keda", "gateway", "inference-pool"]
+# The sets that make sense on a Deployment: an autoscaler needs the metrics the ServiceMonitor
+# collects, HPA and KEDA exclude each other, the InferencePool is a backend of the gateway's route.
+DEPLOYMENT_SETS = [("monitoring",), ("monitoring", "hpa"), ("monitoring", "keda"), ("gateway",),
+                   ("gateway", "inference-pool"), ("monitoring", "hpa", "gateway", "inference-pool"),
+                   ("monitoring", "keda", "gateway", "inference-pool")]
+# A LeaderWorkerSet has no HPA or KEDA component (both scale the Deployment).
+LWS_SETS = [("monitoring",), ("gateway",), ("monitoring", "gateway", "inference-pool")]
+OVERLAYS = ["base", "overlays/gke", "overlays/eks", "overlays/tensor-parallel",
+            "overlays/reward-model", "overlays/local", "overlays/multinode-lws"]
+EXAMPLES = ["examples/kserve"]
+
+
+def combo(target: str, components: tuple[str, ...]) -> str:
+    """A target name for an overlay with components: 'overlays/gke+monitoring+hpa'."""
+    return "+".join((target, *components))
+
+
+COMBOS = [combo(o, s) for o in OVERLAYS for s in (
+    LWS_SETS if o == "overlays/multinode-lws" else DEPLOYMENT_SETS)]
+TARGETS = [*OVERLAYS, "monitoring", *COMBOS, *EXAMPLES]
 # 1.30: the oldest version with everything used here (preStop `sleep` is beta and on by default
 # from 1.30); and the newest schema the package ships.
 K8S_VERSIONS = ["1.30.0", latest_version()]
 GPU = "nvidia.com/gpu"
+GPU_TARGETS = ["base", "overlays/gke", "overlays/eks"]
+
+
+def apply_component(docs: list[dict], folder: Path) -> list[dict]:
+    """What kustomize does with a `components:` entry: the component's resources join the
+    objects rendered so far, then its patches apply to all of them (a patch whose target is
+    missing fails, as in kustomize). Only the keys deploy/components use are accepted."""
+    spec = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    assert spec["kind"] == "Component", folder
+    assert spec["apiVersion"] == "kustomize.config.k8s.io/v1alpha1", folder
+    unknown = set(spec) - {"apiVersion", "kind", "resources", "patches"}
+    assert not unknown, f"{folder}: {sorted(unknown)} not implemented here"
+    docs = copy.deepcopy(docs)
+    for entry in spec.get("resources", []):
+        path = folder / entry
+        docs += render(path) if path.is_dir() else [
+            d for d in yaml.safe_load_all(path.read_text()) if d]
+    for patch in spec.get("patches", []):
+        assert set(patch) == {"path"}, patch
+        body = yaml.safe_load((folder / patch["path"]).read_text())
+        ident = (body["kind"], body["metadata"]["name"])
+        hits = [i for i, d in enumerate(docs) if (d["kind"], d["metadata"]["name"]) == ident]
+        if len(hits) != 1:
+            raise ValueError(f"{folder}/{patch['path']}: {len(hits)} targets for {ident}")
+        docs[hits[0]] = strategic_merge(docs[hits[0]], body)
+    seen = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    if len(seen) != len(set(seen)):
+        raise ValueError(f"{folder}: duplicate objects {seen}")
+    return docs
+
+
+def render_target(target: str, deploy: Path = DEPLOY) -> list[dict]:
+    """Objects of a target: a folder of deploy/, or 'folder+component+...' (the overlay with
+    those components listed, in that order)."""
+    folder, *components = target.split("+")
+    docs = render(deploy / folder)
+    for name in components:
+        docs = apply_component(docs, deploy / "components" / name)
+    return docs
+
+
+def kubectl_render_target(target: str) -> list[dict] | None:
+    """`kubectl kustomize` of the target; for a combination, of a kustomization that lists the
+    overlay as its resource and the components (relative paths: kustomize refuses absolute)."""
+    folder, *components = target.split("+")
+    if not components:
+        return kubectl_render(DEPLOY / folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        rel = os.path.relpath(DEPLOY, tmp)
+        spec = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                "resources": [f"{rel}/{folder}"],
+                "components": [f"{rel}/components/{c}" for c in components]}
+        (Path(tmp) / "kustomization.yaml").write_text(yaml.safe_dump(spec))
+        try:
+            return kubectl_render(Path(tmp))
+        except subprocess.CalledProcessError as e:
+            raise AssertionError(f"kubectl kustomize {target}: {e.stderr}") from e
+
+
+@functools.cache
+def _objects(target: str) -> tuple[dict, ...]:
+    return tuple(render_target(target))
 
 
 def objects(target: str) -> list[dict]:
-    return render(DEPLOY / target)
+    return copy.deepcopy(list(_objects(target)))
 
 
 def one(docs: list[dict], kind: str) -> dict:
@@ -59,10 +148,10 @@ def canonical(docs: list[dict]) -> dict:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_python_renderer_agrees_with_kubectl_kustomize(target):
-    reference = kubectl_render(DEPLOY / target)
+    reference = kubectl_render_target(target)
     if reference is None:
         pytest.skip("kubectl is not installed: nothing to compare the renderer with")
-    assert canonical(render(DEPLOY / target)) == canonical(reference)
+    assert canonical(objects(target)) == canonical(reference)
 
 
 def test_overlays_change_what_they_should():
@@ -83,8 +172,14 @@ def test_overlays_change_what_they_should():
         assert c["env"] == container("base")["env"]  # patches merged, not replaced
         assert {v["name"] for v in c["volumeMounts"]} == {"model-cache", "dshm", "api-keys",
                                                          "tmp", "home"}
+        # monitoring and autoscaling are opt-in: the overlay alone has none of them, and
+        # listing the components adds them without touching the rest
         kinds = {d["kind"] for d in objects(target)}
-        assert {"ServiceMonitor", "ConfigMap", "HorizontalPodAutoscaler"} <= kinds
+        assert not {"ServiceMonitor", "ConfigMap", "HorizontalPodAutoscaler"} & kinds
+        with_them = objects(combo(target, ("monitoring", "hpa")))
+        assert {d["kind"] for d in with_them} == kinds | {
+            "ServiceMonitor", "ConfigMap", "HorizontalPodAutoscaler"}
+        assert canonical(objects(target)).items() <= canonical(with_them).items()
 
 
 # ------------------------------------------------------------------------------ schemas
@@ -95,8 +190,11 @@ def test_overlays_change_what_they_should():
 def test_manifests_validate_against_the_kubernetes_schema(target, version):
     checked = 0
     for doc in objects(target):
-        if doc["apiVersion"].startswith(("monitoring.coreos.com/", "leaderworkerset.x-k8s.io/")):
-            continue  # a CRD: checked below
+        if doc["kind"] == "LLMInferenceService":  # its pod template is a Pod spec
+            doc = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "template"},
+                   "spec": doc["spec"]["template"]}
+        elif doc["apiVersion"].split("/")[0] in CRD_GROUPS:
+            continue  # a custom resource: checked against its CRD's fields (below and shapes)
         kubernetes_validate.validate(doc, version, strict=True)
         checked += 1
     assert checked >= 1
@@ -121,6 +219,12 @@ def test_a_typo_fails_validation():
     deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
+
+
+# API groups of the custom resources deploy/ uses (none in an overlay without components,
+# except the LeaderWorkerSet that multinode-lws is made of).
+CRD_GROUPS = {"monitoring.coreos.com", "leaderworkerset.x-k8s.io", "keda.sh",
+              "gateway.networking.k8s.io", "inference.networking.k8s.io", "serving.kserve.io"}
 
 
 # The fields of monitoring.coreos.com/v1 ServiceMonitor that deploy/ uses, as the CRD defines
@@ -148,9 +252,10 @@ SERVICE_MONITOR = {
 }
 
 
-def test_service_monitor_matches_its_crd_and_scrapes_the_service():
-    docs = objects("overlays/gke")
-    monitor, service = one(docs, "ServiceMonitor"), one(docs, "Service")
+@pytest.mark.parametrize("target", [t for t in COMBOS if "monitoring" in t.split("+")])
+def test_service_monitor_matches_its_crd_and_scrapes_the_service(target):
+    docs = objects(target)
+    monitor, service = one(docs, "ServiceMonitor"), named(docs, "Service", "alignserve")
     jsonschema.validate(monitor, SERVICE_MONITOR)
     labels = service["metadata"]["labels"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -162,8 +267,9 @@ def test_service_monitor_matches_its_crd_and_scrapes_the_service():
 # ------------------------------------------------------------------------------ wiring
 
 
-def test_every_env_var_is_a_setting_and_every_value_is_valid():
-    env = container("overlays/gke")["env"]
+@pytest.mark.parametrize("target", ["overlays/gke", "overlays/local"])
+def test_every_env_var_is_a_setting_and_every_value_is_valid(target):
+    env = container(target)["env"]
     ours = {e["name"]: e for e in env if e["name"].startswith("ALIGNSERVE_")}
     fields = {f"ALIGNSERVE_{name.upper()}" for name in Settings.model_fields}
     assert set(ours) <= fields, set(ours) - fields
@@ -180,7 +286,7 @@ def test_every_env_var_is_a_setting_and_every_value_is_valid():
 
 def test_gpu_dshm_cache_and_security():
     spec, c = pod_spec("base"), container("base")
-    for target in TARGETS[:3]:
+    for target in GPU_TARGETS:
         res = container(target)["resources"]
         assert res["requests"][GPU] == res["limits"][GPU] == "1"
     assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
@@ -215,7 +321,7 @@ def test_grace_period_covers_pre_stop_and_drain():
 
 
 def test_selectors_match():
-    docs = objects("base")
+    docs = objects(combo("base", ("monitoring", "hpa")))
     deployment, service, pdb, hpa = (one(docs, k) for k in (
         "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"))
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -252,7 +358,7 @@ def adapter_rules() -> list[dict]:
 
 
 def test_hpa_metrics_are_served_by_the_adapter_from_real_series():
-    hpa = one(objects("base"), "HorizontalPodAutoscaler")
+    hpa = one(objects(combo("base", ("monitoring", "hpa"))), "HorizontalPodAutoscaler")
     wanted = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
     served = {}
     for rule in adapter_rules():
@@ -461,11 +567,13 @@ def test_multinode_leader_worker_set(version):
 
 
 def pod_templates(docs: list[dict]) -> list[tuple[str, dict]]:
-    """(name, pod spec) of every Deployment and LeaderWorkerSet role."""
+    """(name, pod spec) of every Deployment, LeaderWorkerSet role and LLMInferenceService."""
     out = []
     for d in docs:
         if d["kind"] == "Deployment":
             out.append((d["metadata"]["name"], d["spec"]["template"]["spec"]))
+        elif d["kind"] == "LLMInferenceService":
+            out.append((d["metadata"]["name"], d["spec"]["template"]))
         elif d["kind"] == "LeaderWorkerSet":
             tpl = d["spec"]["leaderWorkerTemplate"]
             out += [(f"{d['metadata']['name']}/{role}", tpl[role]["spec"])
@@ -483,6 +591,9 @@ def quantity_bytes(q: str) -> int:
 
 
 WORKLOAD_TARGETS = [t for t in TARGETS if t != "monitoring"]
+# Everything rendered from base/network-policies (the KServe example is KServe's workload: its
+# namespace's policies are the operator's).
+POLICY_TARGETS = [t for t in WORKLOAD_TARGETS if t not in EXAMPLES]
 
 
 @pytest.mark.parametrize("target", WORKLOAD_TARGETS)
@@ -515,7 +626,8 @@ def test_read_only_roots_and_bounded_scratch_space(target):
 
 
 def test_every_cache_the_engine_writes_is_on_a_writable_volume():
-    for target in ("base", "overlays/multinode-lws", "overlays/reward-model"):
+    for target in ("base", "overlays/multinode-lws", "overlays/reward-model", "overlays/local",
+                   "examples/kserve"):
         for name, spec in pod_templates(objects(target)):
             writable = {m["mountPath"] for c in spec["containers"] for m in c["volumeMounts"]
                         if not m.get("readOnly")}
@@ -565,7 +677,7 @@ def allowed(pols: dict[str, dict], labels: dict, direction: str) -> list[dict]:
             and direction in spec["policyTypes"] for rule in spec.get(key, [])]
 
 
-@pytest.mark.parametrize("target", WORKLOAD_TARGETS)
+@pytest.mark.parametrize("target", POLICY_TARGETS)
 def test_network_policies_deny_by_default(target):
     docs = objects(target)
     pols = policies(docs)
@@ -592,13 +704,17 @@ def alignserve_pod_labels(docs: list[dict]) -> dict:
     raise AssertionError("no alignserve workload")
 
 
-@pytest.mark.parametrize("target", WORKLOAD_TARGETS)
+@pytest.mark.parametrize("target", POLICY_TARGETS)
 def test_alignserve_takes_traffic_from_the_ingress_controller_and_prometheus_only(target):
     docs = objects(target)
     pols, labels = policies(docs), alignserve_pod_labels(docs)
     ports = {p["name"] for _, spec in pod_templates(docs) for c in spec["containers"]
              for p in c.get("ports", [])}
     ingress = allowed({k: v for k, v in pols.items() if k != "alignserve-ray"}, labels, "Ingress")
+    if "inference-pool" in target.split("+"):
+        # the endpoint picker scrapes /metrics on the API port (this namespace only)
+        epp = {"podSelector": {"matchLabels": {"alignserve.io/endpoint-picker": "true"}}}
+        ingress.remove({"from": [epp], "ports": [{"port": "http", "protocol": "TCP"}]})
     (rule,) = ingress
     assert rule["ports"] == [{"port": "http", "protocol": "TCP"}] and "http" in ports
     assert rule["from"] == [
@@ -613,7 +729,7 @@ def test_alignserve_takes_traffic_from_the_ingress_controller_and_prometheus_onl
              "podSelector": {"matchLabels": {"app.kubernetes.io/name": "opentelemetry-collector"}}}]
     assert by_peer.pop(json.dumps(otlp, sort_keys=True)) == [
         {"port": 4317, "protocol": "TCP"}, {"port": 4318, "protocol": "TCP"}]
-    if target == "overlays/reward-model":
+    if target.split("+")[0] == "overlays/reward-model":
         rm = named(docs, "Deployment", "alignserve-rm")["spec"]["template"]
         (vllm,) = rm["spec"]["containers"]
         rm_peer = [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "alignserve-rm"}}}]
