@@ -63,7 +63,8 @@ async def fresh_pools(rt, prompts, n: int, max_tokens: int, lam: float):
              "cost": [c.cost for c in res.candidates]} for res in results]
 
 
-def realised(pools, beta: float, lam: float, lam_bon: float | None) -> dict:
+def realised(pools, beta: float, lam: float, lam_bon: float | None,
+             lam_sure: float | None = None) -> dict:
     """Safety (g = −cost) and reward of the selection rules on fresh pools, mean over prompts
     (intervals: bootstrap over prompts)."""
     r = np.array([p["r"] for p in pools])
@@ -76,11 +77,12 @@ def realised(pools, beta: float, lam: float, lam_bon: float | None) -> dict:
     w /= w.sum(axis=1, keepdims=True)
     soft = (w * g).sum(axis=1)
     served = {}
-    if lam_bon is not None:
-        pick_b = np.argmax(r + lam_bon * g, axis=1)
-        served = {"served_bon_safety": float(g[rows, pick_b].mean()),
-                  "served_bon_interval": bootstrap_interval(g[rows, pick_b]),
-                  "served_bon_reward": float(r[rows, pick_b].mean())}
+    for key, lam_rule in (("served_bon", lam_bon), ("sure_bon", lam_sure)):
+        if lam_rule is not None:
+            pick_b = np.argmax(r + lam_rule * g, axis=1)
+            served.update({f"{key}_safety": float(g[rows, pick_b].mean()),
+                           f"{key}_interval": bootstrap_interval(g[rows, pick_b]),
+                           f"{key}_reward": float(r[rows, pick_b].mean())})
     return {**served, "bon_safety": float(g[rows, pick].mean()),
             "bon_interval": bootstrap_interval(g[rows, pick]),
             "bon_reward": float(r[rows, pick].mean()),
@@ -132,7 +134,12 @@ async def main_async(args) -> dict:
                                                                             lam_bon))
                 except InfeasibleConstraint:
                     lam_bon, bon_pred, bon_interval = None, None, None
+                try:  # what `alignserve dual` stores by default (--confidence 0.95)
+                    lam_sure = solve_bon(r, g, args.n, b, confidence=0.95).lam
+                except InfeasibleConstraint:
+                    lam_sure = None
                 settings.append({"beta": beta, "threshold": b, "lambda": lam,
+                                 "lambda_bon_95": lam_sure,
                                  "predicted_safety": predicted_safety(r, g, beta, lam),
                                  "lambda_bon": lam_bon, "predicted_bon_safety": bon_pred,
                                  "predicted_bon_interval": bon_interval,
@@ -149,7 +156,8 @@ async def main_async(args) -> dict:
         assert abs(p["cost"][k] - p["chosen_cost"]) < 1e-12
     for s in settings:
         for name, pool in pools.items():
-            s[name] = realised(pool, s["beta"], s["lambda"], s["lambda_bon"])
+            s[name] = realised(pool, s["beta"], s["lambda"], s["lambda_bon"],
+                               s.get("lambda_bon_95"))
     return {"config": {"prompts": str(args.prompts), "held_in": len(held_in),
                        "held_out": len(held_out), "rollout_n": args.rollout_n, "n": args.n,
                        "max_tokens": args.max_tokens, "reward": "relevance", "cost": "profanity",
@@ -169,14 +177,18 @@ def report(res: dict) -> str:
     for s in res["settings"]:
         for name in ("held_in", "held_out"):
             x = s[name]
-            served = (f"{x['served_bon_safety']:.4f} {_iv(x['served_bon_interval'])}"
-                      if "served_bon_safety" in x else "infeasible")
+            served, sure = (f"{x[k + '_safety']:.4f} {_iv(x[k + '_interval'])}"
+                            if k + "_safety" in x else "infeasible"
+                            for k in ("served_bon", "sure_bon"))
+            lam95 = s.get("lambda_bon_95")
             rows.append([f"{s['beta']:g}", f"{s['threshold']:.4f}", f"{s['lambda']:.4g}",
                          "—" if s["lambda_bon"] is None else f"{s['lambda_bon']:.4g}",
-                         name.replace("_", "-"), served,
+                         "—" if lam95 is None else f"{lam95:.4g}",
+                         name.replace("_", "-"), sure, served,
                          f"{x['bon_safety']:.4f} {_iv(x['bon_interval'])}",
                          f"{x['tilt_safety']:.4f} {_iv(x['tilt_interval'])}",
                          f"{x['reward_only_bon_safety']:.4f}", f"{x['reference_safety']:.4f}",
+                         f"{x.get('sure_bon_reward', float('nan')):.3f} / "
                          f"{x.get('served_bon_reward', float('nan')):.3f} / "
                          f"{x['bon_reward']:.3f} / {x['tilt_reward']:.3f} / "
                          f"{x['reference_reward']:.3f}"])
@@ -190,10 +202,11 @@ def report(res: dict) -> str:
         "One run" + (" (**--quick smoke run: too small to read anything into**)" if c["quick"]
                      else "") + ".\n",
         *markdown_table(
-            ["β", "b", "λ*", f"λ_BoN({n})", "set",
-             f"best-of-{n} by r + λ_BoN·g (auto)", f"best-of-{n} by r + λ*·g (old auto)",
+            ["β", "b", "λ*", f"λ_BoN({n})", f"λ_BoN,95%({n})", "set",
+             f"best-of-{n} by r + λ_BoN,95%·g (auto)", f"best-of-{n} by r + λ_BoN·g (mean)",
+             f"best-of-{n} by r + λ*·g (old auto)",
              "soft best-of-n at β, λ* (auto)", f"best-of-{n} (reward only)", "reference",
-             "reward: auto BoN / old BoN / soft / reference"], rows)]
+             "reward: auto BoN (95 %) / BoN at mean λ / old BoN / soft / reference"], rows)]
     lines += ["", "Predicted on the rollouts (held-in): π_λ* meets b with equality; best-of-"
               f"{n} at λ_BoN({n}):",
               *[f"- β = {s['beta']:g}, b = {s['threshold']:.4f}: "
@@ -201,6 +214,10 @@ def report(res: dict) -> str:
                    f"λ_BoN = {s['lambda_bon']:.4g}, predicted E[g] = "
                    f"{s['predicted_bon_safety']:.4f} {_iv(s['predicted_bon_interval'])}")
                 for s in res["settings"]],
+              "", f"λ_BoN,95%({n}) is what `alignserve dual` stores by default (--confidence "
+              "0.95): the smallest λ whose one-sided 95 % bootstrap lower bound over the "
+              f"reference prompts reaches b; λ_BoN({n}) meets b on their mean only "
+              "(--confidence 0).",
               "", "The constraint is an average over prompts like the reference prompts, not a "
               "per-answer guarantee. Soft best-of-n's column is its expected safety given each "
               "fresh pool (Σ softmax((r + λ*·g)/β)·g), which tends to π_λ*'s as n grows; at n = "
