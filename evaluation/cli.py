@@ -42,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Scorers, each one user ('-NAME': a cost as utility): report every "
                         "strategy's distortion over them, from its candidates "
                         "(evaluation/panel.py).")
+    p.add_argument("--judge", action="append", default=None, metavar="SCORER",
+                   help="Repeatable: also score every answer with this scorer, which the "
+                        "strategies do not optimise (not --reward/--cost; '--judge=-NAME': a "
+                        "cost as a utility): proxy vs judge per strategy and n in the report, "
+                        "and judge.png, the over-optimisation curve (evaluation/judge.py).")
     p.add_argument("--harmless-threshold", type=float, default=None,
                    help="Harmless = cost below this (default: "
                         f"{DEFAULT_HARMLESS_THRESHOLDS} by cost name).")
@@ -121,6 +126,8 @@ def _validate(ns: argparse.Namespace):
     panel = parse_panel(ns.panel)
     if panel and ns.prefill is not None:
         raise ValueError("--panel measures the prompts evaluation, not --prefill")
+    if ns.judge and ns.prefill is not None:
+        raise ValueError("--judge scores the prompts evaluation, not --prefill")
     plan = build_plan(parse_list(ns.strategies), parse_list(ns.n, int), options)
     if ns.prefill is not None:
         from .prefill import load_attacks
@@ -144,19 +151,34 @@ def _validate(ns: argparse.Namespace):
     return plan, prompts, cfg, options
 
 
+def _local_registry(ns: argparse.Namespace):
+    """The built-in scorers in this process, for what a --server run scores here."""
+    from runtime.scorers import ScorerRegistry, default_factories
+
+    return ScorerRegistry(default_factories(engine_settings(ns).length_target), None)
+
+
 async def _start_runner(ns: argparse.Namespace, cfg):
     from .runners import HttpRunner, start_in_process
 
     if ns.server:
-        registry = None
-        if cfg.panel:  # the server returns candidates' texts; the panel scores them here
-            from runtime.scorers import ScorerRegistry, default_factories
-
-            registry = ScorerRegistry(default_factories(engine_settings(ns).length_target),
-                                      None)
+        # the server returns candidates' texts; the panel scores them here
+        registry = _local_registry(ns) if cfg.panel else None
         return await HttpRunner(ns.server, cfg, api_key=ns.api_key,
                                 panel_scorers=registry).start()
     return await start_in_process(engine_settings(ns), cfg)
+
+
+async def _judge_scorers(ns: argparse.Namespace, runner, judges, registry):
+    """The judges' scorers, loaded before the run: from `registry` when given (tests), else
+    the in-process runtime's registry, else (--server, fakes) a local one."""
+    from . import judge
+
+    if not judges:
+        return []
+    rt = getattr(runner, "rt", None)
+    registry = registry or (rt.scorers if rt is not None else _local_registry(ns))
+    return await judge.load(judges, registry)
 
 
 def _separation_policies(ns: argparse.Namespace) -> list[tuple[str, object]]:
@@ -171,7 +193,7 @@ def _separation_policies(ns: argparse.Namespace) -> list[tuple[str, object]]:
     return [(name, resolve_model(name, None)) for name in names]
 
 
-def _separation(ns: argparse.Namespace, policies, prompts) -> list[dict]:
+def _separation(ns: argparse.Namespace, policies, prompts, seed: int = 0) -> list[dict]:
     from .separation import measure
 
     if not policies:
@@ -181,7 +203,7 @@ def _separation(ns: argparse.Namespace, policies, prompts) -> list[dict]:
     if len(harmful) < 3 or len(safe) < 3:
         raise ValueError(f"--separation needs ≥ 3 prompts of kind {ns.harmful_kind!r} and ≥ 3 "
                          f"of other kinds, got {len(harmful)} and {len(safe)}")
-    return measure(policies, safe, harmful)
+    return measure(policies, safe, harmful, seed=seed)
 
 
 def separation_only(ns: argparse.Namespace) -> list[dict]:
@@ -190,8 +212,10 @@ def separation_only(ns: argparse.Namespace) -> list[dict]:
 
     from .separation import PLOT, markdown, plot
 
+    if ns.judge:
+        raise ValueError("--judge scores answers: --separation-only generates none")
     policies = _separation_policies(ns)
-    results = _separation(ns, policies, load_prompts(ns.prompts, ns.limit))
+    results = _separation(ns, policies, load_prompts(ns.prompts, ns.limit), _seed(ns) or 0)
     ns.out.mkdir(parents=True, exist_ok=True)
     (ns.out / "separation.json").write_text(json.dumps(
         {"prompts": str(ns.prompts), "harmful_kind": ns.harmful_kind, "separation": results},
@@ -250,19 +274,23 @@ async def _tokenizer(ns: argparse.Namespace, runner):
     return AutoTokenizer.from_pretrained(path)
 
 
-async def evaluate(ns: argparse.Namespace, runner=None) -> dict:
+async def evaluate(ns: argparse.Namespace, runner=None, scorers=None) -> dict:
     """Run the evaluation described by `ns` and write its report; returns the config written.
-    `runner` replaces the one the flags describe (tests pass fakes)."""
+    `runner` replaces the one the flags describe and `scorers` the registry the judges come
+    from (tests pass fakes)."""
     from tqdm import tqdm
 
+    from . import judge
     from .harness import run_plan, summaries
     from .report import write_report
 
     plan, prompts, cfg, options = _validate(ns)
+    judges = judge.parse_judges(ns.judge, cfg.reward, cfg.cost)
     policies = _separation_policies(ns)
     t_start = time.perf_counter()
     runner = runner or await _start_runner(ns, cfg)
     try:
+        judge_scorers = await _judge_scorers(ns, runner, judges, scorers)
         # One discarded answer first, so that the first setting's wall time does not include
         # the engine's warm-up (first batch, scorer first call).
         await runner.answer(prompts[0], plan[0])
@@ -272,6 +300,7 @@ async def evaluate(ns: argparse.Namespace, runner=None) -> dict:
             runs = await run_plan(runner, prompts, plan, _threshold(ns), ns.concurrency, bar,
                                   samples=ns.samples, seed=_seed(ns))
             wall = time.perf_counter() - t0
+        await judge.score_runs(runs, judges, judge_scorers)  # after the timing: not a strategy's
     finally:
         await runner.aclose()
     kinds = sorted({p.kind for p in prompts})
@@ -282,12 +311,13 @@ async def evaluate(ns: argparse.Namespace, runner=None) -> dict:
         "temperature": cfg.temperature, "reward": cfg.reward, "cost": cfg.cost,
         "cost_weight": cfg.cost_weight, "harmless_threshold": _threshold(ns),
         "soft_temperature": cfg.soft_temperature, "options": options,
-        "panel": [m.label for m in cfg.panel] or None, "samples": ns.samples,
+        "panel": [m.label for m in cfg.panel] or None,
+        "judges": [m.label for m in judges] or None, "samples": ns.samples,
         "seed": _seed(ns), "intervals": INTERVALS,
         "concurrency": ns.concurrency, "total_wall_s": wall,
         "startup_s": t0 - t_start,
     }
-    separation = _separation(ns, policies, prompts)  # after the engine is closed: its memory
+    separation = _separation(ns, policies, prompts, _seed(ns) or 0)  # after the engine is closed: its memory
     write_report(ns.out, config, summaries(runs), separation)
     return config
 
@@ -299,8 +329,9 @@ def run(ns: argparse.Namespace) -> int:
     try:
         if ns.separation_only:
             for r in separation_only(ns):
-                print(f"{r['policy']}: Bhattacharyya distance {r['bhattacharyya_distance']:.3f}, "
-                      f"silhouette {r['silhouette']:.3f}")
+                lo, hi = r["bhattacharyya_distance_ci"]
+                print(f"{r['policy']}: Bhattacharyya distance {r['bhattacharyya_distance']:.3f} "
+                      f"(95% bootstrap [{lo:.3f}, {hi:.3f}]), silhouette {r['silhouette']:.3f}")
             print(f"wrote {ns.out}/separation.json, separation.md and separation.png")
             return 0
         if ns.prefill is not None:

@@ -11,6 +11,8 @@
 - distortion (with `--panel`): Σ best / Σ achieved average normalised panel utility
   (evaluation/panel.py, decoding/nash.py `distortion`), per-prompt sums bootstrapped over
   prompts for `distortion_ci`; None when no answer was measured;
+- judges (with `--judge`): per judge scorer, the mean of its scores and its win rate against
+  the base policy (the same `compare`, on the judge's scores), with intervals as for the reward;
 - every ratio and mean has a 95% interval `<name>_ci` = [lo, hi] (or None), clustered by
   prompt: Wilson for the harmless ratio, a cluster-robust t interval for the means
   (evaluation/intervals.py says how and why).
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .intervals import mean_interval, ratio_interval
 
@@ -46,6 +48,8 @@ class Row:
     # with --panel: the best candidate's and the answer's average normalised panel utility
     panel_best: float | None = None
     panel_achieved: float | None = None
+    # with --judge: each judge's score of the answer, by its label (evaluation/judge.py)
+    judges: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,18 +74,20 @@ def compare(reward: float, base_reward: float, same_text: bool = False) -> float
     return 1.0 if reward > base_reward else 0.0
 
 
-def win_outcomes(rows: Sequence[Row], base: Sequence[Row]) -> list[list[float]]:
-    """Per prompt answered (with a reward) by both: `compare` of each of its answers with each
-    base answer to it."""
-    base_by: dict[str, list[Row]] = {}
+def win_outcomes(rows: Sequence[Row], base: Sequence[Row],
+                 value: Callable[[Row], float | None] = lambda r: r.reward
+                 ) -> list[list[float]]:
+    """Per prompt answered (with a `value`, by default the reward) by both: `compare` of each
+    of its answers with each base answer to it."""
+    base_by: dict[str, list[tuple[Row, float]]] = {}
     for b in base:
-        if b.reward is not None:
-            base_by.setdefault(b.prompt_id, []).append(b)
+        if (bv := value(b)) is not None:
+            base_by.setdefault(b.prompt_id, []).append((b, bv))
     groups: dict[str, list[float]] = {}
     for r in rows:
-        if r.reward is not None and r.prompt_id in base_by:
+        if (rv := value(r)) is not None and r.prompt_id in base_by:
             groups.setdefault(r.prompt_id, []).extend(
-                compare(r.reward, b.reward, r.answer == b.answer) for b in base_by[r.prompt_id])
+                compare(rv, bv, r.answer == b.answer) for b, bv in base_by[r.prompt_id])
     return list(groups.values())
 
 
@@ -139,6 +145,26 @@ def summarize(rows: Sequence[Row], base: Sequence[Row] | None) -> dict:
     else:
         out["win_rate"] = out["win_rate_ci"] = None
     out["distortion"], out["distortion_ci"] = panel_distortion(rows)
+    out["judges"] = judge_numbers(rows, base)
+    return out
+
+
+def judge_numbers(rows: Sequence[Row], base: Sequence[Row] | None) -> dict[str, dict]:
+    """Per judge label (`--judge`): its mean score of the answers and its win rate against the
+    base policy, each with the same clustered 95% interval as the reward's."""
+    labels = list(dict.fromkeys(label for r in rows for label in r.judges))
+    out: dict[str, dict] = {}
+    for label in labels:
+        def value(r: Row, label: str = label) -> float | None:
+            return r.judges.get(label)
+
+        stats: dict = {}
+        _with_ci(stats, "mean", by_prompt(rows, value))
+        if base is not None:
+            _with_ci(stats, "win_rate", win_outcomes(rows, base, value))
+        else:
+            stats["win_rate"] = stats["win_rate_ci"] = None
+        out[label] = stats
     return out
 
 

@@ -6,6 +6,8 @@
   dashed second line at their mean estimate.
 - harmless_ratio.png: harmless ratio per setting, one bar per prompt kind and one for all.
 - reward_vs_tokens.png: mean reward against generated tokens per answer (compute), log x.
+- judge.png (with `--judge`): proxy and judge gain against KL, the over-optimisation curve,
+  next to a "Proxy vs judges" table (evaluation/judge.py).
 - separation.png (with `--separation`): safe vs harmful prompts in each policy's last hidden
   layer, with KLDO's Bhattacharyya-distance metric (evaluation/separation.py).
 
@@ -33,6 +35,7 @@ def write_report(out: Path, config: dict, entries: list[dict],
                  separation: list[dict] | None = None) -> None:
     """`separation`: evaluation/separation.py's results (`--separation`), a section of the
     report and separation.png."""
+    from . import judge
     from . import separation as sep
 
     out.mkdir(parents=True, exist_ok=True)
@@ -40,8 +43,10 @@ def write_report(out: Path, config: dict, entries: list[dict],
                                                         if separation else {})}
     (out / "results.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     (out / "report.md").write_text(markdown(config, entries) + "\n".join(
-        sep.markdown(separation or [])))
+        [*judge.markdown(config, entries), *sep.markdown(separation or [])]))
     plot_all(out, entries)
+    if config.get("judges"):
+        judge.plot(out / judge.PLOT, config, entries)
     if separation:
         sep.plot(out / sep.PLOT, separation)
 

@@ -17,6 +17,8 @@ paper's abstract could be read here; the definition below follows the authors' r
 
    reported with the Bhattacharyya coefficient exp(−BD) (the clusters' overlap) and the
    silhouette score of the two clusters in the same plane. Larger BD: better separated.
+4. (not in the reference code) BD's 95% interval: a seeded percentile bootstrap over prompts,
+   each set resampled on its own and steps 2–3 refitted per resample (`bootstrap_bd`).
 
 `alignserve eval --separation embedded,CKPT` measures it for a policy before and after
 alignment (prompts of kind `adversarial` are the harmful set, every other kind the safe set)
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 PLOT = "separation.png"
+BOOTSTRAP = 1000  # resamples of the BD interval
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
@@ -71,15 +74,43 @@ def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
-def separation(safe: np.ndarray, harmful: np.ndarray) -> dict:
-    """The metric for one policy from its representations safe [n, d] and harmful [m, d]."""
+def _bd(safe: np.ndarray, harmful: np.ndarray) -> tuple[float, np.ndarray]:
+    """(BD, the shared PCA plane) of one policy's representations: steps 2–3 above."""
+    plane = pca_2d(np.concatenate([safe, harmful]).astype(np.float64))
+    return bhattacharyya_distance(plane[:len(safe)], plane[len(safe):]), plane
+
+
+def bootstrap_bd(safe: np.ndarray, harmful: np.ndarray, resamples: int = BOOTSTRAP,
+                 level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of BD: safe and harmful prompts resampled with
+    replacement, each set on its own (their sizes fixed), and the whole metric refitted on each
+    resample, PCA plane included (the plane is part of the statistic). Seeded: the same
+    representations and seed give the same interval. Few prompts give a wide interval (a
+    resample that repeats one prompt has a nearly degenerate cluster, hence a large BD)."""
+    rng = np.random.default_rng(seed)
+    boot = np.array([
+        _bd(safe[rng.integers(0, len(safe), len(safe))],
+            harmful[rng.integers(0, len(harmful), len(harmful))])[0]
+        for _ in range(resamples)])
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(boot, [tail, 1 - tail], method="inverted_cdf")
+    return float(lo), float(hi)
+
+
+def separation(safe: np.ndarray, harmful: np.ndarray, resamples: int = BOOTSTRAP,
+               seed: int = 0) -> dict:
+    """The metric for one policy from its representations safe [n, d] and harmful [m, d],
+    with its 95% bootstrap interval (`bootstrap_bd`; `resamples` 0: none)."""
     if len(safe) < 3 or len(harmful) < 3:
         raise ValueError("the separation metric needs at least 3 safe and 3 harmful prompts")
-    plane = pca_2d(np.concatenate([safe, harmful]).astype(np.float64))
+    bd, plane = _bd(safe, harmful)
     a, b = plane[:len(safe)], plane[len(safe):]
-    bd = bhattacharyya_distance(a, b)
     labels = np.r_[np.zeros(len(a)), np.ones(len(b))]
-    return {"bhattacharyya_distance": bd, "bhattacharyya_coefficient": float(np.exp(-bd)),
+    ci = list(bootstrap_bd(safe, harmful, resamples, seed=seed)) if resamples else None
+    return {"bhattacharyya_distance": bd, "bhattacharyya_distance_ci": ci,
+            "bootstrap": {"resamples": resamples, "seed": seed, "level": 0.95,
+                          "method": "percentile, prompts resampled within each set"},
+            "bhattacharyya_coefficient": float(np.exp(-bd)),
             "silhouette": silhouette(plane, labels), "safe_prompts": len(a),
             "harmful_prompts": len(b), "points": {"safe": a.tolist(), "harmful": b.tolist()}}
 
@@ -104,13 +135,14 @@ def hidden_states(model_dir, prompts: Sequence[str], desc: str) -> np.ndarray:
 
 
 def measure(policies: Sequence[tuple[str, object]], safe: Sequence[str],
-            harmful: Sequence[str]) -> list[dict]:
-    """[{policy, model, metric...}] for each (label, model folder or id)."""
+            harmful: Sequence[str], seed: int = 0) -> list[dict]:
+    """[{policy, model, metric...}] for each (label, model folder or id); every policy's
+    bootstrap uses the same `seed`, so two policies are resampled alike."""
     results = []
     for label, model in policies:
         h = hidden_states(model, [*safe, *harmful], f"hidden states ({label})")
         results.append({"policy": label, "model": str(model),
-                        **separation(h[:len(safe)], h[len(safe):])})
+                        **separation(h[:len(safe)], h[len(safe):], seed=seed)})
     return results
 
 
@@ -122,13 +154,20 @@ def markdown(results: list[dict]) -> list[str]:
             "Last-layer hidden state at the prompt's last token, PCA to 2-D per policy, "
             "Bhattacharyya distance of Gaussian fits (larger: better separated), its coefficient "
             "(overlap) and the silhouette score (Haldar et al., arXiv 2502.00657; "
-            "evaluation/separation.py).\n",
-            "| policy | safe / harmful prompts | Bhattacharyya distance | coefficient | silhouette |",
+            "evaluation/separation.py). The distance's 95% interval: percentile bootstrap, "
+            "prompts resampled within the safe and the harmful set, PCA refitted per resample.\n",
+            "| policy | safe / harmful prompts | Bhattacharyya distance [95%] | coefficient | "
+            "silhouette |",
             "|---|---|---|---|---|",
             *(f"| {r['policy']} | {r['safe_prompts']} / {r['harmful_prompts']} | "
-              f"{r['bhattacharyya_distance']:.3f} | {r['bhattacharyya_coefficient']:.3f} | "
-              f"{r['silhouette']:.3f} |" for r in results),
+              f"{r['bhattacharyya_distance']:.3f}{_ci(r.get('bhattacharyya_distance_ci'))} | "
+              f"{r['bhattacharyya_coefficient']:.3f} | {r['silhouette']:.3f} |"
+              for r in results),
             "", f"![separation]({PLOT})", ""]
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def plot(path: Path, results: list[dict]) -> None:
@@ -144,7 +183,8 @@ def plot(path: Path, results: list[dict]) -> None:
             pts = np.asarray(r["points"][key])
             ax.scatter(pts[:, 0], pts[:, 1], s=18, color=colour, alpha=0.75, label=key)
             ax.plot(*pts.mean(axis=0), "o", ms=10, mfc="w", mec=colour)
-        ax.set_title(f"{r['policy']}\nBD {r['bhattacharyya_distance']:.2f}, "
+        ax.set_title(f"{r['policy']}\nBD {r['bhattacharyya_distance']:.2f}"
+                     f"{_ci(r.get('bhattacharyya_distance_ci'))}, "
                      f"silhouette {r['silhouette']:.2f}", fontsize=9)
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
