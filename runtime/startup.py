@@ -68,7 +68,8 @@ def build_runtime(settings: EngineSettings) -> Runtime:
         remote = connect_remote_scorers(settings.remote_scorer_urls(),
                                         settings.remote_scorer_timeout_s,
                                         settings.remote_scorer_retries,
-                                        key.get_secret_value() if key else None)
+                                        key.get_secret_value() if key else None,
+                                        breaker=settings.remote_scorer_breaker())
     except ValueError as exc:
         raise ConfigError("remote_scorers", str(exc)) from None
     # CD-Q heads also tilt inside the engine (tokenwise_cd); every head must share the

@@ -97,6 +97,7 @@ def build_app(
     admission = Admission(settings.max_concurrent_requests, settings.retry_after_s)
     lifecycle = Lifecycle(admission, metrics, settings.retry_after_s)
     policies = PolicyManager(runtime, settings, metrics)  # hot-swap, /admin/policies
+    metrics.watch_capacity(admission, policies.gate)  # slots and leases held: leaks show
     core = ServingCore(settings, runtime, metrics, admission, lifecycle, policies)
     presets = [p.alignment.get(k) or "" for p in core.resolver.presets
                for k in ("reward", "cost", "value")]

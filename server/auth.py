@@ -1,7 +1,12 @@
 """API keys: `/v1/*` needs a user key (when any is configured), `/admin/*` needs the admin key.
 
-`/health`, `/ready`, `/metrics` and the OpenAPI docs stay open: probes and Prometheus scrape
-without credentials, and the schema holds no data.
+`/health`, `/ready` and the OpenAPI docs stay open: probes scrape without credentials, and the
+schema holds no data. `/metrics` is open too unless a metrics token is set (`metrics_token` /
+`metrics_token_file`): then it needs that token (or the admin key) as a bearer token.
+
+Key length: user keys need 8+ characters, and 32+ (`MIN_PUBLIC_KEY_CHARS`) on a server bound
+beyond loopback, which refuses to start otherwise (`check_open`); on loopback a short key is
+only warned about (test fixtures use short keys there).
 
 Checked in a pure ASGI middleware, before the body is read, so an unauthenticated client can
 neither make the server parse its body nor learn anything from validation errors. Keys are
@@ -23,6 +28,8 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 MIN_KEY_CHARS = 8
+MIN_PUBLIC_KEY_CHARS = 32  # beyond loopback: a key a client cannot guess (issue 25, item 10)
+MIN_METRICS_TOKEN_CHARS = 16
 
 
 def _digest(key: str) -> bytes:
@@ -47,15 +54,19 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class KeyRing:
     """Digests of the user keys and of the admin key, loaded once from Settings."""
 
-    def __init__(self, user_keys: list[str], admin_key: str | None) -> None:
+    def __init__(self, user_keys: list[str], admin_key: str | None,
+                 metrics_token: str | None = None) -> None:
         short = [k for k in user_keys if len(k) < MIN_KEY_CHARS]
         if short:
             raise ValueError(f"{len(short)} API key(s) shorter than {MIN_KEY_CHARS} characters")
-        if PLACEHOLDER_KEYS & {*user_keys, admin_key}:
+        if PLACEHOLDER_KEYS & {*user_keys, admin_key, metrics_token}:
             raise ValueError("a key is the example Secret's placeholder (deploy/base/"
                              "secret.example.yaml): generate one, e.g. `openssl rand -hex 32`")
         self._user = [_digest(k) for k in user_keys]
         self._admin = _digest(admin_key) if admin_key else None
+        self._metrics = _digest(metrics_token) if metrics_token else None
+        # how many keys are too short for a server beyond loopback (the keys are not kept)
+        self.short_user_keys = sum(len(k) < MIN_PUBLIC_KEY_CHARS for k in user_keys)
 
     @classmethod
     def from_settings(cls, s: Settings) -> KeyRing:
@@ -74,7 +85,16 @@ class KeyRing:
             if len(admin) < 16:
                 raise ValueError(f"admin_key_file {s.admin_key_file}: the admin key needs 16+ "
                                  "characters")
-        return cls(keys, admin)
+        return cls(keys, admin, _metrics_token(s))
+
+    @property
+    def metrics_protected(self) -> bool:
+        return self._metrics is not None
+
+    def is_metrics(self, presented: bytes) -> bool:
+        """The metrics token, or the admin key (an operator may read metrics too)."""
+        ok = self._metrics is not None and hmac.compare_digest(presented, self._metrics)
+        return ok or self.is_admin(presented)
 
     @property
     def user_auth(self) -> bool:
@@ -101,6 +121,18 @@ class KeyRing:
 
     def is_admin(self, presented: bytes) -> bool:
         return self._admin is not None and hmac.compare_digest(presented, self._admin)
+
+
+def _metrics_token(s: Settings) -> str | None:
+    token = s.metrics_token.get_secret_value() if s.metrics_token else None
+    if s.metrics_token_file is not None:
+        if token is not None:
+            raise ValueError("give metrics_token or metrics_token_file, not both")
+        token = Path(s.metrics_token_file).expanduser().read_text().strip()
+        if len(token) < MIN_METRICS_TOKEN_CHARS:
+            raise ValueError(f"metrics_token_file {s.metrics_token_file}: the metrics token "
+                             f"needs {MIN_METRICS_TOKEN_CHARS}+ characters")
+    return token
 
 
 def _bearer(scope) -> bytes | None:
@@ -142,6 +174,14 @@ def client_identity(scope) -> str:
 def _check(keys: KeyRing, path: str, scope) -> None:
     """Raise Unauthenticated / Forbidden when the request may not reach `path`; on success
     record who the caller is (`client_identity`)."""
+    if path == "/metrics" and keys.metrics_protected:
+        token = _bearer(scope)
+        if token is None:
+            raise Unauthenticated("missing metrics token: send `Authorization: Bearer <metrics "
+                                  "token>`", code="missing_api_key")
+        if not keys.is_metrics(token):
+            raise Unauthenticated("invalid metrics token")
+        return
     if path == "/admin" or path.startswith("/admin/") or path in ADMIN_ROUTES:
         if not keys.admin_enabled:
             raise Forbidden("the admin API is disabled: set ALIGNSERVE_ADMIN_KEY to enable it",
@@ -189,16 +229,28 @@ class AuthGate:
 
 def check_open(keys: KeyRing, settings: Settings) -> None:
     """A server bound beyond loopback without user keys would serve anyone who can reach it:
-    refused at start-up unless the operator says so (`--allow-unauthenticated`)."""
-    if not keys.user_auth and settings.host not in LOOPBACK and not settings.allow_unauthenticated:
+    refused at start-up unless the operator says so (`--allow-unauthenticated`). Beyond
+    loopback every user key needs MIN_PUBLIC_KEY_CHARS characters (refused otherwise: the CLI
+    prints one line naming api_keys and exits 2)."""
+    public = settings.host not in LOOPBACK
+    if not keys.user_auth and public and not settings.allow_unauthenticated:
         raise ValueError(f"no API keys and listening on {settings.host}: /v1 would be open to "
                          "anyone who can reach it; set api_keys / api_keys_file, bind "
                          "127.0.0.1, or pass --allow-unauthenticated true")
+    if keys.short_user_keys and public:
+        raise ValueError(f"{keys.short_user_keys} API key(s) (api_keys / api_keys_file) shorter "
+                         f"than {MIN_PUBLIC_KEY_CHARS} characters while listening on "
+                         f"{settings.host}; generate keys with `openssl rand -hex 32`")
 
 
 def warn_if_open(keys: KeyRing, settings: Settings) -> None:
-    """A server bound beyond loopback without keys serves anyone who can reach it: say so."""
+    """A server bound beyond loopback without keys serves anyone who can reach it: say so. Short
+    keys (refused beyond loopback by `check_open`) get one warning."""
     if not keys.user_auth and settings.host not in LOOPBACK:
         log.warning("no API keys configured and listening on %s: /v1/* is open to anyone who "
                     "can reach it (set ALIGNSERVE_API_KEYS or ALIGNSERVE_API_KEYS_FILE)",
                     settings.host)
+    if keys.short_user_keys:
+        log.warning("%d API key(s) shorter than %d characters: accepted on loopback only (a "
+                    "server beyond loopback refuses to start with them)", keys.short_user_keys,
+                    MIN_PUBLIC_KEY_CHARS)

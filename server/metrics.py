@@ -75,6 +75,11 @@ class Metrics:
         """Expose the engine's own counts (read at scrape time)."""
         self._registry.register(_EngineCollector(engine))
 
+    def watch_capacity(self, admission, gate) -> None:
+        """Expose the admission slots and policy leases held (read at scrape time): both are 0
+        on an idle server, so a leak shows (the soak, scripts/soak.py, checks them)."""
+        self._registry.register(_CapacityCollector(admission, gate))
+
     def watch_remote_scorers(self, scorers) -> None:
         """Expose the HTTP outcomes of `remote:NAME` scorers (read at scrape time)."""
         self._registry.register(_RemoteScorerCollector(scorers))
@@ -107,6 +112,23 @@ class _EngineCollector:
         yield CounterMetricFamily("alignserve:engine_aborts",
                                   "Engine requests aborted before finishing (client gone, "
                                   "sibling failed, rejected).", value=self._engine.aborted)
+
+
+class _CapacityCollector:
+    """Scrape-time view of what requests hold: admission slots (server/serving/admission.py)
+    and policy leases and gate queue (server/policy_gate.py)."""
+
+    def __init__(self, admission, gate) -> None:
+        self._admission, self._gate = admission, gate
+
+    def collect(self):
+        yield GaugeMetricFamily("alignserve:admission_slots_held", "Admission slots held "
+                                "(generation and /tokenize requests).",
+                                value=self._admission.active)
+        yield GaugeMetricFamily("alignserve:policy_leases_held", "Policy leases held (requests "
+                                "running on the active policy's weights).", value=self._gate.held)
+        yield GaugeMetricFamily("alignserve:policy_gate_queued", "Requests queued at a closed "
+                                "policy gate (during a swap).", value=self._gate.queued)
 
 
 class _RemoteScorerCollector:

@@ -89,6 +89,15 @@ class Settings(EngineSettings):
     max_body_bytes: int = Field(
         1_000_000, ge=1024, le=1_000_000_000, description="Largest request body, bytes."
     )
+    tokenize_max_chars: int = Field(
+        100_000, ge=1, le=1_000_000,
+        description="/tokenize: most characters of input (the prompt, or all messages' text "
+        "together); more: 400 naming the field. /tokenize also takes an admission slot like "
+        "a generation request (429 when full or when the client holds its share).")
+    tokenize_max_messages: int = Field(
+        256, ge=1, le=100_000, description="/tokenize: most chat messages in one request.")
+    detokenize_max_tokens: int = Field(
+        100_000, ge=1, le=1_000_000, description="/detokenize: most token ids in one request.")
     max_request_tokens: int = Field(
         65_536, ge=1, le=1_000_000_000,
         description="Token budget of one request: prompts × n × alignment.n × max_tokens "
@@ -149,7 +158,8 @@ class Settings(EngineSettings):
     # Auth. Secrets are SecretStr (repr shows ******) and never logged.
     api_keys: SecretStr | None = Field(
         None, max_length=100_000,
-        description="Comma-separated API keys (8+ characters each). When set (or api_keys_file "
+        description="Comma-separated API keys (8+ characters each; 32+ when host is beyond "
+        "loopback, else start-up stops). When set (or api_keys_file "
         "is), every /v1/* request needs `Authorization: Bearer <key>`. Prefer the env var or "
         "the file: flags show in `ps`.",
     )
@@ -165,6 +175,14 @@ class Settings(EngineSettings):
     admin_key_file: Path | None = Field(
         None, description="File holding the admin key (a mounted Secret; joins nothing: give "
         "admin_key or this). Read at start-up.")
+    metrics_token: SecretStr | None = Field(
+        None, min_length=16, max_length=4096,
+        description="Bearer token /metrics needs (16+ characters); without it /metrics gets "
+        "401. Unset (default): /metrics is open, for Prometheus inside the cluster "
+        "(docs/security.md).")
+    metrics_token_file: Path | None = Field(
+        None, description="File holding the metrics token (a mounted Secret; give "
+        "metrics_token or this). Read at start-up.")
     allow_unauthenticated: bool = Field(
         False, description="Serve /v1 without API keys on an address beyond loopback. Off: such "
         "a server refuses to start (one line), so no API is open by accident.")

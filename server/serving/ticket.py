@@ -57,7 +57,7 @@ class Ticket:
                              stops=((gate.evict, core.policies.evicted_error),))
         self.t0 = time.perf_counter()
         self._slot: contextlib.AbstractContextManager[None] | None = core.admission.slot(
-            client_identity(request.scope), _key_limit(s))
+            client_identity(request.scope), key_limit(s))
         self._slot.__enter__()  # raises a 429 APIError when full
         self.metrics.in_flight.inc()
         # Taken once the request is valid, held to its last byte (streams: last event).
@@ -214,7 +214,7 @@ class TicketResponse(StreamingResponse):
                 return
 
 
-def _key_limit(s) -> int:
+def key_limit(s) -> int:
     """Slots one client may hold: the setting, or half of all slots (at least 1)."""
     per_key = s.max_concurrent_requests_per_key
     return per_key if per_key is not None else max(1, s.max_concurrent_requests // 2)

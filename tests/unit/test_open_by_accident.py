@@ -15,7 +15,7 @@ from server.settings import Settings
 @pytest.mark.parametrize("host, keys, allow, refused", [
     ("0.0.0.0", None, False, True),
     ("0.0.0.0", None, True, False),
-    ("0.0.0.0", "user-key-0123456789", False, False),
+    ("0.0.0.0", "user-key-0123456789abcdef0123456789", False, False),  # 32+ characters
     ("127.0.0.1", None, False, False),
     ("::1", None, False, False),
 ])
