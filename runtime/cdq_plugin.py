@@ -15,13 +15,20 @@ import os
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from valuenet.incremental import load_engine_heads
-from valuenet.processor import ENV_STATS, CdqTilt, check_request, configured_heads
+from valuenet.processor import (
+    CONTROLS_NEUTRAL,
+    ENV_STATS,
+    CdqTilt,
+    check_request,
+    configured_heads,
+)
 
 FQCN = "runtime.cdq_plugin:CdqLogitsProcessor"
 
 
 class CdqLogitsProcessor(CdqTilt, LogitsProcessor):
-    """Adds T·λ·Q(x, yᵗ, ·) to the rows of requests with `extra_args["cdq"]`."""
+    """Applies p's penalties and truncation (`extra_args["cdq"]["p"]`), then adds T·λ·Q(x, yᵗ, ·),
+    to the rows of requests with `extra_args["cdq"]`."""
 
     def __init__(self, vllm_config, device, is_pin_memory: bool) -> None:
         vocab = vllm_config.model_config.get_vocab_size()
@@ -30,4 +37,7 @@ class CdqLogitsProcessor(CdqTilt, LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        check_request(sampling_params.extra_args, sampling_params.n, sampling_params.temperature)
+        # vLLM's own penalties and truncation would act after the tilt: off for a tilted request
+        controls = {k: getattr(sampling_params, k) for k in CONTROLS_NEUTRAL}
+        check_request(sampling_params.extra_args, sampling_params.n, sampling_params.temperature,
+                      controls)

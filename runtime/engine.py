@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -31,7 +32,15 @@ from decoding.protocols import (
     Sampling,
     Tilt,
 )
-from valuenet.processor import ENV_HEADS, ENV_STATS, TiltArgs, drop_steps, read_steps
+from valuenet.processor import (
+    CONTROLS_NEUTRAL,
+    ENV_HEADS,
+    ENV_STATS,
+    PolicyControls,
+    TiltArgs,
+    drop_steps,
+    read_steps,
+)
 
 from .context import current_request_id, engine_trace_headers
 
@@ -192,7 +201,8 @@ class VllmEngine:
     async def tilted(
         self, prompt_ids: Sequence[int], sampling: Sampling, tilt: Tilt
     ) -> AsyncIterator[SampleDelta]:
-        """One sample of p_T·exp(λ·Q) (decoding.Tilt), streamed like `stream`: the CD-Q logits
+        """One sample of p_proc·exp(λ·Q) on p_proc's support (decoding.Tilt; p_proc: the policy
+        after penalties, temperature and truncation), streamed like `stream`: the CD-Q logits
         processor (runtime/cdq_plugin.py) tilts it inside the engine; the finishing delta
         carries the per-step KL records it wrote (valuenet/processor.py)."""
         from vllm.sampling_params import RequestOutputKind
@@ -202,8 +212,12 @@ class VllmEngine:
             raise EngineRejected(f"value head {tilt.head!r} is not loaded in the engine",
                                  "alignment.value")
         key = uuid.uuid4().hex
-        params = self._params(1, sampling, RequestOutputKind.DELTA)
-        params.extra_args = TiltArgs(tilt.head, tilt.lam, key).extra_args()
+        # p's penalties and truncation go to the processor, which applies them before the tilt;
+        # vLLM's copies are off, since vLLM would apply them after it (valuenet/processor.py)
+        controls = PolicyControls(**{k: getattr(sampling, k) for k in CONTROLS_NEUTRAL})
+        params = self._params(1, dataclasses.replace(sampling, **CONTROLS_NEUTRAL),
+                              RequestOutputKind.DELTA)
+        params.extra_args = TiltArgs(tilt.head, tilt.lam, key, controls).extra_args()
         try:
             async for out in self._run(prompt_ids, params, sampling.adapter):
                 for c in out.outputs:

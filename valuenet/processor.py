@@ -18,16 +18,26 @@ Temperature. vLLM applies processors that may change the argmax (this one) to th
 *before* dividing by the request temperature T. The head's targets assume the processed policy
 p_T = softmax(l/T) (valuenet/train.py divides by the rollouts' temperature), so we add T·λ·Q:
 after vLLM's division the sampled distribution is softmax(l/T + λ·Q) = p_T(z)·exp(λ·Q)/Z — the
-tilt of p_T, not of p_1. top_p (and top_k) are applied by vLLM *after* the processors, i.e. to
-the tilted π: with top_p < 1 the engine samples from π's nucleus, which the KL below ignores.
+tilt of p_T, not of p_1.
+
+Penalties and truncation (issue 26 item 4). vLLM's sampler (v1/sample/sampler.py) runs this
+processor BEFORE the repetition / frequency / presence penalties and before min_p, top_k and
+top_p: left to vLLM they would act on the tilted row, so the law sampled would not be a tilt of
+p and the tilt could lift a token outside p's nucleus. So a tilted request carries p's
+penalties and truncation in `extra_args["cdq"]["p"]` (`PolicyControls`), vLLM's own copies are
+neutral (runtime/engine.py; `check_request` refuses a tilted request where they are not), and
+the processor applies them here in vLLM's own order and semantics (`policy_row`): penalties on
+the raw row, then, at temperature T, min_p, top_k, top_p. The sampled law is then exactly
+π(z) ∝ p_proc(z)·exp(λ·Q(z)) on p_proc's support S (−∞ outside), p_proc the processed policy.
 
 KL accounting. Each step t records KL(πₜ ‖ p_T,ₜ) = Σ_z πₜ(z)·λQ(z) − log Σ_z p_T,ₜ(z)·e^{λQ(z)},
 computed from the same logits row that is sampled from, and the bound λ·(max Q − min Q) over the
 tokens p_T allows (log π/p = λQ − log E_p e^{λQ} ≤ λ(max Q − min Q)). Summed along the decoded
 path it is one path's Σₜ KL(πₜ‖pₜ); by the chain rule its expectation over paths is the
 sequence-level KL(π‖p_T) (a Rao-Blackwellised single-path estimate), so it is an unbiased
-estimate, not a bound. It does not cover top-p truncation of π nor masks that vLLM applies
-before the processors (logit_bias, min_tokens: p_T is taken after them).
+estimate, not a bound. p is p_proc (after logit_bias and min_tokens, which vLLM applies
+before this processor, and after the penalties and truncation applied here), and the KL and
+the bound are computed from the very row that is sampled (nothing changes it afterwards).
 
 Side channel. A logits processor runs in the engine's worker process and never learns the
 request id, so the strategy puts a random `key` into `extra_args` and the processor appends one
@@ -53,7 +63,7 @@ import os
 import re
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,16 +80,67 @@ _MIN_T = 1e-5  # vLLM's greedy threshold: below it vLLM divides by 1, not by T
 
 # ------------------------------------------------------------------------ request arguments
 
+# vLLM's "off" value of each control that it would apply AFTER this processor (sampler.py).
+CONTROLS_NEUTRAL: dict[str, Any] = {"repetition_penalty": 1.0, "presence_penalty": 0.0,
+                                      "frequency_penalty": 0.0, "min_p": 0.0, "top_k": 0,
+                                      "top_p": 1.0}
+
+
+def _is_neutral(name: str, value: Any) -> bool:
+    return value <= 0 if name == "top_k" else value == CONTROLS_NEUTRAL[name]  # top_k −1: off
+
+
+@dataclass(frozen=True)
+class PolicyControls:
+    """p's penalties and truncation, which the processor applies before the tilt (module
+    docstring) with vLLM's semantics; neutral values are off."""
+
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def neutral(self) -> bool:
+        return all(_is_neutral(k, getattr(self, k)) for k in CONTROLS_NEUTRAL)
+
+    @classmethod
+    def parse(cls, spec: Any) -> PolicyControls:
+        """From `extra_args["cdq"]["p"]` (absent: all off); ValueError with vLLM's bounds."""
+        if spec is None:
+            return cls()
+        if not isinstance(spec, dict) or set(spec) - set(CONTROLS_NEUTRAL):
+            raise ValueError(f"extra_args.{EXTRA}.p must be an object with some of "
+                             f"{', '.join(CONTROLS_NEUTRAL)}")
+        for name, value in spec.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not \
+                    math.isfinite(value):
+                raise ValueError(f"extra_args.{EXTRA}.p.{name} must be a finite number")
+        c = cls(**{**asdict(cls()), **spec})
+        if not (c.repetition_penalty > 0 and -2 <= c.presence_penalty <= 2
+                and -2 <= c.frequency_penalty <= 2 and 0 <= c.min_p <= 1
+                and 0 < c.top_p <= 1 and int(c.top_k) == c.top_k and c.top_k >= -1):
+            raise ValueError(f"extra_args.{EXTRA}.p: a control is out of vLLM's bounds: {spec}")
+        return c
+
+
 @dataclass(frozen=True)
 class TiltArgs:
-    """What one request asks for: head name, λ ≥ 0, and the key of its step records."""
+    """What one request asks for: head name, λ ≥ 0, the key of its step records, and p's
+    penalties and truncation (applied before the tilt)."""
 
     head: str
     lam: float
     key: str
+    p: PolicyControls = PolicyControls()
 
     def extra_args(self) -> dict[str, Any]:
-        return {EXTRA: {"head": self.head, "lambda": self.lam, "key": self.key}}
+        spec: dict[str, Any] = {"head": self.head, "lambda": self.lam, "key": self.key}
+        if not self.p.neutral:
+            spec["p"] = asdict(self.p)
+        return {EXTRA: spec}
 
     @classmethod
     def parse(cls, extra_args: dict | None, heads: Sequence[str]) -> TiltArgs | None:
@@ -99,15 +160,22 @@ class TiltArgs:
             raise ValueError(f"extra_args.{EXTRA}.lambda must be a finite number ≥ 0")
         if not isinstance(key, str) or not _KEY.match(key):
             raise ValueError(f"extra_args.{EXTRA}.key must be 16-64 lowercase hex digits")
-        return cls(head, float(lam), key)
+        return cls(head, float(lam), key, PolicyControls.parse(spec.get("p")))
 
 
-def check_request(extra_args: dict | None, n: int, temperature: float) -> None:
+def check_request(extra_args: dict | None, n: int, temperature: float,
+                  controls: dict[str, Any] | None = None) -> None:
     """The engine-edge check (vLLM's validate_params, in the API process): a ValueError here is
-    a 400, never a failure inside the worker's step."""
+    a 400, never a failure inside the worker's step. `controls`: the request's own vLLM-side
+    penalties and truncation, which must be off for a tilt (vLLM would apply them after it)."""
     args = TiltArgs.parse(extra_args, list(configured_heads()))
     if args is None:
         return
+    for name, value in (controls or {}).items():
+        if not _is_neutral(name, value):
+            raise ValueError(f"extra_args.{EXTRA}: {name} = {value} would be applied by vLLM "
+                             f"after the tilt; pass it in extra_args.{EXTRA}.p, which applies "
+                             "it to p before the tilt")
     if n != 1:
         raise ValueError(f"extra_args.{EXTRA}: one tilted sample per request (n = 1), got n = {n}")
     if temperature < _MIN_T:
@@ -176,6 +244,45 @@ def tilt_rows(logits: torch.Tensor, q: torch.Tensor, lam: torch.Tensor, temp: to
     bound = (lam * spread).clamp_min(0.0)
     logits.add_((temp * lam)[:, None] * q)
     return kl, bound
+
+
+def policy_row(row: torch.Tensor, prompt: Sequence[int], output: Sequence[int],
+               c: PolicyControls, temperature: float) -> torch.Tensor:
+    """p's penalties and truncation on one raw row [V] (float32), as vLLM applies them after
+    the processors (vllm/v1/sample: ops/penalties.py, logits_processor/builtin.py MinP,
+    ops/topk_topp_sampler.py), returned in raw units with −inf outside p_proc's support:
+    repetition (tokens of prompt or output: l/r where l > 0, else l·r), frequency (−f·count in
+    the output), presence (−pres·[in the output]); then at temperature T: min_p (probability
+    < min_p·max), top_k (below the k-th largest; ties kept), top_p (ascending cumulative mass
+    ≤ 1 − top_p, the largest always kept)."""
+    vocab = row.shape[0]
+    if not (_is_neutral("repetition_penalty", c.repetition_penalty)
+            and c.presence_penalty == 0 and c.frequency_penalty == 0):
+        # async scheduling may leave −1 placeholders in the live output list
+        out = torch.tensor([t for t in output if 0 <= t < vocab], dtype=torch.long)
+        counts = torch.bincount(out, minlength=vocab).to(row.dtype)
+        seen = counts > 0
+        if c.repetition_penalty != 1.0:
+            both = seen.clone()
+            both[torch.tensor([t for t in prompt if 0 <= t < vocab], dtype=torch.long)] = True
+            pen = torch.where(both, torch.tensor(c.repetition_penalty, dtype=row.dtype),
+                              torch.ones((), dtype=row.dtype))
+            row = row * torch.where(row > 0, 1.0 / pen, pen)
+        row = row - c.frequency_penalty * counts - c.presence_penalty * seen.to(row.dtype)
+    if all(_is_neutral(k, getattr(c, k)) for k in ("min_p", "top_k", "top_p")):
+        return row
+    a = row / (1.0 if temperature < _MIN_T else temperature)
+    if c.min_p > 0:
+        probs = a.softmax(-1)
+        a = a.masked_fill(probs < c.min_p * probs.amax(), -math.inf)
+    if 0 < c.top_k < vocab:
+        a = a.masked_fill(a < a.topk(int(c.top_k)).values[-1], -math.inf)
+    if c.top_p < 1:
+        ascending, order = a.sort()
+        drop = ascending.softmax(-1).cumsum(-1) <= 1 - c.top_p
+        drop[-1] = False  # at least one
+        a = a.masked_fill(torch.zeros_like(drop).scatter_(0, order, drop), -math.inf)
+    return row.masked_fill(~torch.isfinite(a), -math.inf)
 
 
 # ------------------------------------------------------------------------ per-request state
@@ -268,6 +375,10 @@ class CdqTilt:
                 q = self.heads[name].step(reqs).to(logits.device, torch.float32)
                 sel = torch.tensor(idx, device=logits.device)
                 rows_ = logits[sel].float()
+                for j, r in enumerate(reqs):  # p_proc first: the tilt lands on its support
+                    if not r.args.p.neutral:
+                        rows_[j] = policy_row(rows_[j], r.prompt, r.output, r.args.p,
+                                              r.temperature)
                 lam = torch.tensor([r.args.lam for r in reqs], device=logits.device)
                 temp = torch.tensor([r.temperature for r in reqs], device=logits.device)
                 kl, bound = tilt_rows(rows_, q, lam, temp)
