@@ -19,6 +19,7 @@ COPY pyproject.toml README.md LICENSE ./
 COPY server ./server
 COPY runtime ./runtime
 COPY decoding ./decoding
+COPY heads ./heads
 COPY valuenet ./valuenet
 COPY evaluation ./evaluation
 COPY finetune ./finetune

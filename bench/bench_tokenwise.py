@@ -34,13 +34,13 @@ def random_head(out: Path, home: Path | None) -> Path:
     """A CD-Q checkpoint on the embedded backbone, token values N(0, 0.05²) (speed only)."""
     import torch
 
-    from runtime.startup import resolve_model
-    from valuenet.model import (
+    from heads.model import (
         HeadConfig,
         ValueHead,
         load_causal_lm,
         save_checkpoint,
     )
+    from runtime.startup import resolve_model
 
     if (out / "config.json").is_file():
         return out

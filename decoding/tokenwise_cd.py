@@ -6,7 +6,7 @@ Two ways to run it:
 
 In the engine (the default, when the engine is a `TiltingEngine` that loaded the head and the
 request names no `top_k`): ONE engine request per answer, streamed token by token like plain
-sampling and aborted on cancellation. The engine's CD-Q logits processor (valuenet/processor.py,
+sampling and aborted on cancellation. The engine's CD-Q logits processor (heads/processor.py,
 runtime/cdq_plugin.py) adds λ·Q(x, yᵗ, ·) over the whole vocabulary to every step's logits, with
 the head's own KV cache per request, so the engine samples from p_T(z)·exp(λ·Q)/Z (p_T: the
 policy after temperature, the distribution the head's targets assume; with penalties or
@@ -33,7 +33,7 @@ Accounting (both modes), against p = the processed policy the engine reports log
   None when the engine reported no per-step KL (in-engine) — never a silent 0.
 - `kl_bound` bounds KL(π ‖ p) itself, for the law sampled, when the head certifies a range
   for its values (`value_range` = (lo, hi): its outputs are clipped to the training targets'
-  range, valuenet/scorer.py). With R = hi − lo every step's tilt has KL ≤ c = min(λR, λ²R²/8)
+  range, heads/scorer.py). With R = hi − lo every step's tilt has KL ≤ c = min(λR, λ²R²/8)
   (decoding/kl.py: Hoeffding's lemma), whatever the prefix. The answer's length T is a stopping
   time (EOS, stop strings, the budget), and the chain rule gives
   KL(π ‖ p) = E_π[Σ_{t<T} KLₜ] ≤ c·E_π[T] ≤ c·max_tokens. The realised length L of this answer
@@ -47,7 +47,7 @@ Accounting (both modes), against p = the processed policy the engine reports log
   KL(π‖p); it is what `kl_bound` reported before a certified bound existed.
 - In the engine, p is the processed policy p_proc (after the request's penalties,
   temperature, min_p, top_k and top_p): the processor applies those to p before the tilt and
-  vLLM's own copies are off (runtime/engine.py, valuenet/processor.py), so the law sampled is
+  vLLM's own copies are off (runtime/engine.py, heads/processor.py), so the law sampled is
   p_proc·exp(λ·Q) on p_proc's support and the KL is that of the row sampled.
 
 `scored_candidates` counts the Q values (k per step). `generated_tokens` counts one engine

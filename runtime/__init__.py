@@ -9,6 +9,6 @@ start-up/teardown (`startup.py`: `resolve_model`, `build_runtime`, `open_runtime
 (`prompts.py`: `load_prompts`, `chat_prompt_ids`) and the headless plotting set-up
 (`plotting.py`).
 
-Imports `decoding` (the algorithms' protocols) and valuenet's model code (value heads); never
-`server` (tests/unit/test_architecture.py checks it).
+Imports `decoding` (the algorithms' protocols) and `heads` (value-head inference); never
+`server` nor an offline tool (tests/unit/test_architecture.py checks it).
 """

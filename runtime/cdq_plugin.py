@@ -1,4 +1,4 @@
-"""vLLM plugin: tokenwise CD-Q as a V1 logits processor (logic: valuenet/processor.py).
+"""vLLM plugin: tokenwise CD-Q as a V1 logits processor (logic: heads/processor.py).
 
 vLLM imports this module by name (`AsyncEngineArgs(logits_processors=[FQCN])`, set by
 runtime/engine.py when CD-Q heads are configured): in the engine's worker process, where it
@@ -14,8 +14,8 @@ import os
 
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
-from valuenet.incremental import load_engine_heads
-from valuenet.processor import (
+from heads.incremental import load_engine_heads
+from heads.processor import (
     CONTROLS_NEUTRAL,
     ENV_STATS,
     CdqTilt,

@@ -32,7 +32,7 @@ from decoding.protocols import (
     Sampling,
     Tilt,
 )
-from valuenet.processor import (
+from heads.processor import (
     CONTROLS_NEUTRAL,
     ENV_HEADS,
     ENV_STATS,
@@ -204,7 +204,7 @@ class VllmEngine:
         """One sample of p_proc·exp(λ·Q) on p_proc's support (decoding.Tilt; p_proc: the policy
         after penalties, temperature and truncation), streamed like `stream`: the CD-Q logits
         processor (runtime/cdq_plugin.py) tilts it inside the engine; the finishing delta
-        carries the per-step KL records it wrote (valuenet/processor.py)."""
+        carries the per-step KL records it wrote (heads/processor.py)."""
         from vllm.sampling_params import RequestOutputKind
 
 
@@ -213,7 +213,7 @@ class VllmEngine:
                                  "alignment.value")
         key = uuid.uuid4().hex
         # p's penalties and truncation go to the processor, which applies them before the tilt;
-        # vLLM's copies are off, since vLLM would apply them after it (valuenet/processor.py)
+        # vLLM's copies are off, since vLLM would apply them after it (heads/processor.py)
         controls = PolicyControls(**{k: getattr(sampling, k) for k in CONTROLS_NEUTRAL})
         params = self._params(1, dataclasses.replace(sampling, **CONTROLS_NEUTRAL),
                               RequestOutputKind.DELTA)
@@ -364,7 +364,7 @@ def _tilt_engine_args(heads: dict[str, str]) -> tuple[dict, str | None]:
     """(engine arguments that load the CD-Q logits processor with `heads`, the folder of its
     step records); ({}, None) without heads. The heads
     and the step-record folder reach vLLM's worker process through the environment, which the
-    engine process inherits when vLLM spawns it (valuenet/processor.py says why not
+    engine process inherits when vLLM spawns it (heads/processor.py says why not
     additional_config)."""
     if not heads:
         return {}, None

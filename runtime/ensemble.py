@@ -197,7 +197,7 @@ class TokenEnsembleScorer(EnsembleScorer):
 
 def build(spec: Spec, scorers: Sequence[Scorer]) -> EnsembleScorer:
     """The ensemble over loaded members: token ids when every member reads them, else text
-    (value heads then use their approximate text path, valuenet/scorer.py)."""
+    (value heads then use their approximate text path, heads/scorer.py)."""
     if all(hasattr(s, "score_ids") for s in scorers):
         return TokenEnsembleScorer(spec, scorers)
     return EnsembleScorer(spec, scorers)

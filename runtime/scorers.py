@@ -241,9 +241,9 @@ class ScorerRegistry:
 
 
 class ValueHead(Scorer, Protocol):
-    """A trained value head (valuenet.scorer): a scorer with its checkpoint's config and folder."""
+    """A trained value head (heads.scorer): a scorer with its checkpoint's config and folder."""
 
-    config: Any  # valuenet.model.HeadConfig
+    config: Any  # heads.model.HeadConfig
     folder: Path
 
 
@@ -251,7 +251,7 @@ def load_value_heads(paths: dict[str, Path]) -> list[ValueHead]:
     """Load every value head (`value:NAME`) now; a bad folder raises ValueError naming it."""
     if not paths:
         return []
-    from valuenet.scorer import load_value_head  # torch/transformers, only when heads are set
+    from heads.scorer import load_value_head  # torch/transformers, only when heads are set
 
     heads: list[ValueHead] = []
     for name, path in paths.items():
@@ -269,7 +269,7 @@ def engine_heads(heads: Sequence[ValueHead], policy: str) -> dict[str, str]:
     ValueError (one line) for any head whose tokenizer differs from the policy's."""
     if not heads:
         return {}
-    from valuenet.incremental import check_tokenizer  # torch, as above
+    from heads.incremental import check_tokenizer  # torch, as above
 
     for head in heads:
         check_tokenizer(head.name, head.config.backbone, policy)

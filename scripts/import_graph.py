@@ -11,7 +11,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-PACKAGES = ("server", "runtime", "decoding", "valuenet", "finetune", "evaluation", "dual",
+PACKAGES = ("server", "runtime", "decoding", "heads", "valuenet", "finetune", "evaluation", "dual",
             "bench")
 
 

@@ -45,10 +45,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import report
-from .data import Rollout, read_rollouts
-from .losses import cdq_loss, fudge_loss, masked_mean_sq
-from .model import (
+from heads.model import (
     HeadConfig,
     ValueHead,
     hidden_states,
@@ -57,6 +54,10 @@ from .model import (
     policy_probs,
     save_checkpoint,
 )
+
+from . import report
+from .data import Rollout, read_rollouts
+from .losses import cdq_loss, fudge_loss, masked_mean_sq
 
 # Defaults scaled to the data (`default_schedule`) when steps / lr are not given.
 DEFAULT_EPOCHS, MIN_STEPS, MAX_STEPS = 8, 20, 2000
@@ -530,7 +531,7 @@ def _head_config(p: Prepared, cfg: TrainConfig, data_dir: Path, backbone: str,
 
 def _target_range(p: Prepared) -> list[float]:
     """[lo, hi] of the training targets in reward units (scorers clip the head to it: the
-    certified range of tokenwise CD's KL bound, valuenet/model.py HeadConfig.value_range)."""
+    certified range of tokenwise CD's KL bound, heads/model.py HeadConfig.value_range)."""
     targets = [e.reward * p.std + p.mean for e in p.train_ex]
     return [min(targets), max(targets)]
 

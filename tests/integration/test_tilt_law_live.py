@@ -3,13 +3,13 @@ samples p_proc·exp(λQ) on p_proc's support, and reports the KL of that very la
 
 p_proc is recomputed here without the engine: the policy's logits from transformers (float32),
 then vLLM's repetition penalty (tokens of the prompt and of the answer so far), temperature and
-top_p, by hand; Q over the whole vocabulary from the head's own scorer (valuenet/scorer.py, a
+top_p, by hand; Q over the whole vocabulary from the head's own scorer (heads/scorer.py, a
 full forward, not the engine's incremental head). The head is a CD-Q head with random token
 weights made here (no training needed to check a law; its values spread by about one reward
 unit, so the tilt moves the law visibly). Every sampled token must lie in p_proc's nucleus, its
 log-prob as the engine reports it must be log p_proc + λQ − log Σ_nucleus p_proc·e^{λQ}, and the
 per-step KL (`token_kl`) must be KL(π‖p_proc). Tolerances allow for the engine's head running in
-bfloat16 where the CPU supports it (valuenet/incremental.py: Q within ~0.02).
+bfloat16 where the CPU supports it (heads/incremental.py: Q within ~0.02).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _model_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def random_head(tmp_path_factory) -> Path:
-    from valuenet.model import HeadConfig, ValueHead, load_causal_lm, save_checkpoint
+    from heads.model import HeadConfig, ValueHead, load_causal_lm, save_checkpoint
 
     model = _model_dir()
     lm = load_causal_lm(str(model))
@@ -82,8 +82,8 @@ def _vllm_after_processors(x: torch.Tensor, seen: list[int]) -> torch.Tensor:
 def test_the_engine_samples_the_tilt_of_processed_p(law_server, random_head):
     from transformers import AutoTokenizer
 
-    from valuenet.model import load_causal_lm
-    from valuenet.scorer import load_value_head
+    from heads.model import load_causal_lm
+    from heads.scorer import load_value_head
 
     model = _model_dir()
     tok = AutoTokenizer.from_pretrained(str(model))

@@ -1,4 +1,4 @@
-"""The in-engine CD-Q tilt (valuenet/processor.py, valuenet/incremental.py): the tilt and its KL
+"""The in-engine CD-Q tilt (heads/processor.py, heads/incremental.py): the tilt and its KL
 by hand, per-request state under BatchUpdate's removed/added/moved, the step records, the
 incremental head against a full forward, and tokenwise_cd's one-request-per-answer path.
 
@@ -20,8 +20,7 @@ import torch
 
 from decoding.protocols import DecodeContext, DecodeRequest, SampleDelta, Sampling
 from decoding.strategies import STRATEGIES
-from tests.unit.fakes import EOS, WORDS, FakeEngine, FakeQHead
-from valuenet.processor import (
+from heads.processor import (
     ENV_HEADS,
     CdqTilt,
     TiltArgs,
@@ -30,6 +29,7 @@ from valuenet.processor import (
     stats_path,
     tilt_rows,
 )
+from tests.unit.fakes import EOS, WORDS, FakeEngine, FakeQHead
 
 V = 6
 KEY_A, KEY_B, KEY_C = "a" * 32, "b" * 32, "c" * 32
@@ -175,7 +175,7 @@ def test_a_re_added_request_reprefills_and_its_records_keep_their_steps(tmp_path
     tilt.apply(torch.zeros(1, V))
     assert head.batches == [[5]]
     with open(stats_path(tmp_path, KEY_A), "ab") as fh:  # the steps before the preemption
-        from valuenet.processor import _RECORD
+        from heads.processor import _RECORD
         fh.write(_RECORD.pack(0, 0.25, 1.0) + _RECORD.pack(1, 0.5, 1.0))
     kls, _ = read_steps(tmp_path, KEY_A)
     assert len(kls) == 3 and kls[:2] == [0.25, 0.5]
@@ -209,7 +209,7 @@ def _tiny_backbone(kind: str):
 
 
 def _save_tiny_head(root, kind: str):
-    from valuenet.model import HeadConfig, ValueHead, save_checkpoint
+    from heads.model import HeadConfig, ValueHead, save_checkpoint
 
     torch.manual_seed(0)
     lm = _tiny_backbone(kind).eval()
@@ -232,10 +232,10 @@ def tiny_head(tmp_path_factory):
 def test_incremental_q_equals_a_full_forward_as_requests_come_and_go(tmp_path, kind, dtype):
     """float32: equal to transformers' forward; bfloat16 (the engine's dtype on CPUs that have
     it): within bfloat16's rounding of the float32 values."""
-    from valuenet.incremental import IncrementalQ
-    from valuenet.model import hidden_states, pad_batch
-    from valuenet.processor import _Req
-    from valuenet.slots import SlotCache
+    from heads.incremental import IncrementalQ
+    from heads.model import hidden_states, pad_batch
+    from heads.processor import _Req
+    from heads.slots import SlotCache
 
     folder, lm, head = _save_tiny_head(tmp_path, kind)
     inc = IncrementalQ(folder, dtype=dtype)
@@ -271,7 +271,7 @@ def test_incremental_q_equals_a_full_forward_as_requests_come_and_go(tmp_path, k
 def test_backbones_the_tilt_cannot_decode_are_refused():
     from transformers import GPT2Config, MistralConfig
 
-    from valuenet.incremental import _check_layout
+    from heads.incremental import _check_layout
 
     with pytest.raises(ValueError, match="backbone is 'gpt2'"):
         _check_layout("h", GPT2Config())
@@ -281,7 +281,7 @@ def test_backbones_the_tilt_cannot_decode_are_refused():
 
 
 def test_a_head_with_another_vocabulary_is_refused(tiny_head):
-    from valuenet.incremental import load_engine_heads
+    from heads.incremental import load_engine_heads
 
     with pytest.raises(ValueError, match="vocabulary of 50 tokens, the policy 49152"):
         load_engine_heads({"value:tiny": str(tiny_head[0])}, 49152, "cpu")

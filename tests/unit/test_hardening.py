@@ -274,7 +274,7 @@ def test_log_safe_keeps_ordinary_text():
 
 
 def _tilt(tmp_path):
-    from valuenet.processor import CdqTilt, TiltArgs, _Req
+    from heads.processor import CdqTilt, TiltArgs, _Req
 
     tilt = CdqTilt(heads={}, stats_dir=str(tmp_path))
     reqs = [_Req(TiltArgs("value:q", 1.0, f"{i:016x}"), [1, 2], [], 1.0) for i in range(2)]
@@ -284,7 +284,7 @@ def _tilt(tmp_path):
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EMFILE])
 def test_cdq_records_stop_on_a_full_disk_instead_of_killing_the_engine(tmp_path, monkeypatch,
                                                                       caplog, err):
-    from valuenet import processor
+    from heads import processor
 
     tilt, reqs = _tilt(tmp_path)
     tilt._record(reqs, [0, 0], [0.1, 0.2], [1.0, 1.0])  # works while the disk has room
@@ -296,7 +296,7 @@ def test_cdq_records_stop_on_a_full_disk_instead_of_killing_the_engine(tmp_path,
 
     monkeypatch.setattr(processor.os, "write", failing)
     monkeypatch.setattr(processor.os, "open", failing)
-    with caplog.at_level(logging.ERROR, logger="valuenet.processor"):
+    with caplog.at_level(logging.ERROR, logger="heads.processor"):
         for step in range(1, 4):
             tilt._record(reqs, [step, step], [0.1, 0.2], [1.0, 1.0])  # never raises
     assert tilt.recording_failed and len(calls) == 1  # tried once, then stopped
@@ -308,7 +308,7 @@ def test_cdq_records_stop_on_a_full_disk_instead_of_killing_the_engine(tmp_path,
 
 
 def test_a_short_record_write_stops_recording(tmp_path, monkeypatch):
-    from valuenet import processor
+    from heads import processor
 
     tilt, reqs = _tilt(tmp_path)
     real = os.write

@@ -2,7 +2,7 @@
 
 vLLM runs the CD-Q processor before its penalties and its min_p / top_k / top_p, so a tilted
 request carries those in `extra_args["cdq"]["p"]` and the processor applies them to p before
-the tilt (valuenet/processor.py); vLLM's own copies must be off (`check_request`). Here the
+the tilt (heads/processor.py); vLLM's own copies must be off (`check_request`). Here the
 processor's row is checked against a hand-written reference of vLLM's semantics (penalties,
 temperature, min_p, top_k, top_p): the law vLLM then samples (softmax(row / T), nothing after)
 is p_proc·exp(λQ)/Z with −inf outside p_proc's support, the recorded KL is KL(π‖p_proc), the
@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from valuenet.processor import (
+from heads.processor import (
     ENV_HEADS,
     CdqTilt,
     PolicyControls,

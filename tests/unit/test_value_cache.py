@@ -1,4 +1,4 @@
-"""The value head's own KV cache (valuenet/kvcache.py): the same values as without it, and the
+"""The value head's own KV cache (heads/kvcache.py): the same values as without it, and the
 backbone runs on new tokens only. A tiny random Llama (hidden 32, 2 layers, vocabulary 64)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ VOCAB, K, M = 64, 4, 3
 def checkpoints(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from valuenet.model import HeadConfig, ValueHead, save_checkpoint
+    from heads.model import HeadConfig, ValueHead, save_checkpoint
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -42,7 +42,7 @@ def checkpoints(tmp_path_factory):
 
 def pair(folder, cache_tokens=8192):
     """(cached, uncached) scorers of one checkpoint."""
-    from valuenet.scorer import load_value_head
+    from heads.scorer import load_value_head
 
     cached, plain = load_value_head(folder), load_value_head(folder)
     cached._backbone.cache.max_tokens = cache_tokens

@@ -139,7 +139,7 @@ def trained(backbone, tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["fudge", "cdq"])
 def test_frozen_head_learns_prefix_reward(trained, method):
-    from valuenet.scorer import load_value_head
+    from heads.scorer import load_value_head
     from valuenet.train import split_by_prompt
 
     rows, out = trained
@@ -165,7 +165,7 @@ def test_frozen_head_learns_prefix_reward(trained, method):
 def test_lora_backbone_overfits_first_tokens_rule(backbone, tmp_path):
     """'reward = 1 iff A is among the first 3 response tokens' needs the backbone to carry the
     information forward: a frozen random backbone cannot, LoRA adapters can."""
-    from valuenet.scorer import load_value_head
+    from heads.scorer import load_value_head
     from valuenet.train import TrainConfig, split_by_prompt, train
 
     rows = write_rollouts(tmp_path / "data", "first3", prompts=10)
@@ -253,7 +253,7 @@ def test_split_needs_two_prompts(tmp_path):
 
 
 def _random_checkpoint(backbone, folder, method):
-    from valuenet.model import HeadConfig, ValueHead, save_checkpoint
+    from heads.model import HeadConfig, ValueHead, save_checkpoint
 
     torch.manual_seed(1)
     head = ValueHead(method, 32, VOCAB)
@@ -267,8 +267,8 @@ def _random_checkpoint(backbone, folder, method):
 
 @pytest.mark.parametrize("method", ["fudge", "cdq"])
 def test_checkpoint_round_trip(backbone, tmp_path, method):
-    from valuenet.model import hidden_states, load_causal_lm, pad_batch
-    from valuenet.scorer import load_value_head
+    from heads.model import hidden_states, load_causal_lm, pad_batch
+    from heads.scorer import load_value_head
 
     head = _random_checkpoint(backbone, tmp_path, method)
     scorer = load_value_head(tmp_path, name="value:t")
@@ -306,7 +306,7 @@ class _FakeTokenizer:
 
 
 def test_text_fallback_chat_templates_the_prompt(backbone, tmp_path):
-    from valuenet.scorer import load_value_head
+    from heads.scorer import load_value_head
 
     _random_checkpoint(backbone, tmp_path, "fudge")
     scorer = load_value_head(tmp_path)
@@ -316,7 +316,7 @@ def test_text_fallback_chat_templates_the_prompt(backbone, tmp_path):
 
 
 def test_q_values_match_one_token_longer_responses(backbone, tmp_path):
-    from valuenet.scorer import load_value_head
+    from heads.scorer import load_value_head
 
     _random_checkpoint(backbone, tmp_path, "cdq")
     scorer = load_value_head(tmp_path)
@@ -330,7 +330,7 @@ def test_q_values_match_one_token_longer_responses(backbone, tmp_path):
 
 
 def test_batched_scores_do_not_depend_on_the_batch(trained):
-    from valuenet.scorer import load_value_head
+    from heads.scorer import load_value_head
 
     rows, out = trained
     scorer = load_value_head(out["cdq"][0])
@@ -444,7 +444,7 @@ def test_advantage_targets_are_centred_on_each_prompts_mean_reward(tmp_path):
 
 
 def test_policy_probs_is_the_greedy_policy_at_temperature_zero():
-    from valuenet.model import policy_probs
+    from heads.model import policy_probs
 
     logits = torch.tensor([[1.0, 3.0, 2.0], [0.0, 0.0, -1.0]])
     assert policy_probs(logits, 0.0).tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
@@ -458,8 +458,8 @@ def test_policy_probs_is_the_greedy_policy_at_temperature_zero():
 def test_cdq_targets_at_temperature_zero_follow_the_argmax(backbone, tmp_path):
     """Greedy rollouts: π_ref is one-hot at the backbone's argmax, so the bootstrap target is
     Q(x, yᵗ, argmax), not the T = 1 softmax average; the checkpoint records T = 0."""
+    from heads.model import hidden_states, load_causal_lm, pad_batch
     from valuenet.data import read_rollouts
-    from valuenet.model import hidden_states, load_causal_lm, pad_batch
     from valuenet.train import TrainConfig, _examples, _precompute, train
 
     write_rollouts(tmp_path / "data", "last", prompts=6, k=2, temperature=0.0)
@@ -484,8 +484,8 @@ def test_cdq_targets_at_temperature_zero_follow_the_argmax(backbone, tmp_path):
 
 
 def _head_with_sampling(backbone, folder, **fields):
-    from valuenet.model import HeadConfig, ValueHead, save_checkpoint
-    from valuenet.scorer import load_value_head
+    from heads.model import HeadConfig, ValueHead, save_checkpoint
+    from heads.scorer import load_value_head
 
     cfg = HeadConfig(method="cdq", backbone=backbone, reference=backbone, hidden_size=32,
                      vocab_size=VOCAB, **fields)
@@ -513,7 +513,7 @@ def test_trained_sampling_is_recorded_and_mismatches_are_warned(backbone, tmp_pa
     assert unknown.trained_temperature is None
     assert "does not record" in unknown.warnings_for(1.0, 1.0)[0]
     # a trained head carries its rollouts' temperature (1.0 in these rollouts)
-    from valuenet.scorer import load_value_head
+    from heads.scorer import load_value_head
 
     fresh = load_value_head(trained[1]["fudge"][0])
     assert (fresh.trained_temperature, fresh.trained_top_p) == (1.0, 1.0)
@@ -521,7 +521,7 @@ def test_trained_sampling_is_recorded_and_mismatches_are_warned(backbone, tmp_pa
 
 
 def test_greedy_head_values_the_bare_prompt_under_the_argmax(backbone, tmp_path):
-    from valuenet.model import hidden_states, load_causal_lm, pad_batch
+    from heads.model import hidden_states, load_causal_lm, pad_batch
 
     scorer = _head_with_sampling(backbone, tmp_path / "g", temperature=0.0, top_p=1.0)
     torch.manual_seed(3)
@@ -582,7 +582,7 @@ def test_every_control_that_changes_p_is_warned(backbone, tmp_path):
 
 
 def _ranged_head(backbone, folder, method, value_range):
-    from valuenet.model import HeadConfig, ValueHead, save_checkpoint
+    from heads.model import HeadConfig, ValueHead, save_checkpoint
 
     torch.manual_seed(5)
     head = ValueHead(method, 32, VOCAB)
@@ -595,7 +595,7 @@ def _ranged_head(backbone, folder, method, value_range):
 
 @pytest.mark.parametrize("method", ["fudge", "cdq"])
 def test_scorers_clip_to_the_certified_range(backbone, tmp_path, method):
-    from valuenet.scorer import load_value_head
+    from heads.scorer import load_value_head
 
     _ranged_head(backbone, tmp_path / method, method, [0.0, 1.0])
     scorer = load_value_head(tmp_path / method)
@@ -613,8 +613,8 @@ def test_scorers_clip_to_the_certified_range(backbone, tmp_path, method):
 
 
 def test_the_engine_head_clips_to_the_certified_range(backbone, tmp_path):
-    from valuenet.incremental import IncrementalQ
-    from valuenet.processor import TiltArgs, _Req
+    from heads.incremental import IncrementalQ
+    from heads.processor import TiltArgs, _Req
 
     _ranged_head(backbone, tmp_path / "q", "cdq", [-0.5, 2.0])
     head = IncrementalQ(tmp_path / "q")
@@ -628,8 +628,8 @@ def test_a_head_that_learns_nothing_is_the_baseline_and_says_so(backbone, tmp_pa
     """Rewards independent of the tokens: no step beats predicting the training mean on
     held-out prompts. The saved head is that baseline (its initial validation error is the
     baseline's, computed by hand), and metrics name the verdict."""
+    from heads.scorer import load_value_head
     from valuenet.data import read_rollouts
-    from valuenet.scorer import load_value_head
     from valuenet.train import NO_GAIN, TrainConfig, split_by_prompt, train
 
     rows = write_rollouts(tmp_path / "data", "last", prompts=12)

@@ -1,7 +1,7 @@
 """Tokenwise CD-Q inside the engine: the logic of a vLLM logits processor (no vllm import here).
 
 Mudgal et al. (ICML 2024, arXiv 2310.17022): the KL-regularised optimal next-token policy is
-π*(z | x, yᵗ) ∝ p(z | x, yᵗ)·exp(λ·Q(x, yᵗ, z)). A vocabulary-sized CD-Q head (valuenet/model.py)
+π*(z | x, yᵗ) ∝ p(z | x, yᵗ)·exp(λ·Q(x, yᵗ, z)). A vocabulary-sized CD-Q head (heads/model.py)
 gives Q(x, yᵗ, ·) for every z in one forward pass, so the tilt covers the WHOLE vocabulary (no
 top-k truncation) and costs one head step per generated token, batched across requests.
 
@@ -317,7 +317,7 @@ class _Req:
 
 class StepHead(Protocol):
     """A CD-Q head that advances requests' caches: Q(x, yᵗ, ·) [b, V] in reward units for the
-    requests given, after consuming each one's unseen tokens (valuenet.incremental)."""
+    requests given, after consuming each one's unseen tokens (heads.incremental)."""
 
     vocab_size: int
 

@@ -11,7 +11,7 @@
 Values are in reward units: the checkpoint's reward normalisation is undone. Everything runs in
 float32 on CPU; responses are scored in right-padded batches; a lock serialises the model, so one
 scorer can be shared by a thread pool. The backbone keeps its own KV cache across calls
-(valuenet/kvcache.py): a blockwise CD block costs the M new tokens of each candidate, a tokenwise
+(heads/kvcache.py): a blockwise CD block costs the M new tokens of each candidate, a tokenwise
 CD step one token, instead of the whole prompt + prefix again. `score_ids_pairs` scores pairs of
 different prompts in one batch (the server's cross-request batching). A head is its own model,
 separate from the policy, so it keeps working after the policy is hot-swapped (it still values

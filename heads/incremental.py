@@ -1,11 +1,11 @@
 """A CD-Q head that decodes incrementally: one token per request per step, batched, no copies.
 
-Used by the engine-side tilt (valuenet/processor.py): at every engine step each tilted request
+Used by the engine-side tilt (heads/processor.py): at every engine step each tilted request
 has one new token (after its prompt was prefilled once), so the head's backbone runs one decode
 step over the batch instead of a forward over the whole prefix (Mudgal et al. 2024,
 arXiv 2310.17022: Q(x, yᵗ, ·) for all next tokens from the hidden state at the last position).
 
-The keys and values live in a `SlotCache` (valuenet/slots.py): row i of every layer's buffer is
+The keys and values live in a `SlotCache` (heads/slots.py): row i of every layer's buffer is
 one request's cache, so a step's batch is a view of rows 0 .. n − 1 and each row's new key is
 written at that row's own position. transformers' forward cannot attend over such a layout
 (its caches hold one length for the whole batch), so `_forward` runs the decoder layers itself:
@@ -80,7 +80,7 @@ class _Layer:
 
 
 class IncrementalQ:
-    """A CD-Q checkpoint (valuenet/model.py) as a `processor.StepHead`."""
+    """A CD-Q checkpoint (heads/model.py) as a `processor.StepHead`."""
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:

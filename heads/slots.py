@@ -1,6 +1,6 @@
 """Preallocated key/value buffers for the engine-side head: one slot (row) per live request.
 
-The in-engine tilt (valuenet/incremental.py) decodes one token per step for every tilted request.
+The in-engine tilt (heads/incremental.py) decodes one token per step for every tilted request.
 With a per-request cache, every step had to gather the requests' caches into one batch tensor
 (and split the result back), i.e. copy every cached token of every request at every step:
 O(batch · length) bytes per step, as much again as reading the backbone's weights. Here the
