@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
-    from finetune.cli import resolve_model
+    from finetune.common import resolve_model
     from valuenet.rollouts import read_rollouts
 
     ckpt = bond_checkpoint(args.work, args.n, args.steps, args.max_tokens)

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-PROG = "alignserve finetune"
+from .common import PROG, resolve_model
 
 
 def add_parsers(sub) -> None:
@@ -103,7 +103,6 @@ def _prepare(ns: argparse.Namespace):
     """Flags, rollouts, split, model path, config: everything before training."""
     from .bond import data_stats, load_groups, split_groups
     from .bond_trainer import BondConfig
-    from .cli import resolve_model
 
     check_flags(ns)
     manifest, groups = load_groups(ns.rollouts)

@@ -14,7 +14,7 @@ shapes (finetune/feedback.py, finetune/loop.py); bond / vbon: best-of-n distilla
     alignserve finetune rdro    --data pairs.jsonl --out ckpt [--alpha 0.5 --beta 1]
                                 (finetune/rdro.py; RECONSTRUCTED from the paper's abstract)
     alignserve finetune aligner --out adapter [--data triples.jsonl --steps 40]
-                                (finetune/aligner.py: a LoRA corrector for the `aligner` strategy)
+                                (finetune/aligner_cli.py: a LoRA corrector for the `aligner` strategy)
 
 The preference methods write a servable folder (merged safetensors + tokenizer, or `--save-adapter`
 for a LoRA adapter) and report.json / report.md / loss_curve.png next to it, with KL(π_θ‖π_ref) on
@@ -34,10 +34,11 @@ import logging
 import sys
 from pathlib import Path
 
+from . import aligner_cli, bond_cli
+from .common import PROG, resolve_model
 from .pairs import load_pairs, split_pairs
 
 log = logging.getLogger(__name__)
-PROG = "alignserve finetune"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -92,9 +93,6 @@ def _add_kl_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from . import aligner
-    from .bond_cli import add_parsers as add_bond_parsers
-
     sub = parser.add_subparsers(dest="method", required=True,
                                 metavar="{safedpo,mocan,kldo,pro,rdro,bond,vbon,aligner}")
     safe = sub.add_parser("safedpo", help="SafeDPO (arXiv 2505.20065): safety-aware transform "
@@ -154,8 +152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="Mixture weight α in (0, 1): the ratio is bounded by 1/α "
                            "(reconstructed default 0.5; the preferred share of the data makes "
                            "π_ref·r_α the preferred distribution). --beta defaults to 1 here.")
-    add_bond_parsers(sub)
-    aligner.add_arguments(sub)  # its own flags and run (finetune/aligner.py)
+    bond_cli.add_parsers(sub)
+    aligner_cli.add_arguments(sub)  # its own flags and run (finetune/aligner_cli.py)
 
 
 def check_flags(ns: argparse.Namespace) -> None:
@@ -205,17 +203,6 @@ def check_flags(ns: argparse.Namespace) -> None:
         if ns.feedback != "pairwise" and not ns.alpha > 1:
             raise ValueError(f"--alpha must be > 1 with --feedback {ns.feedback}: the loss's "
                              "minimiser σ(r) = ½ + s/α is finite only for α > 2·|s| = 1")
-
-
-def resolve_model(name: str, home: Path | None) -> str:
-    """The base policy for `from_pretrained` (runtime.startup.resolve_model: 'embedded', a
-    folder or an HF id); a folder must hold a config.json."""
-    from runtime.startup import resolve_model as resolve
-
-    model = resolve(name, home)
-    if Path(model).is_dir() and not (Path(model) / "config.json").is_file():
-        raise ValueError(f"--model {name}: no config.json in that folder")
-    return model
 
 
 def resolve_lambda(ns: argparse.Namespace) -> dict:
@@ -419,13 +406,9 @@ def _train_and_report(ns: argparse.Namespace, model, train_ex, eval_ex, data, la
 def run(ns: argparse.Namespace) -> int:
     """Entry point of the `finetune` subcommand (after parsing)."""
     if ns.method in ("bond", "vbon"):
-        from .bond_cli import run as run_bond
-
-        return run_bond(ns)
+        return bond_cli.run(ns)
     if ns.method == "aligner":  # SFT on triples: none of the preference-pair steps below
-        from .aligner import run as run_aligner
-
-        return run_aligner(ns)
+        return aligner_cli.run(ns)
     try:
         prepared = _prepare(ns)
     except (ValueError, FileNotFoundError) as exc:  # PairSchemaError is a ValueError

@@ -43,7 +43,7 @@ from decoding.calibration import AGGREGATIONS, aggregate, loo_quantiles
 from decoding.protocols import Scorer
 
 from .remote_scorer import UpstreamUnavailable
-from .scorers import UnknownScorer
+from .scorer_errors import UnknownScorer
 
 MAX_MEMBERS = 8
 _ENSEMBLE = re.compile(r"^ensemble(?:\[(?P<agg>[a-z_]+)(?:=(?P<k>[^\]]*))?\])?:(?P<members>.*)$")

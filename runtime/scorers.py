@@ -35,9 +35,8 @@ from typing import Any, Protocol
 
 from decoding.protocols import Scorer
 
-
-class UnknownScorer(ValueError):
-    """The request named a scorer that does not exist or cannot be loaded."""
+from . import ensemble
+from .scorer_errors import UnknownScorer
 
 
 class RelevanceScorer:
@@ -183,8 +182,6 @@ class ScorerRegistry:
 
     def load_now(self, name: str) -> Scorer:
         """Load (once) and return a scorer, in the calling thread."""
-        from . import ensemble  # here: it imports UnknownScorer from this module
-
         if ensemble.is_composite(name):  # ensemble:/calibrated: over loaded members, uncached
             return ensemble.load(name, self.load_now)
         with self._lock:
@@ -210,8 +207,6 @@ class ScorerRegistry:
         it may be a path, and whether that path exists is nobody's business)."""
         if name in self._loaded:
             return self._loaded[name]
-        from . import ensemble  # here: it imports UnknownScorer from this module
-
         if ensemble.is_composite(name):  # each member through this same `get` (and its seal)
             return await ensemble.get(name, self.get)
         if self.sealed and name not in self._factories:

@@ -38,7 +38,7 @@ value heads for controlled decoding, CAN's dual, SafeDPO/MoCAN fine-tuning, eval
 # name -> (module, help). The module is imported when the parser is built: keep its top light.
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("evaluation.cli", "Evaluate strategies on a prompt set."),
-    "rollouts": ("valuenet.rollouts",
+    "rollouts": ("valuenet.rollouts_cli",
                  "Sample K responses per prompt from the reference policy and score them."),
     "dual": ("dual.cli", "Solve CAN's dual for the optimal safety weight λ* from rollouts."),
     "finetune": ("finetune.cli", "Fine-tune a policy (SafeDPO, MoCAN, KLDO, PRO, BOND) "

@@ -23,7 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from decoding.concurrency import gather_all
+
 from .data import Manifest, Rollout
+from .rollouts import Stats, record_prompt
 
 # The reference distribution: temperature only, no other control (vLLM's neutral values).
 NEUTRAL = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
@@ -108,10 +111,6 @@ async def collect_http(client: RolloutClient, prompts: list, cfg, folder: Path,
                        manifest: Manifest, bar: Any = None):
     """`valuenet.rollouts.collect` over HTTP: the same rows, appended one prompt at a time
     (a prompt is complete on disk or absent), `cfg.concurrency` prompts in flight."""
-    from decoding.concurrency import gather_all
-
-    from .rollouts import Stats, record_prompt
-
     gate = asyncio.Semaphore(cfg.concurrency)
     stats = Stats()
     t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""`alignserve rollouts`: K samples per prompt from the reference policy, scored, on disk.
+"""Rollouts: K samples per prompt from the reference policy, scored, on disk (the library of
+`alignserve rollouts`, whose flags and entry point are valuenet/rollouts_cli.py).
 
 Data flow: prompts file → chat-templated token prompts (exactly the server's chat path:
 template with tokenize=False, then encode without extra special tokens, so `prompt_ids` equal
@@ -15,30 +16,25 @@ the y ~ p of CAN's dual D̂(λ) (Huang et al., arXiv 2405.19544; `alignserve dua
 
 Resumable: prompts whose id already has rows are skipped; a folder written with a different
 model, K, max_tokens, temperature or scorers is refused rather than mixed. When nothing is
-left to do the engine is never started. Module level stays light (the CLI imports it to build
-its parser): the runtime's engine and scorers (vllm, torch) load inside `run`.
+left to do the engine is never started.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from decoding.concurrency import gather_all
 from decoding.protocols import DecodeRequest, Objective, Sampling, Timer
-from runtime.prompts import chat_prompt_ids, load_prompts
+from runtime.prompts import chat_prompt_ids
 from runtime.protocols import Runtime
-from runtime.settings import add_engine_flags, engine_settings
 
 from .data import (  # noqa: F401  (read_rollouts is re-exported for other modules)
     MANIFEST,
@@ -61,26 +57,6 @@ SAME = ("model", "n", "max_tokens", "temperature", "reward", "cost")
 
 class RolloutError(RuntimeError):
     """The command cannot proceed; the message says why and what to change."""
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts", type=Path, required=True,
-                   help='JSONL, one {"id", "prompt", "kind"} per line.')
-    p.add_argument("--n", type=int, default=8, help="Samples per prompt (K).")
-    p.add_argument("--max-tokens", type=int, default=64, help="New tokens per sample.")
-    p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
-    p.add_argument("--reward", default="relevance", help="Reward scorer (registry name).")
-    p.add_argument("--cost", default=None, help="Optional cost scorer, e.g. profanity.")
-    p.add_argument("--out", type=Path, required=True, help="Rollout folder (created/resumed).")
-    p.add_argument("--limit", type=int, default=None, help="Use only the first N prompts.")
-    p.add_argument("--concurrency", type=int, default=16,
-                   help="Prompts in flight (the engine batches their K samples together).")
-    p.add_argument("--server", default=None,
-                   help="Draw from a running alignserve (base URL, e.g. http://alignserve:8000) "
-                   "through its API instead of starting an engine here; scorers are the "
-                   "server's (remote:NAME and value:NAME included).")
-    p.add_argument("--api-key", default=None, help="Bearer token for --server.")
-    add_engine_flags(p, "in-process engine (without --server)")
 
 
 @dataclass(frozen=True)
@@ -195,7 +171,7 @@ def record_prompt(folder: Path, manifest: Manifest, stats: Stats, rows: list, ba
         bar.set_postfix(tok_s=f"{stats.tokens / (time.perf_counter() - t0):.0f}")
 
 
-def _pending(folder: Path, prompts: list, want: Manifest) -> tuple[list, Manifest | None]:
+def pending(folder: Path, prompts: list, want: Manifest) -> tuple[list, Manifest | None]:
     """The prompts not yet in `folder` (checked against `want`) and its manifest (None when
     nothing is left to draw)."""
     done = prepare_folder(folder, want)
@@ -240,101 +216,5 @@ async def collect(rt: Runtime, prompts: list, cfg: RolloutConfig, folder: Path, 
     return stats
 
 
-def _check_flags(ns: argparse.Namespace) -> None:
-    """Everything checkable before the (slow) engine start."""
-    from runtime.scorers import default_factories
-
-    if ns.n < 1 or ns.max_tokens < 1 or ns.concurrency < 1:
-        raise ValueError("--n, --max-tokens and --concurrency must be ≥ 1")
-    if ns.temperature < 0:
-        raise ValueError("--temperature must be ≥ 0")
-    if ns.temperature == 0 and ns.n > 1:
-        log.warning("--temperature 0 makes the K samples of a prompt identical")
-    if getattr(ns, "server", None):  # the server resolves the scorer names (its 400 names them)
-        if ns.model is not None:
-            raise ValueError("--model is the server's with --server: drop one of them")
-        return
-    known = default_factories(64)
-    for name in filter(None, (ns.reward, ns.cost)):
-        if name.startswith("remote:"):
-            raise ValueError(f"scorer {name!r}: remote:NAME scorers are a server's "
-                             "(--remote-scorer NAME=URL on `alignserve serve`); use --server "
-                             "URL of that server, or hf:<model> to score in this process")
-        if name not in known and not name.startswith("hf:"):
-            raise ValueError(f"unknown scorer {name!r}; available: {', '.join(sorted(known))}, "
-                             "hf:<model>")
-
-
-async def _main(ns: argparse.Namespace) -> tuple[Stats, int, int]:
-    from tqdm import tqdm
-
-    from runtime.startup import model_and_name, open_runtime  # torch, vllm: only when run
-
-    _check_flags(ns)
-    prompts = load_prompts(ns.prompts, ns.limit)
-    if getattr(ns, "server", None):
-        return await _main_server(ns, prompts)
-    # The engine samples only; make the requested reward the one build_runtime preloads.
-    settings = engine_settings(ns, default_reward=ns.reward)
-    model_path, model_name = model_and_name(settings)
-    cfg = RolloutConfig(ns.n, ns.max_tokens, ns.temperature, ns.reward, ns.cost, ns.concurrency)
-    want = Manifest(model=model_name, prompts=str(ns.prompts), n=cfg.n,
-                    max_tokens=cfg.max_tokens, temperature=cfg.temperature, reward=cfg.reward,
-                    cost=cfg.cost, created=datetime.now(UTC).isoformat(timespec="seconds"),
-                    extra={"model_path": model_path, "top_p": 1.0,  # Sampling's default
-                           "engine_seed": settings.engine_seed,
-                           "dtype": settings.dtype, "chat_template": True})
-    todo, manifest = _pending(ns.out, prompts, want)
-    if manifest is None:
-        return Stats(), len(prompts), 0
-
-    async with open_runtime(settings) as rt:
-        with tqdm(total=len(todo), desc="rollouts", unit="prompt", file=sys.stderr) as bar:
-            stats = await collect(rt, todo, cfg, ns.out, manifest, bar)
-    return stats, len(prompts) - len(todo), len(todo)
-
-
-async def _main_server(ns: argparse.Namespace, prompts: list) -> tuple[Stats, int, int]:
-    """`--server`: the rollouts come through a running alignserve's API (http_rollouts.py)."""
-    from tqdm import tqdm
-
-    from .http_rollouts import RolloutClient, collect_http, server_manifest
-
-    cfg = RolloutConfig(ns.n, ns.max_tokens, ns.temperature, ns.reward, ns.cost, ns.concurrency)
-    client = RolloutClient(ns.server, ns.api_key)
-    try:
-        await client.start()
-        want = server_manifest(client, ns.prompts, cfg,
-                               datetime.now(UTC).isoformat(timespec="seconds"))
-        todo, manifest = _pending(ns.out, prompts, want)
-        if manifest is None:
-            return Stats(), len(prompts), 0
-        with tqdm(total=len(todo), desc="rollouts", unit="prompt", file=sys.stderr) as bar:
-            stats = await collect_http(client, todo, cfg, ns.out, manifest, bar)
-    finally:
-        await client.aclose()
-    return stats, len(prompts) - len(todo), len(todo)
-
-
-def run(ns: argparse.Namespace) -> int:
-    """Entry point of the `rollouts` subcommand (after parsing)."""
-    from runtime.scorers import UnknownScorer
-
-    from .http_rollouts import ServerError
-
-    try:
-        stats, skipped, sampled = asyncio.run(_main(ns))
-    except (ValueError, FileNotFoundError, RolloutError, UnknownScorer, ServerError) as exc:
-        print(f"alignserve rollouts: {exc}", file=sys.stderr)
-        return 2
-    if not sampled:
-        print(f"{ns.out}: all {skipped} prompts already sampled; nothing to do")
-        return 0
-    print(f"{ns.out}: {stats.prompts} prompts × {ns.n} samples ({stats.rows} rows, "
-          f"{stats.tokens} tokens) in {stats.wall_s:.1f} s = {stats.tokens_per_s:.1f} tok/s; "
-          f"{skipped} prompts were already there")
-    return 0
-
-
-__all__ = ["add_arguments", "run", "collect", "chat_prompt_ids", "prepare_folder",
-           "read_rollouts", "RolloutConfig", "RolloutError", "Stats"]
+__all__ = ["collect", "chat_prompt_ids", "pending", "prepare_folder", "read_rollouts",
+           "RolloutConfig", "RolloutError", "Stats"]

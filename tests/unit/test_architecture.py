@@ -82,3 +82,99 @@ def test_every_package_says_what_it_owns(package):
     assert init.is_file(), f"{package}/ has no __init__.py"
     doc = ast.get_docstring(ast.parse(init.read_text()))
     assert doc and len(doc.split()) >= 10, f"{package}/__init__.py needs a docstring"
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def project_imports(path: Path, known: set[str], lazy: bool = True) -> set[str]:
+    """Project modules `path` imports: at module level, and inside functions unless `lazy` is
+    false (an import deferred into a function still ties the two modules together); never
+    under `if TYPE_CHECKING:` (annotations only). `from pkg import mod` imports pkg.mod only."""
+    rel = path.relative_to(ROOT)
+    package = ".".join(rel.parts[:-1])
+    out: set[str] = set()
+
+    def visit(nodes) -> None:
+        for node in nodes:
+            if not lazy and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+                continue
+            if isinstance(node, ast.Import):
+                out.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    mod = f"{base}.{node.module}" if node.module else base
+                else:
+                    mod = node.module or ""
+                subs = {f"{mod}.{alias.name}" for alias in node.names} & known
+                # `from . import render` loads render, not more of the package it sits in
+                out.update(subs if len(subs) == len(node.names) else subs | {mod})
+            visit(ast.iter_child_nodes(node))
+
+    visit(ast.parse(path.read_text(), str(rel)).body)
+    return out & known
+
+
+def import_cycles(lazy: bool = True) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), sorted."""
+    paths = {module_name(p): p for pkg in PROJECT for p in modules(pkg)}
+    known = set(paths)
+    graph = {m: project_imports(p, known, lazy) - {m} for m, p in paths.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return sorted(cycles)
+
+
+def test_the_cycle_finder_sees_a_cycle(tmp_path, monkeypatch):
+    pkg = tmp_path / "loop"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .b import x\n")
+    (pkg / "b.py").write_text("from loop import a\n\n\ndef f():\n    from . import c\n")
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\n\nimport loop.b\n"
+                              "if TYPE_CHECKING:\n    from .d import D\n")
+    (pkg / "d.py").write_text("from . import c\n")
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    monkeypatch.setitem(globals(), "PROJECT", {"loop"})
+    assert import_cycles(lazy=False) == [["loop.a", "loop.b"]]  # b -> c: inside a function
+    assert import_cycles() == [["loop.a", "loop.b", "loop.c"]]  # c -> d: annotations only
+
+
+def test_no_import_cycles_among_project_modules():
+    """Not at load time (a half-initialised module), nor through a function's deferred import:
+    a library never reaches back into the command that uses it."""
+    assert import_cycles() == []

@@ -153,7 +153,7 @@ async def test_server_errors_are_one_line(tmp_path):
 def _ns(tmp_path, **kw):
     import argparse
 
-    from valuenet.rollouts import add_arguments
+    from valuenet.rollouts_cli import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -166,7 +166,7 @@ def _ns(tmp_path, **kw):
 
 
 def test_remote_scorers_need_a_server(tmp_path, capsys):
-    from valuenet.rollouts import run
+    from valuenet.rollouts_cli import run
 
     assert run(_ns(tmp_path, reward="remote:rm")) == 2
     err = capsys.readouterr().err.strip()
@@ -176,7 +176,7 @@ def test_remote_scorers_need_a_server(tmp_path, capsys):
 def test_unreachable_server_is_one_line_exit_2(tmp_path, capsys):
     import socket
 
-    from valuenet.rollouts import run
+    from valuenet.rollouts_cli import run
 
     with socket.socket() as s:  # a port nobody listens on once closed
         s.bind(("127.0.0.1", 0))
