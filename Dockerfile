@@ -16,6 +16,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /opt/alignserve
 COPY pyproject.toml README.md LICENSE ./
+COPY cli ./cli
 COPY server ./server
 COPY runtime ./runtime
 COPY decoding ./decoding

@@ -1,6 +1,6 @@
 """`alignserve eval`: flags, then prompts → plan → runner → report.
 
-`add_arguments` fills the `eval` subparser of server/cli.py (which only delegates here);
+`add_arguments` fills the `eval` subparser of the command line (cli/main.py delegates here);
 `main` is the same command standalone (`python -m evaluation`). Module level imports only the
 standard library and the plan: the engine, httpx, tqdm and matplotlib load when used.
 """

@@ -23,7 +23,7 @@ from .common import PROG, resolve_model
 
 
 def add_parsers(sub) -> None:
-    """Add `bond` and `vbon` to finetune's subparsers. No dest may be a Settings field."""
+    """Add `bond` and `vbon` to finetune's subparsers (dests as in finetune/cli.py)."""
     bond = sub.add_parser("bond", help="BOND (arXiv 2407.14622): Jeffreys divergence towards "
                           "best-of-n of the rollouts' policy.")
     _add_flags(bond)

@@ -19,7 +19,7 @@ shapes (finetune/feedback.py, finetune/loop.py); bond / vbon: best-of-n distilla
 The preference methods write a servable folder (merged safetensors + tokenizer, or `--save-adapter`
 for a LoRA adapter) and report.json / report.md / loss_curve.png next to it, with KL(π_θ‖π_ref) on
 held-out prompts through training (finetune/kl_track.py: kl_curve.png, warnings past 15 and 100
-nats). `add_arguments` fills the subparser of server/cli.py; the module imports only the standard
+nats). `add_arguments` fills the subparser of cli/main.py; the module imports only the standard
 library and the pure data modules, torch / TRL / PEFT load inside `run`. SafeDPO and MoCAN train
 on TRL's DPOTrainer (finetune/trainer.py), KLDO, PRO and RDRO in an explicit loop (finetune/loop.py,
 finetune/methods.py, finetune/rdro.py) on feedback built from the pairs (finetune/feedback.py).
@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    # server/cli.py feeds every parsed name that is also a `Settings` field to Settings, so no
-    # dest here may be one (hence base_model, model_home, dual_file, scorer_length_target).
+    # The dests are this command's own names, apart from the engine's and the server's settings
+    # (base_model, model_home, dual_file, scorer_length_target): no reader mistakes one for them.
     p.add_argument("--data", required=True, help="Preference pairs, PKU-SafeRLHF schema: a "
                    ".jsonl/.json file, a local dataset folder, or a `datasets` name.")
     p.add_argument("--split", default="train", help="Split for folders / dataset names.")

@@ -11,8 +11,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-PACKAGES = ("server", "runtime", "decoding", "heads", "valuenet", "finetune", "evaluation", "dual",
-            "bench")
+PACKAGES = ("cli", "server", "runtime", "decoding", "heads", "valuenet", "finetune", "evaluation",
+            "dual", "bench")
 
 
 def imported(root: Path, rel: Path) -> set[str]:

@@ -8,7 +8,7 @@
                  hidden states or LoRA), `report.py` its metrics (correlation of V with the
                  reward by prefix length) and plots; `cli.py` is `alignserve train-value`.
 - `rollouts.py`  the `alignserve rollouts` library (engine side), `http_rollouts.py` the same
-                 against a running server.
+                 against a running server, `rollouts_cli.py` the command's flags and entry point.
 
 The model, its checkpoints and the inference side (scorers `value:NAME`, the in-engine CD-Q tilt)
 live in `heads/`, below runtime; this package is the offline trainer and imports them from there.

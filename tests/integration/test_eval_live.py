@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import main
 from evaluation.report import PLOTS
-from server.cli import main
 
 pytestmark = pytest.mark.integration
 

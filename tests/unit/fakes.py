@@ -310,7 +310,7 @@ def make_app(engine: FakeEngine | None = None, tracer=None, **overrides):
 
 def finetune_cli(argv, capsys) -> tuple[int, str]:
     """`alignserve finetune *argv` in process: (exit status, stderr)."""
-    from server.cli import main
+    from cli.main import main
 
     try:
         rc = main(["finetune", *argv])

@@ -7,6 +7,9 @@
   server: the server sits on top of runtime, not under the tools;
 - value-head inference (heads/: the scorer, the in-engine tilt) sits below runtime: it imports no
   project package but decoding, and runtime imports no offline tool (valuenet, finetune, ...);
+- the command line (cli/) sits above everything and nothing imports it; server imports no
+  offline tool; no module loads a project module by name (importlib), so every arrow is seen;
+- no import cycles among project modules, deferred (in-function) imports included;
 - every package has an `__init__` docstring saying what it owns.
 """
 
@@ -18,7 +21,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PROJECT = {"server", "runtime", "decoding", "heads", "valuenet", "finetune", "evaluation", "dual"}
+PROJECT = {"cli", "server", "runtime", "decoding", "heads", "valuenet", "finetune", "evaluation",
+           "dual"}
 OFFLINE = ("valuenet", "finetune", "evaluation", "dual", "bench")
 VLLM_MODULES = {"runtime/engine.py", "runtime/cdq_plugin.py", "runtime/tools.py"}
 
@@ -66,6 +70,31 @@ def test_only_engine_side_modules_import_vllm():
 
 def test_offline_packages_and_runtime_never_import_server():
     assert offenders([*OFFLINE, "runtime"], {"server"}) == []
+
+
+def test_the_command_line_sits_above_everything():
+    assert offenders([*(PROJECT - {"cli"}), "bench"], {"cli"}) == []
+
+
+def test_server_never_imports_an_offline_tool():
+    assert offenders(["server"], set(OFFLINE)) == []
+
+
+def loads_by_name(path: Path) -> list[str]:
+    """Calls that import a module named by a string (importlib.import_module, __import__):
+    what they load is no arrow the rules can check."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call):
+            name = ast.unparse(node.func)
+            if name.split(".")[-1] in ("import_module", "__import__"):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
+    return found
+
+
+def test_no_project_module_is_loaded_by_name():
+    assert [hit for pkg in [*PROJECT, "bench"] for p in modules(pkg)
+            for hit in loads_by_name(p)] == []
 
 
 def test_value_head_inference_sits_below_runtime():

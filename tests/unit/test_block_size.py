@@ -24,7 +24,7 @@ def test_an_explicit_block_size_wins_on_every_device(cuda):
 def test_env_and_flag(monkeypatch):
     import argparse
 
-    from server.cli import _add_settings_flags, settings_from_args
+    from cli.serve import _add_settings_flags, settings_from_args
 
     monkeypatch.setenv("ALIGNSERVE_BLOCK_SIZE", "32")
     assert EngineSettings().block_size == 32

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+import cli.main
+import cli.serve
 from runtime.engine_args import (
     MANAGED_KEYS,
     TYPED_ENGINE_FIELDS,
@@ -18,7 +20,6 @@ from runtime.engine_args import (
     engine_kwargs,
     parse_engine_args,
 )
-from server import cli
 from server.settings import ConfigError, Settings, unknown_env_vars
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,7 +131,7 @@ def test_configuration_errors_are_one_line_and_exit_2(argv, env, fragment, capsy
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     try:
-        rc = cli.main(argv)
+        rc = cli.main.main(argv)
     except SystemExit as exc:  # argparse's own usage errors
         rc = exc.code
     err = capsys.readouterr().err
@@ -140,14 +141,14 @@ def test_configuration_errors_are_one_line_and_exit_2(argv, env, fragment, capsy
 
 
 def test_config_error_line_for_start_up_errors():
-    line = cli.config_error_line(ConfigError("value_heads", "value head 'a': cannot load /x"))
+    line = cli.serve.config_error_line(ConfigError("value_heads", "value head 'a': cannot load /x"))
     assert line == ("alignserve: invalid setting value_heads (--value-head, "
                     "ALIGNSERVE_VALUE_HEADS): value head 'a': cannot load /x")
 
 
 def test_help_speaks_to_users(capsys):
     with pytest.raises(SystemExit):
-        cli.main(["--help"])
+        cli.main.main(["--help"])
     out = capsys.readouterr().out
     assert "OpenAI-compatible server" in out and "alignserve serve" in out
     assert "COMMANDS" not in out and "Settings" not in out  # no developer docstring
@@ -157,10 +158,10 @@ def test_help_speaks_to_users(capsys):
 
 def test_every_serve_flag_has_a_help_line_with_its_default(capsys):
     with pytest.raises(SystemExit):
-        cli.main(["serve", "--help"])
+        cli.main.main(["serve", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for name in Settings.model_fields:
-        flag = cli.flag_of(name)
+        flag = cli.serve.flag_of(name)
         assert flag in out, flag
         assert f"ALIGNSERVE_{name.upper()}" in out
     assert out.count("default ") >= len(Settings.model_fields)
@@ -169,7 +170,7 @@ def test_every_serve_flag_has_a_help_line_with_its_default(capsys):
 def test_alignserve_serve_with_a_bad_setting_exits_2_in_one_line():
     # The real console script, as users run it: it must fail before any engine work.
     exe = Path(sys.executable).parent / "alignserve"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cli"]
     t0 = time.monotonic()
     p = subprocess.run([*cmd, "serve", "--admin-key", "too-short"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)

@@ -20,7 +20,8 @@ import yaml
 from fakes import make_app
 from packaging.requirements import Requirement
 
-import server.cli
+import cli.main
+import cli.serve
 from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,9 +107,9 @@ def test_entrypoint_parses_with_the_real_cli(name, monkeypatch):
     async def fake_serve(settings):
         seen.append(settings)
 
-    monkeypatch.setattr(server.cli, "_serve", fake_serve)
+    monkeypatch.setattr(cli.serve, "_serve", fake_serve)
     for extra in ([], ["--model", "Qwen/Qwen2.5-0.5B-Instruct", "--max-n", "16"]):
-        assert server.cli.main(list(entry.value[1:]) + list(cmd.value) + extra) == 0
+        assert cli.main.main(list(entry.value[1:]) + list(cmd.value) + extra) == 0
     plain, flagged = seen
     (expose,) = instr(cmds, "EXPOSE")
     assert plain.host == "0.0.0.0" and plain.port == int(expose.value[0])
@@ -116,7 +117,7 @@ def test_entrypoint_parses_with_the_real_cli(name, monkeypatch):
     assert str(plain.home) == volume.value[0]
     assert flagged.model == "Qwen/Qwen2.5-0.5B-Instruct" and flagged.max_n == 16
     with pytest.raises(SystemExit):  # and a wrong flag is refused, not ignored
-        server.cli.main(list(entry.value[1:]) + ["--no-such-flag", "1"])
+        cli.main.main(list(entry.value[1:]) + ["--no-such-flag", "1"])
 
 
 @pytest.mark.parametrize("name", IMAGES)

@@ -254,7 +254,7 @@ def write_rollouts(folder, r, cost, reward_name="relevance", cost_name="profanit
 
 
 def test_dual_cli_on_a_synthetic_folder(tmp_path, capsys):
-    from server.cli import main
+    from cli.main import main
 
     r, g = synthetic(prompts=6, samples=8)
     cost = -g
@@ -286,7 +286,7 @@ def test_dual_cli_rescores_when_names_differ(tmp_path):
 
 
 def test_dual_cli_infeasible_exits_1_without_a_file(tmp_path, capsys):
-    from server.cli import main
+    from cli.main import main
 
     r, g = synthetic(prompts=4, samples=8)
     write_rollouts(tmp_path, r, -g)
@@ -434,8 +434,8 @@ def test_sampling_and_policy_warnings():
 
 
 def test_dual_cli_stores_rule_lambdas_sampling_and_reference(tmp_path, capsys):
+    from cli.main import main
     from decoding.dual_rules import bon_safety, solve_bon
-    from server.cli import main
 
     r, g = synthetic(prompts=6, samples=8)
     write_rollouts(tmp_path, r, -g)

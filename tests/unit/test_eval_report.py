@@ -196,7 +196,7 @@ async def test_http_errors_are_reported(tmp_path):
 
 
 def test_cli_rejects_bad_flags_before_starting_anything(tmp_path, capsys):
-    from server.cli import main
+    from cli.main import main
 
     ns = args(tmp_path)
     assert main(["eval", "--prompts", str(ns.prompts), "--out", str(ns.out),
@@ -253,7 +253,7 @@ async def test_samples_are_seeded_independently_and_clustered(tmp_path):
 
 
 def test_cli_rejects_bad_samples(tmp_path, capsys):
-    from server.cli import main
+    from cli.main import main
 
     ns = args(tmp_path)
     assert main(["eval", "--prompts", str(ns.prompts), "--out", str(ns.out),

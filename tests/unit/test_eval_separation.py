@@ -54,7 +54,7 @@ def test_eval_separation_only_writes_numbers_and_a_png(tmp_path, capsys):
     pytest.importorskip("transformers")
     from test_finetune_methods import _tiny_model
 
-    from server.cli import main
+    from cli.main import main
 
     model = _tiny_model(tmp_path / "tiny")
     prompts = tmp_path / "prompts.jsonl"

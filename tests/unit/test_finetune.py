@@ -317,7 +317,7 @@ def test_cli_mocan_needs_one_lambda_source(tmp_path, capsys):
 
 
 def test_no_finetune_flag_lands_in_server_settings():
-    """server/cli.py passes every parsed name that is a Settings field on to Settings."""
+    """No finetune flag shares a name with a server Settings field (cli/ keeps them apart)."""
     import argparse
 
     from finetune.cli import add_arguments

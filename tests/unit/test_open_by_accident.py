@@ -7,8 +7,8 @@ import httpx
 import pytest
 from fakes import make_app
 
+from cli.main import main as cli_main
 from server.auth import KeyRing, check_open
-from server.cli import main as cli_main
 from server.settings import Settings
 
 

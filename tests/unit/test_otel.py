@@ -16,8 +16,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E4
     InMemorySpanExporter,
 )
 
+from cli.main import main  # noqa: E402
 from server import otel  # noqa: E402
-from server.cli import main  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 
@@ -169,7 +169,7 @@ def test_bad_endpoint_is_one_line_exit_2(url, capsys, monkeypatch):
 
 
 def test_missing_sdk_is_a_config_error(monkeypatch):
-    from server import cli
+    from cli import serve as cli
     from server.settings import ConfigError
 
     def no_sdk(endpoint):

@@ -102,7 +102,8 @@ async def test_playground_off_is_a_404(path):
 def test_playground_setting_is_a_flag_and_an_env_var(monkeypatch, capsys):
     import argparse
 
-    from server.cli import _add_settings_flags, main, settings_from_args
+    from cli.main import main
+    from cli.serve import _add_settings_flags, settings_from_args
     from server.settings import Settings
 
     assert Settings().playground is True

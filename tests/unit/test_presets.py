@@ -9,9 +9,9 @@ import httpx
 import pytest
 from fakes import FakeEngine, make_app
 
+from cli.main import main as cli_main
+from cli.serve import settings_from_args
 from runtime.settings import ConfigError
-from server.cli import main as cli_main
-from server.cli import settings_from_args
 from server.presets import PresetBook, apply, parse_preset, parse_preset_flags
 from server.protocol import ChatCompletionRequest
 from server.settings import Settings

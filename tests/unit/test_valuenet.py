@@ -344,7 +344,7 @@ def test_batched_scores_do_not_depend_on_the_batch(trained):
 
 
 def _cli(*argv):
-    from server.cli import main
+    from cli.main import main
 
     return main(["train-value", *argv])
 
@@ -385,7 +385,7 @@ def test_cli_trains_and_prints_a_summary(backbone, tmp_path, capsys):
 def test_value_head_flag_is_repeatable_and_env_is_comma_separated(monkeypatch):
     from pydantic import ValidationError
 
-    from server.cli import _add_settings_flags, settings_from_args
+    from cli.serve import _add_settings_flags, settings_from_args
     from server.settings import Settings
 
     parser = argparse.ArgumentParser()

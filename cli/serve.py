@@ -1,6 +1,5 @@
-"""`alignserve` command line. `serve` flags derive from `Settings`; every other command lives
-with its package and is listed in `COMMANDS` (module with `add_arguments(parser)` and
-`run(namespace) -> int`; such modules import heavy libraries only inside `run`).
+"""`alignserve serve`: its flags derive from the server's `Settings` (one flag and one
+ALIGNSERVE_* variable per field), then the engine starts and uvicorn serves `build_app`.
 
 Configuration errors (a setting pydantic rejects, an unknown ALIGNSERVE_* variable, a bad path
 or engine argument found before the engine starts) print one line naming the setting and exit
@@ -10,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import sys
 import typing
@@ -18,33 +16,16 @@ import typing
 import uvicorn
 from pydantic import ValidationError
 
-from runtime.model_prep import prepare_embedded_model
+from server.app import build_app
+from server.auth import KeyRing, check_open
+from server.lifecycle import POST_DRAIN_GRACE_S, DrainingServer
+from server.presets import parse_preset_flags
+from server.settings import ConfigError, Settings
+from server.tracing import configure_logging
 
-from .app import build_app
-from .auth import KeyRing, check_open
-from .lifecycle import POST_DRAIN_GRACE_S, DrainingServer
-from .presets import parse_preset_flags
-from .settings import ConfigError, Settings
-from .tracing import configure_logging
-
-DESCRIPTION = """\
-alignserve: an OpenAI-compatible server (/v1/chat/completions, /v1/completions) that answers
-with inference-time alignment (best-of-n, speculative rejection, controlled decoding) on vLLM.
-
-Start with `alignserve serve` (flags: `alignserve serve --help`; every flag is also an
-ALIGNSERVE_* environment variable). The other commands are the offline jobs: rollouts and
-value heads for controlled decoding, CAN's dual, SafeDPO/MoCAN fine-tuning, evaluation."""
-
-# name -> (module, help). The module is imported when the parser is built: keep its top light.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "eval": ("evaluation.cli", "Evaluate strategies on a prompt set."),
-    "rollouts": ("valuenet.rollouts_cli",
-                 "Sample K responses per prompt from the reference policy and score them."),
-    "dual": ("dual.cli", "Solve CAN's dual for the optimal safety weight λ* from rollouts."),
-    "finetune": ("finetune.cli", "Fine-tune a policy (SafeDPO, MoCAN, KLDO, PRO, BOND) "
-                 "or train an Aligner corrector."),
-    "train-value": ("valuenet.cli", "Train a prefix value head (CD-FUDGE or CD-Q) on rollouts."),
-}
+HELP = "Serve the OpenAI-compatible API."
+DESCRIPTION = ("Serve the OpenAI-compatible API. Every flag is also an environment variable "
+               "(ALIGNSERVE_<FLAG>); flags win.")
 
 # Settings fields whose flag is repeatable: (flag, metavar); the values are joined with commas.
 _REPEATABLE = {"value_heads": ("--value-head", "NAME=PATH"),
@@ -156,7 +137,7 @@ def _tracer(settings: Settings):
     """OpenTelemetry spans to `otlp_traces_endpoint` (server/otel.py); None when unset."""
     if not settings.otlp_traces_endpoint:
         return None
-    from .otel import Tracing
+    from server.otel import Tracing
 
     try:
         return Tracing.to_endpoint(settings.otlp_traces_endpoint)
@@ -165,45 +146,21 @@ def _tracer(settings: Settings):
                           f"opentelemetry-exporter-otlp packages ({exc})") from None
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line too (argparse prints the whole usage block otherwise)."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = DESCRIPTION
+    _add_settings_flags(parser)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="alignserve", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = sub.add_parser("serve", help="Serve the OpenAI-compatible API.",
-                           description="Serve the OpenAI-compatible API. Every flag is also an "
-                           "environment variable (ALIGNSERVE_<FLAG>); flags win.")
-    _add_settings_flags(serve)
-    prep = sub.add_parser("prepare-model", help="Convert the embedded SmolLM2 GGUF to safetensors.")
-    prep.add_argument("--home", default=None, help="Cache folder (default ALIGNSERVE_HOME).")
-    prep.add_argument("--force", action="store_true", help="Convert again even if present.")
-    for name, (module, help_) in COMMANDS.items():
-        importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_))
-    ns = parser.parse_args(argv)
+def run(ns: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(ns)
     except (ValidationError, ConfigError) as exc:
         print(config_error_line(exc), file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)  # request ids on every line
-    if ns.command == "prepare-model":
-        print(prepare_embedded_model(settings.home, force=ns.force))
-        return 0
-    if ns.command in COMMANDS:
-        return importlib.import_module(COMMANDS[ns.command][0]).run(ns)
     try:
         asyncio.run(_serve(settings))
     except ConfigError as exc:
         print(config_error_line(exc), file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
