@@ -136,9 +136,10 @@ class Engine(Protocol):
         ...
 
     def stream(
-        self, prompt_ids: Sequence[int], n: int, sampling: Sampling
+        self, prompt_ids: Sequence[int], sampling: Sampling
     ) -> AsyncGenerator[SampleDelta, None]:
-        """Like `generate`, but yields deltas as tokens are produced; closing it early aborts."""
+        """One continuation (n = 1) like `generate`'s, as deltas (index 0) while it is
+        produced; closing it early aborts."""
         ...
 
     def stream_sequence(
@@ -270,7 +271,7 @@ class DecodeContext:
         the call closes the engine stream, which aborts the request."""
         t0 = time.perf_counter()
         s = Sample([], "", [], None)
-        deltas = self.engine.stream(prompt_ids, 1, sampling)
+        deltas = self.engine.stream(prompt_ids, sampling)
         try:
             async for d in deltas:
                 s.token_ids += d.token_ids

@@ -167,11 +167,11 @@ class VllmEngine:
                 for c in sorted(final.outputs, key=lambda c: c.index)]
 
     async def stream(
-        self, prompt_ids: Sequence[int], n: int, sampling: Sampling
+        self, prompt_ids: Sequence[int], sampling: Sampling
     ) -> AsyncGenerator[SampleDelta, None]:
         from vllm.sampling_params import RequestOutputKind
 
-        params = self._params(n, sampling, RequestOutputKind.DELTA)
+        params = self._params(1, sampling, RequestOutputKind.DELTA)
         async for out in self._run(prompt_ids, params, sampling.adapter):
             for c in out.outputs:
                 yield SampleDelta(

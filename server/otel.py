@@ -199,9 +199,9 @@ class TracedEngine:
             _ENGINE_SPAN.reset(token)
             span.end()
 
-    def stream(self, prompt_ids, n: int, sampling) -> AsyncGenerator[Any, None]:
-        return self._spanned("stream", prompt_ids, n, sampling,
-                             self._engine.stream(prompt_ids, n, sampling))
+    def stream(self, prompt_ids, sampling) -> AsyncGenerator[Any, None]:
+        return self._spanned("stream", prompt_ids, 1, sampling,
+                             self._engine.stream(prompt_ids, sampling))
 
     def stream_sequence(self, prompt_ids, sampling) -> AsyncGenerator[Any, None]:
         return self._spanned("stream_sequence", prompt_ids, 1, sampling,

@@ -254,7 +254,3 @@ def unknown_env_vars(environ=None) -> list[str]:
     return sorted(k for k in environ if k.upper().startswith("ALIGNSERVE_")
                   and k.upper() not in fields)
 
-
-def field_docs() -> dict[str, str]:
-    return {name: f.description or "" for name, f in Settings.model_fields.items()}
-

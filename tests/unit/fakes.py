@@ -168,8 +168,8 @@ class FakeEngine:
         finally:
             self.active -= 1
 
-    async def stream(self, prompt_ids, n: int, sampling: Sampling):
-        for i, s in enumerate(await self.generate(prompt_ids, n, sampling)):
+    async def stream(self, prompt_ids, sampling: Sampling):
+        for i, s in enumerate(await self.generate(prompt_ids, 1, sampling)):
             for k, tok in enumerate(s.token_ids):
                 last = k == len(s.token_ids) - 1
                 yield SampleDelta(i, [tok], " " + WORDS[tok], [s.logprobs[k]],
