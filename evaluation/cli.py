@@ -183,7 +183,7 @@ async def _judge_scorers(ns: argparse.Namespace, runner, judges, registry):
 
 def _separation_policies(ns: argparse.Namespace) -> list[tuple[str, object]]:
     """(label, model) per --separation entry, resolved before anything slow runs."""
-    from finetune.cli import resolve_model
+    from finetune.common import resolve_model
 
     names = parse_list(ns.separation or "")
     if ns.separation_only and not names:
