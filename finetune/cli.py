@@ -34,7 +34,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import aligner_cli, bond_cli
+from . import aligner_cli, augment, bond_cli
 from .common import PROG, resolve_model
 from .pairs import load_pairs, split_pairs
 
@@ -104,9 +104,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="Pairs whose two answers are both unsafe: drop them (default; both "
                            "have r_c = −∞, so the pair says nothing about the constrained "
                            "optimum) or keep them as plain DPO pairs (finetune/safedpo.py).")
+    augment.add_arguments(safe)
     mocan = sub.add_parser("mocan", help="MoCAN (arXiv 2405.19544): relabel pairs with "
                            "σ(w₁ − w₀), w = r + λ*·g, then DPO.")
     _add_common(mocan)
+    augment.add_arguments(mocan)
     lam = mocan.add_mutually_exclusive_group(required=True)
     lam.add_argument("--lambda", dest="lam", type=float, help="λ* given directly (≥ 0).")
     lam.add_argument("--dual", dest="dual_file", type=Path,
@@ -290,11 +292,13 @@ def _prepare(ns: argparse.Namespace):
                              " every pair has two unsafe responses")
         beta = resolve_beta(ns, None)
         model = resolve_model(ns.base_model, ns.model_home)
+        train_ex, train_stats = augment.apply(ns, train_ex, train_stats, model)
     else:
         lam = resolve_lambda(ns)
         beta = resolve_beta(ns, lam)  # before the slow scoring: a mismatch stops here
         model = resolve_model(ns.base_model, ns.model_home)
         (train_ex, train_stats), (eval_ex, eval_stats) = _mocan_examples(ns, lam["value"], splits)
+        train_ex, train_stats = augment.apply(ns, train_ex, train_stats, model)
     data = {"source": str(ns.data), "pairs": len(pairs), "train": train_stats,
             "held_out": eval_stats}
     return model, train_ex, eval_ex, data, lam, beta
