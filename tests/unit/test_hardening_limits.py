@@ -9,11 +9,11 @@ import httpx
 import pytest
 from fakes import make_app
 
+from cli.main import main as cli_main
+from cli.serve import _add_settings_flags, settings_from_args
 from runtime import remote_scorer as rs
 from runtime.circuit import BreakerConfig
 from server.auth import MIN_PUBLIC_KEY_CHARS, KeyRing, check_open
-from server.cli import _add_settings_flags, settings_from_args
-from server.cli import main as cli_main
 from server.settings import Settings
 
 METRICS_TOKEN = "metrics-token-0123456789"
