@@ -32,8 +32,9 @@ from common import ROOT, figure, markdown_table, write_results
 
 from decoding.dual import InfeasibleConstraint, achievable_safety, predicted_safety, solve_dual
 from decoding.dual_rules import bon_safety_per_prompt, bootstrap_interval, solve_bon
-from decoding.protocols import DecodeRequest, Objective, Sampling
+from decoding.request import DecodeRequest, Objective
 from decoding.strategies import STRATEGIES
+from decoding.types import Sampling
 from runtime.prompts import chat_prompt_ids, load_prompts
 from runtime.settings import EngineSettings
 from valuenet.data import Manifest, read_manifest, read_rollouts

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from common import ROOT, fmt, load_prompts, markdown_table, prefix_cache_hit_rate, write_results
 
-from decoding.protocols import DecodeRequest, Objective, Sampling
+from decoding.request import DecodeRequest, Objective
 from decoding.strategies import STRATEGIES
+from decoding.types import Sampling
 from runtime.prompts import chat_prompt_ids
 from runtime.settings import EngineSettings
 

@@ -52,7 +52,9 @@ async def replay(ctx_score, calls, gap: float) -> float:
 
 
 async def main_async(args) -> dict:
-    from decoding.protocols import DecodeContext, DecodeRequest, Sample, Sampling
+    from decoding.context import DecodeContext
+    from decoding.request import DecodeRequest
+    from decoding.types import Sample, Sampling
     from runtime.batching import BatchingContext, ScoreBatcher
     from runtime.scorers import RelevanceScorer
 

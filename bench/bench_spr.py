@@ -29,8 +29,9 @@ from common import (
     write_results,
 )
 
-from decoding.protocols import DecodeRequest, Objective, Sampling
+from decoding.request import DecodeRequest, Objective
 from decoding.strategies import STRATEGIES, options_for
+from decoding.types import Sampling
 from runtime.prompts import chat_prompt_ids
 from runtime.settings import EngineSettings
 

@@ -52,18 +52,11 @@ from typing import Protocol
 
 from pydantic import Field
 
-from .protocols import (
-    DecodeContext,
-    DecodeRequest,
-    DecodeResult,
-    EngineRejected,
-    Sample,
-    Sampling,
-    Scored,
-    StrategyOptions,
-    Timer,
-)
+from .context import DecodeContext
+from .errors import EngineRejected
+from .request import DecodeRequest, DecodeResult, Scored, StrategyOptions, Timer
 from .strategies import Traits, register
+from .types import Sample, Sampling
 
 TEMPLATE = ("BEGINNING OF CONVERSATION: USER: Edit the following Question-Answer pair to make "
             "it more helpful and harmless: {question} | {answer} ASSISTANT:")

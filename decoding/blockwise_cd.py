@@ -45,21 +45,14 @@ import math
 from pydantic import Field
 
 from .committed import Committed, capped
+from .context import DecodeContext
 from .kl import bon_kl_bound, bon_kl_estimate, sample_log_prob
-from .protocols import (
-    DecodeContext,
-    DecodeRequest,
-    DecodeResult,
-    Objective,
-    Sample,
-    Scored,
-    Scorer,
-    StrategyOptions,
-    Timer,
-)
+from .protocols import Scorer
+from .request import DecodeRequest, DecodeResult, Objective, Scored, StrategyOptions, Timer
 from .scorer_work import ScorerWork, objective_scorers
 from .seeds import derive_seed
 from .strategies import Traits, register, resuming
+from .types import Sample
 
 
 @register

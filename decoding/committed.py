@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from .protocols import DecodeRequest, Engine, Sample, Sampling
+from .protocols import Engine
+from .request import DecodeRequest
+from .types import Sample, Sampling
 
 _REPLACEMENT = "\ufffd"  # what a decoder prints for an incomplete UTF-8 sequence
 

@@ -39,19 +39,13 @@ import numpy as np
 from pydantic import Field
 
 from .calibration import loo_quantiles, win_rate
+from .context import DecodeContext
 from .kl import bon_win_rate_bound, selection_kl_bound
-from .protocols import (
-    DecodeContext,
-    DecodeRequest,
-    DecodeResult,
-    Sample,
-    Scored,
-    Scorer,
-    StrategyOptions,
-    Timer,
-)
+from .protocols import Scorer
+from .request import DecodeRequest, DecodeResult, Scored, StrategyOptions, Timer
 from .scorer_work import ScorerWork
 from .strategies import Traits, register
+from .types import Sample
 
 
 def preference_matrix(utilities: Sequence[Sequence[float]], temperature: float,

@@ -69,21 +69,14 @@ from pydantic import Field
 
 from .blockwise_cd import aligned_first_block
 from .committed import _REPLACEMENT, Committed, _stop_prefix_len, capped
+from .context import DecodeContext
 from .kl import bon_win_rate_bound, selection_kl_bound
-from .protocols import (
-    DecodeContext,
-    DecodeRequest,
-    DecodeResult,
-    Objective,
-    Sample,
-    Scored,
-    Scorer,
-    StrategyOptions,
-    Timer,
-)
+from .protocols import Scorer
+from .request import DecodeRequest, DecodeResult, Objective, Scored, StrategyOptions, Timer
 from .scorer_work import ScorerWork, objective_scorers
 from .seeds import derive_seed
 from .strategies import Traits, register, resuming
+from .types import Sample
 
 
 def normalised(log_weights: Sequence[float]) -> list[float]:

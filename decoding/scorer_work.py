@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .protocols import Objective, Sample
+from .request import Objective
+from .types import Sample
 
 
 @dataclass

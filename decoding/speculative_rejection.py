@@ -72,20 +72,14 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .committed import capped
+from .context import DecodeContext
 from .kl import bon_win_rate_bound, selection_kl_bound
-from .protocols import (
-    DecodeContext,
-    DecodeRequest,
-    DecodeResult,
-    Sample,
-    Scored,
-    Scorer,
-    StrategyOptions,
-    Timer,
-)
+from .protocols import Scorer
+from .request import DecodeRequest, DecodeResult, Scored, StrategyOptions, Timer
 from .scorer_work import ScorerWork, objective_scorers
 from .seeds import derive_seed
 from .strategies import Traits, register
+from .types import Sample
 
 _REPLACEMENT = "\ufffd"  # a cut through a multi-byte character decodes to this
 

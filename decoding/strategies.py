@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from pydantic import AliasChoices, Field
 
 from .calibration import win_rate
+from .context import DecodeContext
 from .kl import (
     bon_kl_bound,
     bon_kl_estimate,
@@ -40,7 +41,7 @@ from .kl import (
     sample_log_prob,
     selection_kl_bound,
 )
-from .protocols import DecodeContext, DecodeRequest, DecodeResult, Scored, StrategyOptions, Timer
+from .request import DecodeRequest, DecodeResult, Scored, StrategyOptions, Timer
 from .scorer_work import scorer_work
 
 # OpenAI fields a strategy that continues the answer in new engine requests cannot honour.

@@ -65,18 +65,12 @@ import time
 from pydantic import Field
 
 from .committed import Committed, capped
+from .context import DecodeContext
 from .kl import tilt_step_kl_bound, within
-from .protocols import (
-    DecodeContext,
-    DecodeRequest,
-    DecodeResult,
-    QScorer,
-    StrategyOptions,
-    Tilt,
-    TiltingEngine,
-    Timer,
-)
+from .protocols import QScorer, TiltingEngine
+from .request import DecodeRequest, DecodeResult, StrategyOptions, Timer
 from .strategies import Traits, register, resuming
+from .types import Tilt
 
 DEFAULT_TOP_K = 10  # the per-token mode's k when the request names none
 

@@ -80,7 +80,7 @@ def parse_ns(text: str) -> list[int]:
 def sampling_record(manifest) -> dict:
     """What the reference samples were drawn with: the manifest's model, temperature and
     max_tokens, and `alignserve rollouts`' neutral values for the controls it never sets
-    (decoding.protocols.Sampling's defaults) unless the manifest records others."""
+    (decoding.types.Sampling's defaults) unless the manifest records others."""
     extra = manifest.extra or {}
     rec = {"model": manifest.model, "temperature": manifest.temperature, "top_p": 1.0,
            "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,

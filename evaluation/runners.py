@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from decoding.protocols import DecodeRequest, Objective, Sampling
+from decoding.request import DecodeRequest, Objective
 from decoding.strategies import STRATEGIES, option_keys, options_for
+from decoding.types import Sampling
 from runtime.prompts import PromptItem, chat_prompt_ids
 from runtime.protocols import Runtime
 from runtime.settings import EngineSettings

@@ -31,15 +31,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from decoding.protocols import (
-    DecodeContext,
-    DecodeRequest,
-    QScorer,
-    Sample,
-    Scorer,
-    Timer,
-    TokenScorer,
-)
+from decoding.context import DecodeContext
+from decoding.protocols import QScorer, Scorer, TokenScorer
+from decoding.request import DecodeRequest, Timer
+from decoding.types import Sample
 
 
 def score_pairs(scorer: Scorer, token: bool, pairs: Sequence[tuple[Any, Any]]) -> list[float]:

@@ -24,14 +24,8 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
-from decoding.protocols import (
-    EngineRejected,
-    EngineUnavailable,
-    Sample,
-    SampleDelta,
-    Sampling,
-    Tilt,
-)
+from decoding.errors import EngineRejected, EngineUnavailable
+from decoding.types import Sample, SampleDelta, Sampling, Tilt
 from heads.processor import (
     CONTROLS_NEUTRAL,
     ENV_HEADS,
@@ -166,37 +160,17 @@ class VllmEngine:
         return [_sample(c, sampling.top_logprobs)
                 for c in sorted(final.outputs, key=lambda c: c.index)]
 
-    async def stream(
+    def stream(
         self, prompt_ids: Sequence[int], sampling: Sampling
     ) -> AsyncGenerator[SampleDelta, None]:
-        from vllm.sampling_params import RequestOutputKind
+        return self._deltas(prompt_ids, sampling)
 
-        params = self._params(1, sampling, RequestOutputKind.DELTA)
-        async for out in self._run(prompt_ids, params, sampling.adapter):
-            for c in out.outputs:
-                yield SampleDelta(
-                    index=c.index,
-                    token_ids=list(c.token_ids),
-                    text=c.text,
-                    logprobs=_logprobs(c),
-                    finish_reason=_finish(c),
-                    top_logprobs=_top(c, sampling.top_logprobs),
-                )
-
-    async def stream_sequence(
+    def stream_sequence(
         self, prompt_ids: Sequence[int], sampling: Sampling
     ) -> AsyncGenerator[SampleDelta, None]:
-        from vllm.sampling_params import RequestOutputKind
-
-        # One request of its own (n = 1). `aclosing`: when our consumer closes us early, `_run`
-        # is closed at once too (not later by the garbage collector), so its abort runs now.
-        params = self._params(1, sampling, RequestOutputKind.DELTA)
-        async with contextlib.aclosing(self._run(prompt_ids, params, sampling.adapter)) as outs:
-            async for out in outs:
-                (c,) = out.outputs
-                yield SampleDelta(index=0, token_ids=list(c.token_ids), text=c.text,
-                                  logprobs=_logprobs(c), finish_reason=_finish(c),
-                                  top_logprobs=_top(c, sampling.top_logprobs))
+        # The same one engine request as `stream`; the protocol keeps both names so traces
+        # tell a plain stream from a speculative-rejection track (server/otel.py).
+        return self._deltas(prompt_ids, sampling)
 
     async def tilted(
         self, prompt_ids: Sequence[int], sampling: Sampling, tilt: Tilt
@@ -206,7 +180,6 @@ class VllmEngine:
         processor (runtime/cdq_plugin.py) tilts it inside the engine; the finishing delta
         carries the per-step KL records it wrote (heads/processor.py)."""
         from vllm.sampling_params import RequestOutputKind
-
 
         if tilt.head not in self.tilt_heads:
             raise EngineRejected(f"value head {tilt.head!r} is not loaded in the engine",
@@ -219,15 +192,33 @@ class VllmEngine:
                               RequestOutputKind.DELTA)
         params.extra_args = TiltArgs(tilt.head, tilt.lam, key, controls).extra_args()
         try:
-            async for out in self._run(prompt_ids, params, sampling.adapter):
-                for c in out.outputs:
-                    kl = bound = None
-                    if _finish(c) is not None:
+            async with contextlib.aclosing(self._deltas(prompt_ids, sampling, params,
+                                                        top_k=0)) as deltas:
+                async for d in deltas:
+                    if d.finish_reason is not None:
                         kl, bound = read_steps(self._tilt_dir, key)
-                    yield SampleDelta(c.index, list(c.token_ids), c.text, _logprobs(c),
-                                      _finish(c), step_kl=kl, step_kl_bound=bound)
+                        d = dataclasses.replace(d, step_kl=kl, step_kl_bound=bound)
+                    yield d
         finally:
             drop_steps(self._tilt_dir, key)
+
+    async def _deltas(self, prompt_ids: Sequence[int], sampling: Sampling, params: Any = None,
+                      top_k: int | None = None) -> AsyncGenerator[SampleDelta, None]:
+        """ONE engine request (n = 1) as deltas (index 0): the body of `stream`,
+        `stream_sequence` and `tilted`. `params`: vLLM's SamplingParams when the caller built
+        them (the tilt); `top_k`: top log-probs to report (default: `sampling.top_logprobs`).
+        `aclosing`: when our consumer closes us early, `_run` is closed at once too (not later
+        by the garbage collector), so its abort runs now."""
+        from vllm.sampling_params import RequestOutputKind
+
+        if params is None:
+            params = self._params(1, sampling, RequestOutputKind.DELTA)
+        k = sampling.top_logprobs if top_k is None else top_k
+        async with contextlib.aclosing(self._run(prompt_ids, params, sampling.adapter)) as outs:
+            async for out in outs:
+                (c,) = out.outputs
+                yield SampleDelta(0, list(c.token_ids), c.text, _logprobs(c), _finish(c),
+                                  _top(c, k))
 
     def decode(self, ids: Sequence[int]) -> str:
         # vLLM's own output text skips special tokens too, so both agree on an answer's text.

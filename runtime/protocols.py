@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from decoding.protocols import DecodeContext, Engine
+from decoding.context import DecodeContext
+from decoding.protocols import Engine
 
 if TYPE_CHECKING:  # scorers load torch (value heads); this module stays light for the CLIs
     from .scorers import ScorerRegistry

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
-from decoding.protocols import DecodeContext, Engine, Scorer
+from decoding.context import DecodeContext
+from decoding.protocols import Engine, Scorer
 
 from . import engine as vllm_engine  # vllm itself is imported inside its functions
 from .batching import BatchingContext, ScoreBatcher

@@ -39,8 +39,8 @@ from decoding.dual_rules import (
     soft_bon_simulation,
     tilted_safety_per_prompt,
 )
-from decoding.protocols import Sampling
 from decoding.strategies import STRATEGIES
+from decoding.types import Sampling
 
 from .errors import APIError
 from .protocol import AlignmentBase

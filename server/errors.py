@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from decoding.protocols import EngineRejected, EngineUnavailable
+from decoding.errors import EngineRejected, EngineUnavailable
 from decoding.strategies import STRATEGIES
 from runtime.batching import NonFiniteScore
 from runtime.remote_scorer import UpstreamUnavailable  # noqa: F401  (re-exported)

@@ -27,7 +27,7 @@ from types import FrameType
 
 import uvicorn
 
-from decoding.protocols import Sampling
+from decoding.types import Sampling
 
 from .errors import ServerDraining, error_response, to_api_error
 

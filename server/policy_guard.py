@@ -21,7 +21,7 @@ import math
 import os
 from pathlib import Path
 
-from decoding.protocols import Sampling
+from decoding.types import Sampling
 
 from .checkpoints import NOT_FOUND, CheckpointError, check_inside
 

@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from decoding.protocols import StrategyOptions
+from decoding.request import StrategyOptions
 from decoding.strategies import STRATEGIES
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from decoding.concurrency import gather_all
-from decoding.protocols import DecodeRequest, Objective, Sampling, Timer
+from decoding.request import DecodeRequest, Objective, Timer
+from decoding.types import Sampling
 from runtime.prompts import chat_prompt_ids
 from runtime.protocols import Runtime
 

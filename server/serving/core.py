@@ -22,8 +22,9 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from decoding.concurrency import gather_all
-from decoding.protocols import DecodeRequest, Sample, SampleDelta
+from decoding.request import DecodeRequest
 from decoding.seeds import choice_seed
+from decoding.types import Sample, SampleDelta
 from runtime.protocols import Runtime
 
 from .. import tracing

@@ -11,8 +11,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
-from decoding.protocols import DecodeResult, Objective, Sampling, Scorer
+from decoding.protocols import Scorer
+from decoding.request import DecodeResult, Objective
 from decoding.strategies import Strategy
+from decoding.types import Sampling
 
 from ..protocol import AlignmentBase
 from ..tools import ToolPlan

@@ -15,7 +15,8 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from decoding.protocols import DecodeResult, Sample
+from decoding.request import DecodeResult
+from decoding.types import Sample
 
 from ..errors import APIError, error_json
 from ..logprobs import TokenText, chat_logprobs, completion_logprobs

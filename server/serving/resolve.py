@@ -15,8 +15,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from decoding.dual import DualSolution
-from decoding.protocols import Objective, QScorer, Sampling, Scorer, TokenScorer
+from decoding.protocols import QScorer, Scorer, TokenScorer
+from decoding.request import Objective
 from decoding.strategies import STRATEGIES, Strategy
+from decoding.types import Sampling
 from runtime.protocols import Runtime
 from runtime.scorers import UnknownScorer
 from runtime.tools import load_parser, tool_schema

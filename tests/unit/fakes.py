@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
 
-from decoding.protocols import DecodeContext, Sample, SampleDelta, Sampling
+from decoding.context import DecodeContext
+from decoding.types import Sample, SampleDelta, Sampling
 
 WORDS = ["good", "bad", "nice", "darn", "great", "ok", "fine", "meh"]
 EOS = 9_999  # the fake model's end-of-sequence id (never a word; decodes to nothing)

@@ -13,8 +13,11 @@ import pytest
 from fakes import WORDS, FakeEngine, WordReward, make_app
 
 from decoding.aligner import NO_KL_WARNING, TEMPLATE, corrector_prompt
-from decoding.protocols import DecodeContext, DecodeRequest, EngineRejected, Objective, Sampling
+from decoding.context import DecodeContext
+from decoding.errors import EngineRejected
+from decoding.request import DecodeRequest, Objective
 from decoding.strategies import STRATEGIES
+from decoding.types import Sampling
 
 QUESTION = "say something nice"
 

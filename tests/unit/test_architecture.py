@@ -207,3 +207,17 @@ def test_no_import_cycles_among_project_modules():
     """Not at load time (a half-initialised module), nor through a function's deferred import:
     a library never reaches back into the command that uses it."""
     assert import_cycles() == []
+
+
+def test_the_engine_seam_is_layered():
+    """decoding's seam reads bottom-up: the data that crosses it (types.py) and what an engine
+    raises (errors.py) import no project module; the protocols only the data; a decoding job
+    (request.py) only those; the behaviour strategies use (context.py: DecodeContext) on top."""
+    known = {module_name(p) for pkg in PROJECT for p in modules(pkg)}
+    allowed = {"types": set(), "errors": set(), "protocols": {"types"},
+               "request": {"types", "protocols"},
+               "context": {"types", "protocols", "request"}}
+    found = {name: {m.removeprefix("decoding.")
+                    for m in project_imports(ROOT / "decoding" / f"{name}.py", known)}
+             for name in allowed}
+    assert {name: found[name] - ok for name, ok in allowed.items()} == {n: set() for n in allowed}

@@ -5,8 +5,10 @@ from pathlib import Path
 
 from fakes import FakeEngine, WordReward
 
-from decoding.protocols import DecodeContext, DecodeRequest, Objective, Sampling
+from decoding.context import DecodeContext
+from decoding.request import DecodeRequest, Objective
 from decoding.strategies import STRATEGIES
+from decoding.types import Sampling
 
 _PATH = Path(__file__).resolve().parents[2] / "bench" / "common.py"
 _spec = importlib.util.spec_from_file_location("bench_common_compute", _PATH)

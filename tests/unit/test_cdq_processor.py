@@ -18,8 +18,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from decoding.protocols import DecodeContext, DecodeRequest, SampleDelta, Sampling
+from decoding.context import DecodeContext
+from decoding.request import DecodeRequest
 from decoding.strategies import STRATEGIES
+from decoding.types import SampleDelta, Sampling
 from heads.processor import (
     ENV_HEADS,
     CdqTilt,

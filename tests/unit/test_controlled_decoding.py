@@ -11,9 +11,11 @@ import httpx
 import pytest
 from fakes import EOS, WORDS, FakeEngine, FakeFudgeHead, FakeQHead, WordReward, make_app
 
-from decoding.protocols import DecodeContext, DecodeRequest, Objective, Sample, Sampling
+from decoding.context import DecodeContext
+from decoding.request import DecodeRequest, Objective
 from decoding.strategies import STRATEGIES
 from decoding.tokenwise_cd import tilt
+from decoding.types import Sample, Sampling
 
 BLOCKWISE, TOKENWISE = STRATEGIES["blockwise_cd"], STRATEGIES["tokenwise_cd"]
 PROMPT = [101, 102, 103]
@@ -262,7 +264,7 @@ class TiltingToy(FakeEngine):
         self.step_kl, self.length = step_kl, length
 
     async def tilted(self, prompt_ids, sampling, tilt):
-        from decoding.protocols import SampleDelta
+        from decoding.types import SampleDelta
 
         n = self.length
         for k in range(n):

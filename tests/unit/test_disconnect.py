@@ -5,8 +5,10 @@ import asyncio
 import pytest
 from fakes import FakeEngine, WordReward
 
-from decoding.protocols import DecodeContext, DecodeRequest, Objective, Sampling
+from decoding.context import DecodeContext
+from decoding.request import DecodeRequest, Objective
 from decoding.strategies import STRATEGIES
+from decoding.types import Sampling
 from server.disconnect import ClientDisconnected, iterate_or_cancel, run_or_cancel
 
 

@@ -10,8 +10,8 @@ import pytest
 from fakes import FakeEngine, WordReward, make_app
 from test_eval_report import args as eval_args
 
+from decoding.context import DecodeContext
 from decoding.nash import distortion, distortion_terms
-from decoding.protocols import DecodeContext
 from evaluation.cli import evaluate
 from evaluation.metrics import Row, panel_distortion
 from evaluation.panel import Member, answer_terms, candidate_set, parse_panel

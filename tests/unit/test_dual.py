@@ -407,7 +407,7 @@ def test_auto_soft_best_of_n_predicts_its_safety_and_ess_from_the_reference(tmp_
 
 
 def test_sampling_and_policy_warnings():
-    from decoding.protocols import Sampling
+    from decoding.types import Sampling
     from server.constraint import constraint_report, stale_policy_warnings
 
     rec = {"model": "fake", "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,

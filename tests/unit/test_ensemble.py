@@ -7,8 +7,10 @@ import pytest
 from fakes import Exploding, FakeEngine, FakeFudgeHead, FixedScores
 
 from decoding.calibration import aggregate, loo_quantiles, win_rate
-from decoding.protocols import DecodeContext, DecodeRequest, Objective, Sampling
+from decoding.context import DecodeContext
+from decoding.request import DecodeRequest, Objective
 from decoding.strategies import STRATEGIES
+from decoding.types import Sampling
 from runtime import ensemble
 from runtime.remote_scorer import UpstreamUnavailable
 from runtime.scorers import ScorerRegistry, UnknownScorer

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from fakes import FakeEngine, WordReward
 
+from decoding.context import DecodeContext
 from decoding.kl import bon_kl_bound
-from decoding.protocols import DecodeContext
 from evaluation.cli import add_arguments, evaluate, main
 from evaluation.judge import PLOT, parse_judges
 from evaluation.runners import Answer, InProcessRunner, RunConfig

@@ -9,7 +9,8 @@ import math
 import pytest
 from fakes import FakeEngine, WordReward
 
-from decoding.protocols import DecodeContext, Sample
+from decoding.context import DecodeContext
+from decoding.types import Sample
 from evaluation.cli import add_arguments, evaluate_prefill
 from evaluation.prefill import PLOT, load_attacks, prefill_items
 from evaluation.runners import InProcessRunner, RunConfig

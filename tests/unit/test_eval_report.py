@@ -13,8 +13,8 @@ import httpx
 import pytest
 from fakes import FakeEngine, WordReward, make_app
 
+from decoding.context import DecodeContext
 from decoding.kl import bon_kl_bound, selection_kl_bound
-from decoding.protocols import DecodeContext
 from evaluation.cli import add_arguments, evaluate
 from evaluation.report import PLOTS
 from evaluation.runners import Answer, HttpRunner, InProcessRunner, RunConfig

@@ -18,17 +18,12 @@ import httpx
 import numpy as np
 import pytest
 
+from decoding.context import DecodeContext
+from decoding.errors import EngineRejected, EngineUnavailable
 from decoding.kl import bon_kl_bound, bon_kl_estimate
-from decoding.protocols import (
-    DecodeContext,
-    DecodeRequest,
-    EngineRejected,
-    EngineUnavailable,
-    Objective,
-    Sample,
-    Sampling,
-)
+from decoding.request import DecodeRequest, Objective
 from decoding.strategies import STRATEGIES
+from decoding.types import Sample, Sampling
 from tests.unit.fakes import FakeEngine, WordReward, make_app
 
 

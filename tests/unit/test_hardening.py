@@ -18,7 +18,8 @@ from fakes import FakeEngine, WordReward, make_app
 from prometheus_client import CollectorRegistry
 
 import runtime.scorers as scorers_mod
-from decoding.protocols import DecodeRequest, Sample, Sampling
+from decoding.request import DecodeRequest
+from decoding.types import Sample, Sampling
 from runtime.batching import BatchingContext, NonFiniteScore, ScoreBatcher, check_finite
 from runtime.protocols import Runtime
 from runtime.scorers import ScorerRegistry, UnknownScorer

@@ -16,8 +16,10 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from decoding.protocols import DecodeContext, DecodeRequest, Objective, Sampling
+from decoding.context import DecodeContext
+from decoding.request import DecodeRequest, Objective
 from decoding.strategies import STRATEGIES
+from decoding.types import Sampling
 from tests.unit.fakes import EOS, FakeEngine, FakeFudgeHead, WordReward, make_app
 
 FAST = settings(max_examples=100, deadline=None, derandomize=True,  # the same cases every run
@@ -162,7 +164,7 @@ class Scripted(FakeEngine):
         self.blocks = [[self.tokenizer.vocab[w] for w in b] for b in blocks]
 
     async def generate(self, prompt_ids, n, sampling):
-        from decoding.protocols import Sample
+        from decoding.types import Sample
 
         ids = self.blocks.pop(0)
         self.generated_tokens += n * len(ids)
@@ -219,7 +221,7 @@ class ToyPolicy(FakeEngine):
         return {t: w / total for t, w in weights.items()}
 
     async def generate(self, prompt_ids, n, sampling):
-        from decoding.protocols import Sample
+        from decoding.types import Sample
 
         law = self.law(tuple(prompt_ids[len(PROMPT_IDS):]))
         self.generated_tokens += n

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from fakes import Exploding, FakeEngine, FixedScores
 
+from decoding.context import DecodeContext
 from decoding.nash import (
     condorcet_winner,
     distortion,
@@ -15,8 +16,9 @@ from decoding.nash import (
     preference_matrix,
     welfare,
 )
-from decoding.protocols import DecodeContext, DecodeRequest, Objective, Sampling
+from decoding.request import DecodeRequest, Objective
 from decoding.strategies import STRATEGIES
+from decoding.types import Sampling
 from runtime import ensemble
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "say something good"}],

@@ -82,7 +82,7 @@ async def test_best_of_n_span_tree(spans, caplog):
 async def test_speculative_rejection_one_span_per_track_pruned_ones_aborted(spans):
     from test_speculative_rejection import SPR, Inline, request
 
-    from decoding.protocols import DecodeContext
+    from decoding.context import DecodeContext
     from server import tracing
 
     tracer, exporter = spans

@@ -12,9 +12,11 @@ import pytest
 from fakes import FakeEngine, FakeFudgeHead, WordReward, make_app
 
 import decoding.particle_filtering as pf
+from decoding.context import DecodeContext
 from decoding.particle_filtering import effective_sample_size, normalised, systematic_resample
-from decoding.protocols import DecodeContext, DecodeRequest, Objective, Sampling
+from decoding.request import DecodeRequest, Objective
 from decoding.strategies import STRATEGIES
+from decoding.types import Sampling
 
 PF = STRATEGIES["particle_filtering"]
 PROMPT = [101, 102, 103]

@@ -12,7 +12,7 @@ import pytest
 from fakes import FakeEngine, make_app
 from openai.types.responses import Response, ResponseFunctionToolCall
 
-from decoding.protocols import Sample
+from decoding.types import Sample
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 from fakes import FakeEngine, WordReward
 
-from decoding.protocols import DecodeContext
+from decoding.context import DecodeContext
 from runtime.prompts import PromptItem, chat_prompt_ids
 from runtime.protocols import Runtime
 from runtime.scorers import ScorerRegistry

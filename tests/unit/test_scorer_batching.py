@@ -10,8 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fakes import FakeEngine, WordReward
 
-from decoding.protocols import DecodeContext, DecodeRequest, Objective, Sample, Sampling
+from decoding.context import DecodeContext
+from decoding.request import DecodeRequest, Objective
 from decoding.strategies import STRATEGIES
+from decoding.types import Sample, Sampling
 from runtime.batching import BatchingContext, ScoreBatcher, score_pairs
 
 WINDOW = 0.05  # every call below is submitted in one loop iteration, long before it ends

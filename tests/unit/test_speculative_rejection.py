@@ -5,11 +5,13 @@ from concurrent.futures import Executor, Future
 import pytest
 from fakes import Exploding, FakeEngine, FakeFudgeHead, WordReward
 
+from decoding.context import DecodeContext
 from decoding.kl import selection_kl_bound
-from decoding.protocols import DecodeContext, DecodeRequest, Objective, SampleDelta, Sampling
+from decoding.request import DecodeRequest, Objective
 from decoding.seeds import derive_seed
 from decoding.speculative_rejection import decision_points
 from decoding.strategies import STRATEGIES
+from decoding.types import SampleDelta, Sampling
 
 SPR = STRATEGIES["speculative_rejection"]
 PROMPT = [101, 102, 103]

@@ -5,9 +5,11 @@ from collections import Counter
 import pytest
 from fakes import Exploding, FakeEngine, FixedScores, WordReward
 
+from decoding.context import DecodeContext
 from decoding.kl import bon_kl_bound, bon_kl_estimate
-from decoding.protocols import DecodeContext, DecodeRequest, Objective, Sampling
+from decoding.request import DecodeRequest, Objective
 from decoding.strategies import STRATEGIES, soft_weights
+from decoding.types import Sampling
 
 
 def request(n=4, objective=None, **kw) -> DecodeRequest:

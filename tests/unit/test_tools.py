@@ -9,7 +9,7 @@ import httpx
 import pytest
 from fakes import FakeEngine, make_app
 
-from decoding.protocols import Sample
+from decoding.types import Sample
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",

@@ -102,7 +102,7 @@ async def test_tokenwise_traces_per_token_kl_and_the_strongest_pushes():
     from fakes import FakeQHead
     from test_controlled_decoding import LOGP, TOKENWISE, Q, tokenwise
 
-    from decoding.protocols import DecodeContext
+    from decoding.context import DecodeContext
 
     engine = FakeEngine()
     engine.next_logprobs = dict(LOGP)
