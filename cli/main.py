@@ -19,8 +19,8 @@ from dual import cli as dual_cli
 from evaluation import cli as eval_cli
 from finetune import cli as finetune_cli
 from runtime.settings import ENGINE_FLAGS, ConfigError, engine_settings
+from server.observability.request_ids import configure_logging
 from server.settings import Settings
-from server.tracing import configure_logging
 from valuenet import cli as train_value_cli
 from valuenet import rollouts_cli
 

@@ -19,9 +19,9 @@ from pydantic import ValidationError
 from server.app import build_app
 from server.auth import KeyRing, check_open
 from server.lifecycle import POST_DRAIN_GRACE_S, DrainingServer
+from server.observability.request_ids import configure_logging
 from server.presets import parse_preset_flags
 from server.settings import ConfigError, Settings
-from server.tracing import configure_logging
 
 HELP = "Serve the OpenAI-compatible API."
 DESCRIPTION = ("Serve the OpenAI-compatible API. Every flag is also an environment variable "
@@ -123,7 +123,7 @@ async def _serve(settings: Settings) -> None:
         # flushes finished responses.
         config = uvicorn.Config(app, host=settings.host, port=settings.port,
                                 log_level=settings.log_level.lower(),
-                                access_log=False,  # ours has the request id (tracing.py)
+                                access_log=False,  # ours has the request id (request_ids.py)
                                 log_config=None,  # keep the root handler configure_logging set
                                 timeout_graceful_shutdown=int(POST_DRAIN_GRACE_S))
         await DrainingServer(config, app.state.lifecycle, settings.drain_timeout_s).serve()
@@ -134,10 +134,11 @@ async def _serve(settings: Settings) -> None:
 
 
 def _tracer(settings: Settings):
-    """OpenTelemetry spans to `otlp_traces_endpoint` (server/otel.py); None when unset."""
+    """OpenTelemetry spans to `otlp_traces_endpoint` (server/observability/tracing.py); None
+    when unset."""
     if not settings.otlp_traces_endpoint:
         return None
-    from server.otel import Tracing
+    from server.observability.tracing import Tracing
 
     try:
         return Tracing.to_endpoint(settings.otlp_traces_endpoint)

@@ -23,8 +23,8 @@ class DecodeContext:
 
     engine: Engine
     executor: Executor | None = None
-    # Tracing hook (server/otel.py): a context manager around each score call, given a span
-    # name and attributes; None: off.
+    # Tracing hook (server/observability/tracing.py): a context manager around each score
+    # call, given a span name and attributes; None: off.
     span: Callable[[str, dict[str, Any]], AbstractContextManager[Any]] | None = None
 
     def _span(self, name: str, attrs: dict[str, Any]) -> AbstractContextManager[Any]:

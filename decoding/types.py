@@ -28,7 +28,8 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     top_logprobs: int = 0  # also return the top-k next-token log-probs at each position
-    adapter: str | None = None  # a registered LoRA adapter (server/policies.py); None: the policy
+    # a registered LoRA adapter (server/policy/manager.py); None: the policy
+    adapter: str | None = None
     # vLLM's extra sampling controls (neutral defaults = off). Every engine call of every
     # strategy carries them, so selection happens among candidates that obey them.
     presence_penalty: float = 0.0

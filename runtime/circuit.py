@@ -14,7 +14,7 @@ The three numbers are settings (runtime/settings.py `remote_scorer_breaker_*`), 
 `BreakerConfig`.
 
 Thread-safe: score calls run in the scorer threads. The state and counts are read at scrape
-time (server/metrics.py).
+time (server/observability/metrics.py).
 """
 
 from __future__ import annotations

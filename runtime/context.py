@@ -1,6 +1,7 @@
-"""The id of the request being served, in a context variable: the server's request-id
-middleware (server/tracing.py) sets it, the engine (engine.py) prefixes its request ids with it so
-that engine log lines and aborts name the HTTP request. Offline tools never set it."""
+"""The id of the request being served, in a context variable: the server's request-id middleware
+(server/observability/request_ids.py) sets it, the engine (engine.py) prefixes its request ids
+with it so that engine log lines and aborts name the HTTP request. Offline tools never set
+it."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ def current_request_id() -> str | None:
     return request_id.get()
 
 
-# The engine span whose trace context the next engine request carries: server/otel.py sets
-# (tracing, span) around each engine call, runtime/engine.py passes its headers to vLLM.
+# The engine span whose trace context the next engine request carries:
+# server/observability/tracing.py sets (tracing, span) around each engine call,
+# runtime/engine.py passes its headers to vLLM.
 engine_span: contextvars.ContextVar[Any] = contextvars.ContextVar("alignserve_engine_span",
                                                                   default=None)
 

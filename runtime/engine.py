@@ -138,7 +138,7 @@ class VllmEngine:
         # that requests omitting a field get, as in vLLM's OpenAI server (server/fields.py).
         self.sampling_defaults = dict(self._llm.model_config.get_diff_sampling_param())
         self.eos_token_ids = _eos_ids(self.tokenizer, self._llm.model_config)
-        self.model_path = model  # the base policy: swapping back reloads from here (policies.py)
+        self.model_path = model  # the base policy: swapping back reloads from here (server/policy/)
         self.lora_enabled = enable_lora
         self._adapters: dict = {}  # name -> vllm LoRARequest
         # LoRA ids from a counter: len(_adapters) + 1 would reuse a live id after a removal
@@ -169,7 +169,7 @@ class VllmEngine:
         self, prompt_ids: Sequence[int], sampling: Sampling
     ) -> AsyncGenerator[SampleDelta, None]:
         # The same one engine request as `stream`; the protocol keeps both names so traces
-        # tell a plain stream from a speculative-rejection track (server/otel.py).
+        # tell a plain stream from a speculative-rejection track (server/observability/tracing.py).
         return self._deltas(prompt_ids, sampling)
 
     async def tilted(
@@ -233,7 +233,8 @@ class VllmEngine:
         await self._llm.check_health()
 
     async def reload_weights(self, path: str) -> None:
-        """Load a checkpoint of the same architecture in place (server.policies validated it).
+        """Load a checkpoint of the same architecture in place (server.policy.manager validated
+        it).
         The scheduler is paused first, waiting for any engine request still running (the server
         drains its own first), so no step ever mixes old and new weights; requests added
         meanwhile queue in the engine until it resumes."""
@@ -254,7 +255,7 @@ class VllmEngine:
         self._adapters[name] = request
 
     async def remove_adapter(self, name: str) -> None:
-        """Unload a LoRA adapter (server/policies.py first lets running requests finish)."""
+        """Unload a LoRA adapter (server/policy/manager.py first lets running requests finish)."""
         request = self._adapters.pop(name)
         if not await self._llm.remove_lora(request.lora_int_id):
             raise RuntimeError(f"vLLM did not unload the adapter {name!r}")
@@ -322,7 +323,8 @@ class VllmEngine:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-        # The HTTP request's id (server/tracing.py) as prefix: vLLM's logs name the request.
+        # The HTTP request's id (server/observability/request_ids.py) as prefix: vLLM's logs
+        # name the request.
         request_id = f"{current_request_id() or 'as'}-{uuid.uuid4().hex}"
         finished = False
         try:

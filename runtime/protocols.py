@@ -33,7 +33,7 @@ class Tokenizer(Protocol):
 class ServingEngine(Engine, Protocol):
     """`decoding.Engine` plus what serving needs: tokenizer and context length (prompt
     rendering, limits, /v1/models), health and load (probes, metrics, admin status), weight and
-    adapter swaps (server/policies.py) and shutdown (`open_runtime`)."""
+    adapter swaps (server/policy/manager.py) and shutdown (`open_runtime`)."""
 
     @property
     def tokenizer(self) -> Tokenizer: ...
@@ -85,7 +85,7 @@ class Runtime:
     scorers: ScorerRegistry
     ctx: DecodeContext
     model_name: str
-    adapters: dict[str, str] = field(default_factory=dict)  # LoRA name -> folder (policies.py)
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA name -> folder (server/policy/)
 
     def close(self) -> None:
         """Stop the engine (its worker processes) and the scorer threads."""

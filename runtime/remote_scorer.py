@@ -74,7 +74,7 @@ class _BadAnswer(ValueError):
 
 @dataclass
 class RemoteStats:
-    """Counters read at scrape time (server/metrics.py)."""
+    """Counters read at scrape time (server/observability/metrics.py)."""
 
     requests: dict[str, int] = field(default_factory=dict)  # outcome -> HTTP requests
     retries: int = 0

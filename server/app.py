@@ -38,16 +38,16 @@ from .errors import (
     to_api_error,
 )
 from .lifecycle import DrainGate, Lifecycle
-from .metrics import Metrics
-from .otel import TracedEngine, TraceRequests, Tracing
-from .policies import PolicyManager
-from .policy_file import PolicyFileWatcher
+from .observability.metrics import Metrics
+from .observability.request_ids import RequestIds
+from .observability.tracing import TracedEngine, TraceRequests, Tracing
+from .policy.file import PolicyFileWatcher
+from .policy.manager import PolicyManager
 from .routes import ROUTERS
 from .routes.tokenizer import package_version
 from .serving import Admission, ChatServing, CompletionServing, ResponsesServing, ServingCore
 from .serving.render import StrictJSONResponse
 from .settings import Settings
-from .tracing import RequestIds
 
 
 class BodyLimit:
@@ -83,8 +83,8 @@ def build_app(
     settings: Settings, runtime: Runtime, registry: CollectorRegistry = REGISTRY,
     tracer: Tracing | None = None,
 ) -> FastAPI:
-    """`tracer`: OpenTelemetry spans (server/otel.py); None: from `otlp_traces_endpoint`
-    (off when unset)."""
+    """`tracer`: OpenTelemetry spans (server/observability/tracing.py); None: from
+    `otlp_traces_endpoint` (off when unset)."""
     keys = KeyRing.from_settings(settings)  # bad key configuration fails here, at start-up
     warn_if_open(keys, settings)
     if tracer is None and settings.otlp_traces_endpoint:

@@ -47,7 +47,7 @@ from .protocol import AlignmentBase
 
 # Soft best-of-n's simulation: prompts × draws × n scores at most (a few tens of MB).
 _SIMULATION_CELLS = 4_000_000
-BASE_POLICY = "base"  # server/policies.py: the checkpoint the engine started from
+BASE_POLICY = "base"  # server/policy/manager.py: the checkpoint the engine started from
 
 
 def load_dual(path: Path | None) -> DualSolution | None:
@@ -141,7 +141,7 @@ def sampling_warnings(dual: DualSolution, sampling: Sampling, model: str) -> lis
 
 def stale_policy_warnings(a: AlignmentBase | None, dual: DualSolution | None,
                           policy: str) -> list[str]:
-    """After a policy swap the dual describes another checkpoint (server/policies.py): its
+    """After a policy swap the dual describes another checkpoint (server/policy/manager.py): its
     reference samples came from the engine's start-up model, policy "base"."""
     if a is None or a.cost_weight != "auto" or dual is None or policy == BASE_POLICY:
         return []

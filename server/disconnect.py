@@ -40,8 +40,8 @@ class Cutoff:
     """When a request's work must stop although its client is still there: `timeout_s` after
     it started (the request timeout), or as soon as `abort` is set (the lifecycle sets it when
     the drain deadline passes), or as soon as one of `stops` is set (event, the error to end
-    with: a policy swap's drain deadline, server/policies.py; the start of a drain for requests
-    still queued at the policy gate)."""
+    with: a policy swap's drain deadline, server/policy/manager.py; the start of a drain for
+    requests still queued at the policy gate)."""
 
     timeout_s: float | None = None
     abort: asyncio.Event | None = None

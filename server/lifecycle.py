@@ -6,7 +6,8 @@ a pod that is finishing its work must not be restarted.
 
 Drain, in order:
 1. `begin_drain`: `/ready` fails, new `/v1/*` requests get 503 + Retry-After (`DrainGate`), and
-   requests queued at the policy gate during a swap get 503 + Retry-After (server/policies.py);
+   requests queued at the policy gate during a swap get 503 + Retry-After
+   (server/policy/manager.py);
 2. in-flight requests (streams included: they hold their admission slot to the end) run to
    completion, for at most `drain_timeout_s`;
 3. past that deadline `abort` is set: every request still running has its engine work cancelled

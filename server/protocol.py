@@ -597,7 +597,7 @@ class AdminStatus(BaseModel):
     policy: str | None = Field(None, description="Active policy (see /admin/policies).")
     policy_file: dict | None = Field(
         None, description="Policy file this replica follows: path, generation applied (content "
-        "hash), active policy, when, and the last error (server/policy_file.py).")
+        "hash), active policy, when, and the last error (server/policy/file.py).")
 
 
 class PolicyCreate(BaseModel):

@@ -20,7 +20,7 @@ from runtime.settings import (  # noqa: F401  (re-exported: the server's one set
     parse_value_heads,
 )
 
-from .policy_file import load_policy_file
+from .policy.file import load_policy_file
 from .presets import load_presets_file, parse_preset
 
 

@@ -3,11 +3,11 @@
 Handlers are thin: they read the objects `build_app` put on `app.state` and call them.
 """
 
-from ..policies import router as policies
 from .lora import router as lora
 from .openai import router as openai
 from .ops import router as ops
 from .playground import router as playground
+from .policies import router as policies
 from .responses import router as responses
 from .tokenizer import router as tokenizer
 

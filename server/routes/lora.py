@@ -1,6 +1,6 @@
 """vLLM's runtime LoRA routes, `POST /v1/load_lora_adapter` and `POST /v1/unload_lora_adapter`,
-on the machinery of `POST /admin/policies` (server/policies.py: `policy_root`, the adapter cap,
-draining before an unload). Same request bodies and plain-text answers as vLLM's server, so
+on the machinery of `POST /admin/policies` (server/policy/manager.py: `policy_root`, the adapter
+cap, draining before an unload). Same request bodies and plain-text answers as vLLM's server, so
 scripts written for it work; unlike vLLM (where an environment variable opens them to anyone)
 they need the admin key (server/auth.py `ADMIN_ROUTES`)."""
 
@@ -10,9 +10,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..checkpoints import is_adapter
 from ..errors import APIError, error_responses
-from ..policies import PolicyManager
+from ..policy.checkpoints import is_adapter
+from ..policy.manager import PolicyManager
 from ..protocol import PolicyCreate
 
 router = APIRouter(tags=["admin"], include_in_schema=False)  # admin: not in the public document

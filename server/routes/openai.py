@@ -46,6 +46,6 @@ async def models(request: Request) -> ModelList:
                          alignment=p.alignment, description=p.description)
                for p in request.app.state.serving.resolver.presets]
     adapters = [ModelCard(id=name, root=name, parent=base, max_model_len=max_len)
-                for name in rt.adapters]  # LoRA adapters (server/policies.py)
+                for name in rt.adapters]  # LoRA adapters (server/policy/manager.py)
     return ModelList(data=[ModelCard(id=base, root=base, max_model_len=max_len), *presets,
                            *adapters])

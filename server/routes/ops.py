@@ -20,7 +20,7 @@ router = APIRouter(tags=["operations"])
 @router.get("/health", response_model=ProbeStatus, responses=_PROBE)
 async def health(request: Request):
     """Liveness: 503 when the engine is dead, or when a failed policy swap left the weights in
-    an unknown state (server/policies.py): a restart is the way back to known weights."""
+    an unknown state (server/policy/manager.py): a restart is the way back to known weights."""
     if request.app.state.policies.weights_unknown:
         return JSONResponse({"status": "weights_unknown"}, status_code=503)
     try:

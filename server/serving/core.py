@@ -27,13 +27,13 @@ from decoding.seeds import choice_seed
 from decoding.types import Sample, SampleDelta
 from runtime.protocols import Runtime
 
-from .. import tracing
 from ..constraint import load_dual
 from ..errors import APIError, to_api_error
 from ..lifecycle import Lifecycle
 from ..logprobs import TokenText
-from ..metrics import Metrics
-from ..policies import PolicyManager
+from ..observability import request_ids
+from ..observability.metrics import Metrics
+from ..policy.manager import PolicyManager
 from ..settings import Settings
 from . import render
 from .admission import Admission
@@ -99,8 +99,9 @@ class ServingCore:
         return answers
 
     def note_answers(self, rr: ResolvedRequest, answers: list[Answer]) -> None:
-        """What the access log line reports about the answers (server/tracing.py)."""
-        record = tracing.current()
+        """What the access log line reports about the answers (the access log:
+        server/observability/request_ids.py)."""
+        record = request_ids.current()
         if record is None:
             return
         u = render.usage(rr, answers)
@@ -239,7 +240,7 @@ class _Timing:
         now = time.perf_counter()
         if self.last is None:
             self.ttft.observe(now - self.t0)
-            record = tracing.current()
+            record = request_ids.current()
             if record is not None:
                 record.first_token_s = now - self.t0
         else:

@@ -28,10 +28,10 @@ from ..constraint import constraint_report, with_rule_options
 from ..constraint import resolve as resolve_objective
 from ..errors import APIError
 from ..fields import check_fields, default_max_tokens, sampling_fields, wants_logprobs
+from ..observability.request_ids import current_request_id
 from ..presets import Preset, PresetBook
 from ..protocol import AlignmentBase, ChatCompletionRequest, CompletionRequest
 from ..settings import Settings
-from ..tracing import current_request_id
 from .data import Kind, Prompt, ResolvedRequest
 
 Request = ChatCompletionRequest | CompletionRequest

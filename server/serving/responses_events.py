@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..logprobs import TokenText
+from ..observability.request_ids import current_request_id
 from ..protocol import (
     AlignmentInfo,
     ResponseObject,
@@ -30,7 +31,6 @@ from ..protocol import (
     ResponsesRequest,
     ResponsesUsage,
 )
-from ..tracing import current_request_id
 from . import render
 from .data import Answer, ResolvedRequest
 

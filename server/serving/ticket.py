@@ -2,7 +2,7 @@
 
 Per request: a slot of `Admission` (429 when full, or when this client already holds its
 share), the in-flight gauge, a policy lease (a swap waits for it; during a swap the request
-queues at `start`, server/policies.py) and a `Cutoff` (504 on timeout, 503 past the drain
+queues at `start`, server/policy/manager.py) and a `Cutoff` (504 on timeout, 503 past the drain
 deadline or past a policy swap's drain deadline); the work is cancelled if the client
 disconnects.
 
@@ -26,11 +26,11 @@ from typing import Any, TypeVar
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
-from .. import tracing
 from ..auth import client_identity
 from ..constraint import stale_policy_warnings
 from ..disconnect import ClientDisconnected, Cutoff, iterate_or_cancel, run_or_cancel
 from ..errors import APIError, RequestTimeout, ServerDraining, to_api_error
+from ..observability import request_ids
 from . import render
 from .core import ServingCore
 from .data import Answer, ResolvedRequest
@@ -38,7 +38,7 @@ from .data import Answer, ResolvedRequest
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-POLICY_HEADER = "X-Alignserve-Policy"  # the policy that answered (server/policies.py)
+POLICY_HEADER = "X-Alignserve-Policy"  # the policy that answered (server/policy/manager.py)
 # Streams through proxies: never cache, never buffer (nginx honours X-Accel-Buffering).
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Past the deadline a stream still sends its in-band error and [DONE]: this long at most.
@@ -64,7 +64,7 @@ class Ticket:
         self._lease = core.policies.lease()
         self._held = True
         self.headers: dict[str, str] = {}
-        record = tracing.current()
+        record = request_ids.current()
         if record is not None:
             record.strategy = strategy
 
@@ -105,7 +105,7 @@ class Ticket:
         rr.warnings.extend(stale_policy_warnings(rr.alignment, self.core.resolver.dual,
                                                  rr.policy))
         self.headers = {POLICY_HEADER: rr.policy}
-        record = tracing.current()
+        record = request_ids.current()
         if record is not None:
             record.policy, record.model = rr.policy, rr.model
         response.headers.update(self.headers)

@@ -51,7 +51,7 @@ def _rollouts(folder: Path, base: Path) -> None:
 
 
 def test_finetune_bond_writes_a_hot_swappable_checkpoint(tmp_path):
-    from server.checkpoints import check_compatible, inspect
+    from server.policy.checkpoints import check_compatible, inspect
 
     base = embedded_model_dir(Settings().home)
     folder = tmp_path / "rollouts"

@@ -1,4 +1,4 @@
-"""A fleet on one policy file (server/policy_file.py) with real engines: two servers watch the
+"""A fleet on one policy file (server/policy/file.py) with real engines: two servers watch the
 same file; it changes under streaming load; both swap with zero failed requests (streams in
 flight finish on the old policy, later ones run on the new one); a third server started
 afterwards comes up on the new policy before it reports ready. Prints the propagation time
@@ -21,7 +21,7 @@ import pytest
 from live import serving, start, stop, wait_healthy, wait_until
 
 from runtime.model_prep import embedded_model_dir
-from server.policy_file import parse_policy_file
+from server.policy.file import parse_policy_file
 from server.settings import Settings
 
 pytestmark = pytest.mark.integration

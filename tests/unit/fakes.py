@@ -65,7 +65,7 @@ class FakeEngine:
         # The policy's next-token log-probs at every position, reported as the top k when a
         # call asks for top_logprobs (the sampled tokens stay uniform over WORDS).
         self.next_logprobs: dict[int, float] = {i: math.log(1 / 8) for i in range(len(WORDS))}
-        # Policy hot-swap (server/policies.py): the "weights" are the path last loaded.
+        # Policy hot-swap (server/policy/manager.py): the "weights" are the path last loaded.
         self.model_path: str | None = None
         self.weights: str | None = None
         self.reloads: list[str] = []
@@ -293,7 +293,7 @@ class Exploding:
 
 def make_app(engine: FakeEngine | None = None, tracer=None, **overrides):
     """The real app factory around the fakes, with tight limits to test them (`tracer`:
-    server.otel.Tracing)."""
+    server.observability.tracing.Tracing)."""
     from runtime.protocols import Runtime
     from runtime.scorers import ScorerRegistry
     from server.app import build_app

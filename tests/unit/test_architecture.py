@@ -221,3 +221,18 @@ def test_the_engine_seam_is_layered():
                     for m in project_imports(ROOT / "decoding" / f"{name}.py", known)}
              for name in allowed}
     assert {name: found[name] - ok for name, ok in allowed.items()} == {n: set() for n in allowed}
+
+
+def test_server_policy_and_observability_sit_below_the_request_path():
+    """server/policy/ (hot-swap) and server/observability/ (request ids, tracing, metrics) are
+    used by the routes and the serving path, never the other way round; every HTTP route is an
+    APIRouter in server/routes/, so the policy manager holds no routes of its own."""
+    known = {module_name(p) for pkg in PROJECT for p in modules(pkg)}
+    above = ("server.routes", "server.serving", "server.app")
+    found = [f"{p.relative_to(ROOT)} imports {m}" for sub in ("policy", "observability")
+             for p in sorted((ROOT / "server" / sub).glob("*.py"))
+             for m in sorted(project_imports(p, known)) if m.startswith(above)]
+    assert found == []
+    routers = [str(p.relative_to(ROOT)) for p in modules("server")
+               if "APIRouter(" in p.read_text() and p.parent.name != "routes"]
+    assert routers == []

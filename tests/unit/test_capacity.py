@@ -16,7 +16,7 @@ from test_policies import ADMIN, AUTH, CHAT, assert_error, write_adapter, write_
 
 from server.auth import client_identity
 from server.errors import APIError
-from server.policy_file import PolicyFileWatcher
+from server.policy.file import PolicyFileWatcher
 from server.serving import ticket
 
 STREAM = {**CHAT, "stream": True}

@@ -263,7 +263,7 @@ async def test_control_characters_in_the_path_cannot_forge_log_lines(caplog):
 
 
 def test_log_safe_keeps_ordinary_text():
-    from server.tracing import log_safe
+    from server.observability.request_ids import log_safe
 
     assert log_safe("/v1/chat/completions") == "/v1/chat/completions"
     assert log_safe("é ü") == "é ü"

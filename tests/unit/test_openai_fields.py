@@ -12,8 +12,8 @@ import httpx
 import pytest
 from fakes import FakeEngine, FakeQHead, make_app
 
-from server import tracing
 from server.fields import UNSUPPORTED, default_max_tokens, resolve_defaults
+from server.observability import request_ids
 from server.protocol import ChatCompletionRequest
 
 CHAT = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
@@ -304,7 +304,7 @@ class _IdEngine(FakeEngine):
         self.ids: list[str | None] = []
 
     async def generate(self, prompt_ids, n, sampling):
-        self.ids.append(tracing.current_request_id())
+        self.ids.append(request_ids.current_request_id())
         return await super().generate(prompt_ids, n, sampling)
 
 
@@ -342,7 +342,7 @@ def test_json_log_lines_carry_the_request_id():
     record = logging.LogRecord("alignserve.access", logging.INFO, __file__, 1, "POST %s", ("/x",),
                                None)
     record.request_id, record.access = "abc", {"status": 200}
-    out = json.loads(tracing.JsonFormatter().format(record))
+    out = json.loads(request_ids.JsonFormatter().format(record))
     assert out["request_id"] == "abc" and out["message"] == "POST /x"
     assert out["access"] == {"status": 200}
 

@@ -1,5 +1,5 @@
-"""OpenTelemetry tracing (server/otel.py) on the fake engine, spans kept in memory: the span
-tree of a request, its attributes, the trace context handed to the engine, and the
+"""OpenTelemetry tracing (server/observability/tracing.py) on the fake engine, spans kept in
+memory: the span tree of a request, its attributes, the trace context handed to the engine, and the
 configuration errors of `--otlp-traces-endpoint`."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E4
 )
 
 from cli.main import main  # noqa: E402
-from server import otel  # noqa: E402
+from server.observability import tracing as otel  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 
@@ -83,18 +83,18 @@ async def test_speculative_rejection_one_span_per_track_pruned_ones_aborted(span
     from test_speculative_rejection import SPR, Inline, request
 
     from decoding.context import DecodeContext
-    from server import tracing
+    from server.observability import request_ids
 
     tracer, exporter = spans
     engine = FakeEngine(full_length=True, seed=5)
     ctx = DecodeContext(otel.TracedEngine(engine, tracer), Inline(), span=tracer.span)
-    record = tracing.RequestRecord("r1", "POST", "/v1/chat/completions")
+    record = request_ids.RequestRecord("r1", "POST", "/v1/chat/completions")
     record.span = tracer.request_span("request", {})
-    token = tracing._CURRENT.set(record)
+    token = request_ids._CURRENT.set(record)
     try:
         res = await SPR.run(request(8, 0.5, 4), ctx)
     finally:
-        tracing._CURRENT.reset(token)
+        request_ids._CURRENT.reset(token)
         record.span.end()
     _, children = _tree(exporter)
     tracks = [s for s in children if s.name == "engine.stream_sequence"]

@@ -13,7 +13,7 @@ import pytest
 from fakes import FakeEngine, make_app
 from safetensors.numpy import save_file
 
-from server.checkpoints import CheckpointError, inspect
+from server.policy.checkpoints import CheckpointError, inspect
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "say something good"}],
         "max_tokens": 8}
@@ -321,7 +321,7 @@ async def test_request_past_the_drain_deadline_gets_503_and_the_swap_goes_on(eng
 
 
 async def test_swap_whose_stragglers_do_not_stop_is_cancelled(engine, tuned, monkeypatch):
-    import server.policies as policies
+    import server.policy.manager as policies
 
     monkeypatch.setattr(policies, "EVICT_GRACE_S", 0.05)
     app = make_app(engine, admin_key=ADMIN, policy_drain_timeout_s=0.05, retry_after_s=2)

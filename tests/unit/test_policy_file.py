@@ -1,4 +1,4 @@
-"""Fleet-wide policies (server/policy_file.py) with fake engines: two replicas on one policy file
+"""Fleet-wide policies (server/policy/file.py) with fake engines: two replicas on one policy file
 swap together under streaming load with no failed request; a replica started afterwards is on
 the new policy before it reports ready; bad changes keep the old policy and say why."""
 
@@ -13,7 +13,7 @@ from fakes import FakeEngine, make_app
 from pydantic import ValidationError
 from test_policies import ADMIN, AUTH, CHAT, client_for, until, write_checkpoint
 
-from server.policy_file import parse_policy_file
+from server.policy.file import parse_policy_file
 from server.settings import Settings
 
 

@@ -1,4 +1,4 @@
-"""The policy gate and the lease each request holds on it (server/policies.py has the swap).
+"""The policy gate and the lease each request holds on it (server/policy/manager.py has the swap).
 
 Readers are requests, the writer is a swap (or an adapter removal). The lease refuses to run a
 request on weights in an unknown state (after a reload and its restore both failed).
@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from .errors import APIError
-
-if TYPE_CHECKING:
-    from .policies import PolicyManager
+from ..errors import APIError
 
 
 class PolicyGate:
@@ -71,11 +68,21 @@ class PolicyGate:
         await self._idle.wait()
 
 
+class GateHolder(Protocol):
+    """What a lease reads from the policy manager (`PolicyManager`, which holds the gate): named
+    here so the gate does not import the manager that imports it."""
+
+    settings: Any  # server Settings: policy_queue_timeout_s, retry_after_s
+    gate: PolicyGate
+    weights_unknown: bool
+    active: str
+
+
 class Lease:
     """One request's hold on the active policy; `release` is idempotent (the serving code calls
     it from one `finally`, whether or not `acquire` ran)."""
 
-    def __init__(self, manager: PolicyManager) -> None:
+    def __init__(self, manager: GateHolder) -> None:
         self._m, self._held = manager, False
         self.policy: str | None = None  # the policy this request runs on
 

@@ -36,9 +36,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import APIError
-from .policies import BASE
-from .protocol import PolicyCreate
+from ..errors import APIError
+from ..protocol import PolicyCreate
+from .manager import BASE
 
 log = logging.getLogger(__name__)
 

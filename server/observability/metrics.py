@@ -116,7 +116,7 @@ class _EngineCollector:
 
 class _CapacityCollector:
     """Scrape-time view of what requests hold: admission slots (server/serving/admission.py)
-    and policy leases and gate queue (server/policy_gate.py)."""
+    and policy leases and gate queue (server/policy/gate.py)."""
 
     def __init__(self, admission, gate) -> None:
         self._admission, self._gate = admission, gate

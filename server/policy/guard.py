@@ -1,11 +1,11 @@
-"""Guards around a policy hot-swap (server/policies.py): which folders the admin API may load
+"""Guards around a policy hot-swap (server/policy/manager.py): which folders the admin API may load
 from, and the canary generation that checks new weights before any request runs on them.
 
 `policy_root`: a checkpoint or adapter path given to `/admin/policies` must resolve (symlinks
 followed, `os.path.realpath`) to a folder inside it, and so must every file read from it
-(server/checkpoints.py checks the shards and the files it opens). A path outside the root and a
-path that does not exist get the same answer, which names neither, so the admin API cannot be
-used to probe the server's file system. Unset, the root is the folder that holds the served
+(server/policy/checkpoints.py checks the shards and the files it opens). A path outside the root
+and a path that does not exist get the same answer, which names neither, so the admin API cannot
+be used to probe the server's file system. Unset, the root is the folder that holds the served
 model (in deploy/: the model volume); when the served model is not a local folder either, the
 admin API loads no paths at all. Paths in the policy file (operator configuration, like CLI
 flags) are not confined.

@@ -10,7 +10,7 @@ data_offsets}}`; nothing else of the file is read) and, when both folders ship o
 vocabulary. A truncated weight file is caught too: every tensor's data must lie inside its file.
 
 Errors are `CheckpointError(message, code)`; the admin API turns them into OpenAI-shaped 400s.
-With a `root` (the admin API's `policy_root`, server/policy_guard.py) every file read must
+With a `root` (the admin API's `policy_root`, server/policy/guard.py) every file read must
 resolve inside it, shards named by an index and symlinked files included; a path that does not
 exist is reported without echoing it.
 """

@@ -43,8 +43,8 @@ class RequestRecord:
     generate_s: float | None = None
     score_s: float | None = None
     first_token_s: float | None = None
-    trace_id: str | None = None  # OpenTelemetry (server/otel.py), when tracing is on
-    span: Any = field(default=None, repr=False)  # the request's span (server/otel.py)
+    trace_id: str | None = None  # OpenTelemetry (observability/tracing.py), when tracing is on
+    span: Any = field(default=None, repr=False)  # the request's span (observability/tracing.py)
 
     def line(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)

@@ -2,10 +2,10 @@
 
 The served model starts as policy "base" (the folder the engine was started from). An admin
 registers more full checkpoints of the same architecture (fine-tunes: SafeDPO, CAN, ...) and
-activates any of them, "base" included, through `/admin/policies` (routes at the bottom).
+activates any of them, "base" included, through `/admin/policies` (server/routes/policies.py).
 
 Swap semantics (`PolicyManager.activate`):
-1. the checkpoint is validated from metadata (`server.checkpoints`) before the engine is
+1. the checkpoint is validated from metadata (`server.policy.checkpoints`) before the engine is
    touched: a bad one is a 400 and the active policy keeps serving;
 2. the gate closes: requests admitted from now on *queue* (they are not refused) before any
    engine work; one that waits longer than `policy_queue_timeout_s` gets 503 + Retry-After;
@@ -19,7 +19,7 @@ Swap semantics (`PolicyManager.activate`):
    is ever cut by a swap;
 4. the engine reloads the weights in place (at most `policy_reload_timeout_s`) and resets its
    prefix cache (KV blocks computed by the old weights are wrong for the new ones); a canary
-   generation checks the new weights (server/policy_guard.py); a failed or timed-out reload or
+   generation checks the new weights (server/policy/guard.py); a failed or timed-out reload or
    a failed canary restores the previous weights. If restoring fails too, the weights are in
    an unknown state: /health and /ready answer 503 and requests get 503 until a later swap
    succeeds (or the pod restarts);
@@ -27,7 +27,7 @@ Swap semantics (`PolicyManager.activate`):
    leave it on their own cutoff (timeout, disconnect) and, when the server starts draining
    (SIGTERM), at once with 503 (server/serving/ticket.py).
 
-Admin paths must lie inside `policy_root` (server/policy_guard.py). LoRA adapters number at most
+Admin paths must lie inside `policy_root` (server/policy/guard.py). LoRA adapters number at most
 `max_lora_adapters` and can be removed (DELETE, after the running requests finish, as a swap).
 
 In-place reload (not a second engine) because a second engine doubles model + KV memory and
@@ -45,8 +45,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import APIRouter, Request
-
+from ..errors import APIError
+from ..protocol import PolicyCreate, PolicyInfo, PolicyList, PolicyStatus, PolicySwap
 from .checkpoints import (
     Checkpoint,
     CheckpointError,
@@ -56,10 +56,8 @@ from .checkpoints import (
     inspect,
     is_adapter,
 )
-from .errors import APIError, error_responses
-from .policy_gate import Lease, PolicyGate
-from .policy_guard import CanaryFailed, canary, confine, default_root
-from .protocol import PolicyCreate, PolicyInfo, PolicyList, PolicyStatus, PolicySwap
+from .gate import Lease, PolicyGate
+from .guard import CanaryFailed, canary, confine, default_root
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +94,7 @@ class PolicyManager:
         self.gate = PolicyGate()
         self._swap_lock = asyncio.Lock()
         self._base: Checkpoint | None = None  # metadata of the served model, read once
-        self.managed_by: str | None = None  # a policy file (server/policy_file.py) owns `active`
+        self.managed_by: str | None = None  # a policy file (server/policy/file.py) owns `active`
         self.weights_unknown = False  # a reload and its restore both failed (module doc, 4.)
         self.root = settings.policy_root or default_root(base_path)  # admin paths live here
         metrics.policy_active.labels(BASE).set(1)
@@ -118,7 +116,7 @@ class PolicyManager:
 
     def confine(self, path: str, param: str = "path") -> None:
         """400 unless `path` resolves inside `policy_root` (one message for outside and missing:
-        server/policy_guard.py)."""
+        server/policy/guard.py)."""
         try:
             confine(path, self.root)
         except CheckpointError as exc:
@@ -396,43 +394,6 @@ class PolicyManager:
                            headers={"Retry-After": str(self.settings.retry_after_s)}) from None
         raise APIError(status, f"checkpoint rejected: {reason}; policy {previous.name!r} was "
                        "restored and keeps serving", param="path", code=code)
-
-
-# ---------------------------------------------------------------------- admin routes
-
-_ERR = error_responses(400, 401, 403, 404, 409, 503)
-# the admin API stays out of the public OpenAPI document (docs/operations.md documents it)
-router = APIRouter(prefix="/admin/policies", tags=["admin"], include_in_schema=False)
-
-
-def _manager(request: Request) -> PolicyManager:
-    return request.app.state.policies
-
-
-@router.get("", response_model=PolicyList, responses=_ERR)
-async def list_policies(request: Request) -> PolicyList:
-    """Known policies, which one serves, and when each was last loaded (admin key)."""
-    return _manager(request).listing()
-
-
-@router.post("", response_model=PolicyStatus, responses=_ERR)
-async def register_policy(body: PolicyCreate, request: Request) -> PolicyStatus:
-    """Register a full checkpoint folder; with `activate` (default) swap it in without dropping
-    requests. POSTing a known name again (path omitted or equal) activates it."""
-    return await _manager(request).register(body)
-
-
-@router.post("/{name}/activate", response_model=PolicyStatus, responses=_ERR)
-async def activate_policy(name: str, request: Request) -> PolicyStatus:
-    """Swap a registered policy ("base" included) in."""
-    return await _manager(request).activate(name)
-
-
-@router.delete("/{name}", response_model=PolicyInfo, responses=_ERR)
-async def remove_policy(name: str, request: Request) -> PolicyInfo:
-    """Forget a registered policy (not the base one, not the active one); a LoRA adapter is
-    unloaded once the requests running now have finished."""
-    return await _manager(request).remove(name)
 
 
 def _norm(path: str | None) -> str | None:

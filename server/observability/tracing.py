@@ -1,6 +1,6 @@
 """OpenTelemetry tracing, off by default (`otlp_traces_endpoint`).
 
-When on, every HTTP request is one span (`TraceRequests`, inside `tracing.RequestIds`), with
+When on, every HTTP request is one span (`TraceRequests`, inside `request_ids.RequestIds`), with
 the request id, strategy, model, policy, status and token counts as attributes once it ends,
 and every engine call (`TracedEngine`: generate, stream, stream_sequence, tilted) and every
 score call (`DecodeContext.span`, a hook of decoding/) is a child span of it. vLLM's own
@@ -31,7 +31,7 @@ from runtime.context import engine_span as _ENGINE_SPAN
 from runtime.context import engine_trace_headers  # noqa: F401  (re-exported for tests)
 from runtime.settings import check_endpoint  # noqa: F401  (re-exported)
 
-from . import tracing
+from . import request_ids
 
 SERVICE_NAME = "alignserve"
 _SKIP = ("/health", "/ready", "/metrics")  # probes and scrapes: no spans
@@ -88,7 +88,7 @@ class Tracing:
 
     def child(self, name: str, attrs: Mapping[str, Any]):
         """A span under the current request's span (a root span outside any request)."""
-        record = tracing.current()
+        record = request_ids.current()
         parent = getattr(record, "span", None)
         ctx = self._trace.set_span_in_context(parent) if parent is not None else None
         return self.tracer.start_span(name, context=ctx, attributes=dict(attrs))
@@ -136,7 +136,7 @@ class TraceRequests:
                    for k, v in scope.get("headers") or []}
         span = self.tracing.request_span(f"{scope.get('method', '')} {scope.get('path', '')}",
                                          headers)
-        record = tracing.current()
+        record = request_ids.current()
         if record is not None:
             record.span = span
             record.trace_id = f"{span.get_span_context().trace_id:032x}"
