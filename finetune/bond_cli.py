@@ -19,7 +19,13 @@ import json
 import sys
 from pathlib import Path
 
-from .common import PROG, add_weight_flags, check_weight_flags, resolve_model
+from .common import (
+    PROG,
+    add_weight_flags,
+    check_run_flags,
+    check_weight_flags,
+    resolve_model,
+)
 
 
 def add_parsers(sub) -> None:
@@ -72,16 +78,9 @@ def check_flags(ns: argparse.Namespace) -> None:
         raise ValueError("--jeffreys-beta must lie in [0, 1]")
     if ns.steps < 1 or ns.batch_prompts < 1 or ns.policy_samples < 1:
         raise ValueError("--steps, --batch-prompts and --policy-samples must be ≥ 1")
-    if ns.lr is not None and not ns.lr > 0:
-        raise ValueError("--lr must be > 0")
+    check_run_flags(ns)
     if ns.max_new_tokens is not None and ns.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be ≥ 1")
-    if ns.max_length < 16:
-        raise ValueError("--max-length must be ≥ 16")
-    if not 0 <= ns.held_out < 1:
-        raise ValueError("--held-out must lie in [0, 1)")
-    if ns.limit is not None and ns.limit < 1:
-        raise ValueError("--limit must be ≥ 1")
     if ns.eval_prompts < 0:
         raise ValueError("--eval-prompts must be ≥ 0")
     check_weight_flags(ns)

@@ -35,7 +35,13 @@ import sys
 from pathlib import Path
 
 from . import aligner_cli, augment, bond_cli
-from .common import PROG, add_weight_flags, check_weight_flags, resolve_model
+from .common import (
+    PROG,
+    add_weight_flags,
+    check_run_flags,
+    check_weight_flags,
+    resolve_model,
+)
 from .pairs import load_pairs, split_pairs
 
 log = logging.getLogger(__name__)
@@ -160,14 +166,7 @@ def check_flags(ns: argparse.Namespace) -> None:
             "binary", "scalar") else 4
     if ns.steps < 1 or ns.batch_size < 1:
         raise ValueError("--steps and --batch-size must be ≥ 1")
-    if ns.lr is not None and not ns.lr > 0:
-        raise ValueError("--lr must be > 0")
-    if ns.max_length < 16:
-        raise ValueError("--max-length must be ≥ 16")
-    if not 0 <= ns.held_out < 1:
-        raise ValueError("--held-out must lie in [0, 1)")
-    if ns.limit is not None and ns.limit < 1:
-        raise ValueError("--limit must be ≥ 1")
+    check_run_flags(ns)
     check_weight_flags(ns)
     if ns.method == "safedpo" and not ns.delta >= 0:
         raise ValueError("--delta must be ≥ 0")

@@ -42,5 +42,23 @@ def check_weight_flags(ns: argparse.Namespace) -> None:
         raise ValueError("--lora-r and --lora-alpha must be ≥ 1")
     if ns.save_adapter and not ns.lora:
         raise ValueError("--save-adapter needs LoRA (not --full)")
+    check_out(ns)
+
+
+def check_run_flags(ns: argparse.Namespace, min_length: int = 16) -> None:
+    """--lr (None: the recipe's default), --max-length, --held-out and --limit, as every recipe
+    reads them; a ValueError naming the flag."""
+    if ns.lr is not None and not ns.lr > 0:
+        raise ValueError("--lr must be > 0")
+    if ns.max_length < min_length:
+        raise ValueError(f"--max-length must be ≥ {min_length}")
+    if not 0 <= ns.held_out < 1:
+        raise ValueError("--held-out must lie in [0, 1)")
+    if ns.limit is not None and ns.limit < 1:
+        raise ValueError("--limit must be ≥ 1")
+
+
+def check_out(ns: argparse.Namespace) -> None:
+    """--out is a folder or does not exist yet."""
     if ns.out.exists() and not ns.out.is_dir():
         raise ValueError(f"--out {ns.out} exists and is not a folder")

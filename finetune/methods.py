@@ -22,7 +22,7 @@ from .feedback import Completion
 from .loop import Objective
 from .losses import kldo_loss, pro_pairwise_loss, pro_unpaired_loss
 from .safedpo import DPOExample
-from .utils import pick_indices
+from .utils import pick_balanced, pick_indices
 
 
 def _side_stats(r: torch.Tensor, score: torch.Tensor) -> dict:
@@ -49,10 +49,9 @@ def kldo_objective(completions: list[Completion], beta: float, ema_rate: float,
     state: dict = {"ema": None, "labels": None, "seen": 0}
 
     def sample(rng: random.Random, batch: int) -> list[int]:
-        half = max(1, (batch + 1) // 2)
         if state["seen"] >= len(completions):  # a new epoch: the EMA starts afresh
             state["ema"], state["seen"] = None, 0
-        idx = pick_indices(rng, pos, half) + pick_indices(rng, neg, half)
+        idx = pick_balanced(rng, pos, neg, batch)
         state["seen"] += len(idx)
         state["labels"] = score[idx]
         return idx

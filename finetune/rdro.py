@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from .feedback import Completion
 from .loop import Objective
-from .utils import pick_indices
+from .utils import pick_balanced
 
 DEFAULT_ALPHA = 0.5
 DEFAULT_BETA = 1.0
@@ -120,8 +120,7 @@ def rdro_objective(completions: list[Completion], beta: float, alpha: float) -> 
     state: dict = {"labels": None}
 
     def sample(rng: random.Random, batch: int) -> list[int]:
-        half = max(1, (batch + 1) // 2)
-        idx = pick_indices(rng, pos, half) + pick_indices(rng, neg, half)
+        idx = pick_balanced(rng, pos, neg, batch)
         state["labels"] = score[idx]
         return idx
 

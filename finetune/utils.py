@@ -113,3 +113,10 @@ def pick_indices(rng: random.Random, pool: list[int], k: int) -> list[int]:
     if k <= len(pool):
         return rng.sample(pool, k)
     return pool + rng.choices(pool, k=k - len(pool))
+
+
+def pick_balanced(rng: random.Random, pos: list[int], neg: list[int], batch: int) -> list[int]:
+    """About half a batch from each side (⌈batch/2⌉, at least one): the completion-level
+    objectives (KLDO, binary PRO, RDRO) need both labels in every step's batch."""
+    half = max(1, (batch + 1) // 2)
+    return pick_indices(rng, pos, half) + pick_indices(rng, neg, half)

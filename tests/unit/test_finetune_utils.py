@@ -77,3 +77,14 @@ def test_pick_indices_is_distinct_when_it_can_be_and_fills_up_otherwise():
     assert len(set(got)) == 3 and set(got) <= {1, 2, 3, 4}
     more = pick_indices(rng, [7, 9], 5)
     assert more[:2] == [7, 9] and len(more) == 5 and set(more) == {7, 9}
+
+
+def test_pick_balanced_draws_both_labels_every_batch():
+    from finetune.utils import pick_balanced
+
+    rng = random.Random(0)
+    for batch in (1, 2, 5, 8):
+        idx = pick_balanced(rng, [0, 1, 2], [10, 11], batch)
+        half = max(1, (batch + 1) // 2)
+        assert len(idx) == 2 * half
+        assert all(i < 10 for i in idx[:half]) and all(i >= 10 for i in idx[half:])
