@@ -39,7 +39,7 @@ from pathlib import Path
 
 from decoding.aligner import encode_prompt
 
-from .utils import ensure_pad_token, lora_config, readable_by_umask, right_pad
+from .utils import load_policy, readable_by_umask, right_pad
 
 EVAL_LIMIT = 16  # examples per split in the report's before/after NLL (a forward pass each)
 IGNORE = -100  # label of a position that carries no loss (torch's cross-entropy ignore_index)
@@ -140,6 +140,7 @@ class AlignerConfig:
     lora_alpha: int = 16
     seed: int = 0
     progress: bool = True
+    lora = True  # not a field: the corrector is always an adapter (load_policy reads it)
 
 
 @dataclass
@@ -171,20 +172,16 @@ def train(cfg: AlignerConfig, train_triples: list[Triple], eval_triples: list[Tr
           ) -> AlignerResult:
     """LoRA SFT of the corrector; saves the adapter to `cfg.out`."""
     import torch
-    from peft import get_peft_model
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    pad_id = ensure_pad_token(tokenizer)
+    # attention and MLP projections, as `finetune --save-adapter` adapts them (vLLM serves both)
+    tokenizer, model = load_policy(cfg, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    pad_id = tokenizer.pad_token_id
     splits = {"train": [build_example(tokenizer, t, cfg.max_length) for t in train_triples]}
     if eval_triples:
         splits["held_out"] = [build_example(tokenizer, t, cfg.max_length) for t in eval_triples]
-    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-    # attention and MLP projections, as `finetune --save-adapter` adapts them (vLLM serves both)
-    model = get_peft_model(base, lora_config(cfg, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     result = AlignerResult([], trainable_params=sum(
         p.numel() for p in model.parameters() if p.requires_grad))
     # the report's before/after NLL reads at most EVAL_LIMIT examples per split (CPU time)

@@ -80,10 +80,10 @@ def lora_config(cfg: LoraSettings, target_modules: str | list[str] = ALL_LINEAR)
                       target_modules=target_modules, task_type="CAUSAL_LM")
 
 
-def load_policy(cfg: PolicySettings):
+def load_policy(cfg: PolicySettings, target_modules: str | list[str] = ALL_LINEAR):
     """(tokenizer with a pad token, float32 causal LM) of `cfg.model`, wrapped in a fresh LoRA
-    adapter when `cfg.lora`: float32 because bf16 autocast is several times slower on CPUs
-    without AVX-512 (DESIGN-NOTES §3)."""
+    adapter on `target_modules` when `cfg.lora`: float32 because bf16 autocast is several times
+    slower on CPUs without AVX-512 (DESIGN-NOTES §3)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -93,7 +93,7 @@ def load_policy(cfg: PolicySettings):
     if cfg.lora:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(cfg))
+        model = get_peft_model(model, lora_config(cfg, target_modules))
     return tokenizer, model
 
 
