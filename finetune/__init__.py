@@ -10,6 +10,10 @@ Owns preference data and offline training; never imported by the server at reque
 - `trainer`  TRL `DPOTrainer` with SafeDPO's per-pair offset; LoRA or full; saves a servable
              checkpoint (merged safetensors or a LoRA adapter).
 - `report`   report.json, report.md, loss_curve.png.
+- `common`   what every method's command shares: PROG, the base policy, the weight/run flags
+             (light: the parser imports it).
+- `utils`    what every training style shares: right-padded batches, loading the policy, the
+             LoRA config, the pad token, readable saved weights, batch index picking.
 - `cli`      `alignserve finetune safedpo | mocan` (CAN's λ* itself: the `dual` package).
 - `data/`    a synthetic PKU-SafeRLHF-style set for tests and its generator script.
 

@@ -39,6 +39,8 @@ from pathlib import Path
 
 from decoding.aligner import encode_prompt
 
+from .utils import load_policy, readable_by_umask, right_pad
+
 EVAL_LIMIT = 16  # examples per split in the report's before/after NLL (a forward pass each)
 IGNORE = -100  # label of a position that carries no loss (torch's cross-entropy ignore_index)
 
@@ -120,17 +122,9 @@ def masked_nll(logits, labels):
 
 
 def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
-    """Right-padded input_ids / attention_mask / labels tensors [B, T]."""
-    import torch
-
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
-        ids[i, :len(x)] = torch.tensor(x)
-        labels[i, :len(y)] = torch.tensor(y)
-        mask[i, :len(x)] = 1
+    """Right-padded input_ids / attention_mask / labels tensors [B, T] (labels padded IGNORE)."""
+    ids, mask = right_pad([x for x, _ in examples], pad_id)
+    labels, _ = right_pad([y for _, y in examples], IGNORE, width=ids.shape[1])
     return ids, mask, labels
 
 
@@ -146,6 +140,7 @@ class AlignerConfig:
     lora_alpha: int = 16
     seed: int = 0
     progress: bool = True
+    lora = True  # not a field: the corrector is always an adapter (load_policy reads it)
 
 
 @dataclass
@@ -177,22 +172,16 @@ def train(cfg: AlignerConfig, train_triples: list[Triple], eval_triples: list[Tr
           ) -> AlignerResult:
     """LoRA SFT of the corrector; saves the adapter to `cfg.out`."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # attention and MLP projections, as `finetune --save-adapter` adapts them (vLLM serves both)
+    tokenizer, model = load_policy(cfg, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    pad_id = tokenizer.pad_token_id
     splits = {"train": [build_example(tokenizer, t, cfg.max_length) for t in train_triples]}
     if eval_triples:
         splits["held_out"] = [build_example(tokenizer, t, cfg.max_length) for t in eval_triples]
-    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-    # attention and MLP projections, as `finetune --save-adapter` adapts them (vLLM serves both)
-    model = get_peft_model(base, LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                        "down_proj"]))
     result = AlignerResult([], trainable_params=sum(
         p.numel() for p in model.parameters() if p.requires_grad))
     # the report's before/after NLL reads at most EVAL_LIMIT examples per split (CPU time)
@@ -220,20 +209,8 @@ def train(cfg: AlignerConfig, train_triples: list[Triple], eval_triples: list[Tr
     result.after = {k: evaluate(model, v, pad_id) for k, v in splits_eval.items()}
     cfg.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(cfg.out), safe_serialization=True)
-    _readable(cfg.out)
+    readable_by_umask(cfg.out)  # a server running as another user loads the adapter
     return result
-
-
-def _readable(folder: Path) -> None:
-    """Weights are written 0600 (a private temp file); give them the umask's mode, so a
-    server running as another user can load the adapter (as finetune/trainer.py does)."""
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~mask)
 
 
 def write_report(out: Path, report: dict) -> None:

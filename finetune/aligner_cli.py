@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .aligner import AlignerConfig, load_triples, split_triples, train, write_report
-from .common import PROG, resolve_model
+from .common import PROG, check_out, check_run_flags, resolve_model
 
 DEFAULT_DATA = Path(__file__).parent / "data" / "aligner_triples.jsonl"
 
@@ -42,16 +42,8 @@ def add_arguments(sub) -> None:
 def _check(ns) -> None:
     if ns.steps < 1 or ns.batch_size < 1 or ns.lora_r < 1 or ns.lora_alpha < 1:
         raise ValueError("--steps, --batch-size, --lora-r and --lora-alpha must be ≥ 1")
-    if not ns.lr > 0:
-        raise ValueError("--lr must be > 0")
-    if ns.max_length < 32:
-        raise ValueError("--max-length must be ≥ 32")
-    if not 0 <= ns.held_out < 1:
-        raise ValueError("--held-out must lie in [0, 1)")
-    if ns.limit is not None and ns.limit < 1:
-        raise ValueError("--limit must be ≥ 1")
-    if ns.out.exists() and not ns.out.is_dir():
-        raise ValueError(f"--out {ns.out} exists and is not a folder")
+    check_run_flags(ns, min_length=32)  # a prompt, its answer and a correction
+    check_out(ns)
 
 
 def run(ns) -> int:

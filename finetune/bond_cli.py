@@ -19,7 +19,13 @@ import json
 import sys
 from pathlib import Path
 
-from .common import PROG, resolve_model
+from .common import (
+    PROG,
+    add_weight_flags,
+    check_run_flags,
+    check_weight_flags,
+    resolve_model,
+)
 
 
 def add_parsers(sub) -> None:
@@ -45,14 +51,7 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
                    "rollouts' model); 'embedded', a local folder or an HF id.")
     p.add_argument("--home", dest="model_home", type=Path, default=None,
                    help="Cache folder of the embedded model.")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--lora", dest="lora", action="store_true", default=True,
-                      help="Train a LoRA adapter (default); saved merged unless --save-adapter.")
-    mode.add_argument("--full", dest="lora", action="store_false", help="Full fine-tuning.")
-    p.add_argument("--save-adapter", action="store_true",
-                   help="Save the LoRA adapter folder instead of merged weights.")
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank.")
-    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha.")
+    add_weight_flags(p)
     p.add_argument("--steps", type=int, default=20, help="Optimiser steps.")
     p.add_argument("--lr", type=float, default=None,
                    help="Learning rate (default 1e-4 with LoRA, 1e-5 full).")
@@ -79,24 +78,12 @@ def check_flags(ns: argparse.Namespace) -> None:
         raise ValueError("--jeffreys-beta must lie in [0, 1]")
     if ns.steps < 1 or ns.batch_prompts < 1 or ns.policy_samples < 1:
         raise ValueError("--steps, --batch-prompts and --policy-samples must be ≥ 1")
-    if ns.lr is not None and not ns.lr > 0:
-        raise ValueError("--lr must be > 0")
+    check_run_flags(ns)
     if ns.max_new_tokens is not None and ns.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be ≥ 1")
-    if ns.max_length < 16:
-        raise ValueError("--max-length must be ≥ 16")
-    if not 0 <= ns.held_out < 1:
-        raise ValueError("--held-out must lie in [0, 1)")
-    if ns.limit is not None and ns.limit < 1:
-        raise ValueError("--limit must be ≥ 1")
     if ns.eval_prompts < 0:
         raise ValueError("--eval-prompts must be ≥ 0")
-    if ns.lora_r < 1 or ns.lora_alpha < 1:
-        raise ValueError("--lora-r and --lora-alpha must be ≥ 1")
-    if ns.save_adapter and not ns.lora:
-        raise ValueError("--save-adapter needs LoRA (not --full)")
-    if ns.out.exists() and not ns.out.is_dir():
-        raise ValueError(f"--out {ns.out} exists and is not a folder")
+    check_weight_flags(ns)
 
 
 def _prepare(ns: argparse.Namespace):

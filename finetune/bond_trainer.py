@@ -45,6 +45,7 @@ from .bond_losses import (
     jeffreys_loss,
 )
 from .losses import sequence_logps
+from .utils import answer_batch, load_policy
 
 
 @dataclass
@@ -81,26 +82,13 @@ class BondResult:
     log: list[dict] = field(default_factory=list)  # per step: loss, fwd, bwd, kl, reward
 
 
-def _batch(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """Right-padded ids [B, T], attention mask and completion mask (1 on answer tokens)."""
-    width = max(len(ids) for ids, _ in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    comp = torch.zeros((len(seqs), width))
-    for i, (tokens, n_prompt) in enumerate(seqs):
-        ids[i, :len(tokens)] = torch.tensor(tokens)
-        attn[i, :len(tokens)] = 1
-        comp[i, n_prompt:len(tokens)] = 1.0
-    return ids.to(device), attn.to(device), comp.to(device)
-
-
 def answer_logps(model, prompt_ids: list[list[int]], answers: list[list[int]], pad_id: int,
                  max_length: int, temperature: float = 1.0) -> torch.Tensor:
     """Σ_t log π_T(answer_t | prompt, answer_<t) for each (prompt, answer) → [B] (with grad),
     π_T = softmax(logits / T): the policy at sampling temperature T (module docstring)."""
     seqs = [((p + a)[:max_length], len(p)) for p, a in zip(prompt_ids, answers)]
     device = next(model.parameters()).device
-    ids, attn, comp = _batch(seqs, pad_id, device)
+    ids, attn, comp = answer_batch(seqs, pad_id, device)
     logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
     return sequence_logps(logits / temperature, ids, comp)
 
@@ -194,20 +182,11 @@ def evaluate(model, groups: list[BondGroup], cfg: BondConfig, pad_id: int) -> di
 
 
 def _load(cfg: BondConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    """The policy (LoRA or full), a frozen reference copy where the backward term needs one and
+    full fine-tuning leaves no adapter to disable, and the ids that end a sampled answer."""
+    tokenizer, model = load_policy(cfg)
     ref_model = None
-    if cfg.lora:
-        from peft import get_peft_model
-
-        from .trainer import _lora_config
-
-        model = get_peft_model(model, _lora_config(cfg))
-    elif cfg.jeffreys_beta > 0:
+    if not cfg.lora and cfg.jeffreys_beta > 0:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}

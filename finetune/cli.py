@@ -35,7 +35,13 @@ import sys
 from pathlib import Path
 
 from . import aligner_cli, augment, bond_cli
-from .common import PROG, resolve_model
+from .common import (
+    PROG,
+    add_weight_flags,
+    check_run_flags,
+    check_weight_flags,
+    resolve_model,
+)
 from .pairs import load_pairs, split_pairs
 
 log = logging.getLogger(__name__)
@@ -54,14 +60,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", dest="model_home", type=Path, default=None,
                    help="Cache folder of the embedded model (default ALIGNSERVE_HOME or "
                    "~/.cache/alignserve).")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--lora", dest="lora", action="store_true", default=True,
-                      help="Train a LoRA adapter (default); saved merged unless --save-adapter.")
-    mode.add_argument("--full", dest="lora", action="store_false", help="Full fine-tuning.")
-    p.add_argument("--save-adapter", action="store_true",
-                   help="Save the LoRA adapter folder instead of merged weights.")
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank.")
-    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha.")
+    add_weight_flags(p)
     p.add_argument("--beta", type=float, default=None, help="DPO KL weight β (safedpo: 0.1; "
                    "mocan: β_dual/τ from --dual / --dual-beta, 0.1 with --lambda).")
     p.add_argument("--steps", type=int, default=20, help="Optimiser steps.")
@@ -167,20 +166,8 @@ def check_flags(ns: argparse.Namespace) -> None:
             "binary", "scalar") else 4
     if ns.steps < 1 or ns.batch_size < 1:
         raise ValueError("--steps and --batch-size must be ≥ 1")
-    if ns.lr is not None and not ns.lr > 0:
-        raise ValueError("--lr must be > 0")
-    if ns.max_length < 16:
-        raise ValueError("--max-length must be ≥ 16")
-    if not 0 <= ns.held_out < 1:
-        raise ValueError("--held-out must lie in [0, 1)")
-    if ns.limit is not None and ns.limit < 1:
-        raise ValueError("--limit must be ≥ 1")
-    if ns.lora_r < 1 or ns.lora_alpha < 1:
-        raise ValueError("--lora-r and --lora-alpha must be ≥ 1")
-    if ns.save_adapter and not ns.lora:
-        raise ValueError("--save-adapter needs LoRA (not --full)")
-    if ns.out.exists() and not ns.out.is_dir():
-        raise ValueError(f"--out {ns.out} exists and is not a folder")
+    check_run_flags(ns)
+    check_weight_flags(ns)
     if ns.method == "safedpo" and not ns.delta >= 0:
         raise ValueError("--delta must be ≥ 0")
     if ns.method == "mocan":

@@ -29,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 from .losses import sequence_logps
-from .trainer import TrainConfig, TrainResult, _lora_config, save_model
+from .trainer import TrainConfig, TrainResult, save_model
+from .utils import answer_batch, load_policy
 
 
 @dataclass
@@ -52,23 +53,10 @@ def encode(tokenizer, prompt: str, answer: str, max_length: int) -> Encoded:
     return Encoded((p_ids + a_ids)[:max_length], len(p_ids))
 
 
-def _collate(items: list[Encoded], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """Right-padded ids [B, T], attention mask and answer mask."""
-    width = max(len(e.ids) for e in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    answer = torch.zeros_like(ids)
-    for i, e in enumerate(items):
-        ids[i, :len(e.ids)] = torch.tensor(e.ids)
-        attn[i, :len(e.ids)] = 1
-        answer[i, e.prompt_len:len(e.ids)] = 1
-    return ids.to(device), attn.to(device), answer.to(device)
-
-
 def logps(model, items: list[Encoded], pad_id: int) -> torch.Tensor:
     """Summed answer log-probs [len(items)] (with gradients when enabled)."""
     device = next(model.parameters()).device
-    ids, attn, answer = _collate(items, pad_id, device)
+    ids, attn, answer = answer_batch([(e.ids, e.prompt_len) for e in items], pad_id, device)
     logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
     return sequence_logps(logits, ids, answer)
 
@@ -100,20 +88,6 @@ class Objective:
     stats: Callable[[torch.Tensor, torch.Tensor], dict]
 
 
-def _load(cfg: TrainConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-    if cfg.lora:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, _lora_config(cfg))
-    return tokenizer, model
-
-
 def _reference(model, items, pad_id, cfg: TrainConfig, desc: str) -> torch.Tensor:
     if cfg.lora:
         with model.disable_adapter():
@@ -129,7 +103,7 @@ def train_objective(cfg: TrainConfig, train: Objective, held_out: Objective | No
     every optimiser step (finetune/kl_track.py's KL tracking)."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     torch.manual_seed(cfg.seed)
-    tokenizer, model = _load(cfg)
+    tokenizer, model = load_policy(cfg)
     pad = tokenizer.pad_token_id
     splits = {"train": train, **({"held_out": held_out} if held_out is not None else {})}
     items = {name: [encode(tokenizer, p, a, cfg.max_length) for p, a in obj.sequences]

@@ -22,13 +22,7 @@ from .feedback import Completion
 from .loop import Objective
 from .losses import kldo_loss, pro_pairwise_loss, pro_unpaired_loss
 from .safedpo import DPOExample
-
-
-def _pick(rng: random.Random, pool: list[int], k: int) -> list[int]:
-    """k distinct indices when the pool has them, else the pool plus draws with replacement."""
-    if k <= len(pool):
-        return rng.sample(pool, k)
-    return pool + rng.choices(pool, k=k - len(pool))
+from .utils import pick_balanced, pick_indices
 
 
 def _side_stats(r: torch.Tensor, score: torch.Tensor) -> dict:
@@ -55,10 +49,9 @@ def kldo_objective(completions: list[Completion], beta: float, ema_rate: float,
     state: dict = {"ema": None, "labels": None, "seen": 0}
 
     def sample(rng: random.Random, batch: int) -> list[int]:
-        half = max(1, (batch + 1) // 2)
         if state["seen"] >= len(completions):  # a new epoch: the EMA starts afresh
             state["ema"], state["seen"] = None, 0
-        idx = _pick(rng, pos, half) + _pick(rng, neg, half)
+        idx = pick_balanced(rng, pos, neg, batch)
         state["seen"] += len(idx)
         state["labels"] = score[idx]
         return idx
@@ -95,7 +88,7 @@ def pro_unpaired_objective(completions: list[Completion], beta: float, alpha: fl
     state = {"idx": []}
 
     def sample(rng: random.Random, batch: int) -> list[int]:
-        state["idx"] = _pick(rng, list(range(len(completions))), batch)
+        state["idx"] = pick_indices(rng, list(range(len(completions))), batch)
         return state["idx"]
 
     def loss(lp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -117,7 +110,7 @@ def pro_pairwise_objective(examples: list[DPOExample], beta: float, alpha: float
     unsafe_loser = torch.tensor([bool(ex.h_rejected) for ex in examples])
 
     def sample(rng: random.Random, batch: int) -> list[int]:
-        rows = _pick(rng, list(range(len(examples))), batch)
+        rows = pick_indices(rng, list(range(len(examples))), batch)
         return [2 * i for i in rows] + [2 * i + 1 for i in rows]
 
     def loss(lp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

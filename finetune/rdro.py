@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from .feedback import Completion
 from .loop import Objective
+from .utils import pick_balanced
 
 DEFAULT_ALPHA = 0.5
 DEFAULT_BETA = 1.0
@@ -89,13 +90,6 @@ def ddro_loss(policy_preferred: torch.Tensor, ref_preferred: torch.Tensor,
                      0.0, beta)
 
 
-def _pick(rng: random.Random, pool: list[int], k: int) -> list[int]:
-    """k distinct indices when the pool has them, else the pool plus draws with replacement."""
-    if k <= len(pool):
-        return rng.sample(pool, k)
-    return pool + rng.choices(pool, k=k - len(pool))
-
-
 def rdro_stats(u: torch.Tensor, score: torch.Tensor, alpha: float) -> dict:
     """Report statistics from u = log r_θ of every answer and its label (+1 p⁺, −1 p⁻):
     `loss`; `chosen_reward` / `rejected_reward` mean u on p⁺ / p⁻ (u is the implicit reward of
@@ -126,8 +120,7 @@ def rdro_objective(completions: list[Completion], beta: float, alpha: float) -> 
     state: dict = {"labels": None}
 
     def sample(rng: random.Random, batch: int) -> list[int]:
-        half = max(1, (batch + 1) // 2)
-        idx = _pick(rng, pos, half) + _pick(rng, neg, half)
+        idx = pick_balanced(rng, pos, neg, batch)
         state["labels"] = score[idx]
         return idx
 

@@ -35,6 +35,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from .losses import pair_stats, sequence_logps
 from .safedpo import DPOExample
+from .utils import ensure_pad_token, lora_config, readable_by_umask
 
 OFFSET = "safety_offset"  # dataset column / batch key: o = (h̃_l − h̃_w)·Δ per pair
 
@@ -129,14 +130,6 @@ def _dpo_config(cfg: TrainConfig, workdir: str) -> DPOConfig:
     )
 
 
-def _lora_config(cfg: TrainConfig):
-    from peft import LoraConfig
-
-    # all-linear: attention and MLP projections; PEFT leaves the (tied) LM head out.
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
-
-
 @torch.no_grad()
 def evaluate_pairs(trainer: DPOTrainer, dataset: Dataset, beta: float, desc: str) -> dict:
     """pair_stats of the current policy on a prepared dataset (tokenised, with ref log-probs).
@@ -194,9 +187,9 @@ def train(cfg: TrainConfig, train_examples: list[DPOExample], eval_examples: lis
         trainer = SafeDPOTrainer(
             model=model, args=_dpo_config(cfg, workdir), train_dataset=train_ds,
             eval_dataset=eval_ds, processing_class=tokenizer,
-            data_collator=OffsetCollator(pad_token_id=_pad_id(tokenizer),
+            data_collator=OffsetCollator(pad_token_id=ensure_pad_token(tokenizer),
                                          max_length=cfg.max_length),
-            peft_config=_lora_config(cfg) if cfg.lora else None,
+            peft_config=lora_config(cfg) if cfg.lora else None,
             callbacks=[trl_callback(kl_tracker)] if kl_tracker is not None else None,
         )
         splits = {"train": trainer.train_dataset}
@@ -214,12 +207,6 @@ def train(cfg: TrainConfig, train_examples: list[DPOExample], eval_examples: lis
         save_checkpoint(trainer, tokenizer, cfg)
     return TrainResult(curve, before, after, train_s, trainer.state.global_step / train_s,
                        trainable)
-
-
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer.pad_token_id
 
 
 def save_checkpoint(trainer: DPOTrainer, tokenizer, cfg: TrainConfig) -> None:
@@ -242,14 +229,4 @@ def save_model(model, tokenizer, cfg: TrainConfig) -> None:
     generation = getattr(model, "generation_config", None)
     if generation is not None and not (cfg.out / "generation_config.json").exists():
         generation.save_pretrained(cfg.out)
-    _readable_by_umask(cfg.out)
-
-
-def _readable_by_umask(folder: Path) -> None:
-    """The weights are written 0600 (through a private temp file); a server running as another
-    user (e.g. the image's uid 10001) could not hot-swap them, so give them the umask's mode."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~mask)
+    readable_by_umask(cfg.out)
