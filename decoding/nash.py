@@ -32,7 +32,8 @@ from the judge, not from users, and the same LP gives the lottery. The reward (o
 `ensemble:` panel with a judge is refused: two sources of preference) and cost still score the
 candidates, for `reward`, `cost` and the win-rate estimate. A judge has no users, so `users`,
 `user_utilities` and `panel_welfare` are absent (there is nothing per user to report); the
-answer reports `judge`, the `preference_matrix` and `judge_engine_calls` instead. The answer
+answer reports `judge`, the `preference_matrix`, `judge_engine_calls` and `judge_abstained`
+instead. The answer
 is still one of the n i.i.d. candidates: KL ≤ log n and the n/(n+1) win-rate bound hold.
 """
 
@@ -251,7 +252,9 @@ async def _judged(req: DecodeRequest, ctx: DecodeContext, judge: PairwiseScorer,
     result, _ = await _draw(req, ctx, samples, p, pool, timer)
     result.extra.update({"judge": judge.name,
                          "preference_matrix": [[round(float(x), 6) for x in row] for row in p],
-                         "judge_engine_calls": getattr(judge, "calls", 0)})
+                         "judge_engine_calls": getattr(judge, "calls", 0),
+                         # orders where the judge gave neither letter (counted ½, pairwise.py)
+                         "judge_abstained": getattr(judge, "abstained", 0)})
     work = ScorerWork()
     work.add(samples, objective_scorers(req.objective))
     work.add(samples, 2 * (req.n - 1))  # each candidate is in 2(n − 1) of the judge's prompts

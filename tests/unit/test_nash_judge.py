@@ -103,6 +103,7 @@ async def test_a_judge_preferring_longer_answers_gives_the_longest_a_condorcet_w
     p = np.asarray(res.extra["preference_matrix"])
     assert np.allclose(p + p.T, 1, atol=1e-5) and (p[longest, np.arange(5) != longest] > 0.5).all()
     assert res.extra["judge"] == "llm-judge" and res.extra["judge_engine_calls"] == 5 * 4
+    assert res.extra["judge_abstained"] == 0
     # the objective read 5 answers; the judge read each answer in 2·4 prompts
     assert res.extra["scorer_calls"] == 5 + 5 * 2 * 4
     assert res.extra["scored_tokens"] == (1 + 2 * 4) * sum(lengths)
@@ -182,6 +183,7 @@ async def test_api_nash_with_the_llm_judge(client):
     assert r.status_code == 200, r.text
     a = r.json()["alignment"]
     assert a["judge"] == "llm-judge" and a["judge_engine_calls"] == 6
+    assert a["judge_abstained"] == 6  # the fake engine ignores the letters' bias: all ½
     p = np.asarray(a["preference_matrix"])
     assert p.shape == (3, 3) and np.allclose(p + p.T, 1)
     i = a["chosen_index"]
