@@ -1,6 +1,7 @@
 """Nash with a pairwise judge (decoding/pairwise.py): the llm-judge's matrix on a fake engine
 whose "judgement" is a known function of the two answers, the strategy, and the API's 400s."""
 
+import json
 import math
 import re
 
@@ -189,3 +190,16 @@ async def test_api_nash_with_the_llm_judge(client):
     i = a["chosen_index"]
     assert a["lottery"][i] > 0
     assert r.json()["choices"][0]["message"]["content"] == a["candidates"][i]["text"]
+
+
+async def test_api_nash_with_the_llm_judge_streams_its_answer(client):
+    req = {**CHAT, "stream": True, "alignment": {"strategy": "nash", "n": 3,
+                                                 "judge": "llm-judge"}}
+    r = await client.post("/v1/chat/completions", json=req)
+    assert r.status_code == 200
+    events = [json.loads(line[6:]) for line in r.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    final = [e["alignment"] for e in events if e.get("alignment")]
+    assert text and final and final[-1]["judge"] == "llm-judge"
+    assert len(final[-1]["preference_matrix"]) == 3
