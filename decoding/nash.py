@@ -33,8 +33,8 @@ from the judge, not from users, and the same LP gives the lottery. The reward (o
 candidates, for `reward`, `cost` and the win-rate estimate. A judge has no users, so `users`,
 `user_utilities` and `panel_welfare` are absent (there is nothing per user to report); the
 answer reports `judge`, the `preference_matrix`, `judge_engine_calls` and `judge_abstained`
-instead. The answer
-is still one of the n i.i.d. candidates: KL ≤ log n and the n/(n+1) win-rate bound hold.
+instead. The answer is still one of the n i.i.d. candidates: KL ≤ log n and the n/(n+1)
+win-rate bound hold, whatever the judge says.
 """
 
 from __future__ import annotations
