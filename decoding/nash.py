@@ -25,6 +25,16 @@ null). `win_rate_bound` n/(n+1) holds for any rule over n draws. The answer repo
 lottery, the Condorcet winner (index or null), the index drawn, each user's raw utility of the
 answer, and the win-rate estimate under the objective (reward − cost_weight·cost, the reward
 being the ensemble's calibrated aggregate), decoding/calibration.py.
+
+Judge instead of panel (option `judge`, a `decoding.pairwise.PairwiseScorer` by name, e.g.
+`llm-judge`: the served model compares each pair of answers, both orders averaged): P comes
+from the judge, not from users, and the same LP gives the lottery. The reward (one scorer; an
+`ensemble:` panel with a judge is refused: two sources of preference) and cost still score the
+candidates, for `reward`, `cost` and the win-rate estimate. A judge has no users, so `users`,
+`user_utilities` and `panel_welfare` are absent (there is nothing per user to report); the
+answer reports `judge`, the `preference_matrix`, `judge_engine_calls` and `judge_abstained`
+instead. The answer is still one of the n i.i.d. candidates: KL ≤ log n and the n/(n+1)
+win-rate bound hold, whatever the judge says.
 """
 
 from __future__ import annotations
@@ -36,14 +46,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from .calibration import loo_quantiles, win_rate
 from .context import DecodeContext
 from .kl import bon_win_rate_bound, selection_kl_bound
+from .pairwise import JUDGES, MAX_JUDGE_N, PairwiseScorer, check_preferences
 from .protocols import Scorer
 from .request import DecodeRequest, DecodeResult, Scored, StrategyOptions, Timer
-from .scorer_work import ScorerWork
+from .scorer_work import ScorerWork, objective_scorers
 from .strategies import Traits, register
 from .types import Sample
 
@@ -128,6 +139,38 @@ class Nash:
         user_temperature: float = Field(
             0.1, ge=0.0, le=10.0, description="τ of every Bradley–Terry user, on calibrated "
             "utilities (quantiles in [0, 1]); 0: deterministic preferences.")
+        judge: str | None = Field(
+            None, max_length=64, description="A pairwise judge instead of the panel: "
+            f"{', '.join(JUDGES)} (the served model compares every pair of candidates, both "
+            f"orders averaged: n(n − 1) one-token engine calls; n ≤ {MAX_JUDGE_N}).")
+
+        @field_validator("judge")
+        @classmethod
+        def _a_pairwise_judge(cls, name: str | None) -> str | None:
+            if name is not None and name not in JUDGES:
+                raise ValueError(f"not a pairwise judge; available: {', '.join(JUDGES)}")
+            return name
+
+        # `alignment` is one flat object whose strategy options validate before the common
+        # fields (server/protocol.py), so these validators of the common `reward` and `n`
+        # see `judge` and refuse the combinations naming the field they are on.
+        @field_validator("reward", check_fields=False)
+        @classmethod
+        def _judge_or_panel(cls, reward: str | None, info: ValidationInfo) -> str | None:
+            if (info.data.get("judge") is not None and reward is not None
+                    and reward.startswith("ensemble")):
+                raise ValueError("an ensemble reward is a panel of users, and alignment.judge "
+                                 "replaces the panel: give one of them (with a judge, the "
+                                 "reward is one scorer, reported beside the judge's choice)")
+            return reward
+
+        @field_validator("n", check_fields=False)
+        @classmethod
+        def _judge_pairs(cls, n: int, info: ValidationInfo) -> int:
+            if info.data.get("judge") is not None and n > MAX_JUDGE_N:
+                raise ValueError(f"with alignment.judge, n ≤ {MAX_JUDGE_N}: the judge makes "
+                                 "n(n − 1) engine calls")
+            return n
 
     name = "nash"
     traits = Traits(needs_objective=True, streams="answer", needs_sampling=False,
@@ -135,38 +178,82 @@ class Nash:
 
     async def run(self, req: DecodeRequest, ctx: DecodeContext) -> DecodeResult:
         assert req.objective is not None
+        opts = self.Options.of(req)
         timer = Timer()
         samples = await ctx.generate(req.prompt_ids, req.n, req.sampling, timer)
+        if opts.judge is not None:
+            return await _judged(req, ctx, JUDGES[opts.judge](ctx.engine), samples, timer)
         users = panel_of(req)
         raw = await _score_users(ctx, req, users, samples, timer)
         calibrated = [loo_quantiles(row) for row in raw]
-        p = preference_matrix(calibrated, self.Options.of(req).user_temperature,
-                              [u.weight for u in users])
-        # in a worker thread: scipy's first import takes ~0.8 s, which must not stall the loop
-        q = await asyncio.get_running_loop().run_in_executor(ctx.executor, maximal_lottery, p)
-        chosen = random.Random(req.seed).choices(range(req.n), weights=q.tolist())[0]
+        p = preference_matrix(calibrated, opts.user_temperature, [u.weight for u in users])
         pool = _objective_scores(req, users, raw, samples)
-        result = DecodeResult(
-            strategy=self.name, n=req.n, sample=samples[chosen], reward=pool[chosen].reward,
-            cost=pool[chosen].cost, kl_bound=selection_kl_bound(req.n), kl_estimate=None,
-            win_rate_bound=bon_win_rate_bound(req.n),
-            generated_tokens=sum(len(s.token_ids) for s in samples), scored_candidates=req.n,
-            timer=timer, candidates=pool if req.return_candidates else None)
-        winner = condorcet_winner(p)
-        result.extra = {
-            "lottery": [round(float(x), 6) for x in q], "chosen_index": chosen,
-            "condorcet_winner": winner, "users": [u.label for u in users],
+        result, q = await _draw(req, ctx, samples, p, pool, timer)
+        chosen = result.extra["chosen_index"]
+        result.extra.update({
+            "users": [u.label for u in users],
             "user_utilities": {u.label: row[chosen] for u, row in zip(users, raw)},
-            "user_temperature": self.Options.of(req).user_temperature,
+            "user_temperature": opts.user_temperature,
             # average min–max normalised utility over the users (`welfare`): the answer's, the
             # lottery's expectation and the best candidate's — best/answer is its distortion
             "panel_welfare": _welfare_fields(raw, q, chosen),
-            **win_rate([s.score for s in pool], chosen).fields(),
-        }
+        })
         work = ScorerWork()
         work.add(samples, len(users))  # every user read every candidate
         result.extra.update(work.fields())
         return result
+
+
+async def _draw(req: DecodeRequest, ctx: DecodeContext, samples: Sequence[Sample],
+                p: np.ndarray, pool: list[Scored], timer: Timer
+                ) -> tuple[DecodeResult, np.ndarray]:
+    """The maximal lottery q of P, the answer drawn from it with the request's seed, and the
+    fields every nash answer reports; returns (the result, q)."""
+    # in a worker thread: scipy's first import takes ~0.8 s, which must not stall the loop
+    q = await asyncio.get_running_loop().run_in_executor(ctx.executor, maximal_lottery, p)
+    chosen = random.Random(req.seed).choices(range(req.n), weights=q.tolist())[0]
+    result = DecodeResult(
+        strategy=Nash.name, n=req.n, sample=samples[chosen], reward=pool[chosen].reward,
+        cost=pool[chosen].cost, kl_bound=selection_kl_bound(req.n), kl_estimate=None,
+        win_rate_bound=bon_win_rate_bound(req.n),
+        generated_tokens=sum(len(s.token_ids) for s in samples), scored_candidates=req.n,
+        timer=timer, candidates=pool if req.return_candidates else None)
+    result.extra = {
+        "lottery": [round(float(x), 6) for x in q], "chosen_index": chosen,
+        "condorcet_winner": condorcet_winner(p),
+        **win_rate([s.score for s in pool], chosen).fields(),
+    }
+    return result, q
+
+
+async def _judged(req: DecodeRequest, ctx: DecodeContext, judge: PairwiseScorer,
+                  samples: Sequence[Sample], timer: Timer) -> DecodeResult:
+    """Nash over a pairwise judge's P (module docstring); the objective scores the candidates
+    concurrently, for the reported reward, cost and win-rate estimate."""
+    assert req.objective is not None
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    try:
+        pool, raw_p = await asyncio.gather(
+            ctx.score_samples(req.objective, req, samples, Timer()),
+            judge.prefer(req.prompt_text, [s.text for s in samples]))
+    except Exception as exc:
+        exc.add_note(f"raised by nash judge {judge.name} or the objective")
+        raise
+    finally:
+        timer.score_s += loop.time() - t0
+    p = check_preferences(raw_p, req.n, judge.name)
+    result, _ = await _draw(req, ctx, samples, p, pool, timer)
+    result.extra.update({"judge": judge.name,
+                         "preference_matrix": [[round(float(x), 6) for x in row] for row in p],
+                         "judge_engine_calls": getattr(judge, "calls", 0),
+                         # orders where the judge gave neither letter (counted ½, pairwise.py)
+                         "judge_abstained": getattr(judge, "abstained", 0)})
+    work = ScorerWork()
+    work.add(samples, objective_scorers(req.objective))
+    work.add(samples, 2 * (req.n - 1))  # each candidate is in 2(n − 1) of the judge's prompts
+    result.extra.update(work.fields())
+    return result
 
 
 async def _score_users(ctx: DecodeContext, req: DecodeRequest, users: list[_User],
