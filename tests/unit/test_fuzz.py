@@ -66,5 +66,8 @@ def test_generated_requests_never_get_a_5xx(auth):
     if auth:  # no key (negative cases) or a user key on /admin: always turned away
         assert all(k[2] == 4 for k in protected if k[1] == "negative" or "/admin" in k[0])
     for path in ("POST /v1/chat/completions", "POST /v1/completions"):
-        # many valid cases must get through validation to the strategies
-        assert counts[(path, "positive", 2)] >= 20
+        # many valid cases must get through validation to the strategies: at least a tenth of the
+        # positive budget. The exact count moves with the schema and with the cases Hypothesis
+        # generated before in the session (16–25 of 120 on the same code), so the floor is not
+        # tuned to one run.
+        assert counts[(path, "positive", 2)] >= BUDGET[GenerationMode.POSITIVE] // 10
