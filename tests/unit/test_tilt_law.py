@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
 import torch
+from test_cdq_processor import Update  # vLLM's BatchUpdate stand-in
 
 from heads.processor import (
     ENV_HEADS,
@@ -35,12 +35,6 @@ PROMPT = [0, 3, 3]
 OUTPUT = [1, 0, 1]
 
 
-@dataclass(frozen=True)
-class Update:  # vllm.v1.sample.logits_processor.interface.BatchUpdate
-    batch_size: int
-    removed: list
-    added: list
-    moved: list
 
 
 class ConstHead:
