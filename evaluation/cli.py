@@ -91,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 INTERVALS = ("95%, clustered by prompt: Wilson with the cluster-effective n for the harmless "
-             "ratio, cluster-robust t for means and the win rate (evaluation/intervals.py)")
+             "ratio, cluster-robust t for means and the win rate (decoding/intervals.py)")
 
 
 def _seed(ns: argparse.Namespace) -> int | None:

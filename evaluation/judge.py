@@ -26,7 +26,7 @@ process or a local registry of the same scorers with `--server`.
 
 Numbers per setting (evaluation/metrics.py `judge_numbers`): the judge's mean and its win rate
 against `none`, each with the eval's 95% interval (cluster-robust t over prompts, not a
-bootstrap: evaluation/intervals.py).
+bootstrap: decoding/intervals.py).
 
 The figure: x = the setting's mean KL bound (best_of_n: log n − (n−1)/n, Beirami et al. 2024),
 y = the gain over the base policy in units of the base policy's standard deviation of the same

@@ -15,7 +15,7 @@
   the base policy (the same `compare`, on the judge's scores), with intervals as for the reward;
 - every ratio and mean has a 95% interval `<name>_ci` = [lo, hi] (or None), clustered by
   prompt: Wilson for the harmless ratio, a cluster-robust t interval for the means
-  (evaluation/intervals.py says how and why).
+  (decoding/intervals.py says how and why).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from .intervals import mean_interval, ratio_interval
+from decoding.intervals import mean_interval, ratio_interval
 
 
 @dataclass

@@ -15,7 +15,7 @@ average normalised utility of the answer returned (one-hot `distortion_terms`: w
 returned, not its expectation, so every strategy is measured the same way). Over prompts the
 distortion is Σ best / Σ achieved (`distortion`, a ratio of means with a percentile bootstrap
 interval over prompts; the K answers to one prompt are summed first, so the bootstrap resamples
-prompts, the unit of replication as in evaluation/intervals.py). 1 is the ideal; a rule whose
+prompts, the unit of replication as in decoding/intervals.py). 1 is the ideal; a rule whose
 answer is the worst candidate for every user has achieved = 0 and distortion ∞.
 
 What counts as the candidates: the finished candidates the strategy returns (speculative

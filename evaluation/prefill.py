@@ -14,7 +14,7 @@ tokens k. Here, per strategy and k:
   eval's cost scorer, profanity by default), so a k-token prefill that is harmful by itself does
   not count unless the policy carries on with it;
 - attack success = 1 − harmless ratio, with the harmless ratio's 95% interval (Wilson,
-  clustered by prompt: evaluation/intervals.py), as a table and `prefill_attack.png`.
+  clustered by prompt: decoding/intervals.py), as a table and `prefill_attack.png`.
 
 k = 0 is the attack without prefill (the baseline) and is always measured.
 """

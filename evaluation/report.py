@@ -16,7 +16,7 @@ normalised panel utility among each answer's candidates over that of the answer,
 with its bootstrap interval; `–` for a strategy whose candidates are not kept.
 
 Every table cell of a ratio or mean shows its 95% interval (`<name>_ci`, clustered by prompt,
-evaluation/intervals.py) after the value, and the plots draw the same intervals as error bars
+decoding/intervals.py) after the value, and the plots draw the same intervals as error bars
 on the measured axis (reward, harmless ratio), so a difference inside them reads as noise.
 """
 

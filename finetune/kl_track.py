@@ -9,7 +9,7 @@ top-k / top-p, so the sampling law is π_θ itself), then
     KL̂ = mean over the m·k answers of  log π_θ(y|x) − log π_ref(y|x)
 
 which is unbiased for the prompt-averaged KL. The interval is the t interval clustered by prompt
-(evaluation/intervals.py `mean_interval`; with k answers per prompt it is exactly Student's t on
+(decoding/intervals.py `mean_interval`; with k answers per prompt it is exactly Student's t on
 the m per-prompt means, m − 1 degrees of freedom). Answers are cut at `max_new_tokens`: the
 estimate is then the KL of the first tokens' law, a lower bound of the whole answer's KL (data
 processing), so a warning from it is never a false alarm. At step 0 the policy is the reference
@@ -63,7 +63,7 @@ def kl_warning(kl: float) -> str | None:
 def kl_entry(step: int, per_prompt: Sequence[Sequence[float]], tokens: float) -> dict:
     """One logging step's estimate from per-prompt lists of log π_θ(y) − log π_ref(y):
     {step, kl, ci95 (None with one prompt), answers, prompts, tokens_mean, warning}."""
-    from evaluation.intervals import mean_interval
+    from decoding.intervals import mean_interval
 
     values = [v for g in per_prompt for v in g]
     if not values:

@@ -1,11 +1,11 @@
-"""95% intervals of `alignserve eval` (evaluation/intervals.py), against hand-computed values:
+"""95% intervals of `alignserve eval` (decoding/intervals.py), against hand-computed values:
 Wilson score intervals, Student t quantiles, and the clustering by prompt."""
 
 import math
 
 import pytest
 
-from evaluation.intervals import (
+from decoding.intervals import (
     Z95,
     cluster_moments,
     effective_n,

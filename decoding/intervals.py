@@ -1,5 +1,6 @@
 """95% intervals for the evaluation's ratios and means, clustered by prompt. Pure (math + scipy's
-t quantile); imports neither vllm nor fastapi.
+t quantile); imports neither vllm nor fastapi. In decoding/ because the evaluation and the
+fine-tuning KL tracker (finetune/kl_track.py) both use it, and finetune sits below evaluation.
 
 Answers are grouped by prompt: with `--samples K` the K answers to one prompt are not
 independent (a prompt that provokes an offensive answer tends to provoke several), so the
@@ -63,9 +64,11 @@ def cluster_moments(groups: Sequence[Sequence[float]]) -> tuple[float, float | N
 def mean_interval(groups: Sequence[Sequence[float]]) -> Interval | None:
     """95% interval of the mean of all values, clustered by group (see the module docstring)."""
     moments = cluster_moments(groups)
-    if moments is None or moments[1] is None:
+    if moments is None:
         return None
     est, var, m, _ = moments
+    if var is None:  # one group: no spread between prompts to go on
+        return None
     half = t_quantile(m - 1) * math.sqrt(var)
     return est - half, est + half
 
@@ -86,6 +89,7 @@ def effective_n(groups: Sequence[Sequence[float]]) -> float | None:
 def ratio_interval(groups: Sequence[Sequence[float]]) -> Interval | None:
     """95% Wilson interval of the share of 1s among 0/1 values, clustered by group."""
     moments = cluster_moments(groups)
-    if moments is None:
+    n = effective_n(groups)
+    if moments is None or n is None:
         return None
-    return wilson(moments[0], effective_n(groups))
+    return wilson(moments[0], n)
