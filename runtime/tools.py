@@ -32,6 +32,19 @@ def tool_schema(tools: list[dict[str, Any]], choice: Any,
         choice = ChatCompletionNamedToolChoiceParam.model_validate(choice)
     schema = get_json_schema_from_tools(choice, params, parallel)
     assert isinstance(schema, dict), schema  # required / named always give an object
+    return _closed_calls(schema)
+
+
+def _closed_calls(schema: dict[str, Any]) -> dict[str, Any]:
+    """For "required", vLLM's array of calls lets each call object carry keys besides `name`
+    and `parameters`. A small model takes that room: measured with SmolLM2, 8 of 36 best-of-3
+    candidates wrote `"description": ...` after the parameters until max_tokens ran out, and
+    such a call does not parse. A call has exactly those two keys, so each branch is closed."""
+    items = schema.get("items") if schema.get("type") == "array" else None
+    if isinstance(items, dict):
+        for branch in items.get("anyOf", []):
+            if isinstance(branch, dict) and "properties" in branch:
+                branch.setdefault("additionalProperties", False)
     return schema
 
 

@@ -189,3 +189,16 @@ async def test_auto_reads_the_models_own_syntax_through_the_servers_parser():
     choice = r.json()["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "plain words", "tool_calls": []}
     assert choice["finish_reason"] == "stop"
+
+
+def test_required_tool_calls_are_closed_objects():
+    """vLLM's "required" schema leaves each call object open; a call is exactly name +
+    parameters, or a small model writes extra keys until max_tokens and nothing parses."""
+    from runtime.tools import tool_schema
+
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    schema = tool_schema([weather], "required", False)
+    (branch,) = schema["items"]["anyOf"]
+    assert branch["additionalProperties"] is False
+    assert set(branch["properties"]) == {"name", "parameters"} and schema["maxItems"] == 1
