@@ -8,6 +8,7 @@ record what happened (requests started, finished, cancelled) so tests can assert
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 from collections.abc import Sequence
@@ -289,6 +290,16 @@ class Exploding:
 
     def score(self, prompt: str, responses: Sequence[str]) -> list[float]:
         raise RuntimeError("scorer failed")
+
+
+def sse_events(body: str) -> list[dict]:
+    """The JSON events of an SSE response body (comments, keep-alives and [DONE] left out)."""
+    return [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: {")]
+
+
+def streamed_text(events: list[dict]) -> str:
+    """The first choice's content, as the deltas of `events` stream it."""
+    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
 
 
 def make_app(engine: FakeEngine | None = None, tracer=None, **overrides):

@@ -1,11 +1,10 @@
 """The Nash (maximal-lottery) rule: the LP, the preference matrix, the strategy, the API."""
 
-import json
 import math
 
 import numpy as np
 import pytest
-from fakes import Exploding, FakeEngine, FixedScores
+from fakes import Exploding, FakeEngine, FixedScores, sse_events, streamed_text
 
 from decoding.context import DecodeContext
 from decoding.nash import (
@@ -158,9 +157,8 @@ async def test_api_nash_streams_its_answer_with_the_alignment_block(client):
                                                  "reward": "ensemble:good_count,-bad_count"}}
     r = await client.post("/v1/chat/completions", json=req)
     assert r.status_code == 200
-    events = [json.loads(line[6:]) for line in r.text.splitlines()
-              if line.startswith("data: ") and line != "data: [DONE]"]
-    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    events = sse_events(r.text)
+    text = streamed_text(events)
     final = [e for e in events if e.get("alignment")]
     assert text and final and len(final[-1]["alignment"]["lottery"]) == 3
 

@@ -1,13 +1,12 @@
 """Nash with a pairwise judge (decoding/pairwise.py): the llm-judge's matrix on a fake engine
 whose "judgement" is a known function of the two answers, the strategy, and the API's 400s."""
 
-import json
 import math
 import re
 
 import numpy as np
 import pytest
-from fakes import FakeEngine, FixedScores
+from fakes import FakeEngine, FixedScores, sse_events, streamed_text
 
 from decoding import pairwise
 from decoding.context import DecodeContext
@@ -193,9 +192,8 @@ async def test_api_nash_with_the_llm_judge_streams_its_answer(client):
                                                  "judge": "llm-judge"}}
     r = await client.post("/v1/chat/completions", json=req)
     assert r.status_code == 200
-    events = [json.loads(line[6:]) for line in r.text.splitlines()
-              if line.startswith("data: ") and line != "data: [DONE]"]
-    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    events = sse_events(r.text)
+    text = streamed_text(events)
     final = [e["alignment"] for e in events if e.get("alignment")]
     assert text and final and final[-1]["judge"] == "llm-judge"
     assert len(final[-1]["preference_matrix"]) == 3

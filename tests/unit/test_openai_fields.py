@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from fakes import FakeEngine, FakeQHead, make_app
+from fakes import FakeEngine, FakeQHead, make_app, sse_events
 
 from server.fields import UNSUPPORTED, default_max_tokens, resolve_defaults
 from server.observability import request_ids
@@ -263,8 +263,7 @@ async def test_completion_logprobs_and_echo(client):
 async def test_streamed_logprobs_add_up(client):
     r = await client.post("/v1/chat/completions", json={**CHAT, "stream": True, "logprobs": True})
     assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
-    events = [json.loads(line[6:]) for line in r.text.splitlines()
-              if line.startswith("data: {")]
+    events = sse_events(r.text)
     tokens = [t for e in events for c in e["choices"] if c["logprobs"]
               for t in c["logprobs"]["content"]]
     text = "".join(c["delta"].get("content", "") for e in events for c in e["choices"])

@@ -7,7 +7,7 @@ import json
 
 import httpx
 import pytest
-from fakes import FakeEngine, make_app
+from fakes import FakeEngine, make_app, sse_events
 
 from cli.main import main as cli_main
 from cli.serve import settings_from_args
@@ -348,7 +348,7 @@ async def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk():
             "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
         bad = await c.post("/v1/chat/completions", json={
             "messages": MSG, "stream": True, "stream_options": {"continuous_usage_stats": True}})
-    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    events = sse_events(r.text)
     used = [e["usage"]["completion_tokens"] for e in events if e["choices"]]
     assert used == sorted(used) and used[-1] == events[-1]["usage"]["completion_tokens"] > 0
     assert all(e["usage"]["prompt_tokens"] == events[-1]["usage"]["prompt_tokens"]

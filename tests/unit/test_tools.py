@@ -7,7 +7,7 @@ import json
 
 import httpx
 import pytest
-from fakes import FakeEngine, make_app
+from fakes import FakeEngine, make_app, sse_events
 
 from decoding.types import Sample
 
@@ -102,8 +102,7 @@ async def test_a_streamed_tool_call_arrives_as_one_delta_with_tool_calls():
         r = await c.post("/v1/chat/completions", json={
             "messages": MSG, "max_tokens": 16, "stream": True, "tools": [WEATHER, TIME],
             "tool_choice": "required"})
-    events = [json.loads(line[6:]) for line in r.text.splitlines()
-              if line.startswith("data: {")]
+    events = sse_events(r.text)
     deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
     calls = [d["tool_calls"] for d in deltas if d.get("tool_calls")]
     assert len(calls) == 1 and calls[0][0]["index"] == 0
