@@ -9,12 +9,13 @@ Plain rows: chat completions without `alignment` from the dev prompts, max_token
 temperature 1, a fixed `seed` per request (the same bodies to both servers), at each
 --concurrency, streamed and not: completion tokens/s over the row's wall, requests/s, p50/p99
 time to the first content delta (streamed), inter-token latency (gaps between content deltas,
-pooled over the row) and request latency. Peer rows: --peer-prompts prompts, 8 in flight, 64
-tokens, temperature 1, reward `relevance`: its_hub's `BestOfN(orm).ainfer(lm, prompt, budget=N)`
-(the ORM wraps the project's relevance scorer, in this process) against alignserve best_of_n at
-the same N, and alignserve speculative_rejection with its defaults at the largest N. Every
-chosen answer is scored again here with the same scorer once the servers are down. Writes
-peers.md, peers.json and peers.png under --out (after every row, so a cut run keeps its rows).
+pooled over the row), time per output token after the first, and request latency. Peer rows:
+--peer-prompts prompts, 8 in flight, 64 tokens, temperature 1, reward `relevance`: its_hub's
+`BestOfN(orm).ainfer(lm, prompt, budget=N)` (the ORM wraps the project's relevance scorer, in
+this process) against alignserve best_of_n at the same N, and alignserve speculative_rejection
+with its defaults at the largest N. Every chosen answer is scored again here with the same
+scorer once the servers are down. Writes peers.md, peers.json and peers.png under --out (after
+every row, so a cut run keeps its rows).
 """
 
 from __future__ import annotations
@@ -100,10 +101,9 @@ def vllm_server(log_path: Path, settings: dict, model_dir: Path) -> Iterator[str
     import httpx
 
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{settings['kv_cache_gib']:g}"}
     log = open(log_path, "w")
     proc = subprocess.Popen(vllm_command(settings, model_dir, port), stdout=log, stderr=log,
-                            env=env, start_new_session=True)
+                            start_new_session=True)  # VLLM_CPU_KVCACHE_SPACE: set by `run`
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(900):
@@ -139,10 +139,14 @@ def plain_stats(samples: Sequence[dict], wall: float) -> dict:
     ttft = [s["deltas_s"][0] for s in samples if s.get("deltas_s")]
     itl = [b - a for s in samples for a, b in zip(s.get("deltas_s") or [], (s.get("deltas_s") or [])[1:])]
     total = [s["total_s"] for s in samples]
+    # per output token after the first, whatever the server packs into one delta
+    tpot = [(s["total_s"] - s["deltas_s"][0]) / (s["tokens"] - 1) for s in samples
+            if s.get("deltas_s") and s["tokens"] > 1]
     return {"requests": len(samples), "wall_s": wall, "completion_tokens": tokens,
             "tokens_per_s": tokens / wall, "requests_per_s": len(samples) / wall,
             "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
             "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99),
+            "tpot_p50_s": pct(tpot, 50), "tpot_p99_s": pct(tpot, 99),
             "latency_p50_s": pct(total, 50), "latency_p99_s": pct(total, 99)}
 
 
@@ -161,7 +165,8 @@ def plain_ratios(rows: Sequence[dict]) -> list[dict]:
             continue
         r = {"stream": stream, "concurrency": conc,
              **{f"{k}_ratio": ratio(a[k], v[k]) for k in
-                ("tokens_per_s", "requests_per_s", "ttft_p50_s", "itl_p50_s", "latency_p50_s")}}
+                ("tokens_per_s", "requests_per_s", "ttft_p50_s", "itl_p50_s", "tpot_p50_s",
+                 "latency_p50_s")}}
         r["throughput_met"] = r["tokens_per_s_ratio"] >= THROUGHPUT_TARGET
         r["ttft_met"] = (None if r["ttft_p50_s_ratio"] is None
                          else r["ttft_p50_s_ratio"] <= TTFT_TARGET)
@@ -316,10 +321,11 @@ def peer_row(system: str, method: str, n: int, label: str, prompts: list[str],
              load0: float) -> dict:
     """One best-of-n / SpR row from (answer, generated tokens, own reward) per prompt."""
     tokens = [t for _, t, _ in out]
+    own = [r for *_, r in out if r is not None]
     return {"kind": "peer", "system": system, "method": method, "n": n, "label": label,
             "prompts": len(prompts), "in_flight": args.in_flight, "wall_s": wall,
-            "generated_tokens": None if None in tokens else sum(tokens),  # type: ignore[arg-type]
-            "own_mean_reward": float(np.mean([r for *_, r in out if r is not None] or [np.nan])),
+            "generated_tokens": None if None in tokens else sum(t or 0 for t in tokens),
+            "own_mean_reward": float(np.mean(own)) if own else None,
             "prompt_texts": list(prompts), "answers": [a for a, _, _ in out],
             "load_avg": [load0, os.getloadavg()[0]]}
 
@@ -397,7 +403,8 @@ def header(rows: Sequence[dict], args) -> list[str]:
         f"Plain rows: dev prompts, max_tokens {args.max_tokens}, temperature 1, "
         + ("no seed" if args.no_seed else f"request i seeded {SEED_BASE} + i on both servers")
         + f"; requests per row: {args.requests_per_row or 'max(2 × concurrency, 16)'}. TTFT: "
-        "first content delta; ITL: gaps between content deltas, pooled over the row; tokens/s: "
+        "first content delta; ITL: gaps between content deltas, pooled over the row; TPOT: "
+        "(latency − TTFT) / (tokens − 1) per request; tokens/s: "
         "completion tokens (usage) over the row's wall.\n",
         *(f"**Not measured:** {e}\n" for e in args.errors),
     ]
@@ -407,22 +414,26 @@ def plain_section(rows: Sequence[dict]) -> list[str]:
     ms = lambda v: fmt(None if v is None else 1000 * v, ".0f")  # noqa: E731
     table = markdown_table(
         ["server", "streamed", "in flight", "requests", "wall s", "tokens", "tokens/s", "req/s",
-         "TTFT p50 / p99 ms", "ITL p50 / p99 ms", "latency p50 / p99 s", "load"],
+         "TTFT p50 / p99 ms", "ITL p50 / p99 ms", "TPOT p50 / p99 ms", "latency p50 / p99 s",
+         "load"],
         [[r["server"], "yes" if r["stream"] else "no", r["concurrency"], r["requests"],
           fmt(r["wall_s"], ".1f"), r["completion_tokens"], fmt(r["tokens_per_s"], ".1f"),
           fmt(r["requests_per_s"], ".2f"), f"{ms(r['ttft_p50_s'])} / {ms(r['ttft_p99_s'])}",
           f"{ms(r['itl_p50_s'])} / {ms(r['itl_p99_s'])}",
+          f"{ms(r['tpot_p50_s'])} / {ms(r['tpot_p99_s'])}",
           f"{fmt(r['latency_p50_s'], '.2f')} / {fmt(r['latency_p99_s'], '.2f')}",
           f"{r['load_avg'][0]:.1f}–{r['load_avg'][1]:.1f}"]
          for r in rows if r["kind"] == "plain"])
     ok = lambda m: "–" if m is None else ("yes" if m else "**no**")  # noqa: E731
     ratios = markdown_table(
         ["streamed", "in flight", "tokens/s ratio (≥ 0.95)", "req/s ratio",
-         "TTFT p50 ratio (≤ 1.10)", "ITL p50 ratio", "latency p50 ratio", "throughput met",
+         "TTFT p50 ratio (≤ 1.10)", "ITL p50 ratio", "TPOT p50 ratio", "latency p50 ratio",
+         "throughput met",
          "TTFT met"],
         [["yes" if r["stream"] else "no", r["concurrency"], fmt(r["tokens_per_s_ratio"], ".3f"),
           fmt(r["requests_per_s_ratio"], ".3f"), fmt(r["ttft_p50_s_ratio"], ".3f"),
-          fmt(r["itl_p50_s_ratio"], ".3f"), fmt(r["latency_p50_s_ratio"], ".3f"),
+          fmt(r["itl_p50_s_ratio"], ".3f"), fmt(r["tpot_p50_s_ratio"], ".3f"),
+          fmt(r["latency_p50_s_ratio"], ".3f"),
           ok(r["throughput_met"]), ok(r["ttft_met"])] for r in plain_ratios(rows)])
     return ["## Plain traffic: alignserve vs vLLM's OpenAI server\n", *table, "",
             "### alignserve / vLLM\n", *ratios, ""]
@@ -484,14 +495,19 @@ def plot(rows: Sequence[dict], path: Path) -> None:
         ax2.set_title("p50 TTFT (streamed)")
 
 
-def save(rows: list[dict], args) -> None:
-    write_results(args.out, "peers", report(rows, args),
-                  {"settings": args.settings, "args": {k: str(v) if isinstance(v, Path) else v
-                                                       for k, v in vars(args).items()
-                                                       if k not in ("settings", "errors")},
-                   "errors": args.errors,
-                   "rows": rows, "plain_ratios": plain_ratios(rows),
-                   "peer_ratios": peer_ratios(rows)})
+def save(rows: list[dict], args, final: bool = False) -> None:
+    """peers.md, .json and .png so far; the report on stdout only at the end (tqdm's bar
+    is on stderr meanwhile)."""
+    md = report(rows, args)
+    data = {"settings": args.settings, "errors": args.errors,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                     if k not in ("settings", "errors")},
+            "rows": rows, "plain_ratios": plain_ratios(rows), "peer_ratios": peer_ratios(rows)}
+    if final:
+        write_results(args.out, "peers", md, data)
+    else:
+        (args.out / "peers.md").write_text(md)
+        (args.out / "peers.json").write_text(json.dumps(data, indent=2) + "\n")
     if any(r["kind"] == "plain" for r in rows):
         plot(rows, args.out / "peers.png")
 
@@ -507,6 +523,8 @@ def run(args) -> list[dict]:
         import its_hub  # noqa: F401  (checked before any engine starts)
     except ImportError:
         raise SystemExit("its_hub is not installed: pip install -e '.[peers]'") from None
+    # both servers read the KV cache size from here (alignserve only sets it when unset)
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{args.settings['kv_cache_gib']:g}"
     model_dir = embedded_model_dir(EngineSettings().home)
     if not (model_dir / "config.json").exists():
         raise SystemExit(f"{model_dir} is not prepared: run `make model` first")
@@ -560,7 +578,7 @@ def main() -> None:
         args.concurrency, args.peer_prompts, args.ns = [1, 8], 8, [8]
     args.settings, args.errors = engine_settings(args), []
     args.out.mkdir(parents=True, exist_ok=True)
-    save(run(args), args)
+    save(run(args), args, final=True)
 
 
 if __name__ == "__main__":
