@@ -266,18 +266,14 @@ def relevance_orm(scorer, executor: ThreadPoolExecutor):
     server/serving/endpoints.py), scored in `executor` so the event loop keeps sending."""
     from its_hub.api import AbstractOutcomeRewardModel
 
-    def text(m) -> str:
-        return m.extract_text_content() if hasattr(m, "extract_text_content") else m["content"]
-
-    def role(m) -> str:
-        return m.role if hasattr(m, "role") else m["role"]
+    def last(conv, role: str) -> str:  # conv: its_hub ChatMessages, as BestOfN passes them
+        return next(m.extract_text_content() for m in reversed(conv) if m.role == role)
 
     class RelevanceORM(AbstractOutcomeRewardModel):
         def score(self, messages, **kwargs):
             single = not isinstance(messages[0], list)
             convs = [messages] if single else messages
-            pairs = [(next(text(m) for m in reversed(c) if role(m) == "user"),
-                      next(text(m) for m in reversed(c) if role(m) == "assistant")) for c in convs]
+            pairs = [(last(c, "user"), last(c, "assistant")) for c in convs]
             scores = scorer.score_pairs(pairs)
             return scores[0] if single else scores
 
