@@ -72,6 +72,8 @@ bench: install model
 	$(PY) bench/bench_block_size.py --out bench/results
 	$(PY) bench/bench_scorer_batching.py --out bench/results
 	$(PY) bench/bench_selection.py --out bench/results
+	$(PY) -m pip install -q -e '.[peers]'
+	$(PY) bench/bench_peers.py --out bench/results
 
 # Not in CI: 30 minutes of mixed normal and hostile load against a server it starts, then checks
 # for leaked slots/leases/engine requests and RSS growth (scripts/soak.py; SOAK_ARGS: e.g.
