@@ -21,25 +21,40 @@ import time
 from pathlib import Path
 
 from bench_spr import run_setting
-from common import ROOT, curve, figure, fmt, load_prompts, log_interpolate, markdown_table, write_results
+from common import (
+    ROOT,
+    curve,
+    figure,
+    fmt,
+    load_prompts,
+    log_interpolate,
+    markdown_table,
+    write_results,
+)
 
 from runtime.prompts import chat_prompt_ids
 from runtime.settings import EngineSettings
 
 
 def grid(args) -> list[tuple[int, str, dict]]:
-    """(length, strategy, options) in run order; N is args.n for SpR rows."""
+    """(length, strategy, options) in run order; N is args.n unless the options name one."""
     rows: list[tuple[int, str, dict]] = []
     for li, length in enumerate(args.lengths):
-        rows += [(length, "best_of_n", {"n": n}) for n in args.bon_n]
+        rows += [(length, "best_of_n", {"n": n}) for n in args.bon_n
+                 if li == 0 or n >= args.n // 4]  # later lengths: the curve near SpR's reward
         alphas = args.alphas if (li == 0 or args.all_alphas) else args.alphas[:1]
+        fractions = args.fractions if li == 0 else args.fractions[:args.later_fractions]
         for schedule in ("growth", "memory"):
-            for frac in args.fractions:
-                for a in alphas:
+            for frac in fractions:
+                for a in alphas if frac < max(args.fractions) else alphas[:1]:
                     rows.append((length, "speculative_rejection",
                                  {"schedule": schedule, "alpha": a,
                                   "decision_tokens": max(1, round(length * frac))}))
         rows.append((length, "speculative_rejection", {}))  # the defaults
+        if li == 0:  # the larger N at the first length: best-of-n's curve and SpR's defaults
+            for n in args.extra_n:
+                rows += [(length, "best_of_n", {"n": n}), (length, "speculative_rejection",
+                                                          {"n": n})]
     return rows
 
 
@@ -64,29 +79,39 @@ async def sweep(args) -> list[dict]:
             n = opts.pop("n", args.n)
             row = await run_setting(rt.ctx, scorer, prompts, strategy, n, length, opts)
             row.update(length=length, defaults=strategy != "best_of_n" and not opts)
+            if row["defaults"]:  # what the defaults resolved to, for the report
+                row["resolved"] = resolved(length, n)
             out.append(row)
             tqdm.write(json.dumps(row), file=sys.stderr)
     return out
+
+
+def resolved(length: int, n: int) -> str:
+    """The schedule the strategy's defaults give at this length and N."""
+    from decoding.speculative_rejection import SpeculativeRejection, first_decision
+
+    o = SpeculativeRejection.Options()
+    return f"{o.schedule} d={first_decision(length, n, o.alpha)} α={o.alpha}"
 
 
 def label(r: dict) -> str:
     if r["strategy"] == "best_of_n":
         return f"best-of-{r['n']}"
     if r["defaults"]:
-        return f"SpR N={r['n']} defaults"
+        return f"SpR N={r['n']} defaults ({r['resolved']})"
     return f"SpR {r['schedule']} d={r['decision_tokens']} α={r['alpha']}"
 
 
-def analyse(rows: list[dict], n: int) -> None:
+def analyse(rows: list[dict]) -> None:
     """Adds wall / tokens ratios to best-of-n at the same N and the equal-reward speed-up."""
     for length in sorted({r["length"] for r in rows}):
         mine = [r for r in rows if r["length"] == length]
         bon = [r for r in mine if r["strategy"] == "best_of_n"]
-        ref = next((r for r in bon if r["n"] == n), None)
         wall_curve = [(r["wall_s"], r["mean_reward"]) for r in bon]
         for r in mine:
             if r["strategy"] == "best_of_n" or not wall_curve:
                 continue
+            ref = next((b for b in bon if b["n"] == r["n"]), None)
             if ref is not None:
                 r["wall_vs_bon"] = r["wall_s"] / ref["wall_s"]
                 r["tokens_vs_bon"] = r["tokens_per_prompt"] / ref["tokens_per_prompt"]
@@ -98,7 +123,7 @@ def report(rows: list[dict], args) -> str:
     lines = ["# speculative rejection: the schedule sweep\n",
              f"{args.limit} dev prompts (both kinds) in flight at once, reward `{args.reward}`, "
              f"temperature 1, SpR N = {args.n}; one in-process engine, one run. d = tokens "
-             "before the first decision. Ratios: to best-of-N at the same N and length. "
+             "before the first decision. Ratios: to best-of-n at the same N and length. "
              "Speed-up at equal reward: best-of-n's wall for SpR's reward (linear in log wall "
              "between the measured N; '≥' where SpR beats the largest N) / SpR's wall.\n"]
     for length in sorted({r["length"] for r in rows}):
@@ -114,7 +139,7 @@ def report(rows: list[dict], args) -> str:
                           if "equal_reward_speedup" in r else "–"])
         lines += [f"\n## {length} new tokens\n",
                   *markdown_table(["setting", "mean reward", "tokens/prompt", "wall s", "rounds",
-                                   f"tokens / BoN-{args.n}", f"wall / BoN-{args.n}",
+                                   "tokens / BoN (same N)", "wall / BoN (same N)",
                                    "speed-up at equal reward"], cells)]
     return "\n".join(lines) + "\n"
 
@@ -145,16 +170,20 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--n", type=int, default=32, help="SpR's N.")
     ap.add_argument("--bon-n", type=int, nargs="+", default=[4, 8, 16, 32])
+    ap.add_argument("--extra-n", type=int, nargs="*", default=[64],
+                    help="At the first length only: best-of-n and SpR (defaults) at these N.")
     ap.add_argument("--fractions", type=float, nargs="+", default=[1 / 16, 1 / 8, 1 / 4],
                     help="First decision at these fractions of the length.")
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.75])
     ap.add_argument("--all-alphas", action="store_true", help="Every α at every length.")
+    ap.add_argument("--later-fractions", type=int, default=2,
+                    help="After the first length, only the first this many --fractions.")
     ap.add_argument("--reward", default="relevance")
     ap.add_argument("--budget-min", type=float, help="Start no row after this many minutes.")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     rows = asyncio.run(sweep(args))
-    analyse(rows, args.n)
+    analyse(rows)
     write_results(args.out, "spr_sweep", report(rows, args), rows)
     plot(rows, args.out / "spr_sweep.png")
 
