@@ -11,9 +11,9 @@ the final choice. (A track rejected while unfinished is not eligible, even if it
 before the abort arrived: that would make the answer depend on timing.)
 
 Decision schedule (`schedule`):
-- "growth" (the default): points at `decision_tokens` generated tokens, then each later one a
-  `growth`× longer stretch further (d, d + ⌈g·d⌉, ...).
-- "memory": the memory-driven rule of Sun et al.'s reference implementation (a decision
+- "growth": points at `decision_tokens` generated tokens, then each later one a `growth`×
+  longer stretch further (d, d + ⌈g·d⌉, ...); implied when the request gives `growth`.
+- "memory" (the default): the memory-driven rule of Sun et al.'s reference implementation (a decision
   comes when the batch has filled the memory the first round filled; this is our
   reconstruction of it for a paged-KV engine, not an equation of the paper). The pool holds
   |pool|·p tokens at point p; after keeping k tracks, the next decision comes when the k
@@ -21,8 +21,8 @@ Decision schedule (`schedule`):
   α = ½). Pool sizes depend
   only on N and α, so the points are known in advance (`memory_points`); when a decision
   rejects nothing (α = 0, or a pool too small to round down) there is no later point.
-Which is better at equal N is the benchmark's question (bench/bench_spr.py); "growth" stays the
-default until it is measured.
+Unset `decision_tokens` is derived from max_tokens, N and α (`first_decision`). Defaults chosen
+from the sweep in bench/results/spr_sweep.md (bench/bench_spr_sweep.py).
 
 Engine mechanics (what makes the saved tokens save wall time on a paged-KV engine): each of the
 N tracks is ONE engine request (n = 1, `Engine.stream_sequence`) for the whole answer, streamed
@@ -129,6 +129,27 @@ def memory_points(first: int, alpha: float, n: int, budget: int) -> Iterator[int
         point, size = math.ceil(point * size / keep), keep
 
 
+# The derived first decision (`first_decision`): the last decision lands at LAST_DECISION_AT of
+# the answer, with about SURVIVORS tracks left to finish, never before MIN_FIRST tokens (shorter
+# prefixes say little about the answer) nor after MAX_FIRST (a client that omits max_tokens
+# gets the context's remainder as its budget; the first decision must not wait for it).
+SURVIVORS, LAST_DECISION_AT, MIN_FIRST, MAX_FIRST = 4, 0.5, 4, 32
+
+
+def first_decision(max_tokens: int, n: int, alpha: float) -> int:
+    """Tokens before the first decision when the request names none (a reconstruction, chosen
+    from bench/results/spr_sweep.md): D = ⌈log_m(N / SURVIVORS)⌉ decisions, m = 1/(1−α)
+    (the memory schedule's stretch), the first at p₀ = LAST_DECISION_AT·max_tokens / m^(D−1),
+    so the memory schedule's D-th point lands at LAST_DECISION_AT of the answer: N = 32, α = ½
+    → p₀ = max_tokens/8 (8, 16, 32 at 64 tokens), N = 64 → max_tokens/16."""
+    if n <= SURVIVORS or alpha <= 0:
+        return min(MAX_FIRST, max(MIN_FIRST, round(LAST_DECISION_AT * max_tokens)))
+    m = 1 / (1 - alpha)
+    decisions = max(1, math.ceil(math.log(n / SURVIVORS) / math.log(m) - 1e-9))
+    return min(MAX_FIRST, max(MIN_FIRST, round(LAST_DECISION_AT * max_tokens
+                                                / m ** (decisions - 1))))
+
+
 def decision_points(first: int, growth: float, budget: int) -> Iterator[int]:
     """d, d + ⌈g·d⌉, d + ⌈g·d⌉ + ⌈g·⌈g·d⌉⌉, ... below the token budget (at the budget
     every track has finished anyway)."""
@@ -144,14 +165,23 @@ class SpeculativeRejection:
     class Options(StrategyOptions):
         alpha: float = Field(0.5, ge=0.0, lt=1.0, description="Share of the pool rejected "
                              "per round.")
-        decision_tokens: int = Field(16, ge=1, description="Tokens before the first decision "
-                                     "point.")
+        decision_tokens: int | None = Field(
+            None, ge=1, description="Tokens before the first decision point (unset: derived "
+            "from max_tokens, N and α by `first_decision`).")
         growth: float = Field(2.0, ge=1.0, le=16.0, description="Each later round's length "
                               "multiplier (schedule \"growth\").")
         schedule: Literal["growth", "memory"] = Field(
-            "growth", description="Decision points: \"growth\", each stretch `growth`× the "
-            "last; \"memory\", the paper's memory-driven rule, the generated length "
-            "×|pool|/|kept| ≈ 1/(1−α) after each decision (16, 32, 64 at α = ½).")
+            "memory", description="Decision points: \"memory\" (default), the paper's "
+            "memory-driven rule, the generated length ×|pool|/|kept| ≈ 1/(1−α) after each "
+            "decision (8, 16, 32 at α = ½); \"growth\", each stretch `growth`× the last "
+            "(implied when `growth` is given).")
+
+        @model_validator(mode="before")
+        @classmethod
+        def _growth_implies_its_schedule(cls, data):
+            if isinstance(data, dict) and "growth" in data and "schedule" not in data:
+                return {**data, "schedule": "growth"}  # a growth factor asks for its schedule
+            return data
 
         @model_validator(mode="after")
         def _growth_needs_its_schedule(self):
@@ -231,9 +261,9 @@ class SpeculativeRejection:
         alpha = opts.alpha
         pool, rejected, trace = list(tracks), [], []
         budget = req.sampling.max_tokens
-        points = (memory_points(opts.decision_tokens, alpha, len(pool), budget)
-                  if opts.schedule == "memory"
-                  else decision_points(opts.decision_tokens, opts.growth, budget))
+        first = opts.decision_tokens or first_decision(budget, len(pool), alpha)
+        points = (memory_points(first, alpha, len(pool), budget) if opts.schedule == "memory"
+                  else decision_points(first, opts.growth, budget))
         for p in points:
             if len(pool) == 1 or all(t.finished_by(p) for t in pool):
                 break  # nothing left to decide

@@ -74,9 +74,13 @@
     }
     if (!Array.isArray(a.rejected)) return null;
     const opt = (k) => body.alignment[k] ?? page().optionDefault(a.strategy, k);
-    const memory = opt("schedule") === "memory";
+    // a growth factor implies its schedule (the strategy's Options do the same)
+    const given = body.alignment;
+    const memory = (given.schedule ?? (given.growth != null ? "growth"
+      : page().optionDefault(a.strategy, "schedule"))) === "memory";
     const growth = Number(opt("growth") ?? 2);
     let point = Number(opt("decision_tokens"));
+    if (!(point > 0)) return null; // unset: the server derived it (first_decision); not rebuilt
     let stretch = point;
     let pool = a.n;
     const points = a.rejected.map((r) => {

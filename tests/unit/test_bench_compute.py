@@ -20,7 +20,7 @@ async def test_speculative_rejection_counts_every_scored_partial_answer():
     spr = STRATEGIES["speculative_rejection"]
     req = DecodeRequest([1, 2], "p", Sampling(max_tokens=32, seed=1), n=8,
                         objective=Objective(WordReward()),
-                        options=spr.Options(alpha=0.5, decision_tokens=4))
+                        options=spr.Options(alpha=0.5, decision_tokens=4, growth=2.0))
     res = await spr.run(req, DecodeContext(FakeEngine(full_length=True)))
     got = common.compute_per_prompt([res, res])
     # 8 partials of 4 tokens, 4 of 12, 2 of 28, then the survivor whole

@@ -324,3 +324,26 @@ def test_growth_is_refused_with_the_memory_schedule():
     with pytest.raises(ValidationError, match="growth applies"):
         SPR.Options(schedule="memory", growth=3.0)
     assert SPR.Options(schedule="memory").growth == 2.0  # the default is not "given"
+    assert SPR.Options().schedule == "memory"  # the default (bench/results/spr_sweep.md)
+    assert SPR.Options(growth=3.0).schedule == "growth"  # a growth factor implies its schedule
+
+
+def test_first_decision_is_derived_from_the_budget_and_n():
+    """Unset decision_tokens: D decisions bring N to about 4 survivors, the memory schedule's
+    last at half the answer (decoding/speculative_rejection.py `first_decision`)."""
+    from decoding.speculative_rejection import first_decision, memory_points
+
+    assert [first_decision(t, 32, 0.5) for t in (64, 128, 256)] == [8, 16, 32]
+    assert list(memory_points(first_decision(64, 32, 0.5), 0.5, 32, 64)) == [8, 16, 32]
+    assert first_decision(64, 64, 0.5) == 4 and first_decision(128, 64, 0.5) == 8  # one more
+    assert first_decision(64, 32, 0.75) == 8  # ×4 stretches: 8, 32
+    assert first_decision(64, 512, 0.5) == 4  # never before 4 tokens
+    assert first_decision(8000, 32, 0.5) == 32  # max_tokens omitted: the context's remainder
+    assert first_decision(64, 4, 0.5) == 32 and first_decision(64, 8, 0.0) == 32
+
+
+async def test_unset_decision_tokens_use_the_derived_point():
+    engine = FakeEngine(full_length=True)
+    res = await SPR.run(request(8, 0.5, None, max_tokens=64), DecodeContext(engine, Inline()))
+    assert res.extra["decision_points"][0]["tokens"] == 32  # N = 8: one decision, at half
+    check_accounting(engine, res, 8)
