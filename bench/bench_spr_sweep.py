@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -102,12 +103,25 @@ def label(r: dict) -> str:
     return f"SpR {r['schedule']} d={r['decision_tokens']} α={r['alpha']}"
 
 
+def log_fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least squares reward = a + b·ln(wall) over best-of-n's points: with a few prompts the
+    measured curve is not monotone (best-of-16 can beat best-of-32 by chance), the fit is."""
+    if len(points) < 2:
+        return None
+    xs, ys = [math.log(w) for w, _ in points], [r for _, r in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    return (my - b * mx, b) if b > 0 else None
+
+
 def analyse(rows: list[dict]) -> None:
     """Adds wall / tokens ratios to best-of-n at the same N and the equal-reward speed-up."""
     for length in sorted({r["length"] for r in rows}):
         mine = [r for r in rows if r["length"] == length]
         bon = [r for r in mine if r["strategy"] == "best_of_n"]
         wall_curve = [(r["wall_s"], r["mean_reward"]) for r in bon]
+        fit = log_fit(wall_curve)
         for r in mine:
             if r["strategy"] == "best_of_n" or not wall_curve:
                 continue
@@ -117,6 +131,8 @@ def analyse(rows: list[dict]) -> None:
                 r["tokens_vs_bon"] = r["tokens_per_prompt"] / ref["tokens_per_prompt"]
             need, exact = log_interpolate(r["mean_reward"], wall_curve)
             r["equal_reward_speedup"], r["speedup_exact"] = need / r["wall_s"], exact
+            if fit is not None:  # the same against the fitted curve (less noisy)
+                r["fitted_speedup"] = math.exp((r["mean_reward"] - fit[0]) / fit[1]) / r["wall_s"]
 
 
 def report(rows: list[dict], args) -> str:
@@ -125,7 +141,9 @@ def report(rows: list[dict], args) -> str:
              f"temperature 1, SpR N = {args.n}; one in-process engine, one run. d = tokens "
              "before the first decision. Ratios: to best-of-n at the same N and length. "
              "Speed-up at equal reward: best-of-n's wall for SpR's reward (linear in log wall "
-             "between the measured N; '≥' where SpR beats the largest N) / SpR's wall.\n"]
+             "between the measured N; '≥' where SpR beats the largest N) / SpR's wall; on the fitted curve: "
+             "the same against a least-squares fit reward = a + b·ln(wall) over best-of-n's rows "
+             "(with few prompts the measured curve need not be monotone).\n"]
     for length in sorted({r["length"] for r in rows}):
         cells = []
         for r in (r for r in rows if r["length"] == length):
@@ -136,11 +154,13 @@ def report(rows: list[dict], args) -> str:
                           fmt(r.get("tokens_vs_bon"), ".2f") if spr else "–",
                           fmt(r.get("wall_vs_bon"), ".2f") if spr else "–",
                           f"{mark}{r['equal_reward_speedup']:.2f}×"
-                          if "equal_reward_speedup" in r else "–"])
+                          if "equal_reward_speedup" in r else "–",
+                          f"{r['fitted_speedup']:.2f}×" if "fitted_speedup" in r else "–"])
         lines += [f"\n## {length} new tokens\n",
                   *markdown_table(["setting", "mean reward", "tokens/prompt", "wall s", "rounds",
                                    "tokens / BoN (same N)", "wall / BoN (same N)",
-                                   "speed-up at equal reward"], cells)]
+                                   "speed-up at equal reward", "… on the fitted curve"],
+                                  cells)]
     return "\n".join(lines) + "\n"
 
 
@@ -181,8 +201,11 @@ def main() -> None:
     ap.add_argument("--reward", default="relevance")
     ap.add_argument("--budget-min", type=float, help="Start no row after this many minutes.")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--report-only", type=Path, metavar="JSON",
+                    help="Rebuild the report and figure from a previous run's spr_sweep.json.")
     args = ap.parse_args()
-    rows = asyncio.run(sweep(args))
+    rows = (json.loads(args.report_only.read_text()) if args.report_only
+            else asyncio.run(sweep(args)))
     analyse(rows)
     write_results(args.out, "spr_sweep", report(rows, args), rows)
     plot(rows, args.out / "spr_sweep.png")

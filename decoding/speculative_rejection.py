@@ -130,10 +130,11 @@ def memory_points(first: int, alpha: float, n: int, budget: int) -> Iterator[int
 
 
 # The derived first decision (`first_decision`): the last decision lands at LAST_DECISION_AT of
-# the answer, with about SURVIVORS tracks left to finish, never before MIN_FIRST tokens (shorter
-# prefixes say little about the answer) nor after MAX_FIRST (a client that omits max_tokens
-# gets the context's remainder as its budget; the first decision must not wait for it).
-SURVIVORS, LAST_DECISION_AT, MIN_FIRST, MAX_FIRST = 4, 0.5, 4, 32
+# the answer, with about SURVIVORS tracks left to finish, never before MIN_FIRST tokens (in the
+# sweep every 4-token start chose worse answers than the 8-token ones, and N = 64 at 4 tokens
+# fell to best-of-32's reward) nor after MAX_FIRST (a client that omits max_tokens gets the
+# context's remainder as its budget; the first decision must not wait for it).
+SURVIVORS, LAST_DECISION_AT, MIN_FIRST, MAX_FIRST = 4, 0.5, 8, 32
 
 
 def first_decision(max_tokens: int, n: int, alpha: float) -> int:
@@ -141,7 +142,7 @@ def first_decision(max_tokens: int, n: int, alpha: float) -> int:
     from bench/results/spr_sweep.md): D = ⌈log_m(N / SURVIVORS)⌉ decisions, m = 1/(1−α)
     (the memory schedule's stretch), the first at p₀ = LAST_DECISION_AT·max_tokens / m^(D−1),
     so the memory schedule's D-th point lands at LAST_DECISION_AT of the answer: N = 32, α = ½
-    → p₀ = max_tokens/8 (8, 16, 32 at 64 tokens), N = 64 → max_tokens/16."""
+    → p₀ = max_tokens/8 (8, 16, 32 at 64 tokens), N = 64 → max_tokens/16 (at least 8)."""
     if n <= SURVIVORS or alpha <= 0:
         return min(MAX_FIRST, max(MIN_FIRST, round(LAST_DECISION_AT * max_tokens)))
     m = 1 / (1 - alpha)

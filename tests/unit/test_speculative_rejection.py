@@ -335,9 +335,9 @@ def test_first_decision_is_derived_from_the_budget_and_n():
 
     assert [first_decision(t, 32, 0.5) for t in (64, 128, 256)] == [8, 16, 32]
     assert list(memory_points(first_decision(64, 32, 0.5), 0.5, 32, 64)) == [8, 16, 32]
-    assert first_decision(64, 64, 0.5) == 4 and first_decision(128, 64, 0.5) == 8  # one more
+    assert first_decision(256, 64, 0.5) == 16  # one more decision: 16, 32, 64, 128
     assert first_decision(64, 32, 0.75) == 8  # ×4 stretches: 8, 32
-    assert first_decision(64, 512, 0.5) == 4  # never before 4 tokens
+    assert first_decision(64, 64, 0.5) == first_decision(64, 512, 0.5) == 8  # never before 8
     assert first_decision(8000, 32, 0.5) == 32  # max_tokens omitted: the context's remainder
     assert first_decision(64, 4, 0.5) == 32 and first_decision(64, 8, 0.0) == 32
 
