@@ -176,7 +176,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.plot([p["wall_s"] for p in pts], [p["mean_reward"] for p in pts], style,
                         label=f"SpR {schedule}", alpha=0.7)
             for p in (r for r in mine if r["defaults"]):
-                ax.plot([p["wall_s"]], [p["mean_reward"]], "*", markersize=14, label="SpR defaults")
+                ax.plot([p["wall_s"]], [p["mean_reward"]], "*", markersize=14,
+                        label=f"SpR N={p['n']} defaults")
             ax.set_xscale("log")
             ax.set_title(f"{length} new tokens")
             ax.set_xlabel("wall s (log)")
