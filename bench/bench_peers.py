@@ -27,12 +27,10 @@ import datetime
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -50,6 +48,7 @@ from common import (
     load_prompts,
     markdown_table,
     post_chat,
+    server_process,
     write_results,
 )
 
@@ -94,35 +93,11 @@ def alignserve_flags(s: dict) -> list[str]:
             "--gpu-memory-utilization", str(s["gpu_memory_utilization"])]
 
 
-@contextlib.contextmanager
-def vllm_server(log_path: Path, settings: dict, model_dir: Path) -> Iterator[str]:
+def vllm_server(log_path: Path, settings: dict, model_dir: Path):
     """vLLM's own OpenAI server on a free port (its base URL) once /v1/models answers; always
-    stopped afterwards, its whole process group (as common.alignserve_server stops alignserve)."""
-    import httpx
-
-    port = free_port()
-    log = open(log_path, "w")
-    proc = subprocess.Popen(vllm_command(settings, model_dir, port), stdout=log, stderr=log,
-                            start_new_session=True)  # VLLM_CPU_KVCACHE_SPACE: set by `run`
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(900):
-            if proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {proc.returncode}; see {log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
-                    break
-            time.sleep(1)
-        else:
-            raise RuntimeError(f"vLLM server did not start; see {log_path}")
-        yield base
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=90)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+    stopped afterwards, its whole process group (common.server_process)."""
+    port = free_port()  # VLLM_CPU_KVCACHE_SPACE: set by `run`
+    return server_process(vllm_command(settings, model_dir, port), port, "/v1/models", log_path)
 
 
 # ---------------------------------------------------------------- pure: statistics, ratios

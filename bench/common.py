@@ -1,8 +1,8 @@
 """What the benchmarks share: the repository on sys.path, the prompt file, an `alignserve serve`
-subprocess and the HTTP requests sent to it (bounded in flight), vLLM's prefix-cache counters,
-markdown tables and result files, figures, and the log-interpolated best-of-n curve that
-speed-ups at equal reward are read from; headless matplotlib and the prompt file come from
-runtime/."""
+subprocess (any server: `server_process`) and the HTTP requests sent to it (bounded in flight),
+vLLM's prefix-cache counters, markdown tables and result files, figures, and the
+log-interpolated best-of-n curve that speed-ups at equal reward are read from; headless
+matplotlib and the prompt file come from runtime/."""
 
 from __future__ import annotations
 
@@ -37,36 +37,38 @@ def free_port() -> int:
 @contextlib.contextmanager
 def alignserve_server(log_path: Path, *flags: str) -> Iterator[str]:
     """A server on a free port (its base URL), ready to answer; always stopped afterwards."""
+    port = free_port()
+    cmd = [ALIGNSERVE, "serve", "--port", str(port), "--max-model-len", "1024",
+           "--kv-cache-gib", "2", "--max-concurrent-requests", "256", *flags]
+    with server_process(cmd, port, "/ready", log_path) as base:
+        yield base
+
+
+@contextlib.contextmanager
+def server_process(cmd: Sequence[str], port: int, probe: str, log_path: Path) -> Iterator[str]:
+    """Run `cmd` (a server listening on `port`) in its own process group; yield its base URL
+    once `probe` answers 200; stop it afterwards whatever happened (SIGTERM: the server stops
+    its engine; then the group is killed, so no engine process outlives the benchmark)."""
     import httpx
 
-    port = free_port()
     log = open(log_path, "w")
-    proc = subprocess.Popen([ALIGNSERVE, "serve", "--port", str(port), "--max-model-len", "1024",
-                             "--kv-cache-gib", "2", "--max-concurrent-requests", "256", *flags],
-                            stdout=log, stderr=log,
-                            start_new_session=True)  # its own process group: see `finally`
+    proc = subprocess.Popen(list(cmd), stdout=log, stderr=log, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(900):
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}{probe}", timeout=2).status_code == 200:
                     break
-            except httpx.HTTPError:
-                pass
             time.sleep(1)
         else:
             raise RuntimeError(f"server did not start; see {log_path}")
         yield base
     finally:
-        # The server stops its engine on SIGTERM; the group kill is a safety net so that no
-        # engine process outlives the benchmark whatever happened.
         proc.terminate()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
