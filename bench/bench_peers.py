@@ -49,6 +49,7 @@ from common import (
     markdown_table,
     post_chat,
     server_process,
+    stream_chat,
     write_results,
 )
 
@@ -179,21 +180,10 @@ def peer_ratios(rows: Sequence[dict]) -> list[dict]:
 
 async def timed_stream(client, body: dict) -> dict:
     """A streamed chat completion: the arrival time of every content delta and the usage."""
-    t0, deltas, usage = time.perf_counter(), [], None
-    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(event["error"])
-            if any((c.get("delta") or {}).get("content") for c in event.get("choices", [])):
-                deltas.append(time.perf_counter() - t0)
-            usage = event.get("usage") or usage
-    return {"total_s": time.perf_counter() - t0, "deltas_s": deltas,
-            "tokens": usage["completion_tokens"] if usage else len(deltas)}
+    out = await stream_chat(client, {**body, "stream_options": {"include_usage": True}})
+    usage = out["usage"]
+    return {"total_s": out["total_s"], "deltas_s": out["deltas_s"],
+            "tokens": usage["completion_tokens"] if usage else len(out["deltas_s"])}
 
 
 async def timed_post(client, body: dict) -> dict:

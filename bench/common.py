@@ -112,9 +112,10 @@ async def post_chat(client, body: dict) -> dict:
 
 async def stream_chat(client, body: dict) -> dict:
     """A streamed chat completion: the text, the time to its first non-empty content
-    (`ttft_s`), the whole request's time (`total_s`), the last `alignment` and `usage` seen."""
+    (`ttft_s`), the arrival of every content delta (`deltas_s`), the whole request's time
+    (`total_s`), the last `alignment` and `usage` seen."""
     t0 = time.perf_counter()
-    out: dict = {"ttft_s": None, "text": "", "alignment": None, "usage": None}
+    out: dict = {"ttft_s": None, "deltas_s": [], "text": "", "alignment": None, "usage": None}
     async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -126,7 +127,8 @@ async def stream_chat(client, body: dict) -> dict:
             for choice in event.get("choices", []):
                 piece = choice.get("delta", {}).get("content")
                 if piece:
-                    out["ttft_s"] = out["ttft_s"] or time.perf_counter() - t0
+                    out["deltas_s"].append(time.perf_counter() - t0)
+                    out["ttft_s"] = out["ttft_s"] or out["deltas_s"][-1]
                     out["text"] += piece
             out["alignment"] = event.get("alignment") or out["alignment"]
             out["usage"] = event.get("usage") or out["usage"]
