@@ -58,7 +58,8 @@ def test_speculative_rejection_picks_among_survivors_and_finished_tracks(fidelit
     n, d, max_tokens = 8, 4, 40
     for seed in (1, 2):
         body = chat(fidelity_server, {"strategy": "speculative_rejection", "n": n, "alpha": 0.5,
-                                      "decision_tokens": d, "return_candidates": True},
+                                      "decision_tokens": d, "growth": 2.0,  # the points below
+                                      "return_candidates": True},
                     max_tokens, seed)
         a = body["alignment"]
         weight = a["cost_weight"] or 0.0
