@@ -13,23 +13,22 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live import ROOT, Server, launch, serving, stop  # noqa: F401  (fixtures and tests use them)
+from live import ROOT, Server, launch, pinned, serving, stop  # noqa: F401  (fixtures, tests)
 
-# vLLM's "auto" CPU binding pins every engine's worker to core 0. Two engines busy at once (a
-# module's own server, a reward server or an offline command beside the session server) then
-# share one core while their workers spin-yield on it: one starved the other for minutes (a
-# fleet stream stalled past 300 s in CI). The session server keeps core 0 (below); every other
-# engine a test starts inherits core 1.
-SESSION_CORE = {"VLLM_CPU_OMP_THREADS_BIND": "0"} if len(os.sched_getaffinity(0)) >= 2 else {}
-if SESSION_CORE:
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "1")
+# vLLM's "auto" CPU binding pins every engine's worker to the first core. Two engines busy at
+# once (a module's own server, a reward server or an offline command beside the session
+# server) then share one core while their workers spin-yield on it: one starved the other for
+# minutes (a fleet stream stalled past 300 s in CI). The session server keeps the first core
+# (below); every other engine a test starts inherits the second.
+for _key, _core in pinned(1).items():
+    os.environ.setdefault(_key, _core)
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Server:
     # Keep-alives every 0.1 s: test_openai_fields_live sees one during a best-of-n stream.
     with serving(tmp_path_factory.mktemp("server") / "server.log", probe="/health",
-                 env={"ALIGNSERVE_SSE_KEEPALIVE_S": "0.1", **SESSION_CORE}) as srv:
+                 env={"ALIGNSERVE_SSE_KEEPALIVE_S": "0.1", **pinned(0)}) as srv:
         yield srv
 
 

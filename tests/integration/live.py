@@ -24,6 +24,16 @@ ROOT = Path(__file__).resolve().parents[2]
 ALIGNSERVE = str(Path(sys.executable).parent / "alignserve")
 # Engine start-up takes about a minute on 2 idle cores; far more on a shared, loaded machine.
 START_TIMEOUT_S = float(os.environ.get("LIVE_START_TIMEOUT_S", "600"))
+CORES = sorted(os.sched_getaffinity(0))
+
+
+def pinned(k: int) -> dict[str, str]:
+    """The environment that pins an engine's worker to this machine's k-th core (wrapping),
+    or nothing on a single core. vLLM's "auto" binding pins every engine to the same first
+    core, where two busy engines starve one another (tests/integration/conftest.py)."""
+    if len(CORES) < 2:
+        return {}
+    return {"VLLM_CPU_OMP_THREADS_BIND": str(CORES[k % len(CORES)])}
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, poll: float = 0.05) -> bool:

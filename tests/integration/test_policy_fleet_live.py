@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live import serving, start, stop, wait_healthy, wait_until
+from live import pinned, serving, start, stop, wait_healthy, wait_until
 
 from runtime.model_prep import embedded_model_dir
 from server.policy.file import parse_policy_file
@@ -81,9 +81,9 @@ def test_fleet_follows_the_policy_file_under_load(tmp_path):
     policy_file = tmp_path / "policies.json"
     _write(policy_file, {"active": "base", "policies": {"alt": str(alt)}})
     env = {"ALIGNSERVE_ADMIN_KEY": ADMIN_KEY, "ALIGNSERVE_POLICY_FILE": str(policy_file)}
-    # Each replica's worker on its own core: vLLM's "auto" binding pins both to core 0, where one
-    # starved the other (a stream stalled past 300 s in CI; a swap applied 200 s late here).
-    fleet = [start(tmp_path / f"server-{i}.log", ARGS, {**env, "VLLM_CPU_OMP_THREADS_BIND": str(i)})
+    # Each replica's worker on its own core: vLLM's "auto" binding pins both to the first, where
+    # one starved the other (a stream stalled past 300 s in CI; a swap applied 200 s late here).
+    fleet = [start(tmp_path / f"server-{i}.log", ARGS, {**env, **pinned(i)})
              for i in range(2)]  # in parallel
     try:
         for srv in fleet:
