@@ -23,6 +23,17 @@ afterwards, so the weights are held once.
 
 Rows of live requests that take no part in a step (not in this apply) get a placeholder token
 at their next position, which their own next token overwrites; their length does not move.
+
+A head on the policy's own backbone runs no backbone at all. The head reads the backbone's final
+(normed) hidden state h, and the engine's raw logits are l = W·h with W the backbone's output
+embedding ([V, H], no bias, no logit scaling or soft-capping; tied to the input embedding in
+SmolLM2). W has full column rank (V = 49,152 ≫ H = 576; condition number 91 for SmolLM2-135M),
+so h = W⁺·l exactly, W⁺ its pseudo-inverse: one [V → H] product per row instead of a 30-layer
+decode step and the prompt's prefill. This holds only when the engine's weights are the head's
+backbone: the same checkpoint folder, no LoRA in the head, and no adapter or logit_bias in the
+request (the engine marks such a request `policy_logits = false`, heads/processor.py); a row
+with a masked (−∞) logit (min_tokens, allowed_token_ids, bad words, a grammar) is not W·h either.
+Such rows take the incremental path, which first catches up on the tokens it has not seen.
 """
 
 from __future__ import annotations
@@ -83,13 +94,16 @@ class IncrementalQ:
     """A CD-Q checkpoint (heads/model.py) as a `processor.StepHead`."""
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, policy: str | None = None) -> None:
         self.config, head, lm = load_checkpoint(Path(folder).expanduser())
         if self.config.method != "cdq":
             raise ValueError(f"{folder}: a {self.config.method} head has no per-token Q values "
                              "(train it with --method cdq)")
         _check_layout(folder, lm.config)
         self.device = torch.device(device)
+        # h from the engine's logits when they are the policy's W·h (module docstring); from
+        # W in float32, before the backbone is cast to `dtype`
+        self._unembed = _unembedding(self.config, lm, policy, self.device, dtype)
         self.decoder = lm.get_decoder().to(self.device, dtype)  # hidden states only, no LM head
         self.vocab_size = self.config.vocab_size
         self._std, self._mean = self.config.reward_std, self.config.reward_mean
@@ -104,14 +118,29 @@ class IncrementalQ:
                             self._layers[0].head_dim,
                             dtype=torch.float32, device=self.device)  # see _forward
 
+    @property
+    def shares_policy(self) -> bool:
+        """Whether it reads hidden states back from the policy's logits (module docstring)."""
+        return self._unembed is not None
+
     @torch.inference_mode()
-    def step(self, reqs: Sequence) -> torch.Tensor:
-        """Q(x, yᵗ, ·) [b, V] in reward units (clipped to the checkpoint's value_range), after
-        consuming each request's unseen tokens."""
+    def step(self, reqs: Sequence, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Q(x, yᵗ, ·) [b, V] in reward units (clipped to the checkpoint's value_range): from
+        the engine's raw `logits` rows where they are the policy's W·h (module docstring),
+        else after consuming each request's unseen tokens."""
         hidden = torch.empty(len(reqs), self.config.hidden_size, device=self.device,
                              dtype=self.decoder.embed_tokens.weight.dtype)
+        direct: set[int] = set()
+        if self._unembed is not None and logits is not None:
+            finite = torch.isfinite(logits).all(-1).tolist()
+            direct = {i for i, r in enumerate(reqs) if finite[i] and r.args.policy_logits}
+            if direct:
+                rows = sorted(direct)
+                hidden[rows] = self._unembed(logits[rows].to(self.device, hidden.dtype))
         one: list[int] = []
         for i, r in enumerate(reqs):
+            if i in direct:
+                continue
             new = r.unseen()
             if not new:  # an extra apply in the same step would tilt by a stale Q
                 raise RuntimeError("CD-Q tilt: a request has no token the head has not seen")
@@ -226,12 +255,37 @@ def engine_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" and _onednn_has(torch.bfloat16) else torch.float32
 
 
-def load_engine_heads(heads: dict[str, str], vocab_size: int, device) -> dict[str, IncrementalQ]:
-    """Every named head, checked against the policy's vocabulary (a one-line error names it)."""
+def _unembedding(config, lm, policy: str | None, device: torch.device,
+                 dtype: torch.dtype) -> _Linear | None:
+    """W⁺ as a [V → H] product when the engine's logits are this head's backbone's W·h (module
+    docstring), else None."""
+    out = lm.get_output_embeddings()
+    scaled = any(getattr(lm.config, k, None) not in (None, 1.0)
+                 for k in ("logit_scale", "final_logit_softcapping", "logits_scaling"))
+    if (policy is None or config.lora or out is None or out.bias is not None or scaled
+            or _resolved(policy) != _resolved(config.backbone)):
+        return None
+    with torch.inference_mode():
+        pinv = torch.linalg.pinv(out.weight.detach().double()).to(dtype)  # [H, V]
+        lin = torch.nn.Linear(pinv.shape[1], pinv.shape[0], bias=False, device=device,
+                              dtype=dtype)
+        lin.weight.copy_(pinv)
+        return _Linear(lin)
+
+
+def _resolved(path: str) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def load_engine_heads(heads: dict[str, str], vocab_size: int, device,
+                      policy: str | None = None) -> dict[str, IncrementalQ]:
+    """Every named head, checked against the policy's vocabulary (a one-line error names it).
+    `policy`: the engine's model folder; a head trained on that very backbone reads hidden
+    states back from the engine's logits (module docstring)."""
     out = {}
     dtype = engine_dtype(torch.device(device))
     for name, folder in heads.items():
-        head = IncrementalQ(folder, device, dtype)
+        head = IncrementalQ(folder, device, dtype, policy)
         if head.vocab_size != vocab_size:
             raise ValueError(f"value head {name!r} ({folder}) has a vocabulary of "
                              f"{head.vocab_size} tokens, the policy {vocab_size}: it cannot tilt "
@@ -243,7 +297,7 @@ def load_engine_heads(heads: dict[str, str], vocab_size: int, device) -> dict[st
 def check_tokenizer(name: str, backbone: str, policy: str) -> None:
     """Refuse a head whose backbone tokenizes differently from the policy (same vocabulary and
     the same id for every token string): it would read the policy's ids as other tokens."""
-    if Path(backbone).expanduser().resolve() == Path(policy).expanduser().resolve():
+    if _resolved(backbone) == _resolved(policy):
         return
     from transformers import AutoTokenizer
 

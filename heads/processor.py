@@ -128,18 +128,24 @@ class PolicyControls:
 
 @dataclass(frozen=True)
 class TiltArgs:
-    """What one request asks for: head name, λ ≥ 0, the key of its step records, and p's
-    penalties and truncation (applied before the tilt)."""
+    """What one request asks for: head name, λ ≥ 0, the key of its step records, p's penalties
+    and truncation (applied before the tilt), and whether the engine's raw logits for it are
+    the policy's own unembedding of its hidden state (`policy_logits`: no LoRA adapter, no
+    logit_bias), so that a head on the policy's backbone may read its hidden state back from
+    them (heads/incremental.py, `IncrementalQ.step`)."""
 
     head: str
     lam: float
     key: str
     p: PolicyControls = PolicyControls()
+    policy_logits: bool = False
 
     def extra_args(self) -> dict[str, Any]:
         spec: dict[str, Any] = {"head": self.head, "lambda": self.lam, "key": self.key}
         if not self.p.neutral:
             spec["p"] = asdict(self.p)
+        if self.policy_logits:
+            spec["policy_logits"] = True
         return {EXTRA: spec}
 
     @classmethod
@@ -160,7 +166,10 @@ class TiltArgs:
             raise ValueError(f"extra_args.{EXTRA}.lambda must be a finite number ≥ 0")
         if not isinstance(key, str) or not _KEY.match(key):
             raise ValueError(f"extra_args.{EXTRA}.key must be 16-64 lowercase hex digits")
-        return cls(head, float(lam), key, PolicyControls.parse(spec.get("p")))
+        shared = spec.get("policy_logits", False)
+        if not isinstance(shared, bool):
+            raise ValueError(f"extra_args.{EXTRA}.policy_logits must be true or false")
+        return cls(head, float(lam), key, PolicyControls.parse(spec.get("p")), shared)
 
 
 def check_request(extra_args: dict | None, n: int, temperature: float,
@@ -317,11 +326,14 @@ class _Req:
 
 class StepHead(Protocol):
     """A CD-Q head that advances requests' caches: Q(x, yᵗ, ·) [b, V] in reward units for the
-    requests given, after consuming each one's unseen tokens (heads.incremental)."""
+    requests given, after consuming each one's unseen tokens (heads.incremental). `logits`:
+    those requests' rows as the engine computed them [b, V] float32, before any tilt, penalty
+    or truncation of this processor (a head on the policy's backbone may read them instead of
+    running its own)."""
 
     vocab_size: int
 
-    def step(self, reqs: Sequence[_Req]) -> torch.Tensor: ...
+    def step(self, reqs: Sequence[_Req], logits: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -372,9 +384,9 @@ class CdqTilt:
             reqs = [self.reqs[i] for i in idx]
             steps = [len(r.output) for r in reqs]  # the token about to be sampled
             with torch.inference_mode():
-                q = self.heads[name].step(reqs).to(logits.device, torch.float32)
                 sel = torch.tensor(idx, device=logits.device)
                 rows_ = logits[sel].float()
+                q = self.heads[name].step(reqs, rows_).to(logits.device, torch.float32)
                 for j, r in enumerate(reqs):  # p_proc first: the tilt lands on its support
                     if not r.args.p.neutral:
                         rows_[j] = policy_row(rows_[j], r.prompt, r.output, r.args.p,

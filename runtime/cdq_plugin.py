@@ -32,7 +32,8 @@ class CdqLogitsProcessor(CdqTilt, LogitsProcessor):
 
     def __init__(self, vllm_config, device, is_pin_memory: bool) -> None:
         vocab = vllm_config.model_config.get_vocab_size()
-        CdqTilt.__init__(self, heads=load_engine_heads(configured_heads(), vocab, device),
+        policy = vllm_config.model_config.model  # a head on this backbone reads its logits
+        CdqTilt.__init__(self, heads=load_engine_heads(configured_heads(), vocab, device, policy),
                          stats_dir=os.environ.get(ENV_STATS))
 
     @classmethod

@@ -190,7 +190,9 @@ class VllmEngine:
         controls = PolicyControls(**{k: getattr(sampling, k) for k in CONTROLS_NEUTRAL})
         params = self._params(1, dataclasses.replace(sampling, **CONTROLS_NEUTRAL),
                               RequestOutputKind.DELTA)
-        params.extra_args = TiltArgs(tilt.head, tilt.lam, key, controls).extra_args()
+        # an adapter or a logit_bias makes the raw logits more than the backbone's W·h
+        raw = sampling.adapter is None and not sampling.logit_bias
+        params.extra_args = TiltArgs(tilt.head, tilt.lam, key, controls, raw).extra_args()
         try:
             async with contextlib.aclosing(self._deltas(prompt_ids, sampling, params,
                                                         top_k=0)) as deltas:

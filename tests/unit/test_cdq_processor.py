@@ -76,7 +76,7 @@ class TableHead:
     def q_of(self, seen: int) -> torch.Tensor:
         return self.table + 0.1 * seen
 
-    def step(self, reqs) -> torch.Tensor:
+    def step(self, reqs, logits=None) -> torch.Tensor:
         self.batches.append([len(r.unseen()) for r in reqs])
         for r in reqs:
             r.seen += len(r.unseen())
@@ -187,10 +187,14 @@ def test_requests_are_checked_at_the_engine_edge(monkeypatch):
     monkeypatch.setenv(ENV_HEADS, '{"value:q": "/nowhere"}')
     check_request(None, n=4, temperature=0.0)  # not tilted: anything goes
     check_request(TiltArgs("value:q", 1.0, KEY_A).extra_args(), n=1, temperature=1.0)
+    check_request(TiltArgs("value:q", 1.0, KEY_A, policy_logits=True).extra_args(), n=1,
+                  temperature=1.0)
     bad = [({"cdq": {"head": "value:x", "lambda": 1.0, "key": KEY_A}}, 1, 1.0, "not a CD-Q"),
            ({"cdq": {"head": "value:q", "lambda": -1, "key": KEY_A}}, 1, 1.0, "lambda"),
            ({"cdq": {"head": "value:q", "lambda": math.nan, "key": KEY_A}}, 1, 1.0, "lambda"),
            ({"cdq": {"head": "value:q", "lambda": 1, "key": "../etc"}}, 1, 1.0, "key"),
+           ({"cdq": {"head": "value:q", "lambda": 1, "key": KEY_A, "policy_logits": "yes"}}, 1,
+            1.0, "policy_logits"),
            (TiltArgs("value:q", 1.0, KEY_A).extra_args(), 2, 1.0, "n = 1"),
            (TiltArgs("value:q", 1.0, KEY_A).extra_args(), 1, 0.0, "greedy")]
     for extra, n, t, fragment in bad:
@@ -268,6 +272,42 @@ def test_incremental_q_equals_a_full_forward_as_requests_come_and_go(tmp_path, k
     for r in live:
         r.close()
     assert inc.kv.slots == [] and inc.kv.capacity == 4  # the burst's memory is given back
+
+
+def test_a_head_on_the_policys_backbone_reads_its_hidden_state_from_the_logits(tmp_path):
+    """h = W⁺·l: rows whose raw logits are the policy's W·h need no backbone step (no KV slot is
+    taken) and give transformers' Q; a masked row, or a request marked policy_logits = false,
+    takes the incremental path and still gives the same Q."""
+    from heads.incremental import IncrementalQ
+    from heads.model import hidden_states, pad_batch
+    from heads.processor import _Req
+
+    folder, lm, head = _save_tiny_head(tmp_path, "llama")
+    assert not IncrementalQ(folder).shares_policy  # no policy named
+    assert not IncrementalQ(folder, policy=str(tmp_path)).shares_policy  # another checkpoint
+    inc = IncrementalQ(folder, policy=str(tmp_path / "lm"))
+    assert inc.shares_policy
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    reqs = [_Req(TiltArgs("h", 1.0, KEY_A, policy_logits=shared), p, [], 1.0)
+            for p, shared in zip(prompts, (True, True, False))]
+    for step in range(3):
+        seqs = [r.prompt + r.output for r in reqs]
+        ids, mask = pad_batch(seqs)
+        with torch.inference_mode():
+            last = torch.tensor([len(s) - 1 for s in seqs])
+            h = hidden_states(lm, ids, mask)[torch.arange(len(seqs)), last]
+            ref = head.q_all(h) * 2.0 + 0.3
+            logits = lm.lm_head(h).float()
+            if step == 1:
+                logits[1, 7] = -math.inf  # e.g. min_tokens masking EOS: not W·h any more
+        q = inc.step(reqs, logits)
+        assert torch.allclose(q, ref, atol=1e-4), step
+        assert reqs[0].cache is None  # never needed the backbone
+        assert (reqs[1].cache is None) == (step == 0) and reqs[2].cache is not None
+        for i, r in enumerate(reqs):
+            r.output.append((step * 5 + i) % 50)
+    for r in reqs:
+        r.close()
 
 
 def test_backbones_the_tilt_cannot_decode_are_refused():
