@@ -139,6 +139,7 @@ class VllmEngine:
         self.sampling_defaults = dict(self._llm.model_config.get_diff_sampling_param())
         self.eos_token_ids = _eos_ids(self.tokenizer, self._llm.model_config)
         self.model_path = model  # the base policy: swapping back reloads from here (server/policy/)
+        self._weights: str | None = model  # the checkpoint loaded now (None: a reload failed)
         self.lora_enabled = enable_lora
         self._adapters: dict = {}  # name -> vllm LoRARequest
         # LoRA ids from a counter: len(_adapters) + 1 would reuse a live id after a removal
@@ -190,8 +191,10 @@ class VllmEngine:
         controls = PolicyControls(**{k: getattr(sampling, k) for k in CONTROLS_NEUTRAL})
         params = self._params(1, dataclasses.replace(sampling, **CONTROLS_NEUTRAL),
                               RequestOutputKind.DELTA)
-        # an adapter or a logit_bias makes the raw logits more than the backbone's W·h
-        raw = sampling.adapter is None and not sampling.logit_bias
+        # the raw logits are the head backbone's W·h only with the base weights loaded, and no
+        # adapter or logit_bias on top (heads/incremental.py checks the backbone is the base)
+        raw = (self._weights == self.model_path and sampling.adapter is None
+               and not sampling.logit_bias)
         params.extra_args = TiltArgs(tilt.head, tilt.lam, key, controls, raw).extra_args()
         try:
             async with contextlib.aclosing(self._deltas(prompt_ids, sampling, params,
@@ -242,7 +245,9 @@ class VllmEngine:
         meanwhile queue in the engine until it resumes."""
         await self._llm.pause_generation(mode="wait", clear_cache=True)
         try:
+            self._weights = None
             await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+            self._weights = path
         finally:
             await self._llm.resume_generation()
 
