@@ -28,8 +28,10 @@ A head on the policy's own backbone runs no backbone at all. The head reads the 
 (normed) hidden state h, and the engine's raw logits are l = W·h with W the backbone's output
 embedding ([V, H], no bias, no logit scaling or soft-capping; tied to the input embedding in
 SmolLM2). W has full column rank (V = 49,152 ≫ H = 576; condition number 91 for SmolLM2-135M),
-so h = W⁺·l exactly, W⁺ its pseudo-inverse: one [V → H] product per row instead of a 30-layer
-decode step and the prompt's prefill. This holds only when the engine's weights are the head's
+so h = W⁺·l, W⁺ its pseudo-inverse: one [V → H] product per row instead of a 30-layer decode
+step and the prompt's prefill. Measured on SmolLM2 (8 rows): h within 6e-7 of transformers'
+hidden state (relative) in float32, 0.3 % in bfloat16 (the head's dtype where the CPU has it;
+the incremental bfloat16 head is further off). This holds only when the engine's weights are the head's
 backbone: the same checkpoint folder, no LoRA in the head, and no adapter or logit_bias in the
 request (the engine marks such a request `policy_logits = false`, heads/processor.py); a row
 with a masked (−∞) logit (min_tokens, allowed_token_ids, bad words, a grammar) is not W·h either.
@@ -140,6 +142,9 @@ class IncrementalQ:
         one: list[int] = []
         for i, r in enumerate(reqs):
             if i in direct:
+                if r.cache is not None:  # back from the incremental path: its slot is idle now
+                    r.cache.release()
+                    r.cache, r.seen = None, 0
                 continue
             new = r.unseen()
             if not new:  # an extra apply in the same step would tilt by a stale Q
@@ -262,8 +267,8 @@ def _unembedding(config, lm, policy: str | None, device: torch.device,
     out = lm.get_output_embeddings()
     scaled = any(getattr(lm.config, k, None) not in (None, 1.0)
                  for k in ("logit_scale", "final_logit_softcapping", "logits_scaling"))
-    if (policy is None or config.lora or out is None or out.bias is not None or scaled
-            or _resolved(policy) != _resolved(config.backbone)):
+    if (policy is None or not Path(policy).expanduser().is_dir() or config.lora or out is None
+            or out.bias is not None or scaled or _resolved(policy) != _resolved(config.backbone)):
         return None
     with torch.inference_mode():
         pinv = torch.linalg.pinv(out.weight.detach().double()).to(dtype)  # [H, V]

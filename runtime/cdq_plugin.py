@@ -32,7 +32,9 @@ class CdqLogitsProcessor(CdqTilt, LogitsProcessor):
 
     def __init__(self, vllm_config, device, is_pin_memory: bool) -> None:
         vocab = vllm_config.model_config.get_vocab_size()
-        policy = vllm_config.model_config.model  # a head on this backbone reads its logits
+        # a head on this very backbone reads hidden states from its logits (heads/incremental.py);
+        # a quantised model's logits are not the checkpoint's W·h
+        policy = None if vllm_config.quant_config else vllm_config.model_config.model
         CdqTilt.__init__(self, heads=load_engine_heads(configured_heads(), vocab, device, policy),
                          stats_dir=os.environ.get(ENV_STATS))
 
