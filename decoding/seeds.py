@@ -30,3 +30,12 @@ def choice_seed(seed: int | None, choice: int, children: int) -> int | None:
     samples: seed + choice·children, so the choices' child ranges [s, s + children) are disjoint
     and plain sampling (children = 1) keeps vLLM's own seed + index convention."""
     return None if seed is None else (seed + choice * children) % 2**SEED_BITS
+
+
+def child_seed(seed: int | None, index: int) -> int | None:
+    """The seed vLLM gives child `index` of one call seeded `seed` (seed + index). A strategy
+    that runs one call's children as separate engine requests (speculative rejection's tracks)
+    seeds them so, and draws exactly the samples that call would: with the same request seed,
+    its candidates are best-of-n's, and a comparison of the two is paired (every difference is
+    the strategy's, none is sampling noise)."""
+    return None if seed is None else seed + index

@@ -35,11 +35,13 @@ slowest sequence.
 Exactness: a decision at point p judges each track on its first p token ids exactly (text =
 the engine's decoding of that whole id list, never a concatenation of per-delta text), however
 far the track has run meanwhile; a track that finished within p tokens is judged whole. So the
-answer depends only on the tracks' seeds (track i: `derive_seed(seed, "track", i)`, pairwise
-disjoint) and not on timing: a seeded request is reproducible. Tokens a rejected track decoded
-between its decision point and its abort are real compute: they count in `generated_tokens`
-and stay in its candidate entry (whose reward is the one it was rejected on, that of its
-first p tokens). Rejected candidates report `finish_reason` None, except those that had
+answer depends only on the tracks' seeds and not on timing: a seeded request is reproducible.
+Track i is seeded seed + i (`child_seed`), the seed vLLM gives child i of one n = N call, so
+with the same request seed the N tracks are best-of-N's N candidates, cut where they were
+rejected: SpR against best-of-N is a paired comparison. Tokens a rejected track decoded between
+its decision point and its abort are real compute: they count in `generated_tokens` and stay
+in its candidate entry (whose reward is the one it was rejected on, that of its first p
+tokens). Rejected candidates report `finish_reason` None, except those that had
 finished when rejected: they keep their finish reason and their score on the whole answer.
 
 `value` (optional, as blockwise CD has): partial answers (and the finished ones they compete
@@ -77,7 +79,7 @@ from .kl import bon_win_rate_bound, selection_kl_bound
 from .protocols import Scorer
 from .request import DecodeRequest, DecodeResult, Scored, StrategyOptions, Timer
 from .scorer_work import ScorerWork, objective_scorers
-from .seeds import derive_seed
+from .seeds import child_seed
 from .strategies import Traits, register
 from .types import Sample
 
@@ -205,8 +207,7 @@ class SpeculativeRejection:
         try:
             async with asyncio.TaskGroup() as tg:
                 for t in tracks:
-                    sampling = capped(req.sampling, seed=derive_seed(req.sampling.seed, "track",
-                                                                     t.index))
+                    sampling = capped(req.sampling, seed=child_seed(req.sampling.seed, t.index))
                     t.task = tg.create_task(self._follow(ctx, req, t, sampling))
                 pool, rejected, trace = await self._decide(ctx, req, tracks, timer, work)
                 await self._reach(pool, math.inf)

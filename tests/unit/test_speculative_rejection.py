@@ -8,7 +8,6 @@ from fakes import Exploding, FakeEngine, FakeFudgeHead, WordReward
 from decoding.context import DecodeContext
 from decoding.kl import selection_kl_bound
 from decoding.request import DecodeRequest, Objective
-from decoding.seeds import derive_seed
 from decoding.speculative_rejection import decision_points
 from decoding.strategies import STRATEGIES
 from decoding.types import SampleDelta, Sampling
@@ -158,10 +157,12 @@ async def test_seeded_runs_are_reproducible_and_track_seeds_disjoint():
     assert [c.sample.finish_reason for c in a.candidates] == \
         [c.sample.finish_reason for c in b.candidates]
     seeds = [s["seed"] for s in e1.sequences]
-    assert seeds == [derive_seed(11, "track", i) for i in range(8)] == [s["seed"] for s in
-                                                                       e2.sequences]
-    assert len(set(seeds)) == 8  # n = 1 each: distinct seeds are disjoint ranges
-    other, _ = await run(12)
+    assert seeds == [s["seed"] for s in e2.sequences]
+    # track i is child i of one seeded n = 8 call: best-of-8 with seed 11 draws these very seeds
+    bon = FakeEngine(full_length=True)
+    await bon.generate([1, 2], 8, Sampling(max_tokens=4, seed=11))
+    assert sorted(seeds) == bon.child_seeds == list(range(11, 19))
+    other, _ = await run(19)  # the next choice's range (choice_seed spaces them by n)
     assert not {s["seed"] for s in other.sequences} & set(seeds)
     unseeded, _ = await run(None)
     assert all(s["seed"] is None for s in unseeded.sequences)
