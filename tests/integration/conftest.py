@@ -13,7 +13,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live import ROOT, Server, launch, pinned, serving, stop  # noqa: F401  (fixtures, tests)
+from live import (  # noqa: F401  (fixtures, tests)
+    HEADS_ADMIN_KEY,
+    ROOT,
+    Server,
+    launch,
+    pinned,
+    random_cdq_head,
+    serving,
+    stop,
+)
 
 # vLLM's "auto" CPU binding pins every engine's worker to the first core. Two engines busy at
 # once (a module's own server, a reward server or an offline command beside the session
@@ -91,3 +100,38 @@ def safedpo_checkpoint(tmp_path_factory) -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"finetune failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
     return out
+
+
+def train_value(rollouts: Path, method: str, out: Path) -> Path:
+    """`alignserve train-value` for 5 steps on `rollouts` (a few seconds: enough to check the
+    pipeline, not to learn anything)."""
+    p = subprocess.run([str(Path(sys.executable).parent / "alignserve"), "train-value", "--data",
+                        str(rollouts), "--method", method, "--steps", "5", "--batch-size", "2",
+                        "--val-fraction", "0.5", "--out", str(out), "--no-progress"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def value_heads(rollout_folder, tmp_path_factory) -> dict[str, Path]:
+    """fudge, cdq: trained by the CLI on the session's rollouts; rand: a CD-Q head with random
+    token values (live.random_cdq_head)."""
+    heads = {m: train_value(rollout_folder, m, tmp_path_factory.mktemp(f"head-{m}"))
+             for m in ("fudge", "cdq")}
+    heads["rand"] = random_cdq_head(tmp_path_factory.mktemp("head-rand"))
+    return heads
+
+
+@pytest.fixture(scope="session")
+def heads_server(value_heads, tmp_path_factory):
+    """One server with every head of `value_heads` (value:fudge, value:cdq, value:rand) loaded
+    at start-up, for the modules that need heads (fidelity, tilt law, valuenet): one engine start
+    instead of three. It has an admin key (HEADS_ADMIN_KEY) and may swap in checkpoints from
+    pytest's temporary folders; a test that swaps restores the base policy."""
+    args = ["--kv-cache-gib", "1", "--policy-root", str(tmp_path_factory.getbasetemp())]
+    for name, folder in value_heads.items():
+        args += ["--value-head", f"{name}={folder}"]
+    with serving(tmp_path_factory.mktemp("heads-server") / "server.log", args,
+                 env={"ALIGNSERVE_ADMIN_KEY": HEADS_ADMIN_KEY}) as srv:
+        yield srv

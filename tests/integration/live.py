@@ -149,3 +149,32 @@ def serving(log: Path, args: Sequence[str] = (), env: dict[str, str] | None = No
         yield srv
     finally:
         stop(srv.proc)
+
+
+HEADS_ADMIN_KEY = "live-heads-admin-key-0123456789abcdef"  # conftest.heads_server
+RANDOM_HEAD_TEMPERATURE = 0.8  # the random CD-Q head's "rollout" temperature (test_tilt_law_live)
+
+
+def random_cdq_head(folder: Path) -> Path:
+    """A CD-Q head on the embedded backbone with random token values, no training: enough to
+    check a law (its values spread by about one reward unit at a typical state, so a tilt moves
+    the law visibly), and its cost is a trained head's."""
+    import torch
+
+    from heads.model import HeadConfig, ValueHead, load_causal_lm, save_checkpoint
+    from runtime.startup import resolve_model
+
+    model = Path(resolve_model("embedded"))
+    lm = load_causal_lm(str(model))
+    hidden, vocab = lm.config.hidden_size, lm.config.vocab_size
+    head = ValueHead("cdq", hidden, vocab)
+    with torch.no_grad():
+        head.token.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+        ids = torch.tensor([[1, 504, 3458, 282]])
+        h = lm.get_decoder()(input_ids=ids).last_hidden_state[0, -1]
+        head.token.weight.div_(float(head.q_all(h).std()))
+    save_checkpoint(folder, head, HeadConfig(
+        method="cdq", backbone=str(model), reference=str(model), hidden_size=hidden,
+        vocab_size=vocab, temperature=RANDOM_HEAD_TEMPERATURE, top_p=1.0,
+        value_range=[-50.0, 50.0]))
+    return folder

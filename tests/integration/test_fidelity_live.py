@@ -8,42 +8,20 @@
   engine) or max_tokens·(… + log(V/k)) (per token), never below the answer's own estimate,
   and the per-token estimate counts the mass outside the top k.
 
-One server of this module's own (the head must be loaded at start-up) serves both.
+The session's heads server (conftest.py, `value:cdq` trained there by the CLI) serves both.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
 
 pytestmark = pytest.mark.integration
 
-CLI = str(Path(sys.executable).parent / "alignserve")
 ASK = [{"role": "user", "content": "Give me three tips for sleeping better."}]
-
-
-@pytest.fixture(scope="module")
-def cdq_head(rollout_folder, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("fidelity-head")
-    p = subprocess.run([CLI, "train-value", "--data", str(rollout_folder), "--method", "cdq",
-                        "--steps", "5", "--batch-size", "2", "--val-fraction", "0.5",
-                        "--out", str(folder), "--no-progress"],
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return folder
-
-
-@pytest.fixture(scope="module")
-def fidelity_server(launch_server, cdq_head, tmp_path_factory):
-    log = tmp_path_factory.mktemp("fidelity-server") / "server.log"
-    with launch_server(log, ["--kv-cache-gib", "1", "--value-head", f"cdq={cdq_head}"]) as srv:
-        yield srv
 
 
 def chat(srv, alignment: dict, max_tokens: int, seed: int = 5) -> dict:
@@ -54,7 +32,8 @@ def chat(srv, alignment: dict, max_tokens: int, seed: int = 5) -> dict:
     return r.json()
 
 
-def test_speculative_rejection_picks_among_survivors_and_finished_tracks(fidelity_server):
+def test_speculative_rejection_picks_among_survivors_and_finished_tracks(heads_server):
+    fidelity_server = heads_server
     n, d, max_tokens = 8, 4, 40
     for seed in (1, 2):
         body = chat(fidelity_server, {"strategy": "speculative_rejection", "n": n, "alpha": 0.5,
@@ -89,7 +68,8 @@ def test_speculative_rejection_picks_among_survivors_and_finished_tracks(fidelit
         assert a["scored_candidates"] == n
 
 
-def test_tokenwise_kl_bound_is_certified(fidelity_server, cdq_head):
+def test_tokenwise_kl_bound_is_certified(heads_server, value_heads):
+    fidelity_server, cdq_head = heads_server, value_heads["cdq"]
     config = json.loads((cdq_head / "config.json").read_text())
     lo, hi = config["value_range"]
     spread, lam, max_tokens = hi - lo, 2.0, 16

@@ -4,11 +4,13 @@ samples p_proc·exp(λQ) on p_proc's support, and reports the KL of that very la
 p_proc is recomputed here without the engine: the policy's logits from transformers (float32),
 then vLLM's repetition penalty (tokens of the prompt and of the answer so far), temperature and
 top_p, by hand; Q over the whole vocabulary from the head's own scorer (heads/scorer.py, a
-full forward, not the engine's incremental head). The head is a CD-Q head with random token
-weights made here (no training needed to check a law; its values spread by about one reward
-unit, so the tilt moves the law visibly). Every sampled token must lie in p_proc's nucleus, its
-log-prob as the engine reports it must be log p_proc + λQ − log Σ_nucleus p_proc·e^{λQ}, and the
-per-step KL (`token_kl`) must be KL(π‖p_proc). Tolerances allow for the engine's head running in
+full forward, not the engine's head). The head is `value:rand` of the session's heads server, a
+CD-Q head with random token weights on the embedded backbone (live.random_cdq_head: no training
+needed to check a law). Being on the served model's own backbone, the engine reads its hidden
+state back from the policy's logits (heads/incremental.py), which this test checks too. Every
+sampled token must lie in p_proc's nucleus, its log-prob as the engine reports it must be
+log p_proc + λQ − log Σ_nucleus p_proc·e^{λQ}, and the per-step KL (`token_kl`) must be
+KL(π‖p_proc). Tolerances allow for the engine's head running in
 bfloat16 where the CPU supports it (heads/incremental.py: Q within ~0.02).
 """
 
@@ -20,45 +22,19 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from live import RANDOM_HEAD_TEMPERATURE
 
 pytestmark = pytest.mark.integration
 
 ASK = [{"role": "user", "content": "Name three fruits and say why they are healthy."}]
-LAM, TEMPERATURE, TOP_P, REPETITION = 1.5, 0.8, 0.8, 1.3
+LAM, TOP_P, REPETITION = 1.5, 0.8, 1.3
+TEMPERATURE = RANDOM_HEAD_TEMPERATURE  # the one the head was "trained" at
 
 
 def _model_dir() -> Path:
     from runtime.startup import resolve_model
 
     return Path(resolve_model("embedded"))
-
-
-@pytest.fixture(scope="module")
-def random_head(tmp_path_factory) -> Path:
-    from heads.model import HeadConfig, ValueHead, load_causal_lm, save_checkpoint
-
-    model = _model_dir()
-    lm = load_causal_lm(str(model))
-    hidden, vocab = lm.config.hidden_size, lm.config.vocab_size
-    head = ValueHead("cdq", hidden, vocab)
-    with torch.no_grad():
-        head.token.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
-        # scale so that Q spreads by about one unit over the vocabulary at a typical state
-        ids = torch.tensor([[1, 504, 3458, 282]])
-        h = lm.get_decoder()(input_ids=ids).last_hidden_state[0, -1]
-        head.token.weight.div_(float(head.q_all(h).std()))
-    folder = tmp_path_factory.mktemp("random-cdq-head")
-    save_checkpoint(folder, head, HeadConfig(
-        method="cdq", backbone=str(model), reference=str(model), hidden_size=hidden,
-        vocab_size=vocab, temperature=TEMPERATURE, top_p=1.0, value_range=[-50.0, 50.0]))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def law_server(launch_server, random_head, tmp_path_factory):
-    log = tmp_path_factory.mktemp("tilt-law-server") / "server.log"
-    with launch_server(log, ["--kv-cache-gib", "1", "--value-head", f"rand={random_head}"]) as srv:
-        yield srv
 
 
 def processed(logits: torch.Tensor, seen: list[int]) -> torch.Tensor:
@@ -79,7 +55,8 @@ def _vllm_after_processors(x: torch.Tensor, seen: list[int]) -> torch.Tensor:
     return x.log_softmax(-1)
 
 
-def test_the_engine_samples_the_tilt_of_processed_p(law_server, random_head):
+def test_the_engine_samples_the_tilt_of_processed_p(heads_server, value_heads):
+    law_server, random_head = heads_server, value_heads["rand"]
     from transformers import AutoTokenizer
 
     from heads.model import load_causal_lm

@@ -9,48 +9,27 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
-from live import wait_until
+from live import HEADS_ADMIN_KEY, wait_until
 
 pytestmark = pytest.mark.integration
 
-CLI = str(Path(sys.executable).parent / "alignserve")
-ADMIN_KEY = "live-valuenet-admin-key-0123456789"
-ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+ADMIN = {"Authorization": f"Bearer {HEADS_ADMIN_KEY}"}
 PROMPT = [{"role": "user", "content": "Give me two tips for learning to cook."}]
 
 
-@pytest.fixture(scope="module")
-def heads(rollout_folder, tmp_path_factory) -> dict[str, Path]:
-    out = {}
+def test_train_value_reports_its_losses_and_plots(value_heads):
     for method in ("fudge", "cdq"):
-        folder = tmp_path_factory.mktemp(f"head-{method}")
-        p = subprocess.run([CLI, "train-value", "--data", str(rollout_folder), "--method", method,
-                            "--steps", "5", "--batch-size", "2", "--val-fraction", "0.5",
-                            "--out", str(folder), "--no-progress"],
-                           capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stderr[-3000:]
-        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics = json.loads((value_heads[method] / "metrics.json").read_text())
         assert math.isfinite(metrics["initial_val_loss"]) and math.isfinite(metrics["val_loss"])
-        assert list(folder.glob("*.png")), "train-value writes its plots"
-        out[method] = folder
-    return out
+        assert list(value_heads[method].glob("*.png")), "train-value writes its plots"
 
 
 @pytest.fixture(scope="module")
-def cd_server(launch_server, heads, tmp_path_factory):
-    log = tmp_path_factory.mktemp("cd-server") / "server.log"
-    with launch_server(log, ["--kv-cache-gib", "1", "--value-head", f"fudge={heads['fudge']}",
-                             "--value-head", f"cdq={heads['cdq']}",
-                             # the SafeDPO checkpoint it swaps in lives in pytest's temp folders
-                             "--policy-root", str(tmp_path_factory.getbasetemp())],
-                       env={"ALIGNSERVE_ADMIN_KEY": ADMIN_KEY}) as srv:
-        yield srv
+def cd_server(heads_server):
+    return heads_server
 
 
 def chat(srv, alignment: dict, max_tokens: int = 24, **extra) -> httpx.Response:
