@@ -72,6 +72,7 @@ bench: install model
 	$(PY) bench/bench_block_size.py --out bench/results
 	$(PY) bench/bench_scorer_batching.py --out bench/results
 	$(PY) bench/bench_selection.py --out bench/results
+	$(PY) bench/bench_concurrency.py --out bench/results
 	$(PY) -m pip install -q -e '.[peers]'
 	$(PY) bench/bench_peers.py --out bench/results
 

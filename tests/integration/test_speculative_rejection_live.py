@@ -77,6 +77,22 @@ def test_seeded_answers_are_reproducible(client, model_name):
     assert len({tuple(c["token_ids"][:8]) for c in ca}) > 1  # tracks' seeds differ
 
 
+def test_seeded_tracks_are_the_best_of_n_candidates(client, model_name):
+    """Track i is seeded seed + i, the seed vLLM gives child i of one n = N request: with the
+    same request seed, speculative rejection's tracks are best-of-N's candidates, each cut where
+    it was rejected (a paired comparison of the two strategies)."""
+    s = spr(client, model_name, seed=77, alignment={"n": 6})
+    b = client.chat.completions.create(
+        model=model_name, messages=ASK, max_tokens=48, temperature=1.0, seed=77,
+        extra_body={"alignment": {"strategy": "best_of_n", "n": 6, "return_candidates": True}})
+    tracks = [c["token_ids"] for c in s.model_extra["alignment"]["candidates"]]
+    candidates = [c["token_ids"] for c in b.model_extra["alignment"]["candidates"]]
+    assert len(tracks) == len(candidates) == 6
+    assert sum(s.model_extra["alignment"]["rejected"]) > 0  # some tracks were cut
+    for track, candidate in zip(tracks, candidates):
+        assert candidate[:len(track)] == track
+
+
 def test_client_gone_mid_flight_leaves_no_engine_request(server):
     """A long SpR answer whose client leaves after a few seconds: every live track's engine
     request is aborted (`unfinished engine requests` back to 0)."""
