@@ -31,10 +31,11 @@ SmolLM2). W has full column rank (V = 49,152 ≫ H = 576; condition number 91 fo
 so h = W⁺·l, W⁺ its pseudo-inverse: one [V → H] product per row instead of a 30-layer decode
 step and the prompt's prefill. Measured on SmolLM2 (8 rows): h within 6e-7 of transformers'
 hidden state (relative) in float32, 0.3 % in bfloat16 (the head's dtype where the CPU has it;
-the incremental bfloat16 head is further off). This holds only when the engine's weights are the head's
-backbone: the same checkpoint folder, no LoRA in the head, and no adapter or logit_bias in the
-request (the engine marks such a request `policy_logits = false`, heads/processor.py); a row
-with a masked (−∞) logit (min_tokens, allowed_token_ids, bad words, a grammar) is not W·h either.
+the incremental bfloat16 head is further off). This holds only when the engine's weights are
+the head's backbone: the same local checkpoint folder, unquantised, no LoRA in the head, and no
+swapped-in checkpoint, adapter or logit_bias for the request (the engine then marks it
+`policy_logits = false`, runtime/engine.py); a row with a masked (−∞) logit (min_tokens,
+allowed_token_ids, bad words, a grammar) is not W·h either.
 Such rows take the incremental path, which first catches up on the tokens it has not seen.
 """
 
