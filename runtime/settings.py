@@ -146,8 +146,9 @@ class EngineSettings(BaseSettings):
         None, max_length=64, description="Weight quantization method (vLLM's names: awq, gptq, "
         "fp8, ...). Default: from the checkpoint's config.")
     max_num_seqs: int | None = Field(
-        None, ge=1, le=1_000_000, description="Most sequences in one engine step (vLLM's "
-        "default when unset).")
+        None, ge=1, le=1_000_000, description="Most sequences in one engine step. Unset: 128 "
+        "on CPU, the knee of the engine's throughput (bench/results/concurrency.md); vLLM's "
+        "default on GPU.")
     max_num_batched_tokens: int | None = Field(
         None, ge=1, le=100_000_000, description="Most tokens in one engine step (vLLM's "
         "default when unset).")
