@@ -33,10 +33,9 @@ def chat(srv, alignment: dict, max_tokens: int, seed: int = 5) -> dict:
 
 
 def test_speculative_rejection_picks_among_survivors_and_finished_tracks(heads_server):
-    fidelity_server = heads_server
     n, d, max_tokens = 8, 4, 40
     for seed in (1, 2):
-        body = chat(fidelity_server, {"strategy": "speculative_rejection", "n": n, "alpha": 0.5,
+        body = chat(heads_server, {"strategy": "speculative_rejection", "n": n, "alpha": 0.5,
                                       "decision_tokens": d, "growth": 2.0,  # the points below
                                       "return_candidates": True},
                     max_tokens, seed)
@@ -69,13 +68,13 @@ def test_speculative_rejection_picks_among_survivors_and_finished_tracks(heads_s
 
 
 def test_tokenwise_kl_bound_is_certified(heads_server, value_heads):
-    fidelity_server, cdq_head = heads_server, value_heads["cdq"]
+    cdq_head = value_heads["cdq"]
     config = json.loads((cdq_head / "config.json").read_text())
     lo, hi = config["value_range"]
     spread, lam, max_tokens = hi - lo, 2.0, 16
     step = min(lam * spread, (lam * spread) ** 2 / 8)
 
-    a = chat(fidelity_server, {"strategy": "tokenwise_cd", "lambda": lam, "value": "value:cdq"},
+    a = chat(heads_server, {"strategy": "tokenwise_cd", "lambda": lam, "value": "value:cdq"},
              max_tokens)["alignment"]
     assert a["in_engine"]
     assert a["kl_bound"] == pytest.approx(max_tokens * step)
@@ -83,7 +82,7 @@ def test_tokenwise_kl_bound_is_certified(heads_server, value_heads):
     assert a["kl_estimate"] <= a["kl_path_bound"] + 1e-4  # float32 in the engine
 
     k = 5
-    a = chat(fidelity_server, {"strategy": "tokenwise_cd", "lambda": lam, "value": "value:cdq",
+    a = chat(heads_server, {"strategy": "tokenwise_cd", "lambda": lam, "value": "value:cdq",
                                "top_k": k}, max_tokens)["alignment"]
     assert not a["in_engine"]
     vocab = config["vocab_size"]

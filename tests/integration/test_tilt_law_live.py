@@ -56,7 +56,7 @@ def _vllm_after_processors(x: torch.Tensor, seen: list[int]) -> torch.Tensor:
 
 
 def test_the_engine_samples_the_tilt_of_processed_p(heads_server, value_heads):
-    law_server, random_head = heads_server, value_heads["rand"]
+    random_head = value_heads["rand"]
     from transformers import AutoTokenizer
 
     from heads.model import load_causal_lm
@@ -70,7 +70,7 @@ def test_the_engine_samples_the_tilt_of_processed_p(heads_server, value_heads):
             "repetition_penalty": REPETITION, "seed": 3, "logprobs": 0,
             "alignment": {"strategy": "tokenwise_cd", "lambda": LAM, "value": "value:rand",
                           "return_candidates": True}}
-    r = httpx.post(f"{law_server.base_url}/v1/completions", json=body, timeout=600)
+    r = httpx.post(f"{heads_server.base_url}/v1/completions", json=body, timeout=600)
     assert r.status_code == 200, r.text
     choice, info = r.json()["choices"][0], r.json()["alignment"]
     assert info["in_engine"], info
