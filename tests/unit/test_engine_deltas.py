@@ -20,6 +20,7 @@ def fake_engine(steps: int, log: list[str]) -> VllmEngine:
     eng = object.__new__(VllmEngine)
     eng.tilt_heads = frozenset({"value:q"})
     eng._tilt_dir = "unused"
+    eng.model_path = eng._weights = "/models/base"  # the base policy is loaded
     eng._params = lambda n, sampling, kind: SimpleNamespace(n=n, extra_args=None)
 
     async def run(prompt_ids, params, adapter=None):
@@ -81,3 +82,27 @@ def test_tilted_attaches_the_step_records_to_the_finishing_delta(monkeypatch):
                                             Tilt("value:q", 1.0))))
     assert [(d.step_kl, d.step_kl_bound, d.top_logprobs) for d in deltas] == [
         (None, None, None), ([0.1, 0.2], [1.0, 1.0], None)]
+
+
+def test_a_tilt_may_read_the_policys_logits_only_on_the_bare_base_weights(monkeypatch):
+    """`policy_logits` (heads/incremental.py reads h back from the logits): only while the base
+    checkpoint is loaded, and without an adapter or a logit_bias on the request."""
+    monkeypatch.setattr(engine_mod, "drop_steps", lambda folder, key: None)
+    eng = fake_engine(1, [])
+    inner, marks = eng._run, []
+
+    async def run(prompt_ids, params, adapter=None):
+        marks.append(params.extra_args["cdq"].get("policy_logits", False))
+        async for out in inner(prompt_ids, params, adapter):
+            yield out
+
+    eng._run = run
+    cases = [(Sampling(max_tokens=1), "/models/base"),
+             (Sampling(max_tokens=1, adapter="tuned-lora"), "/models/base"),
+             (Sampling(max_tokens=1, logit_bias=((5, 2.0),)), "/models/base"),
+             (Sampling(max_tokens=1), "/models/safedpo"),  # a swapped-in checkpoint
+             (Sampling(max_tokens=1), None)]  # a reload that failed
+    for sampling, weights in cases:
+        eng._weights = weights
+        asyncio.run(collect(eng.tilted([1], sampling, Tilt("value:q", 1.0))))
+    assert marks == [True, False, False, False, False]
