@@ -37,6 +37,7 @@ from common import (
     fmt,
     gather_bounded,
     load_prompts,
+    load_range,
     markdown_table,
     stream_chat,
     write_results,
@@ -107,14 +108,13 @@ def plan(args) -> list[tuple[str, int]]:
 
 
 def report(points: list[dict], args, elapsed: float, skipped: list[str]) -> str:
-    loads = [x for p in points for x in p["load_avg"]]
     head = ("# Load curve: requests/s against requests in flight\n\n"
             f"One `alignserve serve` (`--max-num-seqs {args.max_num_seqs}`, KV cache "
             f"{args.kv_cache_gib} GiB), streamed chat completions of the dev prompts, "
             f"{args.max_tokens} new tokens, temperature 1, reward `{args.reward}`; at each "
             f"concurrency c a closed loop answers max({args.min_requests}, c) requests. "
             f"{os.cpu_count()} CPU cores, no GPU; one run, {elapsed / 60:.0f} min; 1-minute load "
-            f"average {min(loads, default=0):.1f}–{max(loads, default=0):.1f}"
+            f"average {load_range(points)}"
             + (f"; not run (out of time): {', '.join(skipped)}" if skipped else "") + ".\n")
     table = markdown_table(
         ["strategy", "in flight", "engine sequences", "requests", "req/s", "engine tok/s",

